@@ -1,0 +1,248 @@
+// Fused CPU kernels: the DPS step (SPEC §2) and the soft-target cross-entropy (SPEC §3).
+//
+// One pass per sample row: the logits of all V views are read once into L1-sized
+// scratch, the max / logsumexp / softmax are formed in float32, the bank row is
+// gathered, discounted, given the evidence and stored back in the bank dtype, the
+// target is formed, and the loss and the gradient (softmax - target, already scaled
+// for the reduction) are written. Backward then only multiplies by grad_output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "row_kernels.h"
+
+namespace dps_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kReductionNone = 0, kReductionMean = 1;
+
+at::Tensor make_loss(const at::Tensor& logits, int64_t reduction) {
+  auto opts = logits.options().dtype(at::kFloat);
+  if (reduction == kReductionNone) {
+    auto sizes = logits.sizes().vec();
+    sizes.pop_back();
+    return at::empty(sizes, opts);
+  }
+  return at::empty({}, opts);
+}
+
+void finish_loss(at::Tensor& loss, const std::vector<float>& rows, int64_t reduction) {
+  if (reduction == kReductionNone) {
+    std::memcpy(loss.data_ptr<float>(), rows.data(), rows.size() * sizeof(float));
+    return;
+  }
+  double s = sum_double(rows.data(), static_cast<int64_t>(rows.size()));
+  if (reduction == kReductionMean) s /= static_cast<double>(rows.size());
+  loss.fill_(s);
+}
+
+void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
+  if (grad.numel() == 0) return;
+  TORCH_CHECK_VALUE(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                        grad.is_contiguous(),
+                    "dps_fast: grad buffer must be a contiguous tensor like the logits");
+}
+
+template <typename TZ, typename TA>
+void dps_ce_kernel(const at::Tensor& z, const int64_t* idx, at::Tensor& alpha, TZ* grad,
+                   float* loss_rows, int64_t V, int64_t B, int64_t C, float gamma, float tau_e,
+                   bool posterior, bool update, float gscale) {
+  const TZ* zp = z.data_ptr<TZ>();
+  TA* ap = alpha.data_ptr<TA>();
+  const int64_t N = alpha.size(0), a_stride = alpha.stride(0);
+  const bool temper = tau_e != 1.0f;
+  const float inv_tau = 1.0f / tau_e, inv_v = 1.0f / static_cast<float>(V);
+  constexpr bool z_f32 = std::is_same_v<TZ, float>;
+
+  at::parallel_for(0, B, grain_rows(V * C), [&](int64_t b0, int64_t b1) {
+    // scratch: ex [V*C] | zf [V*C] (reduced logits only) | a [C] | e [C]
+    std::vector<float> buf((z_f32 ? V : 2 * V) * C + 2 * C);
+    float* ex = buf.data();
+    float* zbuf = z_f32 ? nullptr : ex + V * C;
+    float* a = buf.data() + (z_f32 ? V : 2 * V) * C;
+    float* e = a + C;
+    std::vector<float> m(V), s(V);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t id = idx[b];
+      bool bad = id < 0 || id >= N;  // only reachable with validate=False
+      // 1. max, softmax numerators and sums per view
+      for (int64_t v = 0; v < V; ++v) {
+        const TZ* zr = zp + (v * B + b) * C;
+        const float* zf;
+        if constexpr (z_f32) {
+          zf = zr;
+        } else {
+          load_row(zr, zbuf + v * C, C);
+          zf = zbuf + v * C;
+        }
+        m[v] = row_max(zf, C);
+        s[v] = exp_row(zf, ex + v * C, C, m[v], 1.0f);
+        if (!std::isfinite(m[v]) || !std::isfinite(s[v]) || !std::isfinite(row_sum(zf, C))) bad = true;
+      }
+      auto zrow = [&](int64_t v) -> const float* {
+        if constexpr (z_f32) return reinterpret_cast<const float*>(zp + (v * B + b) * C);
+        else return zbuf + v * C;
+      };
+      // 2. evidence e = mean_v softmax(z_v / tau_e)
+      if (!bad) {
+        std::fill(e, e + C, 0.f);
+        for (int64_t v = 0; v < V; ++v) {
+          const float* p = ex + v * C;
+          float inv_sum;
+          if (temper) {
+            // reuse a as scratch for exp((z - m) / tau_e)
+            inv_sum = 1.0f / exp_row(zrow(v), a, C, m[v], inv_tau);
+            p = a;
+          } else {
+            inv_sum = 1.0f / s[v];
+          }
+          const Vec k(inv_sum * inv_v);
+          int64_t j = 0;
+          for (; j + kW <= C; j += kW) at::vec::fmadd(Vec::loadu(p + j), k, Vec::loadu(e + j)).store(e + j);
+          for (; j < C; ++j) e[j] += p[j] * (inv_sum * inv_v);
+        }
+      }
+      // 3. bank row: gather, discount, add evidence, store; target base in a
+      float inv_t = 0.f;
+      if (!bad) {
+        TA* ar = ap + id * a_stride;
+        load_row(ar, a, C);
+        if (posterior || update) {
+          // e <- gamma * a + e  (the posterior, kept in float32)
+          const Vec g(gamma);
+          int64_t j = 0;
+          for (; j + kW <= C; j += kW) at::vec::fmadd(Vec::loadu(a + j), g, Vec::loadu(e + j)).store(e + j);
+          for (; j < C; ++j) e[j] += gamma * a[j];
+          if (update) store_row(e, ar, C);
+          if (posterior) std::swap(a, e);
+        }
+        inv_t = 1.0f / row_sum(a, C);
+      }
+      // 4. loss and gradient per view
+      for (int64_t v = 0; v < V; ++v) {
+        const int64_t r = v * B + b;
+        if (bad) {
+          loss_rows[r] = std::numeric_limits<float>::quiet_NaN();
+          if (grad) std::fill(grad + r * C, grad + (r + 1) * C, static_cast<TZ>(NAN));
+          continue;
+        }
+        const float* zf = zrow(v);
+        loss_rows[r] = m[v] + std::log(s[v]) - row_dot(a, zf, C) * inv_t;
+        if (grad) {
+          if constexpr (z_f32) {
+            softmax_minus_target(ex + v * C, 1.0f / s[v], a, inv_t, gscale, grad + r * C, C);
+          } else {
+            float* g = ex + v * C;  // in place over the numerators
+            softmax_minus_target(g, 1.0f / s[v], a, inv_t, gscale, g, C);
+            store_row(g, grad + r * C, C);
+          }
+        }
+      }
+      if (a > e) std::swap(a, e);  // restore the scratch layout for the next row
+    }
+  });
+}
+
+at::Tensor dps_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& index, at::Tensor& alpha,
+                          at::Tensor& grad, double gamma, double tau_e, bool posterior, bool update,
+                          int64_t reduction) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, "dps_fast: logits must be [B, C] or [V, B, C]");
+  TORCH_CHECK_VALUE(alpha.dim() == 2 && alpha.size(1) == logits.size(-1) && alpha.stride(1) == 1,
+                    "dps_fast: alpha must be [N, C] with unit class stride");
+  check_grad_buffer(grad, logits);
+  const int64_t C = logits.size(-1), B = logits.size(-2), V = logits.dim() == 3 ? logits.size(0) : 1;
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B, "dps_fast: index must be [B]");
+  auto z = logits.contiguous();
+  auto idx = index.to(at::kLong).contiguous();
+  auto loss = make_loss(logits, reduction);
+  std::vector<float> rows(V * B);
+  const float gscale = reduction == kReductionMean ? 1.0f / static_cast<float>(V * B) : 1.0f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "dps_ce_z", [&] {
+    using TZ = scalar_t;
+    TZ* g = grad.numel() ? grad.data_ptr<TZ>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, alpha.scalar_type(), "dps_ce_a", [&] {
+      if constexpr (std::is_same_v<TZ, double> || std::is_same_v<scalar_t, double>) {
+        TORCH_CHECK_TYPE(false, "dps_fast: the fused CPU kernel takes float32/bfloat16/float16");
+      } else {
+        dps_ce_kernel<TZ, scalar_t>(z, idx.data_ptr<int64_t>(), alpha, g, rows.data(), V, B, C,
+                                    static_cast<float>(gamma), static_cast<float>(tau_e), posterior,
+                                    update, gscale);
+      }
+    });
+  });
+  finish_loss(loss, rows, reduction);
+  return loss;
+}
+
+template <typename TZ, typename TT>
+void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int64_t B, int64_t C,
+                    bool normalize, float gscale) {
+  constexpr bool z_f32 = std::is_same_v<TZ, float>;
+  at::parallel_for(0, B, grain_rows(C), [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf((z_f32 ? 2 : 3) * C);
+    float* ex = buf.data();
+    float* t = ex + C;
+    float* zbuf = z_f32 ? nullptr : t + C;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* zf;
+      if constexpr (z_f32) {
+        zf = zp + b * C;
+      } else {
+        load_row(zp + b * C, zbuf, C);
+        zf = zbuf;
+      }
+      load_row(tp + b * C, t, C);
+      const float m = row_max(zf, C);
+      const float s = exp_row(zf, ex, C, m, 1.0f);
+      const float inv_t = normalize ? 1.0f / row_sum(t, C) : 1.0f;
+      loss_rows[b] = m + std::log(s) - row_dot(t, zf, C) * inv_t;
+      if (grad) {
+        if constexpr (z_f32) {
+          softmax_minus_target(ex, 1.0f / s, t, inv_t, gscale, grad + b * C, C);
+        } else {
+          softmax_minus_target(ex, 1.0f / s, t, inv_t, gscale, ex, C);
+          store_row(ex, grad + b * C, C);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor soft_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, at::Tensor& grad,
+                           bool normalize, int64_t reduction) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 && target.sizes() == logits.sizes(),
+                    "dps_fast: soft_cross_entropy needs logits and target of one shape [B, C]");
+  check_grad_buffer(grad, logits);
+  const int64_t B = logits.size(0), C = logits.size(1);
+  auto z = logits.contiguous();
+  auto t = target.contiguous();
+  auto loss = make_loss(logits, reduction);
+  std::vector<float> rows(B);
+  const float gscale = reduction == kReductionMean ? 1.0f / static_cast<float>(B) : 1.0f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "soft_ce_z", [&] {
+    using TZ = scalar_t;
+    TZ* g = grad.numel() ? grad.data_ptr<TZ>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "soft_ce_t", [&] {
+      if constexpr (std::is_same_v<TZ, double> || std::is_same_v<scalar_t, double>) {
+        TORCH_CHECK_TYPE(false, "dps_fast: the fused CPU kernel takes float32/bfloat16/float16");
+      } else {
+        soft_ce_kernel<TZ, scalar_t>(z.data_ptr<TZ>(), t.data_ptr<scalar_t>(), g, rows.data(), B, C,
+                                     normalize, gscale);
+      }
+    });
+  });
+  finish_loss(loss, rows, reduction);
+  return loss;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dps_fast
+
+TORCH_LIBRARY_IMPL(dps_fast, CPU, m) {
+  m.impl("dps_ce_fwd", &dps_fast::cpu::dps_ce_fwd_cpu);
+  m.impl("soft_ce_fwd", &dps_fast::cpu::soft_ce_fwd_cpu);
+}

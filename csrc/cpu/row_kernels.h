@@ -1,0 +1,112 @@
+// Vectorised row primitives shared by the fused CPU kernels.
+// All arithmetic is float32; inputs and outputs may be float, BFloat16 or Half.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+
+namespace dps_fast {
+namespace cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+// dst[0:n] = float(src[0:n])
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    int64_t j = 0;
+    for (; j + kW <= n; j += kW) {
+      Vec v;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        at::vec::load_fp32_from_bf16(src + j, v);
+      } else {
+        at::vec::load_fp32_from_fp16(src + j, v);
+      }
+      v.store(dst + j);
+    }
+    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  }
+}
+
+// dst[0:n] = T(src[0:n]) (round to nearest even, like Tensor.to)
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (reinterpret_cast<const void*>(src) != reinterpret_cast<const void*>(dst))
+      std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+inline float row_max(const float* x, int64_t n) {
+  return at::vec::reduce_all<float>(
+      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+inline float row_sum(const float* x, int64_t n) {
+  return at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, x, n);
+}
+
+// out[j] = exp((x[j] - shift) * scale); returns sum_j out[j].
+inline float exp_row(const float* x, float* out, int64_t n, float shift, float scale) {
+  const Vec vs(shift), vk(scale);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    Vec e = ((Vec::loadu(x + j) - vs) * vk).exp();
+    e.store(out + j);
+    acc = acc + e;
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
+  for (; j < n; ++j) {
+    float e = std::exp((x[j] - shift) * scale);
+    out[j] = e;
+    s += e;
+  }
+  return s;
+}
+
+// sum_j a[j] * b[j]
+inline float row_dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// g[j] = (ex[j] * inv_s - t[j] * inv_t) * scale   (softmax minus target)
+inline void softmax_minus_target(const float* ex, float inv_s, const float* t, float inv_t,
+                                 float scale, float* g, int64_t n) {
+  const Vec a(inv_s * scale), b(inv_t * scale);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    Vec r = Vec::loadu(ex + j) * a - Vec::loadu(t + j) * b;
+    r.store(g + j);
+  }
+  for (; j < n; ++j) g[j] = ex[j] * (inv_s * scale) - t[j] * (inv_t * scale);
+}
+
+// Rows per parallel task so that each task touches about 32k elements.
+inline int64_t grain_rows(int64_t elems_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems_per_row));
+}
+
+// Sum of a float32 buffer in double (for the mean/sum reductions).
+inline double sum_double(const float* x, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
+}  // namespace cpu
+}  // namespace dps_fast

@@ -1,0 +1,140 @@
+"""Backend selection: public API -> dispatch -> backend.
+
+Backends:
+  reference  plain PyTorch (:mod:`dps_fast.reference`), any device and dtype;
+  cpu        fused C++ kernels of the extension ``dps_fast._C`` (``torch.ops.dps_fast``);
+  cuda       fused CUDA C++ kernels of the same extension, when built against CUDA torch;
+  triton     fused Triton kernels (``torch.ops.dps_fast_triton``), on CUDA tensors, or on
+             CPU tensors under ``TRITON_INTERPRET=1`` (for testing).
+
+``backend=None`` (or ``"auto"``) picks the fastest available backend for the
+tensors' device and dtype, else the reference. The environment variable
+``DPS_FAST_BACKEND`` sets the default. Asking explicitly for a backend that is not
+available raises :class:`BackendUnavailableError`; the automatic choice never
+fails over to anything but the (exact) reference, and says so once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ._validate import FUSED_DTYPES
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend is not available for these tensors on this machine."""
+
+
+_state: dict = {}
+
+
+def _cpu_ext() -> str | None:
+    """None if the C++ extension is loaded, else why not."""
+    if "cpu" not in _state:
+        try:
+            from . import _C  # noqa: F401
+
+            _state["cpu"] = None
+        except Exception as e:  # pragma: no cover - depends on the build
+            _state["cpu"] = f"the C++ extension dps_fast._C did not load ({e})"
+    return _state["cpu"]
+
+
+def _cuda_ext() -> str | None:
+    if "cuda" not in _state:
+        why = _cpu_ext()
+        if why is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "dps_fast::dps_ce_fwd", "CUDA"
+        ):
+            why = "dps_fast._C was built without CUDA kernels (build against a CUDA torch with nvcc)"
+        _state["cuda"] = why
+    return _state["cuda"]
+
+
+def _triton() -> str | None:
+    if "triton" not in _state:
+        try:
+            from . import kernels  # noqa: F401  (registers torch.ops.dps_fast_triton)
+
+            _state["triton"] = None
+        except Exception as e:  # pragma: no cover - depends on the install
+            _state["triton"] = f"the Triton kernels did not import ({type(e).__name__}: {e})"
+    return _state["triton"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(name: str, device: torch.device | str = "cpu") -> bool:
+    try:
+        resolve(name, torch.device(device), (torch.float32,))
+        return True
+    except (BackendUnavailableError, ValueError, TypeError):
+        return False
+
+
+def _warn_once(msg: str) -> None:
+    if not _state.get(("warned", msg)):
+        _state[("warned", msg)] = True
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def resolve(backend, device: torch.device, dtypes) -> str:
+    name = backend if backend is not None else os.environ.get("DPS_FAST_BACKEND") or "auto"
+    fused_ok = all(dt in FUSED_DTYPES for dt in dtypes)
+    if name == "auto":
+        if not fused_ok:
+            return "reference"
+        if device.type == "cpu":
+            why = _cpu_ext()
+            if why is None:
+                return "cpu"
+            _warn_once(f"dps_fast: using the reference backend on CPU because {why}")
+            return "reference"
+        if device.type == "cuda":
+            if _triton() is None:
+                return "triton"
+            if _cuda_ext() is None:
+                return "cuda"
+            _warn_once("dps_fast: using the reference backend on CUDA: neither Triton nor the "
+                       "CUDA extension is available")
+        return "reference"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None for automatic")
+    if name == "reference":
+        return name
+    if not fused_ok:
+        bad = [dt for dt in dtypes if dt not in FUSED_DTYPES][0]
+        raise TypeError(
+            f"backend {name!r} takes float32, bfloat16 or float16 tensors, got {bad}; "
+            f"use backend='reference' for other dtypes"
+        )
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
+        why = _cpu_ext()
+    elif name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        why = _cuda_ext()
+    else:  # triton
+        why = _triton()
+        if why is None and device.type == "cpu" and not _interpreting():
+            why = "Triton runs on CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before import)"
+        elif why is None and device.type not in ("cpu", "cuda"):
+            why = f"Triton does not run on {device.type} tensors"
+    if why is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
+    return name
+
+
+def ops(name: str):
+    """The op namespace of a fused backend."""
+    if name == "triton":
+        return torch.ops.dps_fast_triton
+    return torch.ops.dps_fast

@@ -1,0 +1,1 @@
+"""Triton kernels of dps_fast (installed as dps_fast.kernels)."""
