@@ -51,37 +51,54 @@ inline float row_max(const float* x, int64_t n) {
       [](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
 }
 
+// sum_j f(j), accurately: four vector accumulators inside chunks of 1024 elements,
+// chunk sums added to a running vector, so no accumulation chain exceeds
+// ~n/1024 + 32 terms (float32 sums over 32k classes stay within a few ulp).
+// vf(j) returns the Vec of elements [j, j + kW); sf(j) one tail element.
+template <typename VF, typename SF>
+inline float accurate_sum(int64_t n, const VF& vf, const SF& sf) {
+  Vec total(0.f);
+  int64_t j = 0;
+  const int64_t nfull = n - n % (4 * kW);
+  while (j < nfull) {
+    const int64_t end = std::min<int64_t>(nfull, j + 1024);
+    Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+    for (; j < end; j += 4 * kW) {
+      a0 = a0 + vf(j);
+      a1 = a1 + vf(j + kW);
+      a2 = a2 + vf(j + 2 * kW);
+      a3 = a3 + vf(j + 3 * kW);
+    }
+    total = total + ((a0 + a1) + (a2 + a3));
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, total);
+  float tail = 0.f;
+  for (; j < n; ++j) tail += sf(j);
+  return s + tail;
+}
+
 inline float row_sum(const float* x, int64_t n) {
-  return at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, x, n);
+  return accurate_sum(n, [&](int64_t j) { return Vec::loadu(x + j); }, [&](int64_t j) { return x[j]; });
 }
 
 // out[j] = exp((x[j] - shift) * scale); returns sum_j out[j].
 inline float exp_row(const float* x, float* out, int64_t n, float shift, float scale) {
   const Vec vs(shift), vk(scale);
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + kW <= n; j += kW) {
-    Vec e = ((Vec::loadu(x + j) - vs) * vk).exp();
-    e.store(out + j);
-    acc = acc + e;
-  }
-  float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
-  for (; j < n; ++j) {
-    float e = std::exp((x[j] - shift) * scale);
-    out[j] = e;
-    s += e;
-  }
-  return s;
+  return accurate_sum(
+      n,
+      [&](int64_t j) {
+        Vec e = ((Vec::loadu(x + j) - vs) * vk).exp();
+        e.store(out + j);
+        return e;
+      },
+      [&](int64_t j) { return out[j] = std::exp((x[j] - shift) * scale); });
 }
 
 // sum_j a[j] * b[j]
 inline float row_dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + kW <= n; j += kW) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float s = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
+  return accurate_sum(
+      n, [&](int64_t j) { return Vec::loadu(a + j) * Vec::loadu(b + j); },
+      [&](int64_t j) { return a[j] * b[j]; });
 }
 
 // g[j] = (ex[j] * inv_s - t[j] * inv_t) * scale   (softmax minus target)
