@@ -1,0 +1,59 @@
+# The two commands (README): `make test` and `make demo`. Both set everything up
+# on a fresh machine: .venv, pinned requirements, the package with its C++ kernels.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.deps-stamp
+# Pinned allocator: without it eager PyTorch timings swing 2x (DEVELOPERS.md).
+export MALLOC_MMAP_THRESHOLD_ := 65536
+export MALLOC_TRIM_THRESHOLD_ := 134217728
+# Triton runs here (no GPU) only in its interpreter; must be set before import.
+export TRITON_INTERPRET ?= 1
+
+.PHONY: all install test pytest cpp-test cuda-check demo bench clean
+
+all: test
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): requirements.txt requirements-dev.txt | $(PY)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+install: $(STAMP)
+	$(PIP) install -q --no-build-isolation .
+
+test: install
+	$(VENV)/bin/pytest
+	$(MAKE) --no-print-directory cpp-test
+	$(MAKE) --no-print-directory cuda-check
+
+pytest: install
+	$(VENV)/bin/pytest
+
+# C++ build of the same sources against the installed torch, and its ctest.
+cpp-test: install
+	cmake -S . -B build/cmake -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > build/cmake.log 2>&1 \
+	  || (cat build/cmake.log; exit 1)
+	cmake --build build/cmake -j2 > build/cmake-build.log 2>&1 || (tail -50 build/cmake-build.log; exit 1)
+	ctest --test-dir build/cmake --output-on-failure
+
+# Compile-check every CUDA kernel for sm_90 with nvcc, when nvcc exists.
+cuda-check: install
+	@$(PY) tools/cuda_compile_check.py
+
+demo: install
+	$(PY) -m dps_fast.train --demo --out runs/demo
+
+bench: install
+	$(VENV)/bin/pytest benchmarks -p no:cacheprovider --benchmark-enable --benchmark-only -q \
+	  -o addopts="" --benchmark-json=benchmarks/results/pytest-benchmark-cpu.json
+	$(PY) benchmarks/summarize.py benchmarks/results
+
+clean:
+	rm -rf build dist *.egg-info runs

@@ -1,0 +1,86 @@
+"""DPSLoss: the bank as module state, train/eval behaviour, read-outs, contrastive term."""
+import io
+
+import pytest
+import torch
+
+import dps_fast
+from dps_fast import reference as R
+
+
+def test_state_dict_roundtrip_and_to():
+    labels = torch.tensor([0, 2, 1, 2])
+    m = dps_fast.DPSLoss(labels, 3, c=10.0, eps=0.1, gamma=0.8)
+    z = torch.randn(2, 3)
+    m(z, torch.tensor([1, 3]))
+    sd = m.state_dict()
+    assert set(sd) == {"alpha", "given_labels"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    m2 = dps_fast.DPSLoss(labels, 3, c=10.0, eps=0.1, gamma=0.8)
+    m2.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(m2.alpha, m.alpha)
+    m3 = m2.to(torch.device("meta"))
+    assert m3.alpha.device.type == "meta"
+
+
+def test_train_updates_eval_does_not_and_matches_functional():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (30,))
+    m = dps_fast.DPSLoss(labels, 5, gamma=0.9)
+    alpha = dps_fast.init_prior(labels, 5)
+    z = torch.randn(8, 5)
+    idx = torch.randperm(30)[:8]
+    torch.testing.assert_close(m(z, idx), R.dps_cross_entropy(z, idx, alpha, gamma=0.9))
+    torch.testing.assert_close(m.alpha, alpha)
+    m.eval()
+    before = m.alpha.clone()
+    m(z, idx)
+    assert torch.equal(m.alpha, before)
+
+
+def test_bf16_bank_and_targets_and_posterior():
+    labels = torch.tensor([0, 1, 1])
+    m = dps_fast.DPSLoss(labels, 2, c=4.0, eps=1.0, bank_dtype=torch.bfloat16)
+    assert m.alpha.dtype == torch.bfloat16
+    torch.testing.assert_close(m.targets(), torch.tensor([[0.8, 0.2], [0.2, 0.8], [0.2, 0.8]]))
+    r = m.posterior()
+    torch.testing.assert_close(r["label_error"], torch.tensor([0.2, 0.2, 0.2]))
+    assert set(r) >= {"mean", "alpha0", "entropy", "expected_entropy", "mutual_information"}
+
+
+def test_explicit_prior_and_errors():
+    prior = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    m = dps_fast.DPSLoss(prior=prior)
+    assert torch.equal(m.alpha, prior) and torch.equal(m.given_labels, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="strictly positive"):
+        dps_fast.DPSLoss(prior=torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(ValueError, match="give labels and num_classes"):
+        dps_fast.DPSLoss()
+    with pytest.raises(ValueError, match="gamma"):
+        dps_fast.DPSLoss(torch.tensor([0]), 2, gamma=0.0)
+    with pytest.raises(ValueError, match="con_positives"):
+        dps_fast.DPSLoss(torch.tensor([0]), 2, con_positives="x")
+
+
+@pytest.mark.parametrize("positives", ["hard", "soft", "views"])
+def test_contrastive_term(positives):
+    torch.manual_seed(1)
+    labels = torch.randint(0, 4, (20,))
+    m = dps_fast.DPSLoss(labels, 4, contrastive_weight=0.5, con_positives=positives)
+    alpha = dps_fast.init_prior(labels, 4)
+    z = torch.randn(2, 6, 4)
+    f = torch.randn(2, 6, 8, requires_grad=True)
+    idx = torch.randperm(20)[:6]
+    got = m(z, idx, f)
+    want = R.dps_cross_entropy(z, idx, alpha, gamma=0.95)
+    rows = alpha[idx]
+    kw = {"labels": rows.argmax(1)} if positives == "hard" else \
+        {"soft_targets": rows / rows.sum(1, keepdim=True)} if positives == "soft" else {}
+    want = want + 0.5 * R.supcon_loss(f, tau=0.1, **kw)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert f.grad is not None and torch.isfinite(f.grad).all()
+    with pytest.raises(ValueError, match="pass features"):
+        m(z, idx)
