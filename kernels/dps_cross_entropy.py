@@ -1,0 +1,222 @@
+"""Triton kernels: the fused DPS step (SPEC §2) and soft-target cross-entropy (SPEC §3).
+
+One kernel serves both ops (the soft-target CE is the DPS step with the target
+matrix in place of the bank, no update and no discount). One launch per call:
+
+- the grid packs ``ROWS`` samples per program (small C is launch-bound otherwise);
+- each program loops over column blocks of ``BLOCK_C`` with an online max / sum,
+  so any C works (up to and beyond 128k classes) in float32 arithmetic;
+- pass 2 forms the target's normaliser, pass 3 recomputes the softmax, stores the
+  updated bank row, the gradient ``(softmax - target) * scale`` and the loss;
+- ``reduction="mean"/"sum"`` is finished in the same launch: every program writes
+  its partial sum, and the last one to finish (an atomic ticket) adds the partials
+  in program order (deterministic) and resets the ticket. No host synchronisation.
+
+All offsets are int64. Rows with an out-of-range id or non-finite logits never
+touch the bank; their loss and gradient are NaN.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dps_ce_kernel(
+    Z, IDX, A, G, LOSS, PART, TICKET,
+    B, C, N, stride_a, gamma, inv_tau_e, gscale, out_scale,
+    V: tl.constexpr, VP: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    POSTERIOR: tl.constexpr, UPDATE: tl.constexpr, TEMPER: tl.constexpr, HAS_GRAD: tl.constexpr,
+    REDUCE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    rmask = rows < B
+    cols = tl.arange(0, BLOCK_C)
+    vcol = tl.arange(0, VP)
+    if HAS_IDX:
+        ids = tl.load(IDX + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        ids = rows
+    ok = rmask & (ids >= 0) & (ids < N)
+
+    # ---- pass 1: per view, online max and softmax normalisers
+    m_all = tl.zeros([ROWS, VP], dtype=tl.float32)
+    s_all = tl.zeros([ROWS, VP], dtype=tl.float32)
+    se_all = tl.zeros([ROWS, VP], dtype=tl.float32)
+    for v in tl.static_range(V):
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS], dtype=tl.float32)
+        se = tl.zeros([ROWS], dtype=tl.float32)
+        zsum = tl.zeros([ROWS], dtype=tl.float32)
+        base = (v * B + rows) * C
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cols
+            msk = rmask[:, None] & (cc < C)[None, :]
+            z = tl.load(Z + base[:, None] + cc[None, :], mask=msk, other=0.0).to(tl.float32)
+            zm = tl.where(msk, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(zm, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.where(msk, tl.exp(z - m_safe[:, None]), 0.0), 1)
+            if TEMPER:
+                se = se * tl.exp((m - m_safe) * inv_tau_e) + tl.sum(
+                    tl.where(msk, tl.exp((z - m_safe[:, None]) * inv_tau_e), 0.0), 1)
+            zsum += tl.sum(tl.where(msk, z, 0.0), 1)
+            m = m_new
+        finite = (zsum == zsum) & (tl.abs(zsum) < float("inf")) & (s == s) & (s < float("inf"))
+        ok = ok & finite
+        sel = vcol[None, :] == v
+        m_all = tl.where(sel, m[:, None], m_all)
+        s_all = tl.where(sel, s[:, None], s_all)
+        if TEMPER:
+            se_all = tl.where(sel, se[:, None], se_all)
+        else:
+            se_all = tl.where(sel, s[:, None], se_all)
+
+    # ---- pass 2: the target's normaliser S = sum_j a_j
+    S = tl.zeros([ROWS], dtype=tl.float32)
+    if NORMALIZE:
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cols
+            amsk = ok[:, None] & (cc < C)[None, :]
+            a = tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
+            if POSTERIOR:
+                e = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+                for v in tl.static_range(V):
+                    sel = vcol[None, :] == v
+                    mv = tl.sum(tl.where(sel, m_all, 0.0), 1)
+                    sev = tl.sum(tl.where(sel, se_all, 0.0), 1)
+                    z = tl.load(Z + ((v * B + rows) * C)[:, None] + cc[None, :], mask=amsk, other=0.0)
+                    e += tl.exp((z.to(tl.float32) - mv[:, None]) * inv_tau_e) / sev[:, None]
+                a = gamma * a + e / V
+            S += tl.sum(tl.where(amsk, a, 0.0), 1)
+        inv_s = tl.where(ok, 1.0 / tl.where(ok, S, 1.0), 0.0)
+    else:
+        inv_s = tl.where(ok, 1.0, 0.0)
+
+    # ---- pass 3: bank store, target, loss dot products, gradient
+    dots = tl.zeros([ROWS, VP], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        cmask = (cc < C)[None, :]
+        amsk = ok[:, None] & cmask
+        a = tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
+        if POSTERIOR or UPDATE:
+            e = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+            for v in tl.static_range(V):
+                sel = vcol[None, :] == v
+                mv = tl.sum(tl.where(sel, m_all, 0.0), 1)
+                sev = tl.sum(tl.where(sel, se_all, 0.0), 1)
+                z = tl.load(Z + ((v * B + rows) * C)[:, None] + cc[None, :], mask=amsk, other=0.0)
+                e += tl.exp((z.to(tl.float32) - mv[:, None]) * inv_tau_e) / sev[:, None]
+            a_new = gamma * a + e / V
+            if UPDATE:
+                tl.store(A + ids[:, None] * stride_a + cc[None, :], a_new.to(A.dtype.element_ty), mask=amsk)
+            if POSTERIOR:
+                a = a_new
+        t = a * inv_s[:, None]
+        for v in tl.static_range(V):
+            sel = vcol[None, :] == v
+            mv = tl.sum(tl.where(sel, m_all, 0.0), 1)
+            sv = tl.sum(tl.where(sel, s_all, 0.0), 1)
+            zmsk = rmask[:, None] & cmask
+            zoff = ((v * B + rows) * C)[:, None] + cc[None, :]
+            z = tl.load(Z + zoff, mask=zmsk, other=0.0).to(tl.float32)
+            d = tl.sum(tl.where(amsk, t * z, 0.0), 1)
+            dots = tl.where(sel, dots + d[:, None], dots)
+            if HAS_GRAD:
+                p = tl.exp(z - mv[:, None]) / sv[:, None]
+                g = tl.where(ok[:, None], (p - t) * gscale, float("nan"))
+                tl.store(G + zoff, g.to(G.dtype.element_ty), mask=zmsk)
+
+    # ---- loss: logsumexp - <t, z> per view and row
+    lse = m_all + tl.log(tl.where(s_all > 0, s_all, 1.0))
+    loss = tl.where(ok[:, None], lse - dots, float("nan"))
+    vmask = vcol[None, :] < V
+    if REDUCE == 0:
+        loff = vcol[None, :].to(tl.int64) * B + rows[:, None]
+        tl.store(LOSS + loff, loss, mask=rmask[:, None] & vmask)
+    else:
+        part = tl.sum(tl.sum(tl.where(rmask[:, None] & vmask, loss, 0.0), 1), 0)
+        tl.store(PART + pid, part)
+        ticket = tl.atomic_add(TICKET, 1)
+        nprog = tl.num_programs(0)
+        if ticket == nprog - 1:
+            total = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for p0 in range(0, nprog, BLOCK_P):
+                pp = p0 + tl.arange(0, BLOCK_P)
+                total += tl.load(PART + pp, mask=pp < nprog, other=0.0, volatile=True)
+            tl.store(LOSS, tl.sum(total, 0) * out_scale)
+            tl.atomic_xchg(TICKET, 0)
+
+
+_tickets: dict = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """A per-device int32 counter, always left at 0 by the kernel that used it.
+    (Concurrent launches of these kernels on several streams of one device would
+    share it: run them on one stream.)"""
+    key = (device.type, device.index)
+    t = _tickets.get(key)
+    if t is None:
+        t = _tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
+def _config(b: int, c: int, v: int):
+    """(ROWS, BLOCK_C, num_warps): pack rows for small C, loop blocks for large C."""
+    if _INTERPRET:  # few, large programs: the interpreter costs milliseconds per program
+        block_c = min(triton.next_power_of_2(max(c, 16)), 32768)
+        rows = max(1, min(triton.next_power_of_2(max(b, 1)), 65536 // block_c))
+        return rows, block_c, 4
+    block_c = min(triton.next_power_of_2(max(c, 16)), 4096 if v == 1 else 2048)
+    rows = max(1, min(64, 4096 // block_c))
+    rows = min(rows, triton.next_power_of_2(max(b, 1)))
+    warps = 8 if block_c >= 2048 else 4
+    return rows, block_c, warps
+
+
+def _launch(z, idx, a, grad, gamma, tau_e, posterior, update, reduction, normalize):
+    v = z.shape[0] if z.dim() == 3 else 1
+    b, c = z.shape[-2], z.shape[-1]
+    z = z.contiguous()
+    has_grad = grad.numel() > 0
+    if has_grad and not grad.is_contiguous():
+        raise ValueError("dps_fast: grad buffer must be contiguous")
+    if a.dim() != 2 or (a.shape[1] > 1 and a.stride(1) != 1):
+        raise ValueError("dps_fast: bank/target must be [N, C] with unit class stride")
+    rows, block_c, warps = _config(b, c, v)
+    grid = (triton.cdiv(b, rows),)
+    dev = z.device
+    if reduction == 0:
+        loss = torch.empty(z.shape[:-1], dtype=torch.float32, device=dev)
+    else:
+        loss = torch.empty((), dtype=torch.float32, device=dev)
+    part = torch.empty(grid[0], dtype=torch.float32, device=dev)
+    out_scale = 1.0 / (v * b) if reduction == 1 else 1.0
+    _dps_ce_kernel[grid](
+        z, idx if idx is not None else z, a, grad if has_grad else z, loss, part, _ticket(dev),
+        b, c, a.shape[0], a.stride(0), float(gamma), 1.0 / float(tau_e),
+        out_scale if reduction == 1 else 1.0, out_scale,
+        V=v, VP=triton.next_power_of_2(v), ROWS=rows, BLOCK_C=block_c,
+        POSTERIOR=bool(posterior), UPDATE=bool(update), TEMPER=float(tau_e) != 1.0, HAS_GRAD=has_grad,
+        REDUCE=int(reduction), NORMALIZE=bool(normalize), HAS_IDX=idx is not None,
+        BLOCK_P=min(1024, triton.next_power_of_2(grid[0])), num_warps=warps,
+    )
+    return loss
+
+
+def dps_ce_fwd(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction):
+    idx = index if index.dtype in (torch.int32, torch.int64) else index.to(torch.int64)
+    return _launch(logits, idx.contiguous(), alpha, grad, gamma, tau_e, posterior, update, reduction, True)
+
+
+def soft_ce_fwd(logits, target, grad, normalize, reduction):
+    t = target.contiguous()
+    return _launch(logits, None, t, grad, 0.0, 1.0, False, False, reduction, normalize)

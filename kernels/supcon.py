@@ -1,0 +1,146 @@
+"""Triton kernels: flash-style SupCon / NT-Xent (SPEC §4), forward and gradient.
+
+The M x M similarity matrix is never materialised. The forward kernel walks
+tiles ``[BLOCK_M, BLOCK_N]`` of ``S = F F^T / tau`` with an online logsumexp over
+``j != i`` and accumulates the positive-weight sums; the gradient kernel
+recomputes the tiles and forms ``dF_i = (1/tau) sum_j (G_ij + G_ji) F_j`` from the
+per-row statistics (S and the weights are symmetric, so both terms come from the
+same tile). Memory: O(M d).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _weights(LAB, T, ri, rj, mi, mj, K, HARD: tl.constexpr, BLOCK_K: tl.constexpr):
+    if HARD:
+        li = tl.load(LAB + ri, mask=mi, other=-1)
+        lj = tl.load(LAB + rj, mask=mj, other=-2)
+        w = (li[:, None] == lj[None, :]).to(tl.float32)
+    else:
+        kk = tl.arange(0, BLOCK_K)
+        ti = tl.load(T + ri[:, None] * K + kk[None, :], mask=mi[:, None] & (kk < K)[None, :], other=0.0)
+        tj = tl.load(T + rj[:, None] * K + kk[None, :], mask=mj[:, None] & (kk < K)[None, :], other=0.0)
+        w = tl.dot(ti, tl.trans(tj), input_precision="ieee")
+    keep = mi[:, None] & mj[None, :] & (ri[:, None] != rj[None, :])
+    return tl.where(keep, w, 0.0)
+
+
+@triton.jit
+def _supcon_fwd_kernel(F, LAB, T, LSE, WSUM, WDOT, M, D, K, inv_tau,
+                       HARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    ri = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mi = ri < M
+    dd = tl.arange(0, BLOCK_D)
+    fi = tl.load(F + ri[:, None] * D + dd[None, :], mask=mi[:, None] & (dd < D)[None, :], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    wdot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        rj = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mj = rj < M
+        fj = tl.load(F + rj[:, None] * D + dd[None, :], mask=mj[:, None] & (dd < D)[None, :], other=0.0)
+        s = tl.dot(fi, tl.trans(fj), input_precision="ieee") * inv_tau
+        valid = mi[:, None] & mj[None, :] & (ri[:, None] != rj[None, :])
+        sm = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sm, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.where(valid, tl.exp(s - m_safe[:, None]), 0.0), 1)
+        m = m_new
+        w = _weights(LAB, T, ri, rj, mi, mj, K, HARD, BLOCK_K)
+        wsum += tl.sum(w, 1)
+        wdot += tl.sum(w * tl.where(valid, s, 0.0), 1)
+    lse = tl.where(l > 0, m + tl.log(l), 0.0)
+    tl.store(LSE + ri, lse, mask=mi)
+    tl.store(WSUM + ri, wsum, mask=mi)
+    tl.store(WDOT + ri, wdot, mask=mi)
+
+
+@triton.jit
+def _supcon_bwd_kernel(F, LAB, T, LSE, COEF, INVW, DF, M, D, K, inv_tau,
+                       HARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    ri = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mi = ri < M
+    dd = tl.arange(0, BLOCK_D)
+    dmask = (dd < D)[None, :]
+    fi = tl.load(F + ri[:, None] * D + dd[None, :], mask=mi[:, None] & dmask, other=0.0)
+    lse_i = tl.load(LSE + ri, mask=mi, other=0.0)
+    c_i = tl.load(COEF + ri, mask=mi, other=0.0)
+    iw_i = tl.load(INVW + ri, mask=mi, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        rj = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mj = rj < M
+        fj = tl.load(F + rj[:, None] * D + dd[None, :], mask=mj[:, None] & dmask, other=0.0)
+        lse_j = tl.load(LSE + rj, mask=mj, other=0.0)
+        c_j = tl.load(COEF + rj, mask=mj, other=0.0)
+        iw_j = tl.load(INVW + rj, mask=mj, other=0.0)
+        s = tl.dot(fi, tl.trans(fj), input_precision="ieee") * inv_tau
+        valid = mi[:, None] & mj[None, :] & (ri[:, None] != rj[None, :])
+        w = _weights(LAB, T, ri, rj, mi, mj, K, HARD, BLOCK_K)
+        p_ij = tl.where(valid, tl.exp(s - lse_i[:, None]), 0.0)
+        p_ji = tl.where(valid, tl.exp(s - lse_j[None, :]), 0.0)
+        g = c_i[:, None] * (p_ij - w * iw_i[:, None]) + c_j[None, :] * (p_ji - w * iw_j[None, :])
+        acc += tl.dot(g, fj, input_precision="ieee")
+    tl.store(DF + ri[:, None] * D + dd[None, :], acc * inv_tau, mask=mi[:, None] & dmask)
+
+
+def _blocks(m: int, d: int, k: int):
+    bd = max(16, triton.next_power_of_2(d))
+    bk = max(16, triton.next_power_of_2(max(k, 1)))
+    if _INTERPRET:
+        bm = max(16, min(triton.next_power_of_2(m), 256))
+        return bm, bm, bd, bk, 4
+    bm = 64 if bd <= 128 else 32
+    return bm, 64, bd, bk, 4
+
+
+def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
+    if (labels is None) == (soft is None):
+        raise ValueError("dps_fast: supcon_fwd needs exactly one of labels and soft")
+    x = features.float().contiguous()
+    m, d = x.shape
+    if normalize:
+        norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        f = x / norm
+    else:
+        f = x
+    f = f.contiguous()
+    hard = labels is not None
+    lab = labels.to(torch.int64).contiguous() if hard else f
+    t = soft.float().contiguous() if not hard else f
+    k = 1 if hard else t.shape[1]
+    bm, bn, bd, bk, warps = _blocks(m, d, k)
+    lse = torch.empty(m, dtype=torch.float32, device=x.device)
+    wsum = torch.empty_like(lse)
+    wdot = torch.empty_like(lse)
+    inv_tau = 1.0 / float(tau)
+    grid = (triton.cdiv(m, bm),)
+    _supcon_fwd_kernel[grid](f, lab, t, lse, wsum, wdot, m, d, k, inv_tau, HARD=hard, BLOCK_M=bm,
+                             BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, num_warps=warps)
+    valid = wsum > 0
+    n_valid = valid.sum().clamp_min(1).to(torch.float32)
+    per = torch.where(valid, lse - wdot / torch.where(valid, wsum, 1.0), 0.0)
+    loss = per.sum() / n_valid
+    if not need_grad:
+        return loss, features.new_empty((0,))
+    coef = valid.to(torch.float32) / n_valid
+    invw = torch.where(valid, 1.0 / torch.where(valid, wsum, 1.0), 0.0)
+    df = torch.empty_like(f)
+    _supcon_bwd_kernel[grid](f, lab, t, lse, coef, invw, df, m, d, k, inv_tau, HARD=hard, BLOCK_M=bm,
+                             BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, num_warps=warps)
+    if normalize:
+        df = (df - f * (f * df).sum(1, keepdim=True)) / norm
+    return loss, df.to(features.dtype)
