@@ -1,0 +1,242 @@
+// CUDA kernels: the fused DPS step (SPEC §2) and soft-target cross-entropy (SPEC §3).
+//
+// A group of TPR threads owns one sample row (TPR = 8 / 32 / 256 by C); a block of
+// 256 threads packs 256 / TPR rows, so small C is not launch-bound and large C is
+// spread over a whole block. Three passes over the columns, float32 arithmetic:
+//   1. per view, online max and softmax normalisers (and a finiteness check);
+//   2. the target normaliser S = sum_j a_j (a = the updated bank row, or the prior);
+//   3. the bank store, the target, the loss dot products and the gradient.
+// mean / sum reductions finish in the same launch: every block writes a partial,
+// the last block (atomic ticket) adds them in block order and resets the ticket.
+// Offsets are int64. Rows with an out-of-range id or non-finite logits never write
+// the bank; their loss and gradient are NaN.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "launchers.h"
+
+namespace dps_fast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxViews = 8;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+
+// Reductions over the TPR threads of a row group (all threads of the block call them).
+template <int TPR>
+__device__ __forceinline__ float group_sum(float v, float* smem) {
+  if constexpr (TPR <= 32) {
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o, TPR);
+    return v;
+  } else {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    float r = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) r += smem[w];
+    return r;
+  }
+}
+
+template <int TPR>
+__device__ __forceinline__ float group_max(float v, float* smem) {
+  if constexpr (TPR <= 32) {
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o, TPR));
+    return v;
+  } else {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    float r = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) r = fmaxf(r, smem[w]);
+    return r;
+  }
+}
+
+template <typename TZ, typename TA, int TPR>
+__global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
+  __shared__ float smem[kThreads / 32];
+  __shared__ float part_rows[kThreads];
+  __shared__ bool is_last;
+  constexpr int R = kThreads / TPR;
+  const int lane = threadIdx.x % TPR;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * R + threadIdx.x / TPR;
+  const bool in_batch = row < p.B;
+  const TZ* z = static_cast<const TZ*>(p.z);
+  TA* a = static_cast<TA*>(p.a);
+  TZ* g = static_cast<TZ*>(p.g);
+  const int64_t C = p.C, B = p.B;
+  const int64_t id = !in_batch ? 0 : (p.idx ? p.idx[row] : row);
+  bool ok = in_batch && id >= 0 && id < p.N;
+
+  // 1. per view: max, sum exp(z - max), sum exp((z - max) / tau_e), finiteness
+  float m[kMaxViews], s[kMaxViews], se[kMaxViews];
+  for (int v = 0; v < p.V; ++v) {
+    const TZ* zr = z + (v * B + (in_batch ? row : 0)) * C;
+    float mt = -INFINITY, st = 0.f, set = 0.f, zs = 0.f;
+    for (int64_t j = lane; j < C && in_batch; j += TPR) {
+      const float x = to_f32(zr[j]);
+      zs += x;
+      if (x > mt) {
+        const float sc = (mt == -INFINITY) ? 0.f : __expf(mt - x);
+        st = st * sc + 1.f;
+        if (p.temper) set = set * ((mt == -INFINITY) ? 0.f : __expf((mt - x) * p.inv_tau_e)) + 1.f;
+        mt = x;
+      } else {
+        st += __expf(x - mt);
+        if (p.temper) set += __expf((x - mt) * p.inv_tau_e);
+      }
+    }
+    const float M = group_max<TPR>(mt, smem);
+    const float Ms = (M == -INFINITY) ? 0.f : M;
+    const float k = (mt == -INFINITY) ? 0.f : __expf(mt - Ms);
+    const float ke = (mt == -INFINITY) ? 0.f : __expf((mt - Ms) * p.inv_tau_e);
+    s[v] = group_sum<TPR>(st * k, smem);
+    se[v] = p.temper ? group_sum<TPR>(set * ke, smem) : s[v];
+    m[v] = M;
+    zs = group_sum<TPR>(zs, smem);
+    ok = ok && isfinite(zs) && isfinite(s[v]);
+  }
+  const float inv_v = 1.f / static_cast<float>(p.V);
+  TA* ar = a + (ok ? id : 0) * p.stride_a;
+  auto evidence = [&](int64_t j) {
+    float e = 0.f;
+    for (int v = 0; v < p.V; ++v) {
+      const float x = to_f32(z[(v * B + row) * C + j]);
+      e += __expf((x - m[v]) * p.inv_tau_e) / se[v];
+    }
+    return e * inv_v;
+  };
+
+  // 2. the target normaliser
+  float inv_s = 1.f;
+  if (p.normalize) {
+    float st = 0.f;
+    for (int64_t j = lane; j < C && ok; j += TPR) {
+      float aj = to_f32(ar[j]);
+      if (p.posterior) aj = p.gamma * aj + evidence(j);
+      st += aj;
+    }
+    inv_s = 1.f / group_sum<TPR>(st, smem);
+  }
+
+  // 3. bank store, target, dots, gradient
+  float dot[kMaxViews];
+  for (int v = 0; v < p.V; ++v) dot[v] = 0.f;
+  for (int64_t j = lane; j < C && in_batch; j += TPR) {
+    float t = 0.f;
+    if (ok) {
+      float aj = to_f32(ar[j]);
+      if (p.posterior || p.update) {
+        const float an = p.gamma * aj + evidence(j);
+        if (p.update) ar[j] = from_f32<TA>(an);
+        if (p.posterior) aj = an;
+      }
+      t = aj * inv_s;
+    }
+    for (int v = 0; v < p.V; ++v) {
+      const int64_t off = (v * B + row) * C + j;
+      const float x = to_f32(z[off]);
+      dot[v] += t * x;
+      if (p.has_grad) {
+        const float gv = ok ? (__expf(x - m[v]) / s[v] - t) * p.gscale : NAN;
+        g[off] = from_f32<TZ>(gv);
+      }
+    }
+  }
+  float row_total = 0.f;
+  for (int v = 0; v < p.V; ++v) {
+    const float d = group_sum<TPR>(dot[v], smem);
+    const float l = ok ? (m[v] + logf(s[v]) - d) : NAN;
+    if (in_batch && lane == 0) {
+      if (p.reduce == 0) p.loss[v * B + row] = l;
+      row_total += l;
+    }
+  }
+  if (p.reduce == 0) return;
+
+  // block partial, then the last block adds the partials in order
+  part_rows[threadIdx.x] = (in_batch && lane == 0) ? row_total : 0.f;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float acc = 0.f;
+    for (int r = 0; r < kThreads; r += TPR) acc += part_rows[r];
+    p.part[blockIdx.x] = acc;
+    __threadfence();
+    const int ticket = atomicAdd(p.ticket, 1);
+    is_last = ticket == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  float acc = 0.f;
+  for (int64_t b = threadIdx.x; b < gridDim.x; b += kThreads) acc += static_cast<volatile float*>(p.part)[b];
+  acc = group_sum<kThreads>(acc, smem);
+  if (threadIdx.x == 0) {
+    *p.loss = acc * p.out_scale;
+    atomicExch(p.ticket, 0);
+  }
+}
+
+int tpr_for(int64_t C) { return C <= 64 ? 8 : (C <= 2048 ? 32 : kThreads); }
+
+template <typename TZ, typename TA>
+cudaError_t launch_typed(const CeArgs& p, cudaStream_t stream) {
+  const int tpr = tpr_for(p.C);
+  const int64_t blocks = ce_num_blocks(p);
+  if (blocks == 0) return cudaSuccess;
+  if (tpr == 8) ce_kernel<TZ, TA, 8><<<blocks, kThreads, 0, stream>>>(p);
+  else if (tpr == 32) ce_kernel<TZ, TA, 32><<<blocks, kThreads, 0, stream>>>(p);
+  else ce_kernel<TZ, TA, kThreads><<<blocks, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename TZ>
+cudaError_t launch_bank(const CeArgs& p, cudaStream_t stream) {
+  switch (p.a_dtype) {
+    case kF32: return launch_typed<TZ, float>(p, stream);
+    case kBF16: return launch_typed<TZ, __nv_bfloat16>(p, stream);
+    case kF16: return launch_typed<TZ, __half>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+int64_t ce_num_blocks(const CeArgs& p) {
+  const int64_t rows_per_block = kThreads / tpr_for(p.C);
+  return (p.B + rows_per_block - 1) / rows_per_block;
+}
+
+cudaError_t launch_ce(const CeArgs& p, cudaStream_t stream) {
+  if (p.V < 1 || p.V > kMaxViews) return cudaErrorInvalidValue;
+  switch (p.z_dtype) {
+    case kF32: return launch_bank<float>(p, stream);
+    case kBF16: return launch_bank<__nv_bfloat16>(p, stream);
+    case kF16: return launch_bank<__half>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace dps_fast

@@ -1,0 +1,55 @@
+// Plain-C++ interface between the torch glue (ops_cuda.cpp) and the raw CUDA
+// kernels (*.cu). No torch headers here, so the kernels compile in seconds.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace dps_fast {
+namespace cuda {
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// One DPS step (SPEC §2) or a soft-target cross-entropy (SPEC §3, has_idx = false,
+// a = the target matrix, update = posterior = false).
+struct CeArgs {
+  const void* z;         // logits [V, B, C], contiguous
+  const int64_t* idx;    // [B] sample ids (nullptr: row b uses row b of a)
+  void* a;               // bank [N, stride_a] (or targets [B, C])
+  void* g;               // gradient [V, B, C] like z, or nullptr
+  float* loss;           // [V, B] (reduce == 0) or a scalar
+  float* part;           // one float per block (reduce != 0)
+  int* ticket;           // device counter, left at 0
+  int64_t B, C, N, stride_a;
+  int V;
+  float gamma, inv_tau_e, gscale, out_scale;
+  int z_dtype, a_dtype;
+  bool posterior, update, temper, has_grad, normalize;
+  int reduce;            // 0 none, 1 mean, 2 sum
+};
+
+// Returns the number of blocks to allocate `part` for.
+int64_t ce_num_blocks(const CeArgs& p);
+cudaError_t launch_ce(const CeArgs& p, cudaStream_t stream);
+
+// SupCon statistics and gradient over normalised float32 rows f [M, D].
+struct SupconArgs {
+  const float* f;        // [M, D]
+  const int64_t* labels; // [M] or nullptr
+  const float* soft;     // [M, K] or nullptr
+  float* lse;            // [M]
+  float* wsum;           // [M]
+  float* wdot;           // [M]
+  const float* coef;     // [M] (gradient pass)
+  const float* invw;     // [M] (gradient pass)
+  float* df;             // [M, D] (gradient pass)
+  int64_t M, D, K;
+  float inv_tau;
+};
+
+cudaError_t launch_supcon_stats(const SupconArgs& p, cudaStream_t stream);
+cudaError_t launch_supcon_grad(const SupconArgs& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace dps_fast
