@@ -17,4 +17,6 @@ TORCH_LIBRARY(dps_fast, m) {
   m.def(
       "supcon_fwd(Tensor features, Tensor? labels, Tensor? soft, float tau, bool normalize, "
       "bool need_grad) -> (Tensor, Tensor)");
+  // Host-side index validation (range, duplicates), raising IndexError / ValueError.
+  m.def("check_index(Tensor index, int n) -> ()");
 }

@@ -6,6 +6,8 @@ Public API (see README.md and docs/method.md):
 """
 from __future__ import annotations
 
+import torch as _torch
+
 from . import _dispatch
 
 _dispatch._cpu_ext()  # load dps_fast._C (the op schemas) before the Python fragments
@@ -24,6 +26,9 @@ from .loss import DPSLoss  # noqa: E402
 
 if _dispatch._cpu_ext() is None:
     _ops.register_fakes("dps_fast")
+    from . import _validate
+
+    _validate._fast_check = _torch.ops.dps_fast.check_index.default
 
 __version__ = "0.1.0"
 

@@ -80,12 +80,22 @@ def _attach_grad_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[2])
 
 
-def _attach_grad_backward(ctx, grad_output):
-    (grad,) = ctx.saved_tensors
-    g = grad_output
+def scale_grad(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The backward of every fused loss: the forward's gradient times grad_output
+    (a scalar, or one value per row for reduction="none"). On CPU, an upstream
+    gradient of exactly 1 (``loss.backward()``) returns the buffer itself: autograd
+    then moves it into ``.grad`` without a copy (it clones when the graph is kept)."""
     if g.dim():
         g = g.reshape(g.shape + (1,) * (grad.dim() - g.dim()))
-    return None, (grad * g).to(grad.dtype), None
+        return (grad * g).to(grad.dtype)
+    if type(g) is torch.Tensor and g.device.type == "cpu" and g.item() == 1.0:
+        return grad
+    return (grad * g).to(grad.dtype)
+
+
+def _attach_grad_backward(ctx, grad_output):
+    (grad,) = ctx.saved_tensors
+    return None, scale_grad(grad, grad_output), None
 
 
 torch.library.register_autograd(
@@ -93,5 +103,22 @@ torch.library.register_autograd(
 )
 
 
+class _Attach(torch.autograd.Function):
+    """Eager twin of ``dps_fast::attach_grad`` (a Python autograd.Function costs a
+    fraction of a Python-implemented custom op's dispatch)."""
+
+    @staticmethod
+    def forward(ctx, loss, x, grad):
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, scale_grad(ctx.grad, grad_output), None
+
+
 def attach_grad(loss: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return torch.ops.dps_fast.attach_grad(loss, x, grad)
+    """``loss``, with ``d loss / d x = grad`` for autograd."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dps_fast.attach_grad(loss, x, grad)
+    return _Attach.apply(loss, x, grad)

@@ -46,6 +46,40 @@ void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
                     "dps_fast: grad buffer must be a contiguous tensor like the logits");
 }
 
+// Loads 8 floats from a float / BFloat16 / Half row.
+template <typename T>
+inline Vec load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    Vec v;
+    at::vec::load_fp32_from_bf16(p, v);
+    return v;
+  } else {
+    Vec v;
+    at::vec::load_fp32_from_fp16(p, v);
+    return v;
+  }
+}
+
+// Sweep A: max and plain sum (the sum only detects non-finite values).
+inline void max_and_sum(const float* x, int64_t n, float& mx, float& sm) {
+  Vec vm(-std::numeric_limits<float>::infinity()), vs(0.f);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    const Vec v = Vec::loadu(x + j);
+    vm = at::vec::maximum(vm, v);
+    vs = vs + v;
+  }
+  mx = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, vm);
+  sm = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vs);
+  for (; j < n; ++j) {
+    mx = std::max(mx, x[j]);
+    sm += x[j];
+  }
+  if (std::isnan(sm)) mx = sm;
+}
+
 template <typename TZ, typename TA>
 void dps_ce_kernel(const at::Tensor& z, const int64_t* idx, at::Tensor& alpha, TZ* grad,
                    float* loss_rows, int64_t V, int64_t B, int64_t C, float gamma, float tau_e,
@@ -54,74 +88,68 @@ void dps_ce_kernel(const at::Tensor& z, const int64_t* idx, at::Tensor& alpha, T
   TA* ap = alpha.data_ptr<TA>();
   const int64_t N = alpha.size(0), a_stride = alpha.stride(0);
   const bool temper = tau_e != 1.0f;
-  const float inv_tau = 1.0f / tau_e, inv_v = 1.0f / static_cast<float>(V);
+  const float inv_tau = 1.0f / tau_e;
   constexpr bool z_f32 = std::is_same_v<TZ, float>;
 
   at::parallel_for(0, B, grain_rows(V * C), [&](int64_t b0, int64_t b1) {
-    // scratch: ex [V*C] | zf [V*C] (reduced logits only) | a [C] | e [C]
-    std::vector<float> buf((z_f32 ? V : 2 * V) * C + 2 * C);
+    // scratch: ex [V*C] | ext [V*C] (tempered) | zf [V*C] (reduced logits) | tgt [C] | an [C]
+    const int64_t nz = z_f32 ? 0 : V * C, nt = temper ? V * C : 0;
+    std::vector<float> buf(V * C + nt + nz + 2 * C);
     float* ex = buf.data();
-    float* zbuf = z_f32 ? nullptr : ex + V * C;
-    float* a = buf.data() + (z_f32 ? V : 2 * V) * C;
-    float* e = a + C;
-    std::vector<float> m(V), s(V);
+    float* ext = temper ? ex + V * C : ex;
+    float* zbuf = z_f32 ? nullptr : ex + V * C + nt;
+    float* tgt = ex + V * C + nt + nz;
+    float* an = (update && !posterior) ? tgt + C : tgt;
+    std::vector<float> m(V), s(V), kv(V);
+    std::vector<const float*> zrow(V);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t id = idx[b];
       bool bad = id < 0 || id >= N;  // only reachable with validate=False
-      // 1. max, softmax numerators and sums per view
+      // A + B: per view max, softmax numerators and sums
       for (int64_t v = 0; v < V; ++v) {
         const TZ* zr = zp + (v * B + b) * C;
-        const float* zf;
         if constexpr (z_f32) {
-          zf = zr;
+          zrow[v] = zr;
         } else {
           load_row(zr, zbuf + v * C, C);
-          zf = zbuf + v * C;
+          zrow[v] = zbuf + v * C;
         }
-        m[v] = row_max(zf, C);
-        s[v] = exp_row(zf, ex + v * C, C, m[v], 1.0f);
-        if (!std::isfinite(m[v]) || !std::isfinite(s[v]) || !std::isfinite(row_sum(zf, C))) bad = true;
+        float zs;
+        max_and_sum(zrow[v], C, m[v], zs);
+        s[v] = exp_row(zrow[v], ex + v * C, C, m[v], 1.0f);
+        if (!std::isfinite(zs) || !std::isfinite(s[v]) || !std::isfinite(m[v])) bad = true;
+        const float se = temper ? exp_row(zrow[v], ext + v * C, C, m[v], inv_tau) : s[v];
+        kv[v] = 1.0f / (se * static_cast<float>(V));
       }
-      auto zrow = [&](int64_t v) -> const float* {
-        if constexpr (z_f32) return reinterpret_cast<const float*>(zp + (v * B + b) * C);
-        else return zbuf + v * C;
-      };
-      // 2. evidence e = mean_v softmax(z_v / tau_e)
-      if (!bad) {
-        std::fill(e, e + C, 0.f);
-        for (int64_t v = 0; v < V; ++v) {
-          const float* p = ex + v * C;
-          float inv_sum;
-          if (temper) {
-            // reuse a as scratch for exp((z - m) / tau_e)
-            inv_sum = 1.0f / exp_row(zrow(v), a, C, m[v], inv_tau);
-            p = a;
-          } else {
-            inv_sum = 1.0f / s[v];
-          }
-          const Vec k(inv_sum * inv_v);
-          int64_t j = 0;
-          for (; j + kW <= C; j += kW) at::vec::fmadd(Vec::loadu(p + j), k, Vec::loadu(e + j)).store(e + j);
-          for (; j < C; ++j) e[j] += p[j] * (inv_sum * inv_v);
-        }
-      }
-      // 3. bank row: gather, discount, add evidence, store; target base in a
       float inv_t = 0.f;
       if (!bad) {
+        // C: evidence, discounted bank row, target base and its sum
         TA* ar = ap + id * a_stride;
-        load_row(ar, a, C);
-        if (posterior || update) {
-          // e <- gamma * a + e  (the posterior, kept in float32)
-          const Vec g(gamma);
-          int64_t j = 0;
-          for (; j + kW <= C; j += kW) at::vec::fmadd(Vec::loadu(a + j), g, Vec::loadu(e + j)).store(e + j);
-          for (; j < C; ++j) e[j] += gamma * a[j];
-          if (update) store_row(e, ar, C);
-          if (posterior) std::swap(a, e);
-        }
-        inv_t = 1.0f / row_sum(a, C);
+        const Vec g(gamma);
+        const float S = accurate_sum(
+            C,
+            [&](int64_t j) {
+              const Vec a_old = load8(ar + j);
+              Vec e = Vec::loadu(ext + j) * Vec(kv[0]);
+              for (int64_t v = 1; v < V; ++v) e = at::vec::fmadd(Vec::loadu(ext + v * C + j), Vec(kv[v]), e);
+              const Vec a_new = at::vec::fmadd(a_old, g, e);
+              if (update) a_new.store(an + j);
+              const Vec t = posterior ? a_new : a_old;
+              t.store(tgt + j);
+              return t;
+            },
+            [&](int64_t j) {
+              const float a_old = static_cast<float>(ar[j]);
+              float e = 0.f;
+              for (int64_t v = 0; v < V; ++v) e += ext[v * C + j] * kv[v];
+              const float a_new = gamma * a_old + e;
+              if (update) an[j] = a_new;
+              return tgt[j] = posterior ? a_new : a_old;
+            });
+        inv_t = 1.0f / S;
+        if (update) store_row(an, ar, C);
       }
-      // 4. loss and gradient per view
+      // D: loss and gradient per view
       for (int64_t v = 0; v < V; ++v) {
         const int64_t r = v * B + b;
         if (bad) {
@@ -129,19 +157,35 @@ void dps_ce_kernel(const at::Tensor& z, const int64_t* idx, at::Tensor& alpha, T
           if (grad) std::fill(grad + r * C, grad + (r + 1) * C, static_cast<TZ>(NAN));
           continue;
         }
-        const float* zf = zrow(v);
-        loss_rows[r] = m[v] + std::log(s[v]) - row_dot(a, zf, C) * inv_t;
+        const float* zf = zrow[v];
+        float* exv = ex + v * C;
+        const float inv_s = 1.0f / s[v];
+        const Vec vit(inv_t), vis(inv_s), vg(gscale);
+        // reduced dtypes: the gradient goes to the ex scratch, then is converted
+        float* gdst = nullptr;
         if (grad) {
-          if constexpr (z_f32) {
-            softmax_minus_target(ex + v * C, 1.0f / s[v], a, inv_t, gscale, grad + r * C, C);
-          } else {
-            float* g = ex + v * C;  // in place over the numerators
-            softmax_minus_target(g, 1.0f / s[v], a, inv_t, gscale, g, C);
-            store_row(g, grad + r * C, C);
-          }
+          if constexpr (z_f32) gdst = reinterpret_cast<float*>(grad) + r * C;
+          else gdst = exv;
+        }
+        const float dot = accurate_sum(
+            C,
+            [&](int64_t j) {
+              const Vec t = Vec::loadu(tgt + j) * vit;
+              const Vec zv = Vec::loadu(zf + j);
+              if (gdst) ((Vec::loadu(exv + j) * vis - t) * vg).store(gdst + j);
+              return t * zv;
+            },
+            [&](int64_t j) {
+              const float t = tgt[j] * inv_t;
+              const float zv = zf[j];
+              if (gdst) gdst[j] = (exv[j] * inv_s - t) * gscale;
+              return t * zv;
+            });
+        loss_rows[r] = m[v] + std::log(s[v]) - dot;
+        if constexpr (!z_f32) {
+          if (grad) store_row(exv, grad + r * C, C);
         }
       }
-      if (a > e) std::swap(a, e);  // restore the scratch layout for the next row
     }
   });
 }
