@@ -40,7 +40,15 @@ def _cpu_ext() -> str | None:
 
             _state["cpu"] = None
         except Exception as e:  # pragma: no cover - depends on the build
-            _state["cpu"] = f"the C++ extension dps_fast._C did not load ({e})"
+            import glob
+
+            here = os.path.dirname(os.path.abspath(__file__))
+            if not glob.glob(os.path.join(here, "_C*.so")) and not glob.glob(os.path.join(here, "_C*.pyd")):
+                _state["cpu"] = (f"the C++ extension dps_fast._C is not built in {here} (run "
+                                 f"`pip install --no-build-isolation .` and import dps_fast from outside the "
+                                 f"source tree)")
+            else:
+                _state["cpu"] = f"the C++ extension dps_fast._C did not load ({e})"
     return _state["cpu"]
 
 

@@ -46,22 +46,6 @@ void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
                     "dps_fast: grad buffer must be a contiguous tensor like the logits");
 }
 
-// Loads 8 floats from a float / BFloat16 / Half row.
-template <typename T>
-inline Vec load8(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    Vec v;
-    at::vec::load_fp32_from_bf16(p, v);
-    return v;
-  } else {
-    Vec v;
-    at::vec::load_fp32_from_fp16(p, v);
-    return v;
-  }
-}
-
 // Sweep A: max and plain sum (the sum only detects non-finite values).
 inline void max_and_sum(const float* x, int64_t n, float& mx, float& sm) {
   Vec vm(-std::numeric_limits<float>::infinity()), vs(0.f);
@@ -126,26 +110,16 @@ void dps_ce_kernel(const at::Tensor& z, const int64_t* idx, at::Tensor& alpha, T
         // C: evidence, discounted bank row, target base and its sum
         TA* ar = ap + id * a_stride;
         const Vec g(gamma);
-        const float S = accurate_sum(
-            C,
-            [&](int64_t j) {
-              const Vec a_old = load8(ar + j);
-              Vec e = Vec::loadu(ext + j) * Vec(kv[0]);
-              for (int64_t v = 1; v < V; ++v) e = at::vec::fmadd(Vec::loadu(ext + v * C + j), Vec(kv[v]), e);
-              const Vec a_new = at::vec::fmadd(a_old, g, e);
-              if (update) a_new.store(an + j);
-              const Vec t = posterior ? a_new : a_old;
-              t.store(tgt + j);
-              return t;
-            },
-            [&](int64_t j) {
-              const float a_old = static_cast<float>(ar[j]);
-              float e = 0.f;
-              for (int64_t v = 0; v < V; ++v) e += ext[v * C + j] * kv[v];
-              const float a_new = gamma * a_old + e;
-              if (update) an[j] = a_new;
-              return tgt[j] = posterior ? a_new : a_old;
-            });
+        const float S = accurate_sum(C, [&](int64_t j, int64_t k) {
+          const Vec a_old = ld(ar + j, k);
+          Vec e = ldf(ext + j, k) * Vec(kv[0]);
+          for (int64_t v = 1; v < V; ++v) e = at::vec::fmadd(ldf(ext + v * C + j, k), Vec(kv[v]), e);
+          const Vec a_new = at::vec::fmadd(a_old, g, e);
+          if (update) stf(a_new, an + j, k);
+          const Vec t = posterior ? a_new : a_old;
+          stf(t, tgt + j, k);
+          return t;
+        });
         inv_t = 1.0f / S;
         if (update) store_row(an, ar, C);
       }
@@ -167,20 +141,12 @@ void dps_ce_kernel(const at::Tensor& z, const int64_t* idx, at::Tensor& alpha, T
           if constexpr (z_f32) gdst = reinterpret_cast<float*>(grad) + r * C;
           else gdst = exv;
         }
-        const float dot = accurate_sum(
-            C,
-            [&](int64_t j) {
-              const Vec t = Vec::loadu(tgt + j) * vit;
-              const Vec zv = Vec::loadu(zf + j);
-              if (gdst) ((Vec::loadu(exv + j) * vis - t) * vg).store(gdst + j);
-              return t * zv;
-            },
-            [&](int64_t j) {
-              const float t = tgt[j] * inv_t;
-              const float zv = zf[j];
-              if (gdst) gdst[j] = (exv[j] * inv_s - t) * gscale;
-              return t * zv;
-            });
+        const float dot = accurate_sum(C, [&](int64_t j, int64_t k) {
+          const Vec t = ldf(tgt + j, k) * vit;
+          const Vec zv = ldf(zf + j, k);
+          if (gdst) stf((ldf(exv + j, k) * vis - t) * vg, gdst + j, k);
+          return t * zv;
+        });
         loss_rows[r] = m[v] + std::log(s[v]) - dot;
         if constexpr (!z_f32) {
           if (grad) store_row(exv, grad + r * C, C);
@@ -226,10 +192,9 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
                     bool normalize, float gscale) {
   constexpr bool z_f32 = std::is_same_v<TZ, float>;
   at::parallel_for(0, B, grain_rows(C), [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf((z_f32 ? 2 : 3) * C);
+    std::vector<float> buf((z_f32 ? 1 : 2) * C);
     float* ex = buf.data();
-    float* t = ex + C;
-    float* zbuf = z_f32 ? nullptr : t + C;
+    float* zbuf = z_f32 ? nullptr : ex + C;
     for (int64_t b = b0; b < b1; ++b) {
       const float* zf;
       if constexpr (z_f32) {
@@ -238,18 +203,28 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
         load_row(zp + b * C, zbuf, C);
         zf = zbuf;
       }
-      load_row(tp + b * C, t, C);
-      const float m = row_max(zf, C);
+      const TT* tr = tp + b * C;
+      float m, zs;
+      max_and_sum(zf, C, m, zs);
       const float s = exp_row(zf, ex, C, m, 1.0f);
-      const float inv_t = normalize ? 1.0f / row_sum(t, C) : 1.0f;
-      loss_rows[b] = m + std::log(s) - row_dot(t, zf, C) * inv_t;
+      const float inv_t =
+          normalize ? 1.0f / accurate_sum(C, [&](int64_t j, int64_t k) { return ld(tr + j, k); }) : 1.0f;
+      const float inv_s = 1.0f / s;
+      float* gdst = nullptr;
       if (grad) {
-        if constexpr (z_f32) {
-          softmax_minus_target(ex, 1.0f / s, t, inv_t, gscale, grad + b * C, C);
-        } else {
-          softmax_minus_target(ex, 1.0f / s, t, inv_t, gscale, ex, C);
-          store_row(ex, grad + b * C, C);
-        }
+        if constexpr (z_f32) gdst = reinterpret_cast<float*>(grad) + b * C;
+        else gdst = ex;
+      }
+      const Vec vit(inv_t), vis(inv_s), vg(gscale);
+      const float dot = accurate_sum(C, [&](int64_t j, int64_t k) {
+        const Vec t = ld(tr + j, k) * vit;
+        const Vec zv = ldf(zf + j, k);
+        if (gdst) stf((ldf(ex + j, k) * vis - t) * vg, gdst + j, k);
+        return t * zv;
+      });
+      loss_rows[b] = m + std::log(s) - dot;
+      if constexpr (!z_f32) {
+        if (grad) store_row(ex, grad + b * C, C);
       }
     }
   });

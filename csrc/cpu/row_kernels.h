@@ -51,12 +51,49 @@ inline float row_max(const float* x, int64_t n) {
       [](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
 }
 
+// Loads / stores of cnt <= kW floats (cnt < kW only at a row's tail; missing lanes are 0).
+#if defined(CPU_CAPABILITY_AVX2)
+inline __m256i tail_mask(int64_t cnt) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cnt)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Vec ldf(const float* p, int64_t cnt) {
+  return cnt == kW ? Vec::loadu(p) : Vec(_mm256_maskload_ps(p, tail_mask(cnt)));
+}
+inline void stf(const Vec& v, float* p, int64_t cnt) {
+  if (cnt == kW) v.store(p);
+  else _mm256_maskstore_ps(p, tail_mask(cnt), __m256(v));
+}
+#else
+inline Vec ldf(const float* p, int64_t cnt) { return cnt == kW ? Vec::loadu(p) : Vec::loadu(p, cnt); }
+inline void stf(const Vec& v, float* p, int64_t cnt) {
+  if (cnt == kW) v.store(p);
+  else v.store(p, cnt);
+}
+#endif
+template <typename T>
+inline Vec ld(const T* p, int64_t cnt) {
+  if constexpr (std::is_same_v<T, float>) {
+    return ldf(p, cnt);
+  } else {
+    if (cnt == kW) {
+      Vec v;
+      if constexpr (std::is_same_v<T, at::BFloat16>) at::vec::load_fp32_from_bf16(p, v);
+      else at::vec::load_fp32_from_fp16(p, v);
+      return v;
+    }
+    float tmp[kW] = {0.f};
+    for (int64_t i = 0; i < cnt; ++i) tmp[i] = static_cast<float>(p[i]);
+    return Vec::loadu(tmp);
+  }
+}
+
 // sum_j f(j), accurately: four vector accumulators inside chunks of 1024 elements,
 // chunk sums added to a running vector, so no accumulation chain exceeds
 // ~n/1024 + 32 terms (float32 sums over 32k classes stay within a few ulp).
-// vf(j) returns the Vec of elements [j, j + kW); sf(j) one tail element.
-template <typename VF, typename SF>
-inline float accurate_sum(int64_t n, const VF& vf, const SF& sf) {
+// vf(j, cnt) returns the Vec of elements [j, j + cnt), cnt == kW except at the tail
+// (lanes past cnt are ignored). Everything is vectorised, also for tiny n.
+template <typename VF>
+inline float accurate_sum(int64_t n, const VF& vf) {
   Vec total(0.f);
   int64_t j = 0;
   const int64_t nfull = n - n % (4 * kW);
@@ -64,21 +101,21 @@ inline float accurate_sum(int64_t n, const VF& vf, const SF& sf) {
     const int64_t end = std::min<int64_t>(nfull, j + 1024);
     Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
     for (; j < end; j += 4 * kW) {
-      a0 = a0 + vf(j);
-      a1 = a1 + vf(j + kW);
-      a2 = a2 + vf(j + 2 * kW);
-      a3 = a3 + vf(j + 3 * kW);
+      a0 = a0 + vf(j, kW);
+      a1 = a1 + vf(j + kW, kW);
+      a2 = a2 + vf(j + 2 * kW, kW);
+      a3 = a3 + vf(j + 3 * kW, kW);
     }
     total = total + ((a0 + a1) + (a2 + a3));
   }
-  float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, total);
-  float tail = 0.f;
-  for (; j < n; ++j) tail += sf(j);
-  return s + tail;
+  Vec rest(0.f);
+  for (; j + kW <= n; j += kW) rest = rest + vf(j, kW);
+  if (j < n) rest = rest + Vec::set(Vec(0.f), vf(j, n - j), n - j);
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, total + rest);
 }
 
 inline float row_sum(const float* x, int64_t n) {
-  return accurate_sum(n, [&](int64_t j) { return Vec::loadu(x + j); }, [&](int64_t j) { return x[j]; });
+  return accurate_sum(n, [&](int64_t j, int64_t k) { return ldf(x + j, k); });
 }
 
 // out[j] = exp((x[j] - shift) * scale); returns sum_j out[j]. Uses ATen's exp_u20 (a
@@ -86,21 +123,16 @@ inline float row_sum(const float* x, int64_t n) {
 // Sleef's 1-ulp exp costs as much as the whole rest of the DPS step.
 inline float exp_row(const float* x, float* out, int64_t n, float shift, float scale) {
   const Vec vs(shift), vk(scale);
-  return accurate_sum(
-      n,
-      [&](int64_t j) {
-        Vec e = ((Vec::loadu(x + j) - vs) * vk).exp_u20();
-        e.store(out + j);
-        return e;
-      },
-      [&](int64_t j) { return out[j] = std::exp((x[j] - shift) * scale); });
+  return accurate_sum(n, [&](int64_t j, int64_t k) {
+    const Vec e = ((ldf(x + j, k) - vs) * vk).exp_u20();
+    stf(e, out + j, k);
+    return e;
+  });
 }
 
 // sum_j a[j] * b[j]
 inline float row_dot(const float* a, const float* b, int64_t n) {
-  return accurate_sum(
-      n, [&](int64_t j) { return Vec::loadu(a + j) * Vec::loadu(b + j); },
-      [&](int64_t j) { return a[j] * b[j]; });
+  return accurate_sum(n, [&](int64_t j, int64_t k) { return ldf(a + j, k) * ldf(b + j, k); });
 }
 
 // g[j] = (ex[j] * inv_s - t[j] * inv_t) * scale   (softmax minus target)

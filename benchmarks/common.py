@@ -1,0 +1,132 @@
+"""Shared pieces of the CPU benchmarks: providers, byte models, copy bandwidth, environment."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+import dps_fast
+from dps_fast import reference as R
+
+PROVIDERS = ("eager", "compile", "fused")
+
+_compiled = {}
+
+
+def compiled(fn):
+    """torch.compile(fn), compiled once per process (outside timing: the benchmarks warm it up)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
+def dps_fn(provider):
+    if provider == "eager":
+        return R.dps_cross_entropy
+    if provider == "compile":
+        return compiled(R.dps_cross_entropy)
+    return lambda z, idx, a: dps_fast.dps_cross_entropy(z, idx, a, backend="cpu")
+
+
+def soft_ce_fn(provider):
+    if provider == "eager":
+        return R.soft_cross_entropy
+    if provider == "compile":
+        return compiled(R.soft_cross_entropy)
+    return lambda z, t: dps_fast.soft_cross_entropy(z, t, backend="cpu")
+
+
+def supcon_fn(provider):
+    if provider == "eager":
+        return R.supcon_loss
+    if provider == "compile":
+        return compiled(R.supcon_loss)
+    return lambda f, labels: dps_fast.supcon_loss(f, labels, backend="cpu")
+
+
+def dps_bytes(b, c, v=1, z_bytes=4, a_bytes=4, idx_bytes=8):
+    """Byte model of one DPS step (fwd+bwd): logits read and gradient written
+    (V*B*C each), bank rows read and written (B*C each), plus the index."""
+    return v * b * c * 2 * z_bytes + b * c * 2 * a_bytes + b * idx_bytes
+
+
+def soft_ce_bytes(b, c, z_bytes=4, t_bytes=4):
+    """logits read, target read, gradient written."""
+    return b * c * (2 * z_bytes + t_bytes)
+
+
+def copy_bandwidth(nbytes=256 * 2 ** 20, reps=15):
+    """Median GB/s of dst.copy_(src) for two nbytes buffers (bytes moved = 2 * nbytes)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return 2 * nbytes / ts[len(ts) // 2] / 1e9
+
+
+def environment():
+    return {
+        "torch": torch.__version__,
+        "dps_fast": dps_fast.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys, torch, dps_fast
+sys.path.insert(0, {bench_dir!r})
+from common import supcon_fn
+provider, m, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+f = torch.randn(2, m // 2, d)
+labels = torch.randint(0, 100, (m // 2,))
+fn = supcon_fn(provider)
+x = f.clone().requires_grad_(True)
+if provider == "compile":
+    fn(x, labels).backward()          # compile outside the measurement
+    x.grad = None
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss = fn(x, labels)
+loss.backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) * 1024)
+"""
+
+
+def supcon_peak_extra_bytes(provider, m, d):
+    """Peak resident memory added by one SupCon fwd+bwd, measured in a fresh process
+    (ru_maxrss after minus before; inputs already allocated)."""
+    code = _PEAK_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))  # not the repo root: import the installed package
+    out = subprocess.run([sys.executable, "-c", code, provider, str(m), str(d)], capture_output=True,
+                         text=True, env=os.environ.copy(), cwd=here)
+    if out.returncode:
+        raise RuntimeError(f"peak-memory probe failed for {provider} M={m}:\n{out.stderr[-2000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
