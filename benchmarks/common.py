@@ -100,10 +100,17 @@ def _cpu_model():
 
 
 _PEAK_SCRIPT = r"""
-import resource, sys, torch, dps_fast
+import sys, torch, dps_fast
 sys.path.insert(0, {bench_dir!r})
 from common import supcon_fn
 provider, m, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
 torch.manual_seed(0)
 f = torch.randn(2, m // 2, d)
 labels = torch.randint(0, 100, (m // 2,))
@@ -112,17 +119,20 @@ x = f.clone().requires_grad_(True)
 if provider == "compile":
     fn(x, labels).backward()          # compile outside the measurement
     x.grad = None
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:  # reset the high-water mark to the current RSS
+    fh.write("5")
 loss = fn(x, labels)
 loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024)
+print(status("VmHWM") - base)
 """
 
 
 def supcon_peak_extra_bytes(provider, m, d):
-    """Peak resident memory added by one SupCon fwd+bwd, measured in a fresh process
-    (ru_maxrss after minus before; inputs already allocated)."""
+    """Peak resident memory added by one SupCon fwd+bwd, measured in a fresh process:
+    the RSS high-water mark (VmHWM, reset through /proc/self/clear_refs once the
+    inputs exist) minus the RSS at that point. (ru_maxrss would not do: Linux
+    carries it over from the forking parent.)"""
     code = _PEAK_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)))
     here = os.path.dirname(os.path.abspath(__file__))  # not the repo root: import the installed package
     out = subprocess.run([sys.executable, "-c", code, provider, str(m), str(d)], capture_output=True,

@@ -45,6 +45,7 @@ def parse_args(argv=None):
     a("--ood", default="auto", help="OOD test set: auto (mnist-5k for fashion-mnist) | none | a dataset name")
     a("--model", default="mlp", choices=["mlp", "cnn", "resnet"])
     a("--width", type=int, default=0, help="model width (0 = the model's default)")
+    a("--blocks", type=int, default=2, help="residual blocks per stage (resnet)")
     a("--method", default="dps", choices=METHODS)
     a("--compare", default="", help="comma-separated methods to run on the same split and seed")
     a("--epochs", type=int, default=30)
@@ -81,6 +82,7 @@ def parse_args(argv=None):
     a("--progress", action=argparse.BooleanOptionalAction, default=None,
       help="tqdm progress bars (default: when stderr is a terminal)")
     a("--eval-batch", type=int, default=1024)
+    a("--eval-every", type=int, default=1, help="evaluate on the test (and OOD) set every K epochs and at the end")
     args = p.parse_args(argv)
     if args.demo:
         explicit = {k.lstrip("-").split("=")[0].replace("-", "_") for k in (argv or sys.argv[1:]) if k.startswith("--")}
@@ -237,11 +239,12 @@ def save_plots(out_dir: str, history: list, probs: torch.Tensor, labels: torch.T
     fig, axs = plt.subplots(1, 3, figsize=(12, 3.5))
     axs[0].plot(ep, [h["train_loss"] for h in history])
     axs[0].set(title="train loss", xlabel="epoch")
-    axs[1].plot(ep, [100 * h["accuracy"] for h in history], label="test")
+    ev = [h for h in history if "accuracy" in h]
+    axs[1].plot([h["epoch"] for h in ev], [100 * h["accuracy"] for h in ev], label="test")
     axs[1].plot(ep, [100 * h["train_acc"] for h in history], label="train (given labels)")
     axs[1].set(title="accuracy %", xlabel="epoch")
     axs[1].legend()
-    axs[2].plot(ep, [h["ece_pct"] for h in history])
+    axs[2].plot([h["epoch"] for h in ev], [h["ece_pct"] for h in ev])
     axs[2].set(title="test ECE % (15 bins)", xlabel="epoch")
     fig.suptitle(title)
     fig.tight_layout()
@@ -266,6 +269,8 @@ def run(args, method_name: str, data: Prepared, log=print) -> dict:
     torch.manual_seed(args.seed)
     kw = {"width": args.width} if args.width and args.model != "mlp" else \
         ({"hidden": args.width} if args.width else {})
+    if args.model == "resnet":
+        kw["blocks"] = args.blocks
     model = build_model(args.model, data.image_shape, data.num_classes, **kw).to(device)
     method = build_method(method_name, data.labels, data.num_classes, args.epochs, cfg, device)
     proj = ProjectionHead(model.feature_dim, args.proj_dim).to(device) if method.needs_features else None
@@ -347,18 +352,24 @@ def run(args, method_name: str, data: Prepared, log=print) -> dict:
         method.end_epoch()
         sched.step()
         train_time = time.perf_counter() - t0
-        res, probs = evaluate(model, data, device, args.eval_batch)
+        if (epoch + 1) % max(1, args.eval_every) and epoch + 1 != args.epochs:
+            res = {}
+        else:
+            res, probs = evaluate(model, data, device, args.eval_batch)
         row = {"epoch": epoch + 1, "train_loss": tot_loss / tot_n, "train_acc": tot_hit / tot_n,
                "lr": opt.param_groups[0]["lr"], "epoch_s": train_time, "img_per_s": tot_n / train_time, **res}
         history.append(row)
         msg = (f"[{method_name}] epoch {epoch + 1:3d}/{args.epochs} loss {row['train_loss']:.4f} "
-               f"train {100 * row['train_acc']:.1f}% | test acc {100 * res['accuracy']:.2f}% "
-               f"ECE {res['ece_pct']:.2f}% NLL {res['nll']:.4f}")
+               f"train {100 * row['train_acc']:.1f}%")
+        if res:
+            msg += (f" | test acc {100 * res['accuracy']:.2f}% ECE {res['ece_pct']:.2f}% (15 bins) "
+                    f"NLL {res['nll']:.4f}")
         if "ood_auroc" in res:
             msg += f" OOD-AUROC {res['ood_auroc']:.4f}"
         log(msg + f" ({row['img_per_s']:.0f} img/s)")
         with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
+            fields = list(dict.fromkeys(k for h in history for k in h))
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(history)
         state = {"epoch": epoch, "config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(),

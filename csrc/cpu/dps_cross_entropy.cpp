@@ -89,6 +89,12 @@ void dps_ce_kernel(const at::Tensor& z, const int64_t* idx, at::Tensor& alpha, T
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t id = idx[b];
       bool bad = id < 0 || id >= N;  // only reachable with validate=False
+      if (!bad) {
+        // bank rows are random: start fetching this one into L2 now, so the DRAM
+        // latency overlaps the softmax sweeps below
+        const char* ar0 = reinterpret_cast<const char*>(ap + id * a_stride);
+        for (int64_t off = 0; off < C * static_cast<int64_t>(sizeof(TA)); off += 64) __builtin_prefetch(ar0 + off, 1, 2);
+      }
       // A + B: per view max, softmax numerators and sums
       for (int64_t v = 0; v < V; ++v) {
         const TZ* zr = zp + (v * B + b) * C;
