@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# GPU check for a fresh CUDA machine (H200 image: torch 2.11 + CUDA 13, triton 3.6,
+# Python 3.12, no network). One run, at most ~8 minutes:
+#   benchmarks/gpu_check.sh OUT_DIR
+# builds the extension with its CUDA kernels, runs the GPU tests (Triton and CUDA
+# backends against the reference), the GPU benchmarks, and compute-sanitizer
+# memcheck over a short test when present. Everything lands in OUT_DIR.
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export TRITON_INTERPRET=0
+export MAX_JOBS=${MAX_JOBS:-16}
+status=0
+t0=$(date +%s)
+stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+
+$PY - <<'PYEOF' | tee "$OUT/env.txt"
+import torch, sys
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton none")
+PYEOF
+
+stamp "build"
+( cd "$REPO" && $PY -m pip install --no-build-isolation --no-deps . ) > "$OUT/build.log" 2>&1 \
+  || { stamp "BUILD FAILED"; tail -40 "$OUT/build.log"; status=1; }
+( cd /tmp && $PY -c "import dps_fast; print('backends on cuda:', dps_fast.available_backends('cuda'))" ) | tee -a "$OUT/env.txt"
+
+stamp "tests (GPU cases)"
+( cd /tmp && timeout 240 $PY -m pytest "$REPO/tests" -q -x -p no:cacheprovider -o addopts="" \
+    --import-mode=importlib -k "cuda" --junitxml="$OUT/tests.xml" ) > "$OUT/tests.log" 2>&1
+rc=$?; tail -5 "$OUT/tests.log"; [ $rc -eq 0 ] || status=1
+
+stamp "benchmarks"
+( cd /tmp && timeout 200 $PY "$REPO/benchmarks/gpu_bench.py" --out "$OUT/gpu-bench.json" ) > "$OUT/bench.log" 2>&1
+rc=$?; tail -20 "$OUT/bench.log"; [ $rc -eq 0 ] || status=1
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  stamp "compute-sanitizer memcheck"
+  ( cd /tmp && timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 $PY - ) > "$OUT/memcheck.log" 2>&1 <<'PYEOF'
+import torch, dps_fast
+for be in dps_fast.available_backends("cuda"):
+    if be == "reference":
+        continue
+    for c in (1, 10, 1000, 5000):
+        a = dps_fast.init_prior(torch.randint(0, c, (64,), device="cuda"), c)
+        z = torch.randn(2, 17, c, device="cuda", requires_grad=True)
+        dps_fast.dps_cross_entropy(z, torch.randperm(64, device="cuda")[:17], a, backend=be).backward()
+        dps_fast.soft_cross_entropy(z[0], torch.softmax(z[1].detach(), -1), backend=be).backward()
+    f = torch.randn(2, 33, 24, device="cuda", requires_grad=True)
+    dps_fast.supcon_loss(f, backend=be).backward()
+    torch.cuda.synchronize()
+print("memcheck workload done")
+PYEOF
+  rc=$?; tail -3 "$OUT/memcheck.log"; [ $rc -eq 0 ] || status=1
+else
+  stamp "compute-sanitizer not found; memcheck skipped" | tee "$OUT/memcheck.log"
+fi
+stamp "done, status $status"
+exit $status
