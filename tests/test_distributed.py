@@ -1,0 +1,69 @@
+"""dps_fast.distributed under gloo on CPU with 2 and 3 processes."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dps_fast
+from dps_fast import distributed as D
+from _dist_workers import (_single_process, _worker_errors, _worker_load, _worker_padding, _worker_save,
+                           _worker_train)
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_matches_single_process_after_three_epochs(mode, world):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker_train, args=(world, tmp, mode, tmp), nprocs=world, join=True)
+        got = torch.load(os.path.join(tmp, f"{mode}-{world}.pt"), weights_only=True)
+    bank, losses, w = _single_process(world)
+    torch.testing.assert_close(got["bank"], bank, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["losses"], losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["w"], w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_padding_duplicates_are_updated_once(mode):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker_padding, args=(3, tmp, mode, tmp), nprocs=3, join=True)
+        bank = torch.load(os.path.join(tmp, "pad.pt"), weights_only=True)
+    # gamma = 1, zero logits: each update adds 1/3 to every class, i.e. +1 to the row mass
+    prior_mass = 2.0 + 2 * 1.0
+    torch.testing.assert_close(bank.sum(1), torch.full((10,), prior_mass + 1.0))
+
+
+def test_checkpoint_at_two_ranks_resumes_at_three():
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "s1"))
+        os.makedirs(os.path.join(tmp, "s2"))
+        mp.spawn(_worker_save, args=(2, os.path.join(tmp, "s1"), "sharded", tmp), nprocs=2, join=True)
+        mp.spawn(_worker_load, args=(3, os.path.join(tmp, "s2"), "sharded", tmp), nprocs=3, join=True)
+        saved = torch.load(os.path.join(tmp, "saved_full.pt"), weights_only=True)
+        loaded = torch.load(os.path.join(tmp, "loaded_full.pt"), weights_only=True)
+        assert torch.equal(saved, loaded)
+        assert not torch.equal(saved, dps_fast.init_prior(torch.arange(17) % 4, 4))
+
+
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_bad_index_on_one_rank_raises_on_all_without_hanging(mode):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker_errors, args=(2, tmp, mode, tmp), nprocs=2, join=True)
+        for r in range(2):
+            res = torch.load(os.path.join(tmp, f"err{r}.pt"), weights_only=False)
+            assert res["o"].startswith("IndexError") and "index 25 on rank 1" in res["o"], res
+            assert res["o2"].startswith("ValueError") and "duplicate id 4" in res["o2"], res
+            assert res["unchanged"]
+
+
+def test_bank_before_init_process_group_is_an_error():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        D.DistributedDPSLoss(torch.arange(4) % 2, 2)
+
+
+def test_traffic_model_imagenet():
+    t = D.traffic_model(1_281_167, 1000, 256, 8)
+    assert abs(t["replicated_bank_bytes"] / 1e9 - 5.12) < 0.01
+    assert abs(t["sharded_bank_bytes"] / 1e9 - 0.64) < 0.01
+    assert t["sharded_step_bytes"] < t["replicated_step_bytes"]
