@@ -96,6 +96,7 @@ class DistributedDPSLoss(nn.Module):
         self.mode = mode
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self._bank = self._local_rows(full).to(dev).contiguous()
+        self.last_targets = None
 
     # ------------------------------------------------------------------ layout
     def _local_rows(self, full: torch.Tensor) -> torch.Tensor:
@@ -208,6 +209,7 @@ class DistributedDPSLoss(nn.Module):
         else:
             base = self._step_sharded(idx, e, valid, code, detail)
         t = (base / base.sum(1, keepdim=True)).to(logits.device)
+        self.last_targets = t
         z = logits if logits.dim() == 3 else logits.unsqueeze(0)
         nv = z.shape[0]
         loss = soft_cross_entropy(z.reshape(-1, z.shape[-1]), t.repeat(nv, 1), reduction=reduction,
@@ -357,3 +359,118 @@ def traffic_model(n: int, c: int, b: int, world: int, bytes_per: int = 4) -> dic
         # all-to-all out and back: worst case every sample lives elsewhere
         "sharded_step_bytes": b * (world - 1) / world * (8 + row + 1) + b * (world - 1) / world * row,
     }
+
+
+# ---------------------------------------------------------------------- host-memory bank
+class HostDPSLoss(nn.Module):
+    """Single-process DPS with the bank in (pinned) host memory and the model on GPU.
+
+    For banks that do not fit next to the model on the device (ImageNet-21k...). Each
+    step gathers the batch's rows on the host and copies them to the device; the
+    updated rows go back with a non-blocking copy that overlaps the backward pass and
+    are scattered into the bank at the start of the next step (or at ``flush()``).
+    ``prefetch(next_index)`` starts the next batch's gather early; rows that the
+    pending write-back touches are re-read, so a prefetch is never stale.
+
+    Same maths as :func:`dps_fast.dps_cross_entropy` (evidence, update, posterior /
+    prior target, fused soft-target cross-entropy per view).
+    """
+
+    def __init__(self, labels=None, num_classes=None, c=100.0, eps=1e-2, gamma=0.95, tau_e=1.0,
+                 target="posterior", bank_dtype=torch.float32, prior=None, device=None, backend=None):
+        super().__init__()
+        self.gamma = V.gamma_value(gamma)
+        self.tau_e = V.positive("tau_e", tau_e)
+        if target not in V.TARGETS:
+            raise ValueError(f"target must be one of {V.TARGETS}, got {target!r}")
+        self.target, self.backend = target, backend
+        bank = (prior.detach().to(bank_dtype).cpu().clone() if prior is not None
+                else init_prior(labels, num_classes, c, eps, dtype=bank_dtype))
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.pinned = self.device.type == "cuda"
+        self._bank = bank.pin_memory() if self.pinned else bank
+        self.num_samples, self.num_classes = bank.shape
+        self._pending = None   # (index_cpu, host buffer, event)
+        self._prefetched = None  # (index_cpu, device rows)
+        self.last_targets = None
+
+    @property
+    def bank(self):
+        self.flush()
+        return self._bank
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "bank"] = self.bank
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + "bank"
+        if key in state_dict:
+            self.flush()
+            self._bank.copy_(state_dict.pop(key))
+        elif strict:
+            missing.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def flush(self):
+        """Scatters the pending write-back into the host bank."""
+        if self._pending is not None:
+            idx, buf, ev = self._pending
+            if ev is not None:
+                ev.synchronize()
+            self._bank.index_copy_(0, idx, buf)
+            self._pending = None
+
+    def _gather(self, idx_cpu):
+        rows = self._bank.index_select(0, idx_cpu)
+        if self.pinned:
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+    def prefetch(self, index: torch.Tensor):
+        idx = index.detach().cpu().to(torch.int64)
+        V.index_values(idx, self.num_samples)
+        self._prefetched = (idx, self._gather(idx))
+
+    def forward(self, logits, index, reduction="mean"):
+        v, b, c = V.logits_tensor(logits)
+        V.index_tensor(index, b)
+        if c != self.num_classes:
+            raise ValueError(f"alpha has {self.num_classes} classes but the logits have {c}")
+        idx = index.detach().cpu().to(torch.int64)
+        V.index_values(idx, self.num_samples)
+        pending_idx = self._pending[0] if self._pending is not None else None
+        self.flush()
+        if self._prefetched is not None and torch.equal(self._prefetched[0], idx):
+            rows = self._prefetched[1]
+            if pending_idx is not None:
+                stale = torch.isin(idx, pending_idx)
+                if bool(stale.any()):
+                    rows = rows.clone()
+                    rows[stale.to(rows.device)] = self._gather(idx[stale])
+        else:
+            rows = self._gather(idx)
+        self._prefetched = None
+        with torch.no_grad():
+            z = logits.detach().float()
+            z = z if z.dim() == 3 else z.unsqueeze(0)
+            e = torch.softmax(z / self.tau_e, -1).mean(0)
+            bad = ~torch.isfinite(z).all(-1).all(0)
+            a_old = rows.float()
+            a_new = torch.where(bad[:, None], a_old, self.gamma * a_old + e)
+            base = a_new if self.target == "posterior" else a_old
+            t = base / base.sum(1, keepdim=True)
+            self.last_targets = t
+            if self.training:
+                buf = a_new.to(self._bank.dtype).to("cpu", non_blocking=self.pinned)
+                ev = None
+                if self.pinned:
+                    ev = torch.cuda.Event()
+                    ev.record()
+                self._pending = (idx, buf, ev)
+        zz = logits if logits.dim() == 3 else logits.unsqueeze(0)
+        loss = soft_cross_entropy(zz.reshape(-1, c), t.repeat(zz.shape[0], 1), reduction=reduction,
+                                  backend=self.backend)
+        if reduction == "none":
+            loss = loss.view(zz.shape[0], -1) if logits.dim() == 3 else loss
+        return loss

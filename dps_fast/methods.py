@@ -27,6 +27,7 @@ class Method:
     name = "base"
     views = 1
     needs_features = False
+    distributed_bank = False  # True when the bank is a DistributedDPSLoss (saved per rank)
 
     def __init__(self, labels: torch.Tensor, num_classes: int, epochs: int, cfg: dict, device):
         self.labels = labels.to(device)
@@ -37,7 +38,7 @@ class Method:
     def onehot(self, y):
         return F.one_hot(y, self.num_classes).float()
 
-    def loss(self, logits, index, y, features=None):
+    def loss(self, logits, index, y, features=None, valid=None):
         raise NotImplementedError
 
     def start_epoch(self, epoch: int):
@@ -56,14 +57,14 @@ class Method:
 class CE(Method):
     name = "ce"
 
-    def loss(self, logits, index, y, features=None):
+    def loss(self, logits, index, y, features=None, valid=None):
         return DF.soft_cross_entropy(logits, self.onehot(y), backend=self.backend)
 
 
 class LabelSmoothing(Method):
     name = "ls"
 
-    def loss(self, logits, index, y, features=None):
+    def loss(self, logits, index, y, features=None, valid=None):
         e = self.cfg.get("ls_eps", 0.1)
         t = self.onehot(y) * (1 - e) + e / self.num_classes
         return DF.soft_cross_entropy(logits, t, backend=self.backend)
@@ -74,6 +75,9 @@ class _BankMethod(Method):
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
+        if self.cfg.get("world", 1) > 1:
+            raise ValueError(f"method {self.name!r} keeps a per-sample bank that is not distributed; "
+                             f"with --nproc > 1 use ce, ls, dps or dps+con")
         n = self.labels.numel()
         self.bank = F.one_hot(self.labels, self.num_classes).float()
         self.seen = torch.zeros(n, dtype=torch.bool, device=self.device)
@@ -93,7 +97,7 @@ class PSKD(_BankMethod):
         super().__init__(*a, **k)
         self.next_bank = self.bank.clone()
 
-    def loss(self, logits, index, y, features=None):
+    def loss(self, logits, index, y, features=None, valid=None):
         a_t = self.cfg.get("pskd_alpha", 0.8) * (self.epoch + 1) / self.epochs
         with torch.no_grad():
             prev = self.bank[index]
@@ -120,7 +124,7 @@ class TemporalEnsembling(_BankMethod):
         self.bank.zero_()
         self.steps = torch.zeros(self.labels.numel(), device=self.device)
 
-    def loss(self, logits, index, y, features=None):
+    def loss(self, logits, index, y, features=None, valid=None):
         beta = self.cfg.get("te_beta", 0.6)
         ramp = max(1.0, 0.3 * self.epochs)
         w = self.cfg.get("te_weight", 0.5) * min(1.0, self.epoch / ramp)
@@ -148,15 +152,44 @@ class DPS(Method):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         c = self.cfg
-        self.dps = DPSLoss(self.labels, self.num_classes, c=c.get("c", 100.0), eps=c.get("eps", 1e-2),
-                           gamma=c.get("gamma", 0.95), tau_e=c.get("tau_e", 1.0),
-                           bank_dtype=getattr(torch, c.get("bank_dtype", "float32")),
-                           contrastive_weight=c.get("con_weight", 0.5) if self.needs_features else 0.0,
-                           con_tau=c.get("con_tau", 0.1), con_positives=c.get("con_positives", "hard"),
-                           backend=self.backend, device=self.device)
+        common = dict(c=c.get("c", 100.0), eps=c.get("eps", 1e-2), gamma=c.get("gamma", 0.95),
+                      tau_e=c.get("tau_e", 1.0), bank_dtype=getattr(torch, c.get("bank_dtype", "float32")),
+                      backend=self.backend, device=self.device)
+        self.con_weight = c.get("con_weight", 0.5) if self.needs_features else 0.0
+        bank = c.get("bank", "auto")
+        world = c.get("world", 1)
+        if world > 1:
+            from .distributed import DistributedDPSLoss
 
-    def loss(self, logits, index, y, features=None):
-        return self.dps(logits, index, features)
+            if bank in ("local", "host"):
+                raise ValueError(f"--bank {bank} is a single-process option; with --nproc > 1 use "
+                                 f"auto, replicated or sharded")
+            self.dps = DistributedDPSLoss(self.labels.cpu(), self.num_classes,
+                                          mode="auto" if bank == "auto" else bank, **common)
+            self.distributed_bank = True
+        elif bank == "host":
+            from .distributed import HostDPSLoss
+
+            self.dps = HostDPSLoss(self.labels.cpu(), self.num_classes, **common)
+        else:
+            if bank in ("replicated", "sharded"):
+                raise ValueError(f"--bank {bank} needs --nproc > 1")
+            self.dps = DPSLoss(self.labels, self.num_classes, contrastive_weight=self.con_weight,
+                               con_tau=c.get("con_tau", 0.1), con_positives=c.get("con_positives", "hard"),
+                               **common)
+        self.integrated_con = isinstance(self.dps, DPSLoss)
+
+    def loss(self, logits, index, y, features=None, valid=None):
+        if self.integrated_con:
+            return self.dps(logits, index, features)
+        loss = self.dps(logits, index, valid=valid) if self.distributed_bank else self.dps(logits, index)
+        if self.con_weight > 0:
+            t = self.dps.last_targets
+            pos = self.cfg.get("con_positives", "hard")
+            kw = {"labels": t.argmax(1)} if pos == "hard" else ({"soft_targets": t} if pos == "soft" else {})
+            loss = loss + self.con_weight * DF.supcon_loss(features, tau=self.cfg.get("con_tau", 0.1),
+                                                           backend=self.backend, **kw)
+        return loss
 
     def state_dict(self):
         return self.dps.state_dict()

@@ -74,6 +74,10 @@ def parse_args(argv=None):
     a("--te-beta", type=float, default=0.6)
     a("--te-weight", type=float, default=0.5)
     a("--backend", default=None, help="dps_fast backend (default: automatic)")
+    a("--nproc", type=int, default=1, help="data-parallel processes (DDP; gloo on CPU, NCCL on GPUs)")
+    a("--bank", default="auto", choices=["auto", "local", "replicated", "sharded", "host"],
+      help="where the DPS bank lives: local (one process), replicated / sharded (across --nproc ranks; "
+           "auto picks by size), host (pinned host memory, model on GPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     a("--out", default="runs/latest")
@@ -253,18 +257,51 @@ def save_plots(out_dir: str, history: list, probs: torch.Tensor, labels: torch.T
 
 
 # --------------------------------------------------------------------------- one run
+class TrainNet(torch.nn.Module):
+    """The trained network: model (+ projection head); one forward for DDP."""
+
+    def __init__(self, model, proj):
+        super().__init__()
+        self.model, self.proj = model, proj
+
+    def forward(self, x):
+        h = self.model.embed(x)
+        logits = self.model.head(h)
+        feats = F.normalize(self.proj(h), dim=1) if self.proj is not None else None
+        return logits, feats
+
+
+def _dist_epoch(gen: torch.Generator, n: int, world: int, rank: int, batch: int, device):
+    """DistributedSampler-style epoch: one permutation (the same on every rank),
+    padded by repetition to a multiple of world; rank r takes positions r, r+W, ...
+    Yields (index, valid) local batches; valid is False for the padding repeats."""
+    from .distributed import padding_mask
+
+    order = torch.randperm(n, generator=gen)
+    padded = torch.cat([order, order[: (-n) % world]])
+    local = padded[rank::world]
+    valid = padding_mask(n, world, rank, torch.arange(len(local)))
+    for k in range(0, len(local), batch):
+        yield local[k:k + batch].to(device), valid[k:k + batch].to(device)
+
+
 def _config(args, method: str) -> dict:
     cfg = {k: v for k, v in vars(args).items() if k not in ("compare", "demo", "resume")}
     cfg["method"] = method
     return cfg
 
 
-def run(args, method_name: str, data: Prepared, log=print) -> dict:
+def run(args, method_name: str, data: Prepared, log=print, rank: int = 0, world: int = 1) -> dict:
     device = torch.device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     out_dir = os.path.join(args.out, method_name)
     os.makedirs(out_dir, exist_ok=True)
     cfg = _config(args, method_name)
+    cfg["world"] = world
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    lead = rank == 0
 
     torch.manual_seed(args.seed)
     kw = {"width": args.width} if args.width and args.model != "mlp" else \
@@ -274,6 +311,9 @@ def run(args, method_name: str, data: Prepared, log=print) -> dict:
     model = build_model(args.model, data.image_shape, data.num_classes, **kw).to(device)
     method = build_method(method_name, data.labels, data.num_classes, args.epochs, cfg, device)
     proj = ProjectionHead(model.feature_dim, args.proj_dim).to(device) if method.needs_features else None
+    net = TrainNet(model, proj)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -283,7 +323,9 @@ def run(args, method_name: str, data: Prepared, log=print) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
     gen = torch.Generator().manual_seed(args.seed + 1)  # data order and augmentation
     loader = Loader(data.x_train, data.labels, args.batch_size, device, shuffle=True)
+    local_batch = max(1, args.batch_size // world)
     pad = 1 if data.image_shape[-1] <= 8 else 2
+    bank_dir = os.path.join(out_dir, "bank")
     history, start = [], 0
 
     if args.resume and os.path.exists(ckpt_path):
@@ -296,62 +338,79 @@ def run(args, method_name: str, data: Prepared, log=print) -> dict:
             proj.load_state_dict(st["proj"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        method.load_state_dict(st["method"])
+        if world > 1 and method.distributed_bank:
+            from .distributed import load_bank
+
+            load_bank(method.dps, bank_dir)  # saved with any world size
+        else:
+            method.load_state_dict(st["method"])
         gen.set_state(st["data_rng"])
         torch.set_rng_state(st["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in st:
             torch.cuda.set_rng_state(st["cuda_rng"].cpu())
         history, start = st["history"], st["epoch"] + 1
         log(f"[{method_name}] resumed from {ckpt_path} at epoch {start}/{args.epochs}")
-    else:
+    elif lead:
         _json_dump({**cfg, "noise_info": data.noise_info, "n_train": len(data.labels)},
                    os.path.join(out_dir, "config.json"))
-    if data.noise_info["kind"] != "none":
+    if data.noise_info["kind"] != "none" and lead:
         torch.save({"noisy": data.labels, "clean": data.clean_labels, "info": data.noise_info},
                    os.path.join(out_dir, "noisy_labels.pt"))
 
-    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = (args.progress if args.progress is not None else sys.stderr.isatty()) and lead
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         progress = False
 
+    data_x, data_y = loader.x, loader.y
     for epoch in range(start, args.epochs):
-        model.train()
-        if proj is not None:
-            proj.train()
+        net.train()
         method.start_epoch(epoch)
         t0 = time.perf_counter()
-        tot_loss, tot_hit, tot_n = 0.0, 0, 0
-        it = loader.epoch(gen)
-        bar = tqdm(it, total=len(loader), desc=f"{method_name} {epoch + 1}/{args.epochs}", leave=False,
-                   disable=not progress, unit="batch")
-        for x, y, idx in bar:
+        tot = torch.zeros(3, dtype=torch.float64)  # loss sum, hits, samples
+        if world > 1:
+            batches = ((data_x[i], data_y[i], i, v) for i, v in
+                       _dist_epoch(gen, len(data.labels), world, rank, local_batch, device))
+            nb = -(-(-(-len(data.labels) // world)) // local_batch)
+        else:
+            batches = ((x, y, i, None) for x, y, i in loader.epoch(gen))
+            nb = len(loader)
+        bar = tqdm(batches, total=nb, desc=f"{method_name} {epoch + 1}/{args.epochs}", leave=False,
+                   disable=not progress, unit="batch") if progress else batches
+        for x, y, idx, valid in bar:
             b = len(y)
             views = [augment(x, pad, data.flip, gen) if args.augment else x for _ in range(method.views)]
-            h = model.embed(torch.cat(views))
-            logits = model.head(h)
-            feats = None
+            logits, feats = net(torch.cat(views))
             if method.views > 1:
                 logits = logits.view(method.views, b, -1)
-                if proj is not None:
-                    feats = F.normalize(proj(h), dim=1).view(method.views, b, -1)
-            loss = method.loss(logits, idx, y, feats)
+                if feats is not None:
+                    feats = feats.view(method.views, b, -1)
+            loss = method.loss(logits, idx, y, feats, valid=valid)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise FloatingPointError(f"[{method_name}] non-finite loss at epoch {epoch + 1}")
-            tot_loss += lv * b
             first = logits[0] if method.views > 1 else logits
-            tot_hit += int((first.argmax(-1) == y).sum())
-            tot_n += b
+            tot += torch.tensor([lv * b, float((first.argmax(-1) == y).sum()), b], dtype=torch.float64)
             if progress:
-                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", img_s=f"{tot_n / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(loss=f"{tot[0] / tot[2]:.4f}", img_s=f"{tot[2] / (time.perf_counter() - t0):.0f}")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tot)
+        tot_loss, tot_hit, tot_n = float(tot[0]), int(tot[1]), int(tot[2])
         method.end_epoch()
         sched.step()
         train_time = time.perf_counter() - t0
+        if world > 1 and method.distributed_bank:
+            from .distributed import save_bank
+
+            save_bank(method.dps, bank_dir)
+        if not lead:
+            continue
         if (epoch + 1) % max(1, args.eval_every) and epoch + 1 != args.epochs:
             res = {}
         else:
@@ -373,7 +432,9 @@ def run(args, method_name: str, data: Prepared, log=print) -> dict:
             w.writeheader()
             w.writerows(history)
         state = {"epoch": epoch, "config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "method": method.state_dict(), "data_rng": gen.get_state(),
+                 "scheduler": sched.state_dict(),
+                 "method": {} if (world > 1 and method.distributed_bank) else method.state_dict(),
+                 "data_rng": gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "history": history, "noisy_labels": data.labels,
                  "noise_info": data.noise_info}
         if proj is not None:
@@ -382,8 +443,16 @@ def run(args, method_name: str, data: Prepared, log=print) -> dict:
             state["cuda_rng"] = torch.cuda.get_rng_state()
         atomic_save(state, ckpt_path)
 
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if not lead:
+            return {}
     res, probs = evaluate(model, data, device, args.eval_batch)
-    timing = loss_overhead(method, model, proj, loader, gen, device)
+    timing = loss_overhead(method, model, proj, loader, gen, device) if world == 1 else \
+        {"loss_ms": float("nan"), "ce_loss_ms": float("nan"), "ce_step_ms": float("nan"),
+         "overhead_pct_of_ce_step": float("nan"), "batch": local_batch}
     log(f"[{method_name}] loss part {timing['loss_ms']:.3f} ms vs plain CE {timing['ce_loss_ms']:.3f} ms "
         f"per step of {timing['batch']}; a whole CE step {timing['ce_step_ms']:.2f} ms -> overhead "
         f"{timing['overhead_pct_of_ce_step']:+.1f}% of a CE step")
@@ -422,6 +491,24 @@ def format_table(results: list) -> str:
     return "\n".join(lines)
 
 
+def _ddp_worker(rank, world, args, methods, store):
+    import datetime
+
+    import torch.distributed as dist
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        data = Prepared(args)
+        for m in methods:
+            run(args, m, data, log=print if rank == 0 else (lambda *a, **k: None), rank=rank, world=world)
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -430,13 +517,35 @@ def main(argv=None) -> int:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"dps-train: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if args.nproc > 1:
+        bad = [m for m in methods if m in ("pskd", "te")]
+        if bad:
+            raise SystemExit(f"dps-train: --nproc > 1 supports ce, ls, dps and dps+con (not {', '.join(bad)})")
+        if args.bank in ("local", "host"):
+            raise SystemExit(f"dps-train: --bank {args.bank} is a single-process option")
+    elif args.bank in ("replicated", "sharded"):
+        raise SystemExit(f"dps-train: --bank {args.bank} needs --nproc > 1")
     t0 = time.perf_counter()
     data = Prepared(args)
     print(f"dps-train: {data.name}, {len(data.labels)} train / {len(data.y_test)} test images "
-          f"{data.image_shape}, {data.num_classes} classes; noise {data.noise_info}; OOD {data.ood_name}")
+          f"{data.image_shape}, {data.num_classes} classes; noise {data.noise_info}; OOD {data.ood_name}"
+          + (f"; {args.nproc} processes, bank {args.bank}" if args.nproc > 1 else ""))
     print("config: " + json.dumps({k: v for k, v in sorted(vars(args).items())}))
     os.makedirs(args.out, exist_ok=True)
-    results = [run(args, m, data) for m in methods]
+    if args.nproc > 1:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_ddp_worker, args=(args.nproc, args, methods, os.path.join(tmp, "store")),
+                     nprocs=args.nproc, join=True)
+        results = []
+        for m in methods:
+            with open(os.path.join(args.out, m, "final.json")) as f:
+                results.append(json.load(f))
+    else:
+        results = [run(args, m, data) for m in methods]
     table = format_table(results)
     wall = time.perf_counter() - t0
     print(f"\n{data.name}, model {args.model}, {args.epochs} epochs, seed {args.seed}, "

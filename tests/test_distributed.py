@@ -67,3 +67,30 @@ def test_traffic_model_imagenet():
     assert abs(t["replicated_bank_bytes"] / 1e9 - 5.12) < 0.01
     assert abs(t["sharded_bank_bytes"] / 1e9 - 0.64) < 0.01
     assert t["sharded_step_bytes"] < t["replicated_step_bytes"]
+
+
+def test_host_bank_matches_dps_cross_entropy_with_prefetch():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 7, (40,))
+    host = D.HostDPSLoss(labels, 7, gamma=0.8)
+    alpha = dps_fast.init_prior(labels, 7)
+    order = torch.randperm(40)
+    batches = [order[k:k + 8] for k in range(0, 40, 8)] + [order[:8]]  # last batch revisits rows
+    for k, idx in enumerate(batches):
+        z = torch.randn(2, 8, 7, requires_grad=True)
+        if k % 2 == 0:
+            host.prefetch(idx)  # prefetched while the previous step's write-back is pending
+        got = host(z, idx)
+        want = dps_fast.reference.dps_cross_entropy(z, idx, alpha, gamma=0.8)
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(host.bank, alpha)
+    sd = host.state_dict()
+    h2 = D.HostDPSLoss(labels, 7, gamma=0.8)
+    h2.load_state_dict(sd)
+    assert torch.equal(h2.bank, host.bank)
+    host.eval()
+    before = host.bank.clone()
+    host(torch.randn(8, 7), batches[0])
+    assert torch.equal(host.bank, before)
+    with pytest.raises(IndexError):
+        host(torch.randn(1, 7), torch.tensor([40]))

@@ -202,3 +202,32 @@ def test_compare_table(tmp_path):
     assert "| ce |" in r.stdout and "| dps |" in r.stdout and "ECE % (15 bins)" in r.stdout
     assert json.loads((tmp_path / "compare.json").read_text())["results"][1]["method"] == "dps"
     assert "overhead" in r.stdout
+
+
+def test_ddp_trainer_sharded_bank_and_resume_at_other_world(tmp_path):
+    base = [sys.executable, "-m", "dps_fast.train", "--dataset", "digits", "--model", "mlp", "--width", "32",
+            "--method", "dps", "--batch-size", "64", "--out", str(tmp_path), "--threads", "1", "--no-plots"]
+    r = subprocess.run(base + ["--epochs", "2", "--nproc", "2", "--bank", "sharded"], capture_output=True,
+                       text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(os.listdir(tmp_path / "dps" / "bank")) == ["bank-rank0-of-2.pt", "bank-rank1-of-2.pt"]
+    r = subprocess.run(base + ["--epochs", "3", "--nproc", "3", "--bank", "sharded", "--resume"],
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stdout
+    assert len(json.loads((tmp_path / "dps" / "final.json").read_text())["history"]) == 3
+    assert "bank-rank2-of-3.pt" in os.listdir(tmp_path / "dps" / "bank")
+
+
+def test_host_bank_trainer_and_nproc_misuse(tmp_path):
+    base = [sys.executable, "-m", "dps_fast.train", "--dataset", "digits", "--model", "mlp", "--width", "32",
+            "--batch-size", "64", "--out", str(tmp_path), "--threads", "1", "--no-plots", "--epochs", "1"]
+    r = subprocess.run(base + ["--method", "dps", "--bank", "host"], capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(base + ["--method", "pskd", "--nproc", "2"], capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=300)
+    assert r.returncode != 0 and "supports ce, ls, dps and dps+con" in r.stderr
+    r = subprocess.run(base + ["--method", "dps", "--bank", "sharded"], capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=300)
+    assert r.returncode != 0 and "needs --nproc > 1" in r.stderr
