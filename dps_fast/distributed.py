@@ -44,6 +44,8 @@ from . import _validate as V
 from .functional import init_prior, soft_cross_entropy
 
 MODES = ("replicated", "sharded")
+# torch >= 2.13 renames all_gather_into_tensor (2.11 has only the old name)
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _ERR_NONE, _ERR_RANGE, _ERR_DUP = 0, 1, 2
 
 
@@ -97,6 +99,7 @@ class DistributedDPSLoss(nn.Module):
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self._bank = self._local_rows(full).to(dev).contiguous()
         self.last_targets = None
+        self.comm_bytes = 0  # bytes delivered into this rank's receive buffers by the collectives
 
     # ------------------------------------------------------------------ layout
     def _local_rows(self, full: torch.Tensor) -> torch.Tensor:
@@ -135,20 +138,23 @@ class DistributedDPSLoss(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # ------------------------------------------------------------------ collectives
-    def _wait(self, work):
+    def _wait(self, work, *received: torch.Tensor):
         if work is not None:
             work.wait(self.timeout)
+        for t in received:
+            self.comm_bytes += (t.numel() * t.element_size()) if isinstance(t, torch.Tensor) else \
+                sum(x.numel() * x.element_size() for x in t)
 
     def _all_gather_sizes(self, n: int, device) -> list[int]:
         t = torch.tensor([n], dtype=torch.int64, device=device)
         out = [torch.zeros_like(t) for _ in range(self.world)]
-        self._wait(dist.all_gather(out, t, group=self.group, async_op=True))
+        self._wait(dist.all_gather(out, t, group=self.group, async_op=True), out)
         return [int(x) for x in out]
 
     def _check_all_ranks(self, code: int, detail: int, device):
         t = torch.tensor([code, detail if code else -1, self.rank if code else -1], dtype=torch.int64, device=device)
         out = [torch.zeros_like(t) for _ in range(self.world)]
-        self._wait(dist.all_gather(out, t, group=self.group, async_op=True))
+        self._wait(dist.all_gather(out, t, group=self.group, async_op=True), out)
         for row in out:
             c, d, r = (int(v) for v in row)
             if c == _ERR_RANGE:
@@ -230,11 +236,11 @@ class DistributedDPSLoss(nn.Module):
         g_idx = torch.empty(self.world * bmax, dtype=torch.int64, device=dev)
         g_e = torch.empty(self.world * bmax, e.shape[1], dtype=e.dtype, device=dev)
         g_v = torch.empty(self.world * bmax, dtype=torch.uint8, device=dev)
-        works = [dist.all_gather_into_tensor(g_idx, pidx, group=self.group, async_op=True),
-                 dist.all_gather_into_tensor(g_e, pe, group=self.group, async_op=True),
-                 dist.all_gather_into_tensor(g_v, pv, group=self.group, async_op=True)]
-        for w in works:
-            self._wait(w)
+        works = [_all_gather_flat(g_idx, pidx, group=self.group, async_op=True),
+                 _all_gather_flat(g_e, pe, group=self.group, async_op=True),
+                 _all_gather_flat(g_v, pv, group=self.group, async_op=True)]
+        for w, buf in zip(works, (g_idx, g_e, g_v)):
+            self._wait(w, buf)
         real = torch.cat([torch.arange(r * bmax, r * bmax + sizes[r], device=dev) for r in range(self.world)])
         g_idx, g_e, g_v = g_idx[real], g_e[real], g_v[real].bool()
         # cross-rank duplicates among valid samples would make the result order-dependent
@@ -254,7 +260,7 @@ class DistributedDPSLoss(nn.Module):
         order = torch.argsort(owner, stable=True)
         send_counts = torch.bincount(owner, minlength=w)
         recv_counts = torch.empty_like(send_counts)
-        self._wait(dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True))
+        self._wait(dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True), recv_counts)
         sc, rc = send_counts.tolist(), recv_counts.tolist()
         c = e.shape[1]
         r_idx = torch.empty(sum(rc), dtype=torch.int64, device=dev)
@@ -264,21 +270,21 @@ class DistributedDPSLoss(nn.Module):
                  dist.all_to_all_single(r_e, e[order].contiguous(), rc, sc, group=self.group, async_op=True),
                  dist.all_to_all_single(r_v, valid[order].to(torch.uint8).contiguous(), rc, sc, group=self.group,
                                         async_op=True)]
-        for wk in works:
-            self._wait(wk)
+        for wk, buf in zip(works, (r_idx, r_e, r_v)):
+            self._wait(wk, buf)
         r_valid = r_v.bool()
         s = torch.sort(r_idx[r_valid]).values
         dup = s[1:] == s[:-1]
         bad = torch.tensor([int(s[1:][dup][0]) if bool(dup.any()) else -1], device=dev)
         flags = [torch.zeros_like(bad) for _ in range(w)]
-        self._wait(dist.all_gather(flags, bad, group=self.group, async_op=True))
+        self._wait(dist.all_gather(flags, bad, group=self.group, async_op=True), flags)
         for f in flags:
             if int(f) >= 0:
                 raise ValueError(f"index contains duplicate id {int(f)} across ranks in one step; ids of one "
                                  f"global step must be distinct among valid samples")
         base_recv = self._update_rows(r_idx // w, r_e, r_valid)
         back = torch.empty(idx.numel(), c, dtype=base_recv.dtype, device=dev)
-        self._wait(dist.all_to_all_single(back, base_recv.contiguous(), sc, rc, group=self.group, async_op=True))
+        self._wait(dist.all_to_all_single(back, base_recv.contiguous(), sc, rc, group=self.group, async_op=True), back)
         base = torch.empty_like(back)
         base[order] = back
         return base
@@ -294,7 +300,7 @@ class DistributedDPSLoss(nn.Module):
         pad = torch.zeros(rows, self.num_classes, dtype=self._bank.dtype, device=self._bank.device)
         pad[: self._bank.shape[0]] = self._bank
         out = torch.empty(w * rows, self.num_classes, dtype=pad.dtype, device=pad.device)
-        self._wait(dist.all_gather_into_tensor(out, pad, group=self.group, async_op=True))
+        self._wait(_all_gather_flat(out, pad, group=self.group, async_op=True))
         full = torch.empty(n, self.num_classes, dtype=pad.dtype, device=pad.device)
         for r in range(w):
             cnt = len(range(r, n, w))
@@ -347,17 +353,20 @@ def load_bank(loss: DistributedDPSLoss, folder: str) -> None:
 
 # ---------------------------------------------------------------------- byte model
 def traffic_model(n: int, c: int, b: int, world: int, bytes_per: int = 4) -> dict:
-    """Per-rank bank memory and per-step bytes received, replicated vs sharded, for a
-    local batch of b samples (index 8 bytes, evidence/targets c*bytes_per each)."""
+    """Per-rank bank memory, and bytes delivered into one rank's receive buffers per
+    step (its own share included, small control messages left out), replicated vs
+    sharded, for a local batch of b samples: an index is 8 bytes, an evidence or
+    target row c * bytes_per, a valid flag 1 byte. Sharded assumes the batch's ids
+    spread evenly over the owners (as random sampling gives)."""
     row = c * bytes_per
     return {
         "world": world,
         "replicated_bank_bytes": n * row,
         "sharded_bank_bytes": -(-n // world) * row,
-        # all-gather: every rank receives the other ranks' (index, evidence, valid)
-        "replicated_step_bytes": (world - 1) * b * (8 + row + 1),
-        # all-to-all out and back: worst case every sample lives elsewhere
-        "sharded_step_bytes": b * (world - 1) / world * (8 + row + 1) + b * (world - 1) / world * row,
+        # all-gather of (index, evidence, valid) from every rank
+        "replicated_step_bytes": world * b * (8 + row + 1),
+        # all-to-all of (index, evidence, valid) to the owners, then the target rows back
+        "sharded_step_bytes": b * (8 + row + 1) + b * row,
     }
 
 

@@ -28,7 +28,8 @@ def job_cmd(a, setting, seed, method):
            "--width", str(a.width), "--blocks", str(a.blocks), "--train-subset", str(a.subset),
            "--epochs", str(a.epochs), "--method", method, "--seed", str(seed), "--threads", "1",
            "--eval-every", str(a.eval_every), "--out", out, "--no-plots", "--no-progress", "--resume",
-           "--batch-size", str(a.batch_size), "--lr", str(a.lr)] + SETTINGS[setting] + a.extra
+           "--batch-size", str(a.batch_size), "--lr", str(a.lr),
+           "--augment" if a.augment else "--no-augment"] + SETTINGS[setting] + a.extra
     return cmd, os.path.join(out, method, "final.json")
 
 
@@ -108,11 +109,12 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--subset", type=int, default=5000)
-    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--width", type=int, default=12)
     p.add_argument("--blocks", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--augment", action="store_true", help="random crop + flip (off: CE must over-fit)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--methods", type=lambda s: s.split(","), default=METHODS)
     p.add_argument("--settings", type=lambda s: s.split(","), default=list(SETTINGS))
