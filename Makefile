@@ -49,7 +49,7 @@ cuda-check: install
 	@$(PY) tools/cuda_compile_check.py
 
 demo: install
-	$(PY) -m dps_fast.train --demo --out runs/demo
+	$(VENV)/bin/dps-train --demo --out runs/demo
 
 bench: install
 	$(VENV)/bin/pytest benchmarks -p no:cacheprovider --benchmark-enable --benchmark-only -q \

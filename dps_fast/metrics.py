@@ -28,7 +28,7 @@ def _bin_index(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     inner = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=conf.device)[1:-1]
-    return torch.bucketize(conf, inner, right=False)  # (lo, hi], 0 in the first bin
+    return torch.bucketize(conf.contiguous(), inner, right=False)  # (lo, hi], 0 in the first bin
 
 
 def _binned_gap(conf: torch.Tensor, hit: torch.Tensor, n_bins: int) -> float:

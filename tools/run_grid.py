@@ -14,6 +14,10 @@ import math
 import os
 import subprocess
 import sys
+
+# the installed console script: `python -m dps_fast.train` from the repo root would import the
+# source tree (no compiled extension) instead of the installed package
+DPS_TRAIN = os.path.join(os.path.dirname(sys.executable), "dps-train")
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +28,7 @@ METHODS = ["ce", "ls", "pskd", "te", "dps", "dps+con"]
 
 def job_cmd(a, setting, seed, method):
     out = os.path.join(a.out, setting, f"seed{seed}")
-    cmd = [sys.executable, "-m", "dps_fast.train", "--dataset", "fashion-mnist", "--model", "resnet",
+    cmd = [DPS_TRAIN, "--dataset", "fashion-mnist", "--model", "resnet",
            "--width", str(a.width), "--blocks", str(a.blocks), "--train-subset", str(a.subset),
            "--epochs", str(a.epochs), "--method", method, "--seed", str(seed), "--threads", "1",
            "--eval-every", str(a.eval_every), "--out", out, "--no-plots", "--no-progress", "--resume",
