@@ -25,11 +25,11 @@ class DPSLoss(nn.Module):
     and moves with ``.to(device)``; ``bank_dtype`` may be float32, bfloat16 or
     float16. In ``eval()`` mode the bank is read, never updated.
 
-    Under DDP: do not make this module part of the DDP-wrapped model (DDP would
-    broadcast rank 0's bank over the others every step). Kept outside, each rank
-    updates only the rows its own batches touch, so replicas drift apart unless every
-    rank sees the same samples; a consistent distributed bank is future work
-    (see README, "Multi-GPU").
+    Under DDP use :class:`dps_fast.distributed.DistributedDPSLoss`, which keeps one
+    consistent (replicated or sharded) bank across ranks. This module's bank is a
+    plain buffer: inside a DDP-wrapped model DDP would broadcast rank 0's bank over
+    the others every step; kept outside, each rank updates only the rows its own
+    batches touch.
     """
 
     def __init__(self, labels=None, num_classes: int | None = None, c: float = 100.0,
