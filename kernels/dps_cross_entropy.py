@@ -27,6 +27,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _evidence(Z, rows, cc, msk, m_all, se_all, vcol, B, C, inv_tau_e, V: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """mean over views of softmax(z_v / tau_e) for one column block."""
+    e = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    for v in tl.static_range(V):
+        sel = vcol[None, :] == v
+        mv = tl.sum(tl.where(sel, m_all, 0.0), 1)
+        sev = tl.sum(tl.where(sel, se_all, 0.0), 1)
+        z = tl.load(Z + ((v * B + rows) * C)[:, None] + cc[None, :], mask=msk, other=0.0)
+        e += tl.exp((z.to(tl.float32) - mv[:, None]) * inv_tau_e) / sev[:, None]
+    return e / V
+
+
+@triton.jit
 def _dps_ce_kernel(
     Z, IDX, A, G, LOSS, PART, TICKET,
     B, C, N, stride_a, gamma, inv_tau_e, gscale, out_scale,
@@ -86,14 +100,8 @@ def _dps_ce_kernel(
             amsk = ok[:, None] & (cc < C)[None, :]
             a = tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
             if POSTERIOR:
-                e = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-                for v in tl.static_range(V):
-                    sel = vcol[None, :] == v
-                    mv = tl.sum(tl.where(sel, m_all, 0.0), 1)
-                    sev = tl.sum(tl.where(sel, se_all, 0.0), 1)
-                    z = tl.load(Z + ((v * B + rows) * C)[:, None] + cc[None, :], mask=amsk, other=0.0)
-                    e += tl.exp((z.to(tl.float32) - mv[:, None]) * inv_tau_e) / sev[:, None]
-                a = gamma * a + e / V
+                a = gamma * a + _evidence(Z, rows, cc, amsk, m_all, se_all, vcol, B, C, inv_tau_e, V, ROWS,
+                                          BLOCK_C)
             S += tl.sum(tl.where(amsk, a, 0.0), 1)
         inv_s = tl.where(ok, 1.0 / tl.where(ok, S, 1.0), 0.0)
     else:
@@ -107,14 +115,7 @@ def _dps_ce_kernel(
         amsk = ok[:, None] & cmask
         a = tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
         if POSTERIOR or UPDATE:
-            e = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-            for v in tl.static_range(V):
-                sel = vcol[None, :] == v
-                mv = tl.sum(tl.where(sel, m_all, 0.0), 1)
-                sev = tl.sum(tl.where(sel, se_all, 0.0), 1)
-                z = tl.load(Z + ((v * B + rows) * C)[:, None] + cc[None, :], mask=amsk, other=0.0)
-                e += tl.exp((z.to(tl.float32) - mv[:, None]) * inv_tau_e) / sev[:, None]
-            a_new = gamma * a + e / V
+            a_new = gamma * a + _evidence(Z, rows, cc, amsk, m_all, se_all, vcol, B, C, inv_tau_e, V, ROWS, BLOCK_C)
             if UPDATE:
                 tl.store(A + ids[:, None] * stride_a + cc[None, :], a_new.to(A.dtype.element_ty), mask=amsk)
             if POSTERIOR:

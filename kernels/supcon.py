@@ -34,6 +34,12 @@ def _weights(LAB, T, ri, rj, mi, mj, K, HARD: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
+def _rows(F, r, m, dd, D):
+    """Rows r of F [M, D] (zero outside the matrix), float32."""
+    return tl.load(F + r[:, None] * D + dd[None, :], mask=m[:, None] & (dd < D)[None, :], other=0.0)
+
+
+@triton.jit
 def _supcon_fwd_kernel(F, LAB, T, LSE, WSUM, WDOT, M, D, K, inv_tau,
                        HARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -41,7 +47,7 @@ def _supcon_fwd_kernel(F, LAB, T, LSE, WSUM, WDOT, M, D, K, inv_tau,
     ri = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mi = ri < M
     dd = tl.arange(0, BLOCK_D)
-    fi = tl.load(F + ri[:, None] * D + dd[None, :], mask=mi[:, None] & (dd < D)[None, :], other=0.0)
+    fi = _rows(F, ri, mi, dd, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     wsum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -49,7 +55,7 @@ def _supcon_fwd_kernel(F, LAB, T, LSE, WSUM, WDOT, M, D, K, inv_tau,
     for n0 in range(0, M, BLOCK_N):
         rj = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mj = rj < M
-        fj = tl.load(F + rj[:, None] * D + dd[None, :], mask=mj[:, None] & (dd < D)[None, :], other=0.0)
+        fj = _rows(F, rj, mj, dd, D)
         s = tl.dot(fi, tl.trans(fj), input_precision="ieee") * inv_tau
         valid = mi[:, None] & mj[None, :] & (ri[:, None] != rj[None, :])
         sm = tl.where(valid, s, float("-inf"))
@@ -75,7 +81,7 @@ def _supcon_bwd_kernel(F, LAB, T, LSE, COEF, INVW, DF, M, D, K, inv_tau,
     mi = ri < M
     dd = tl.arange(0, BLOCK_D)
     dmask = (dd < D)[None, :]
-    fi = tl.load(F + ri[:, None] * D + dd[None, :], mask=mi[:, None] & dmask, other=0.0)
+    fi = _rows(F, ri, mi, dd, D)
     lse_i = tl.load(LSE + ri, mask=mi, other=0.0)
     c_i = tl.load(COEF + ri, mask=mi, other=0.0)
     iw_i = tl.load(INVW + ri, mask=mi, other=0.0)
@@ -83,7 +89,7 @@ def _supcon_bwd_kernel(F, LAB, T, LSE, COEF, INVW, DF, M, D, K, inv_tau,
     for n0 in range(0, M, BLOCK_N):
         rj = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mj = rj < M
-        fj = tl.load(F + rj[:, None] * D + dd[None, :], mask=mj[:, None] & dmask, other=0.0)
+        fj = _rows(F, rj, mj, dd, D)
         lse_j = tl.load(LSE + rj, mask=mj, other=0.0)
         c_j = tl.load(COEF + rj, mask=mj, other=0.0)
         iw_j = tl.load(INVW + rj, mask=mj, other=0.0)
