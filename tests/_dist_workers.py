@@ -81,10 +81,10 @@ def _single_process(world):
 
 
 
-def _worker_padding(rank, world, store_dir, mode, out_dir):
+def _worker_padding(rank, world, store_dir, mode, out_dir, bank_dtype=torch.float32):
     _init(rank, world, store_dir)
     n = 10
-    crit = D.DistributedDPSLoss(torch.arange(n) % 3, 3, c=2.0, eps=1.0, gamma=1.0, mode=mode)
+    crit = D.DistributedDPSLoss(torch.arange(n) % 3, 3, c=2.0, eps=1.0, gamma=1.0, mode=mode, bank_dtype=bank_dtype)
     padded = torch.cat([torch.arange(n), torch.arange(n)[: (-n) % world]])  # DistributedSampler's padding
     local = padded[rank::world]
     pos = torch.arange(len(local))
@@ -94,7 +94,7 @@ def _worker_padding(rank, world, store_dir, mode, out_dir):
         crit(torch.zeros(len(local[k:k + 3]), 3), local[k:k + 3], valid=valid[k:k + 3])
     bank = crit.full_bank()
     if rank == 0:
-        torch.save(bank, os.path.join(out_dir, "pad.pt"))
+        torch.save(bank.float(), os.path.join(out_dir, "pad.pt"))
     dist.destroy_process_group()
 
 

@@ -150,3 +150,29 @@ def test_auto_uses_reference_for_float64():
     l1 = dps_fast.dps_cross_entropy(z.double(), idx, a64)
     l2 = dps_fast.reference.dps_cross_entropy(z.double(), idx, ref)
     assert l1.dtype == torch.float64 and torch.equal(l1, l2) and torch.equal(a64, ref)
+
+
+@pytest.mark.parametrize("index,n", [([0, 5, 5, 1, 1], 10), ([3, -2, 99], 10), ([7, 1, 2], 8), ([4, 4], 2)])
+def test_cpp_and_python_index_checks_say_the_same(index, n):
+    """CPU tensors are checked in C++ (dps_fast::check_index), CUDA tensors and
+    extension-less installs in Python: same exception type, same message."""
+    from dps_fast import _validate
+
+    if _validate._fast_check is None:
+        pytest.skip("the C++ extension is not built")
+    idx = torch.tensor(index)
+
+    def outcome(fn):
+        try:
+            fn()
+            return None
+        except (IndexError, ValueError) as e:
+            return type(e), str(e).splitlines()[0]
+
+    fast = outcome(lambda: _validate.index_values(idx, n))
+    saved, _validate._fast_check = _validate._fast_check, None
+    try:
+        slow = outcome(lambda: _validate.index_values(idx, n))
+    finally:
+        _validate._fast_check = saved
+    assert fast == slow
