@@ -109,8 +109,10 @@ def _blocks(m: int, d: int, k: int):
     if _INTERPRET:
         bm = max(16, min(triton.next_power_of_2(m), 256))
         return bm, bm, bd, bk, 4
-    bm = 64 if bd <= 128 else 32
-    return bm, 64, bd, bk, 4
+    # keep the fp32 tiles (f_i, f_j, S, dF_i) within the register file: 8 warps
+    if bd <= 128:
+        return 32, 64, bd, bk, 8
+    return 16, 32, bd, bk, 8
 
 
 def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
