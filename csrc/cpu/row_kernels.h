@@ -135,18 +135,6 @@ inline float row_dot(const float* a, const float* b, int64_t n) {
   return accurate_sum(n, [&](int64_t j, int64_t k) { return ldf(a + j, k) * ldf(b + j, k); });
 }
 
-// g[j] = (ex[j] * inv_s - t[j] * inv_t) * scale   (softmax minus target)
-inline void softmax_minus_target(const float* ex, float inv_s, const float* t, float inv_t,
-                                 float scale, float* g, int64_t n) {
-  const Vec a(inv_s * scale), b(inv_t * scale);
-  int64_t j = 0;
-  for (; j + kW <= n; j += kW) {
-    Vec r = Vec::loadu(ex + j) * a - Vec::loadu(t + j) * b;
-    r.store(g + j);
-  }
-  for (; j < n; ++j) g[j] = ex[j] * (inv_s * scale) - t[j] * (inv_t * scale);
-}
-
 // Rows per parallel task so that each task touches about 32k elements.
 inline int64_t grain_rows(int64_t elems_per_row) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems_per_row));
