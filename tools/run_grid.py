@@ -97,8 +97,10 @@ def aggregate(a):
                   "| method | seeds | accuracy % | ECE % (15 bins) | NLL | OOD AUROC (MNIST) |", "|---|---|---|---|---|---|"]
         for r in sel:
             def f(k, d=2):
-                m, s, _ = r[k]
-                return "n/a" if m is None else f"{m:.{d}f} ± {s:.{d}f}"
+                m, s, n = r[k]
+                if m is None:
+                    return "n/a"
+                return f"{m:.{d}f} ± {s:.{d}f}" if n > 1 else f"{m:.{d}f}"
             lines.append(f"| {r['method']} | {r['n']} | {f('accuracy')} | {f('ece_pct')} | {f('nll', 3)} | "
                          f"{f('ood_auroc', 3)} |")
     table = "\n".join(lines)
