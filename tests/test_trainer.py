@@ -158,7 +158,7 @@ def test_checkpoint_roundtrip_and_outputs(tmp_path):
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    epochs = 12
+    epochs = 20
     r = subprocess.run(_train_cmd(ref, epochs), capture_output=True, text=True, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     p = subprocess.Popen(_train_cmd(cut, epochs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
