@@ -131,3 +131,18 @@ def test_out_of_range_rows_skipped_without_validation(case):
     assert torch.isnan(loss[1]) and torch.isfinite(loss[0])
     assert torch.equal(alpha[[0, 2, 3]], before[[0, 2, 3]])
     assert not torch.equal(alpha[1], before[1])
+
+
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+def test_repeated_backward_with_retained_graph(case):
+    """The forward's gradient buffer is handed to autograd without a copy when the
+    upstream gradient is 1; a retained graph must still give the same gradient each time."""
+    backend, device = case
+    alpha = dps_fast.init_prior(torch.arange(6) % 3, 3).to(device)
+    z = torch.randn(4, 3, device=device, requires_grad=True)
+    loss = dps_fast.dps_cross_entropy(z, torch.arange(4, device=device), alpha, backend=backend)
+    loss.backward(retain_graph=True)
+    g1 = z.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(z.grad, 3 * g1)
