@@ -45,6 +45,7 @@ def _worker(rank, world, store, mode, out):
     res = {"mode": mode, "world": world, "rank": rank, "step_ms_median": 1e3 * steady[len(steady) // 2],
            "bytes_per_step": crit.comm_bytes / (STEPS - 5), "bank_bytes": crit.bank.numel() * crit.bank.element_size()}
     torch.save(res, f"{out}-{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -505,6 +505,7 @@ def _ddp_worker(rank, world, args, methods, store):
         data = Prepared(args)
         for m in methods:
             run(args, m, data, log=print if rank == 0 else (lambda *a, **k: None), rank=rank, world=world)
+        dist.barrier()  # quiesce before teardown (gloo aborts a process torn down mid-traffic)
     finally:
         dist.destroy_process_group()
 

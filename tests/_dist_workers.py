@@ -25,6 +25,13 @@ def _epoch_order(epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(100 + epoch))
 
 
+def _finish():
+    """Quiesce before tearing the group down: a rank leaving while gloo threads of
+    the others are still busy can abort the process ('terminate called ...')."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _init(rank, world, store_dir):
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
@@ -56,7 +63,8 @@ def _worker_train(rank, world, store_dir, mode, out_dir):
     if rank == 0:
         torch.save({"bank": bank, "losses": torch.tensor(losses), "w": model.weight.detach()},
                    os.path.join(out_dir, f"{mode}-{world}.pt"))
-    dist.destroy_process_group()
+    del ddp
+    _finish()
 
 
 def _single_process(world):
@@ -95,7 +103,7 @@ def _worker_padding(rank, world, store_dir, mode, out_dir, bank_dtype=torch.floa
     bank = crit.full_bank()
     if rank == 0:
         torch.save(bank.float(), os.path.join(out_dir, "pad.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 def _worker_save(rank, world, store_dir, mode, out_dir):
@@ -107,7 +115,7 @@ def _worker_save(rank, world, store_dir, mode, out_dir):
     full = crit.full_bank()
     if rank == 0:
         torch.save(full, os.path.join(out_dir, "saved_full.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 def _worker_load(rank, world, store_dir, mode, out_dir):
@@ -121,7 +129,7 @@ def _worker_load(rank, world, store_dir, mode, out_dir):
     assert torch.equal(crit2.bank, crit.bank)
     if rank == 0:
         torch.save(full, os.path.join(out_dir, "loaded_full.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 def _worker_errors(rank, world, store_dir, mode, out_dir):
@@ -143,5 +151,5 @@ def _worker_errors(rank, world, store_dir, mode, out_dir):
         outcome2 = f"ValueError: {e}"
     torch.save({"o": outcome, "o2": outcome2, "unchanged": unchanged and torch.equal(crit.bank, before)},
                os.path.join(out_dir, f"err{rank}.pt"))
-    dist.destroy_process_group()
+    _finish()
 
