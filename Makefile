@@ -12,7 +12,7 @@ export MALLOC_TRIM_THRESHOLD_ := 1073741824
 # Triton runs here (no GPU) only in its interpreter; must be set before import.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: all install test pytest cpp-test cuda-check demo bench clean
+.PHONY: all install test pytest cpp-test cuda-check triton-aot-check demo bench clean
 
 all: test
 
@@ -32,6 +32,7 @@ test: install
 	$(VENV)/bin/pytest
 	$(MAKE) --no-print-directory cpp-test
 	$(MAKE) --no-print-directory cuda-check
+	$(MAKE) --no-print-directory triton-aot-check
 
 pytest: install
 	$(VENV)/bin/pytest
@@ -47,6 +48,11 @@ cpp-test: install
 # Compile-check every CUDA kernel for sm_90 with nvcc, when nvcc exists.
 cuda-check: install
 	@$(PY) tools/cuda_compile_check.py
+
+# Compile every Triton kernel (the GPU launchers' configs) to an sm_90 cubin, no GPU needed;
+# fails on a compile error or a register spill.
+triton-aot-check: install
+	@TRITON_INTERPRET=0 $(PY) tools/triton_aot_check.py
 
 demo: install
 	$(VENV)/bin/dps-train --demo --out runs/demo

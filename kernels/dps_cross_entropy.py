@@ -176,10 +176,13 @@ def _config(b: int, c: int, v: int):
         block_c = min(triton.next_power_of_2(max(c, 16)), 32768)
         rows = max(1, min(triton.next_power_of_2(max(b, 1)), 65536 // block_c))
         return rows, block_c, 4
+    # A tile of at most 2048 (V=1: 4096 for one wide row) fp32 elements, spread at about 8 per
+    # thread: `tools/triton_aot_check.py` (ptxas -v, sm_90) showed 16-32 per thread spilling
+    # registers (up to 1.6 kB per thread at 32 rows x 128 columns, 4 warps).
     block_c = min(triton.next_power_of_2(max(c, 16)), 4096 if v == 1 else 2048)
-    rows = max(1, min(64, 4096 // block_c))
+    rows = max(1, min(64, 2048 // block_c))
     rows = min(rows, triton.next_power_of_2(max(b, 1)))
-    warps = 8 if block_c >= 2048 else 4
+    warps = max(4, min(16, rows * block_c // 256))
     return rows, block_c, warps
 
 

@@ -7,6 +7,7 @@ dir (never committed).
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,17 +31,42 @@ def main() -> int:
     for cu in cus:
         t0 = time.time()
         obj = os.path.join(out, os.path.basename(cu) + ".o")
-        cmd = [nvcc, "-c", cu, "-o", obj, "-std=c++17", "-O3", "-arch=sm_90", "-I", os.path.join(ROOT, "csrc")]
+        cmd = [nvcc, "-c", cu, "-o", obj, "-std=c++17", "-O3", "-arch=sm_90", "-Xptxas", "-v",
+               "-I", os.path.join(ROOT, "csrc")]
         r = subprocess.run(cmd, capture_output=True, text=True)
-        status = "ok" if r.returncode == 0 else "FAILED"
-        print(f"cuda-check: {os.path.relpath(cu, ROOT)} sm_90 {status} ({time.time() - t0:.1f} s)")
+        kernels = ptxas_report(r.stdout + r.stderr)
+        spilled = [k for k in kernels if k["spill"]]
+        status = "ok" if r.returncode == 0 and not spilled else "FAILED"
+        regs = max((k["regs"] for k in kernels), default=0)
+        print(f"cuda-check: {os.path.relpath(cu, ROOT)} sm_90 {status} ({time.time() - t0:.1f} s; "
+              f"{len(kernels)} kernels, at most {regs} registers, {len(spilled)} spilling)")
+        for k in spilled:
+            print(f"  spills {k['spill']} bytes: {k['name']}")
         if r.returncode:
-            failed += 1
             print(r.stdout + r.stderr)
+        failed += status != "ok"
     failed += check_glue(out)
     print(f"cuda-check: {len(cus) - failed} of {len(cus)} CUDA sources compiled" if failed == 0 else
           f"cuda-check: {failed} CUDA source(s) failed to compile")
     return 1 if failed else 0
+
+
+def ptxas_report(log: str):
+    """Per-kernel registers and spill bytes from nvcc's `-Xptxas -v` output."""
+    kernels, cur = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            cur = {"name": m.group(1), "regs": 0, "spill": 0}
+            kernels.append(cur)
+        elif cur is not None:
+            m = re.search(r"(\d+) bytes spill stores", line)
+            if m:
+                cur["spill"] = int(m.group(1))
+            m = re.search(r"Used (\d+) registers", line)
+            if m:
+                cur["regs"] = int(m.group(1))
+    return kernels
 
 
 def check_glue(out: str) -> int:

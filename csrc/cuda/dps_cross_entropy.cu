@@ -23,6 +23,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxViews = 8;
+// Loops over the views are unrolled to VMAX (1, the common case, or kMaxViews) with a
+// uniform guard, so the per-view statistics (m, s, se, dot) are indexed by constants and
+// stay in registers (a runtime index put them in local memory: ptxas -v showed spills).
+#define DPS_FOR_VIEWS(v) _Pragma("unroll") for (int v = 0; v < VMAX; ++v) if (v < p.V)
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -73,7 +77,7 @@ __device__ __forceinline__ float group_max(float v, float* smem) {
   }
 }
 
-template <typename TZ, typename TA, int TPR>
+template <typename TZ, typename TA, int TPR, int VMAX>
 __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
   __shared__ float smem[kThreads / 32];
   __shared__ float part_rows[kThreads];
@@ -90,8 +94,8 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
   bool ok = in_batch && id >= 0 && id < p.N;
 
   // 1. per view: max, sum exp(z - max), sum exp((z - max) / tau_e), finiteness
-  float m[kMaxViews], s[kMaxViews], se[kMaxViews];
-  for (int v = 0; v < p.V; ++v) {
+  float m[VMAX], s[VMAX], se[VMAX];
+  DPS_FOR_VIEWS(v) {
     const TZ* zr = z + (v * B + (in_batch ? row : 0)) * C;
     float mt = -INFINITY, st = 0.f, set = 0.f, zs = 0.f;
     for (int64_t j = lane; j < C && in_batch; j += TPR) {
@@ -121,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
   TA* ar = a + (ok ? id : 0) * p.stride_a;
   auto evidence = [&](int64_t j) {
     float e = 0.f;
-    for (int v = 0; v < p.V; ++v) {
+    DPS_FOR_VIEWS(v) {
       const float x = to_f32(z[(v * B + row) * C + j]);
       e += __expf((x - m[v]) * p.inv_tau_e) / se[v];
     }
@@ -141,8 +145,8 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
   }
 
   // 3. bank store, target, dots, gradient
-  float dot[kMaxViews];
-  for (int v = 0; v < p.V; ++v) dot[v] = 0.f;
+  float dot[VMAX];
+  DPS_FOR_VIEWS(v) dot[v] = 0.f;
   for (int64_t j = lane; j < C && in_batch; j += TPR) {
     float t = 0.f;
     if (ok) {
@@ -154,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
       }
       t = aj * inv_s;
     }
-    for (int v = 0; v < p.V; ++v) {
+    DPS_FOR_VIEWS(v) {
       const int64_t off = (v * B + row) * C + j;
       const float x = to_f32(z[off]);
       dot[v] += t * x;
@@ -165,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
     }
   }
   float row_total = 0.f;
-  for (int v = 0; v < p.V; ++v) {
+  DPS_FOR_VIEWS(v) {
     const float d = group_sum<TPR>(dot[v], smem);
     const float l = ok ? (m[v] + logf(s[v]) - d) : NAN;
     if (in_batch && lane == 0) {
@@ -200,14 +204,20 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
 
 int tpr_for(int64_t C) { return C <= 64 ? 8 : (C <= 2048 ? 32 : kThreads); }
 
+template <typename TZ, typename TA, int VMAX>
+void launch_views(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
+  const int tpr = tpr_for(p.C);
+  if (tpr == 8) ce_kernel<TZ, TA, 8, VMAX><<<blocks, kThreads, 0, stream>>>(p);
+  else if (tpr == 32) ce_kernel<TZ, TA, 32, VMAX><<<blocks, kThreads, 0, stream>>>(p);
+  else ce_kernel<TZ, TA, kThreads, VMAX><<<blocks, kThreads, 0, stream>>>(p);
+}
+
 template <typename TZ, typename TA>
 cudaError_t launch_typed(const CeArgs& p, cudaStream_t stream) {
-  const int tpr = tpr_for(p.C);
   const int64_t blocks = ce_num_blocks(p);
   if (blocks == 0) return cudaSuccess;
-  if (tpr == 8) ce_kernel<TZ, TA, 8><<<blocks, kThreads, 0, stream>>>(p);
-  else if (tpr == 32) ce_kernel<TZ, TA, 32><<<blocks, kThreads, 0, stream>>>(p);
-  else ce_kernel<TZ, TA, kThreads><<<blocks, kThreads, 0, stream>>>(p);
+  if (p.V == 1) launch_views<TZ, TA, 1>(p, blocks, stream);
+  else launch_views<TZ, TA, kMaxViews>(p, blocks, stream);
   return cudaGetLastError();
 }
 
