@@ -1,0 +1,115 @@
+"""Post-hoc temperature scaling of finished `dps-train` runs.
+
+    python tools/posthoc_temperature.py runs/grid --out runs/grid/temperature.json
+
+For every run folder under the given roots (a folder with config.json and
+checkpoint.pt), it rebuilds the model from the final checkpoint and fits one
+temperature T on a held-out validation set by minimising the NLL: 5,000
+training images that are not in the run's training subset, with their clean
+labels. It then reports test accuracy (unchanged by T), ECE (15 bins), NLL and
+Brier before and after scaling. Temperature scaling is the standard post-hoc
+fix for over-confidence (T > 1) and under-confidence (T < 1); it tells apart a
+model that ranks well but is mis-scaled from one whose probabilities are poor.
+
+Needs a training subset (`--train-subset`), so that held-out images exist.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import torch
+
+from dps_fast import metrics as M
+from dps_fast.data import load_dataset, stratified_subset
+from dps_fast.models import build_model
+from dps_fast.train import Prepared
+
+
+def _logits(model, x, batch=1024):
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """argmin_T NLL(softmax(logits / T), y): a log-spaced grid, then golden-section refinement."""
+    def nll(log_t):
+        return torch.nn.functional.cross_entropy(logits / math.exp(log_t), y).item()
+    grid = [math.log(0.05) + k * (math.log(20.0) - math.log(0.05)) / 200 for k in range(201)]
+    k = min(range(len(grid)), key=lambda i: nll(grid[i]))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+    return math.exp((lo + hi) / 2)
+
+
+def _summary(logits, y, t=1.0):
+    p = torch.softmax(logits / t, -1)
+    r = M.summary(p, y)
+    return {"accuracy": r["accuracy"], "ece_pct": r["ece_pct"], "nll": r["nll"], "brier": r["brier"]}
+
+
+def run_one(folder: str, n_val: int, cache: dict) -> dict:
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    if not cfg.get("train_subset"):
+        raise ValueError(f"{folder}: no --train-subset, so no held-out training images to fit T on")
+    args = argparse.Namespace(**cfg)
+    key = (cfg["dataset"], cfg["train_subset"], cfg["noise"], cfg["noise_rate"], cfg["noise_seed"])
+    if key not in cache:
+        data = Prepared(args)
+        ds = load_dataset(cfg["dataset"], cfg.get("data_root"), seed=0)
+        keep = stratified_subset(ds.y_train, cfg["train_subset"], seed=0)
+        rest = torch.ones(len(ds.y_train), dtype=torch.bool)
+        rest[keep] = False
+        rest = rest.nonzero().squeeze(1)
+        val = rest[stratified_subset(ds.y_train[rest], n_val, seed=1)]
+        cache[key] = (data, data.norm(ds.x_train[val]), ds.y_train[val])
+    data, x_val, y_val = cache[key]
+    kw = {"width": cfg["width"]} if cfg["width"] and cfg["model"] != "mlp" else \
+        ({"hidden": cfg["width"]} if cfg["width"] else {})
+    if cfg["model"] == "resnet":
+        kw["blocks"] = cfg["blocks"]
+    model = build_model(cfg["model"], data.image_shape, data.num_classes, **kw)
+    st = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(st["model"])
+    t = fit_temperature(_logits(model, x_val), y_val)
+    z_test = _logits(model, data.x_test)
+    return {"run": folder, "method": cfg["method"], "noise": cfg["noise"], "seed": cfg["seed"], "epoch": st["epoch"],
+            "temperature": t, "before": _summary(z_test, data.y_test), "after": _summary(z_test, data.y_test, t)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("roots", nargs="+", help="folders searched for run folders (config.json + checkpoint.pt)")
+    p.add_argument("--out", required=True, help="JSON file with one record per run")
+    p.add_argument("--n-val", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    folders = sorted({os.path.dirname(c) for r in a.roots
+                      for c in glob.glob(os.path.join(r, "**", "checkpoint.pt"), recursive=True)
+                      if os.path.exists(os.path.join(os.path.dirname(c), "final.json"))})
+    if not folders:
+        sys.exit(f"no finished runs (final.json + checkpoint.pt) under {a.roots}")
+    cache, out = {}, []
+    for k, f in enumerate(folders, 1):
+        r = run_one(f, a.n_val, cache)
+        out.append(r)
+        b, s = r["before"], r["after"]
+        print(f"[{k}/{len(folders)}] {f}: T={r['temperature']:.3f}  ECE {b['ece_pct']:.2f} -> {s['ece_pct']:.2f}"
+              f"  NLL {b['nll']:.4f} -> {s['nll']:.4f}", flush=True)
+    with open(a.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
