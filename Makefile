@@ -12,7 +12,7 @@ export MALLOC_TRIM_THRESHOLD_ := 1073741824
 # Triton runs here (no GPU) only in its interpreter; must be set before import.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: all install test pytest cpp-test cuda-check triton-aot-check demo bench clean
+.PHONY: all install test pytest cpp-test cuda-check triton-aot-check gpu-wheelhouse demo bench clean
 
 all: test
 
@@ -53,6 +53,12 @@ cuda-check: install
 # fails on a compile error or a register spill.
 triton-aot-check: install
 	@TRITON_INTERPRET=0 $(PY) tools/triton_aot_check.py
+
+# Pure-Python build/test wheels for an offline GPU machine (Python 3.12) that may lack them;
+# carry build/wheelhouse with the device run, benchmarks/gpu_check.sh installs from it.
+gpu-wheelhouse: | $(PY)
+	$(PIP) download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 -d build/wheelhouse pytest pytest-xdist setuptools wheel ninja
 
 demo: install
 	$(VENV)/bin/dps-train --demo --out runs/demo
