@@ -87,13 +87,39 @@ def run_one(folder: str, n_val: int, cache: dict) -> dict:
             "temperature": t, "before": _summary(z_test, data.y_test), "after": _summary(z_test, data.y_test, t)}
 
 
+def table(records) -> str:
+    """Markdown: mean ± std over seeds per (noise, method) of T and of ECE / NLL before -> after."""
+    def ms(xs):
+        m = sum(xs) / len(xs)
+        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+        return m, sd
+    groups = {}
+    for r in records:
+        setting = r["run"].rstrip("/").split("/")[-3] if r["run"].count("/") >= 3 else r["noise"]
+        groups.setdefault((setting, r["method"]), []).append(r)
+    lines = ["| setting | method | seeds | T | ECE % before | ECE % after T | NLL before | NLL after T |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (setting, method), rs in groups.items():
+        cols = [ms([r["temperature"] for r in rs]), ms([r["before"]["ece_pct"] for r in rs]),
+                ms([r["after"]["ece_pct"] for r in rs]), ms([r["before"]["nll"] for r in rs]),
+                ms([r["after"]["nll"] for r in rs])]
+        fmt = ["{:.2f} ± {:.2f}", "{:.2f} ± {:.2f}", "{:.2f} ± {:.2f}", "{:.3f} ± {:.3f}", "{:.3f} ± {:.3f}"]
+        lines.append(f"| {setting} | {method} | {len(rs)} | " + " | ".join(f.format(*c) for f, c in zip(fmt, cols)) + " |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("roots", nargs="+", help="folders searched for run folders (config.json + checkpoint.pt)")
     p.add_argument("--out", required=True, help="JSON file with one record per run")
     p.add_argument("--n-val", type=int, default=5000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table-only", action="store_true", help="print the markdown table of an existing --out")
     a = p.parse_args()
+    if a.table_only:
+        with open(a.out) as fh:
+            print(table(json.load(fh)))
+        return
     torch.set_num_threads(a.threads)
     folders = sorted({os.path.dirname(c) for r in a.roots
                       for c in glob.glob(os.path.join(r, "**", "checkpoint.pt"), recursive=True)
@@ -109,6 +135,7 @@ def main():
               f"  NLL {b['nll']:.4f} -> {s['nll']:.4f}", flush=True)
     with open(a.out, "w") as fh:
         json.dump(out, fh, indent=1)
+    print(table(out))
 
 
 if __name__ == "__main__":
