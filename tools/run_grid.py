@@ -85,6 +85,9 @@ def aggregate(a):
                 agg[key] = mean_std([f["final"].get(key) * scale if f["final"].get(key) is not None else None
                                      for f in finals])
             agg["overhead_pct"] = mean_std([f["timing"]["overhead_pct_of_ce_step"] for f in finals])
+            # accuracy on the (noisy) training labels at the last epoch: ~100% means memorised
+            agg["train_acc"] = mean_std([100 * f["history"][-1]["train_acc"] for f in finals
+                                         if f.get("history") and "train_acc" in f["history"][-1]])
             rows.append(agg)
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(rows, f, indent=2)
@@ -94,7 +97,8 @@ def aggregate(a):
         if not sel:
             continue
         lines += [f"\n#### {st} (realised wrong labels: {100 * sel[0]['noise_realised']:.1f}%)\n",
-                  "| method | seeds | accuracy % | ECE % (15 bins) | NLL | OOD AUROC (MNIST) |", "|---|---|---|---|---|---|"]
+                  "| method | seeds | accuracy % | ECE % (15 bins) | NLL | OOD AUROC (MNIST) | train acc % (noisy labels) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sel:
             def f(k, d=2):
                 m, s, n = r[k]
@@ -102,7 +106,7 @@ def aggregate(a):
                     return "n/a"
                 return f"{m:.{d}f} ± {s:.{d}f}" if n > 1 else f"{m:.{d}f}"
             lines.append(f"| {r['method']} | {r['n']} | {f('accuracy')} | {f('ece_pct')} | {f('nll', 3)} | "
-                         f"{f('ood_auroc', 3)} |")
+                         f"{f('ood_auroc', 3)} | {f('train_acc', 1)} |")
     table = "\n".join(lines)
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write(table + "\n")
