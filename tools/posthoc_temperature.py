@@ -99,7 +99,10 @@ def table(records) -> str:
         groups.setdefault((setting, r["method"]), []).append(r)
     lines = ["| setting | method | seeds | T | ECE % before | ECE % after T | NLL before | NLL after T |",
              "|---|---|---|---|---|---|---|---|"]
-    for (setting, method), rs in groups.items():
+    s_order = {k: i for i, k in enumerate(["none", "clean", "sym", "sym40", "asym", "asym40"])}
+    m_order = {k: i for i, k in enumerate(["ce", "ls", "pskd", "te", "dps", "dps+con"])}
+    for (setting, method), rs in sorted(groups.items(), key=lambda kv: (s_order.get(kv[0][0], 99), kv[0][0],
+                                                                         m_order.get(kv[0][1], 99), kv[0][1])):
         cols = [ms([r["temperature"] for r in rs]), ms([r["before"]["ece_pct"] for r in rs]),
                 ms([r["after"]["ece_pct"] for r in rs]), ms([r["before"]["nll"] for r in rs]),
                 ms([r["after"]["nll"] for r in rs])]
