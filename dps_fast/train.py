@@ -142,6 +142,15 @@ class Prepared:
             self.x_ood = self.norm(resize_to(o.x_test, self.image_shape[-1]))
 
 
+def model_from_args(args, data):
+    """The model a run's arguments (or its saved config) describe, freshly initialised."""
+    kw = {"width": args.width} if args.width and args.model != "mlp" else \
+        ({"hidden": args.width} if args.width else {})
+    if args.model == "resnet":
+        kw["blocks"] = args.blocks
+    return build_model(args.model, data.image_shape, data.num_classes, **kw)
+
+
 @torch.no_grad()
 def predict(model, x, device, batch):
     model.eval()
@@ -304,11 +313,7 @@ def run(args, method_name: str, data: Prepared, log=print, rank: int = 0, world:
     lead = rank == 0
 
     torch.manual_seed(args.seed)
-    kw = {"width": args.width} if args.width and args.model != "mlp" else \
-        ({"hidden": args.width} if args.width else {})
-    if args.model == "resnet":
-        kw["blocks"] = args.blocks
-    model = build_model(args.model, data.image_shape, data.num_classes, **kw).to(device)
+    model = model_from_args(args, data).to(device)
     method = build_method(method_name, data.labels, data.num_classes, args.epochs, cfg, device)
     proj = ProjectionHead(model.feature_dim, args.proj_dim).to(device) if method.needs_features else None
     net = TrainNet(model, proj)

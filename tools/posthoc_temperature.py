@@ -24,8 +24,7 @@ import torch
 
 from dps_fast import metrics as M
 from dps_fast.data import load_dataset, stratified_subset
-from dps_fast.models import build_model
-from dps_fast.train import Prepared
+from dps_fast.train import Prepared, model_from_args
 
 
 def _logits(model, x, batch=1024):
@@ -74,11 +73,7 @@ def run_one(folder: str, n_val: int, cache: dict) -> dict:
         val = rest[stratified_subset(ds.y_train[rest], n_val, seed=1)]
         cache[key] = (data, data.norm(ds.x_train[val]), ds.y_train[val])
     data, x_val, y_val = cache[key]
-    kw = {"width": cfg["width"]} if cfg["width"] and cfg["model"] != "mlp" else \
-        ({"hidden": cfg["width"]} if cfg["width"] else {})
-    if cfg["model"] == "resnet":
-        kw["blocks"] = cfg["blocks"]
-    model = build_model(cfg["model"], data.image_shape, data.num_classes, **kw)
+    model = model_from_args(args, data)
     st = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(st["model"])
     t = fit_temperature(_logits(model, x_val), y_val)

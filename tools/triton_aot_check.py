@@ -60,7 +60,7 @@ CASES = [
 ]
 
 
-def _ptxas_stats(ptx: str, name: str):
+def _ptxas_stats(ptx: str):
     from triton.backends.nvidia.compiler import get_ptxas
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.ptx")
@@ -126,7 +126,7 @@ def compile_case(case):
                            options=dict(num_warps=cfg["num_warps"]))
     except Exception as e:  # noqa: BLE001 - reported, and the check fails
         return dict(case=case["name"], ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
-    stats = _ptxas_stats(k.asm["ptx"], fn.__name__)
+    stats = _ptxas_stats(k.asm["ptx"])
     ok = bool(k.asm.get("cubin")) and stats["spill_store_bytes"] in (0, None)
     return dict(case=case["name"], ok=ok, kernel=fn.__name__, config=cfg, shared_bytes=k.metadata.shared,
                 cubin_bytes=len(k.asm["cubin"]), compile_s=round(time.time() - t0, 1), **stats)
