@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from dps_fast import data as Dt
-from dps_fast import methods as Me
-from dps_fast import noise as No
-from dps_fast import train as Tr
+from dps_fast.train import data as Dt
+from dps_fast.train import methods as Me
+from dps_fast.train import noise as No
+from dps_fast.train import cli as Tr
 
 
 def _write_idx(path, arr):

@@ -23,8 +23,8 @@ import sys
 import torch
 
 from dps_fast import metrics as M
-from dps_fast.data import load_dataset, stratified_subset
-from dps_fast.train import Prepared, model_from_args
+from dps_fast.train.data import load_dataset, stratified_subset
+from dps_fast.train import ExperimentData, model_from_args
 
 
 def _logits(model, x, batch=1024):
@@ -64,7 +64,7 @@ def run_one(folder: str, n_val: int, cache: dict) -> dict:
     args = argparse.Namespace(**cfg)
     key = (cfg["dataset"], cfg["train_subset"], cfg["noise"], cfg["noise_rate"], cfg["noise_seed"])
     if key not in cache:
-        data = Prepared(args)
+        data = ExperimentData(args)
         ds = load_dataset(cfg["dataset"], cfg.get("data_root"), seed=0)
         keep = stratified_subset(ds.y_train, cfg["train_subset"], seed=0)
         rest = torch.ones(len(ds.y_train), dtype=torch.bool)

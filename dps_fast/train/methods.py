@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import functional as DF
-from .loss import DPSLoss
+from .. import functional as DF
+from ..loss import DPSLoss
 
 METHODS = ("ce", "ls", "pskd", "te", "dps", "dps+con")
 
@@ -159,7 +159,7 @@ class DPS(Method):
         bank = c.get("bank", "auto")
         world = c.get("world", 1)
         if world > 1:
-            from .distributed import DistributedDPSLoss
+            from ..distributed import DistributedDPSLoss
 
             if bank in ("local", "host"):
                 raise ValueError(f"--bank {bank} is a single-process option; with --nproc > 1 use "
@@ -168,7 +168,7 @@ class DPS(Method):
                                           mode="auto" if bank == "auto" else bank, **common)
             self.distributed_bank = True
         elif bank == "host":
-            from .distributed import HostDPSLoss
+            from ..distributed import HostDPSLoss
 
             self.dps = HostDPSLoss(self.labels.cpu(), self.num_classes, **common)
         else:
@@ -196,6 +196,16 @@ class DPS(Method):
 
     def load_state_dict(self, state):
         self.dps.load_state_dict(state)
+
+    def save_bank(self, folder: str) -> None:
+        from ..distributed import save_bank
+
+        save_bank(self.dps, folder)
+
+    def load_bank(self, folder: str) -> None:
+        from ..distributed import load_bank
+
+        load_bank(self.dps, folder)
 
 
 class DPSCon(DPS):

@@ -1,0 +1,326 @@
+"""One training run, in steps: build, restore, train an epoch, record it, finish.
+
+Each run writes to ``<out>/<method>/``: config.json, metrics.csv (one row per
+epoch), final.json, reliability.png, curves.png, noisy_labels.pt (when noisy) and
+checkpoint.pt (every epoch, atomically; ``--resume`` continues from it and, on
+CPU, reproduces the uninterrupted run bit for bit).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import Loader, augment
+from .experiment import ExperimentData, evaluate, model_from_args
+from .files import atomic_save, json_dump, state_digest
+from .methods import build_method
+from .models import ProjectionHead
+from .plots import save_plots
+from .timing import loss_overhead, no_timing
+
+
+class TrainNet(torch.nn.Module):
+    """The trained network: model (+ projection head); one forward for DDP."""
+
+    def __init__(self, model, proj):
+        super().__init__()
+        self.model, self.proj = model, proj
+
+    def forward(self, x):
+        h = self.model.embed(x)
+        logits = self.model.head(h)
+        feats = F.normalize(self.proj(h), dim=1) if self.proj is not None else None
+        return logits, feats
+
+
+@dataclass
+class Run:
+    """Everything one run of one method holds."""
+    args: object
+    method_name: str
+    data: ExperimentData
+    rank: int
+    world: int
+    device: torch.device
+    out_dir: str
+    cfg: dict
+    model: torch.nn.Module
+    proj: torch.nn.Module | None
+    net: torch.nn.Module
+    method: object
+    opt: torch.optim.Optimizer
+    sched: object
+    gen: torch.Generator
+    loader: Loader
+    history: list = field(default_factory=list)
+    start: int = 0
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def crop_pad(self) -> int:
+        return 1 if self.data.image_shape[-1] <= 8 else 2
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.out_dir, "checkpoint.pt")
+
+    @property
+    def bank_dir(self) -> str:
+        return os.path.join(self.out_dir, "bank")
+
+    @property
+    def shared_bank(self) -> bool:
+        """The bank is spread over the ranks and saved per rank, not in checkpoint.pt."""
+        return self.world > 1 and self.method.distributed_bank
+
+
+def run_config(args, method: str, world: int) -> dict:
+    cfg = {k: v for k, v in vars(args).items() if k not in ("compare", "demo", "resume")}
+    cfg["method"], cfg["world"] = method, world
+    return cfg
+
+
+def make_optimizer(args, params):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                               nesterov=args.momentum > 0)
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def run_device(args, rank: int, world: int) -> torch.device:
+    device = torch.device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def build_run(args, method_name: str, data: ExperimentData, rank: int = 0, world: int = 1) -> Run:
+    device = run_device(args, rank, world)
+    out_dir = os.path.join(args.out, method_name)
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = run_config(args, method_name, world)
+    torch.manual_seed(args.seed)
+    model = model_from_args(args, data).to(device)
+    method = build_method(method_name, data.labels, data.num_classes, args.epochs, cfg, device)
+    proj = ProjectionHead(model.feature_dim, args.proj_dim).to(device) if method.needs_features else None
+    net = TrainNet(model, proj)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    opt = make_optimizer(args, params)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
+    gen = torch.Generator().manual_seed(args.seed + 1)  # data order and augmentation
+    loader = Loader(data.x_train, data.labels, args.batch_size, device, shuffle=True)
+    return Run(args, method_name, data, rank, world, device, out_dir, cfg, model, proj, net, method, opt, sched,
+               gen, loader)
+
+
+def restore(r: Run, log) -> None:
+    """Continues ``r`` from its checkpoint: weights, optimiser, schedule, bank, RNG states."""
+    st = torch.load(r.ckpt_path, map_location=r.device, weights_only=True)
+    if st["config"]["method"] != r.method_name or st["config"]["dataset"] != r.args.dataset:
+        raise ValueError(f"{r.ckpt_path} belongs to another run ({st['config']['method']} on "
+                         f"{st['config']['dataset']})")
+    r.model.load_state_dict(st["model"])
+    if r.proj is not None:
+        r.proj.load_state_dict(st["proj"])
+    r.opt.load_state_dict(st["optimizer"])
+    r.sched.load_state_dict(st["scheduler"])
+    if r.shared_bank:
+        r.method.load_bank(r.bank_dir)  # saved with any world size
+    else:
+        r.method.load_state_dict(st["method"])
+    r.gen.set_state(st["data_rng"])
+    torch.set_rng_state(st["torch_rng"])
+    if r.device.type == "cuda" and "cuda_rng" in st:
+        torch.cuda.set_rng_state(st["cuda_rng"].cpu())
+    r.history, r.start = st["history"], st["epoch"] + 1
+    log(f"[{r.method_name}] resumed from {r.ckpt_path} at epoch {r.start}/{r.args.epochs}")
+
+
+def write_run_start(r: Run) -> None:
+    if not r.lead:
+        return
+    json_dump({**r.cfg, "noise_info": r.data.noise_info, "n_train": len(r.data.labels)},
+              os.path.join(r.out_dir, "config.json"))
+
+
+def write_noisy_labels(r: Run) -> None:
+    if r.data.noise_info["kind"] != "none" and r.lead:
+        torch.save({"noisy": r.data.labels, "clean": r.data.clean_labels, "info": r.data.noise_info},
+                   os.path.join(r.out_dir, "noisy_labels.pt"))
+
+
+def distributed_epoch(gen: torch.Generator, n: int, world: int, rank: int, batch: int, device):
+    """DistributedSampler-style epoch: one permutation (the same on every rank),
+    padded by repetition to a multiple of world; rank r takes positions r, r+W, ...
+    Yields (index, valid) local batches; valid is False for the padding repeats."""
+    from ..distributed import padding_mask
+
+    order = torch.randperm(n, generator=gen)
+    padded = torch.cat([order, order[: (-n) % world]])
+    local = padded[rank::world]
+    valid = padding_mask(n, world, rank, torch.arange(len(local)))
+    for k in range(0, len(local), batch):
+        yield local[k:k + batch].to(device), valid[k:k + batch].to(device)
+
+
+def epoch_batches(r: Run):
+    """(x, y, index, valid) batches of one epoch, and how many there are."""
+    if r.world > 1:
+        local_batch = max(1, r.args.batch_size // r.world)
+        x, y, n = r.loader.x, r.loader.y, len(r.data.labels)
+        batches = ((x[i], y[i], i, v) for i, v in distributed_epoch(r.gen, n, r.world, r.rank, local_batch,
+                                                                     r.device))
+        return batches, -(-(-(-n // r.world)) // local_batch)
+    return ((x, y, i, None) for x, y, i in r.loader.epoch(r.gen)), len(r.loader)
+
+
+def progress_bar(r: Run, batches, total: int, epoch: int):
+    show = r.args.progress if r.args.progress is not None else sys.stderr.isatty()
+    if not (show and r.lead):
+        return batches, None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return batches, None
+    bar = tqdm(batches, total=total, desc=f"{r.method_name} {epoch + 1}/{r.args.epochs}", leave=False,
+               unit="batch")
+    return bar, bar
+
+
+def train_step(r: Run, x, y, idx, valid):
+    """One optimiser step; returns (loss value, logits of the first view)."""
+    views = [augment(x, r.crop_pad, r.data.flip, r.gen) if r.args.augment else x
+             for _ in range(r.method.views)]
+    logits, feats = r.net(torch.cat(views))
+    if r.method.views > 1:
+        logits = logits.view(r.method.views, len(y), -1)
+        if feats is not None:
+            feats = feats.view(r.method.views, len(y), -1)
+    loss = r.method.loss(logits, idx, y, feats, valid=valid)
+    r.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    r.opt.step()
+    return float(loss.detach()), (logits[0] if r.method.views > 1 else logits)
+
+
+def train_epoch(r: Run, epoch: int) -> dict:
+    """Trains one epoch; returns its loss, accuracy on the given labels, and time."""
+    r.net.train()
+    r.method.start_epoch(epoch)
+    t0 = time.perf_counter()
+    tot = torch.zeros(3, dtype=torch.float64)  # loss sum, hits, samples
+    batches, total = epoch_batches(r)
+    batches, bar = progress_bar(r, batches, total, epoch)
+    for x, y, idx, valid in batches:
+        lv, first = train_step(r, x, y, idx, valid)
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"[{r.method_name}] non-finite loss at epoch {epoch + 1}")
+        tot += torch.tensor([lv * len(y), float((first.argmax(-1) == y).sum()), len(y)], dtype=torch.float64)
+        if bar is not None:
+            bar.set_postfix(loss=f"{tot[0] / tot[2]:.4f}", img_s=f"{tot[2] / (time.perf_counter() - t0):.0f}")
+    if r.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tot)
+    r.method.end_epoch()
+    r.sched.step()
+    dt = time.perf_counter() - t0
+    return {"train_loss": float(tot[0]) / float(tot[2]), "train_acc": float(tot[1]) / float(tot[2]),
+            "epoch_s": dt, "img_per_s": float(tot[2]) / dt}
+
+
+def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
+    """Evaluates (every --eval-every epochs and at the end), logs and appends the epoch's row."""
+    args = r.args
+    due = (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs
+    res = evaluate(r.model, r.data, r.device, args.eval_batch)[0] if due else {}
+    row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+           "lr": r.opt.param_groups[0]["lr"], "epoch_s": stats["epoch_s"], "img_per_s": stats["img_per_s"], **res}
+    r.history.append(row)
+    msg = (f"[{r.method_name}] epoch {epoch + 1:3d}/{args.epochs} loss {row['train_loss']:.4f} "
+           f"train {100 * row['train_acc']:.1f}%")
+    if res:
+        msg += (f" | test acc {100 * res['accuracy']:.2f}% ECE {res['ece_pct']:.2f}% (15 bins) "
+                f"NLL {res['nll']:.4f}")
+    if "ood_auroc" in res:
+        msg += f" OOD-AUROC {res['ood_auroc']:.4f}"
+    log(msg + f" ({row['img_per_s']:.0f} img/s)")
+    write_metrics_csv(r)
+
+
+def write_metrics_csv(r: Run) -> None:
+    with open(os.path.join(r.out_dir, "metrics.csv"), "w", newline="") as f:
+        fields = list(dict.fromkeys(k for h in r.history for k in h))
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(r.history)
+
+
+def save_checkpoint(r: Run, epoch: int) -> None:
+    """Every rank saves its bank rows (distributed banks); the lead saves checkpoint.pt."""
+    if r.shared_bank:
+        r.method.save_bank(r.bank_dir)
+    if not r.lead:
+        return
+    state = {"epoch": epoch, "config": r.cfg, "model": r.model.state_dict(), "optimizer": r.opt.state_dict(),
+             "scheduler": r.sched.state_dict(), "method": {} if r.shared_bank else r.method.state_dict(),
+             "data_rng": r.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": r.history,
+             "noisy_labels": r.data.labels, "noise_info": r.data.noise_info}
+    if r.proj is not None:
+        state["proj"] = r.proj.state_dict()
+    if r.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    atomic_save(state, r.ckpt_path)
+
+
+def finish(r: Run, log) -> dict:
+    """Final evaluation, loss timing, final.json and plots (lead rank only)."""
+    if r.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if not r.lead:
+            return {}
+    args = r.args
+    res, probs = evaluate(r.model, r.data, r.device, args.eval_batch)
+    timing = loss_overhead(r.method, r.model, r.proj, r.loader) if r.world == 1 else \
+        no_timing(max(1, args.batch_size // r.world))
+    log(f"[{r.method_name}] loss part {timing['loss_ms']:.3f} ms vs plain CE {timing['ce_loss_ms']:.3f} ms "
+        f"per step of {timing['batch']}; a whole CE step {timing['ce_step_ms']:.2f} ms -> overhead "
+        f"{timing['overhead_pct_of_ce_step']:+.1f}% of a CE step")
+    final = {"method": r.method_name, "final": res, "history": r.history, "timing": timing,
+             "noise": r.data.noise_info, "n_train": len(r.data.labels), "dataset": r.data.name,
+             "ood": r.data.ood_name, "config": r.cfg, "model_sha": state_digest(r.model)}
+    json_dump(final, os.path.join(r.out_dir, "final.json"))
+    if args.plots and r.history:
+        save_plots(r.out_dir, r.history, probs, r.data.y_test, f"{r.method_name} on {r.data.name}")
+    return final
+
+
+def run(args, method_name: str, data: ExperimentData, log=print, rank: int = 0, world: int = 1) -> dict:
+    """Trains one method from scratch (or from its checkpoint with --resume) and writes its files."""
+    r = build_run(args, method_name, data, rank, world)
+    if args.resume and os.path.exists(r.ckpt_path):
+        restore(r, log)
+    else:
+        write_run_start(r)
+    write_noisy_labels(r)
+    for epoch in range(r.start, args.epochs):
+        stats = train_epoch(r, epoch)
+        if r.lead:
+            record_epoch(r, epoch, stats, log)
+        save_checkpoint(r, epoch)
+    return finish(r, log)
