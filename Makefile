@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deps-stamp
-# Pinned allocator (DEVELOPERS.md): without it eager timings swing 2x. A 32 MB mmap
+# Pinned allocator: without it eager timings swing 2x. A 32 MB mmap
 # threshold keeps buffers up to 32 MB on the heap (no page faults on every call).
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 1073741824

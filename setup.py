@@ -23,7 +23,7 @@ def rel(pattern):
 
 cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-DNDEBUG"]
 if platform.machine().lower() in ("x86_64", "amd64"):
-    # The at::vec AVX2 path (DEVELOPERS.md): not -march=native, not -ffast-math.
+    # The at::vec AVX2 path: not -march=native (the wheel must run on other CPUs), not -ffast-math (it breaks the NaN policy).
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 link_flags = ["-fopenmp", "-g0"]
 
@@ -53,7 +53,7 @@ setup(
     name="dps_fast",
     version="0.1.0",
     description="Deep Probabilistic Supervision with fused CPU/Triton/CUDA kernels",
-    packages=["dps_fast", "dps_fast.kernels", "dps_fast.train"],
+    packages=["dps_fast", "dps_fast.banks", "dps_fast.ops", "dps_fast.kernels", "dps_fast.train"],
     package_dir={"dps_fast.kernels": "kernels"},
     ext_modules=[module],
     cmdclass={"build_ext": ext.BuildExtension.with_options(use_ninja=True)},

@@ -1,8 +1,8 @@
 """dps_fast: Deep Probabilistic Supervision with fused kernels.
 
-Public API (see README.md and docs/method.md):
-  init_prior, dps_cross_entropy, soft_cross_entropy, supcon_loss, posterior_readouts,
-  DPSLoss, metrics, BackendUnavailableError, available_backends.
+Public API (README.md; the maths in docs/method.md): init_prior, dps_cross_entropy,
+soft_cross_entropy, supcon_loss, posterior_readouts, DPSLoss, HostDPSLoss, metrics,
+BackendUnavailableError, available_backends; dps_fast.distributed for DDP.
 """
 from __future__ import annotations
 
@@ -15,17 +15,15 @@ _dispatch._cpu_ext()  # load dps_fast._C (the op schemas) before the Python frag
 from . import _ops  # noqa: E402
 from . import metrics  # noqa: E402
 from ._dispatch import BackendUnavailableError  # noqa: E402
-from .functional import (  # noqa: E402
-    dps_cross_entropy,
-    init_prior,
-    posterior_readouts,
-    soft_cross_entropy,
-    supcon_loss,
-)
-from .loss import DPSLoss  # noqa: E402
+from .functional import init_prior, posterior_readouts  # noqa: E402
+from .loss import DPSLoss, HostDPSLoss  # noqa: E402
+from .ops import PUBLIC as _PUBLIC  # noqa: E402
+
+globals().update(_PUBLIC)  # dps_cross_entropy, soft_cross_entropy, supcon_loss, ...
 
 if _dispatch._cpu_ext() is None:
     _ops.register_fakes("dps_fast")
+    _ops.register_check_index()
     from . import _validate
 
     _validate._fast_check = _torch.ops.dps_fast.check_index.default
@@ -38,7 +36,7 @@ def available_backends(device="cpu") -> list[str]:
     return [b for b in _dispatch.BACKENDS if _dispatch.available(b, device)]
 
 
-__all__ = [
-    "init_prior", "dps_cross_entropy", "soft_cross_entropy", "supcon_loss", "posterior_readouts",
-    "DPSLoss", "metrics", "BackendUnavailableError", "available_backends",
-]
+from . import distributed  # noqa: E402  (after DPSLoss: DistributedDPSLoss builds on it)
+
+__all__ = ["init_prior", "posterior_readouts", "DPSLoss", "HostDPSLoss", "metrics", "distributed",
+           "BackendUnavailableError", "available_backends"] + sorted(_PUBLIC)

@@ -65,6 +65,9 @@ def _cuda_ext() -> str | None:
 
 def _triton() -> str | None:
     if "triton" not in _state:
+        if _cpu_ext() is not None:  # the Triton ops copy their schemas from the C++ extension
+            _state["triton"] = f"the Triton kernels need the C++ extension's op schemas, and {_cpu_ext()}"
+            return _state["triton"]
         try:
             from . import kernels  # noqa: F401  (registers torch.ops.dps_fast_triton)
 

@@ -1,8 +1,9 @@
-"""Op schemas, fake (meta) kernels and the autograd glue shared by the fused backends.
+"""Op registration shared by the fused backends: schemas, fake kernels, autograd glue.
 
-Every fused backend exposes three ops with the same schemas (``SCHEMAS``): the
-C++ extension under ``torch.ops.dps_fast`` (CPU and CUDA dispatch keys) and the
-Triton kernels under ``torch.ops.dps_fast_triton``.
+Every fused op is defined once, by the C++ extension (``torch.ops.dps_fast``, CPU and
+CUDA dispatch keys; the schema sits next to the CPU kernel); the Triton kernels register
+the same schemas under ``torch.ops.dps_fast_triton``. The ops themselves (reference,
+checks, fake kernel, public function) live one per module in :mod:`dps_fast.ops`.
 
 Each forward op computes the loss *and* the gradient of the loss in one pass
 (the gradient of a softmax cross-entropy is known in closed form). The DPS op
@@ -17,46 +18,41 @@ from __future__ import annotations
 
 import torch
 
-REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
-
-SCHEMAS = {
-    "dps_ce_fwd": (
-        "dps_ce_fwd(Tensor logits, Tensor index, Tensor(a!) alpha, Tensor(b!) grad, float gamma, "
-        "float tau_e, bool posterior, bool update, int reduction) -> Tensor"
-    ),
-    "soft_ce_fwd": (
-        "soft_ce_fwd(Tensor logits, Tensor target, Tensor(a!) grad, bool normalize, int reduction) -> Tensor"
-    ),
-    "supcon_fwd": (
-        "supcon_fwd(Tensor features, Tensor? labels, Tensor? soft, float tau, bool normalize, "
-        "bool need_grad) -> (Tensor, Tensor)"
-    ),
-}
+from .ops._common import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM  # noqa: F401
 
 
-def _loss_shape(logits: torch.Tensor, reduction: int):
-    return tuple(logits.shape[:-1]) if reduction == REDUCTION_NONE else ()
+def op_modules():
+    from .ops import MODULES
+
+    return MODULES
 
 
-def fake_dps_ce_fwd(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction):
-    return logits.new_empty(_loss_shape(logits, reduction), dtype=torch.float32)
-
-
-def fake_soft_ce_fwd(logits, target, grad, normalize, reduction):
-    return logits.new_empty(_loss_shape(logits, reduction), dtype=torch.float32)
-
-
-def fake_supcon_fwd(features, labels, soft, tau, normalize, need_grad):
-    grad = torch.empty_like(features) if need_grad else features.new_empty((0,))
-    return features.new_empty((), dtype=torch.float32), grad
-
-
-FAKES = {"dps_ce_fwd": fake_dps_ce_fwd, "soft_ce_fwd": fake_soft_ce_fwd, "supcon_fwd": fake_supcon_fwd}
+def schema(op: str) -> str:
+    """The schema of ``op`` (without its namespace) as the C++ extension defines it: the one
+    definition, next to the op's CPU kernel."""
+    return str(getattr(torch.ops.dps_fast, op).default._schema).split("::", 1)[1]
 
 
 def register_fakes(namespace: str) -> None:
-    for name, fn in FAKES.items():
-        torch.library.register_fake(f"{namespace}::{name}", fn)
+    """The shape functions of every fused op (for torch.compile / FakeTensor)."""
+    for mod in op_modules():
+        torch.library.register_fake(f"{namespace}::{mod.OP}", mod.fake)
+
+
+def register_check_index() -> None:
+    """``dps_fast::check_index`` beyond its C++ CPU kernel: a fake (torch.compile) and the
+    host-side check for CUDA tensors."""
+    from . import _validate as V
+
+    def fake(index, n):
+        return torch.empty(index.shape, dtype=torch.int64, device=index.device)
+
+    def on_cuda(index, n):
+        V.index_values(index.cpu(), n)
+        return index.to(torch.int64).clone()
+
+    torch.library.register_fake("dps_fast::check_index", fake)
+    torch.library.impl("dps_fast::check_index", "CUDA", on_cuda)
 
 
 # --------------------------------------------------------------------------- attach_grad
@@ -93,7 +89,18 @@ def scale_grad(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (grad * g).to(grad.dtype)
 
 
+def no_double_backward() -> None:
+    """The fused backward returns a precomputed gradient buffer: it has no derivative of its
+    own. With create_graph=True (gradient penalties, Hessian-vector products) a second
+    derivative through it would be silently wrong, so it is an error instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("dps_fast: the fused backends have no second derivative (backward with "
+                           "create_graph=True, a gradient penalty, torch.func.hessian...); use backend='reference' "
+                           "for higher-order gradients")
+
+
 def _attach_grad_backward(ctx, grad_output):
+    no_double_backward()
     (grad,) = ctx.saved_tensors
     return None, scale_grad(grad, grad_output), None
 
@@ -114,7 +121,25 @@ class _Attach(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        no_double_backward()
         return None, scale_grad(ctx.grad, grad_output), None
+
+
+def under_functorch(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def backend_for_functorch(name: str, backend, what: str) -> str:
+    """torch.func transforms (grad, vmap, jacrev, ...) cannot see inside a fused kernel: the
+    automatic choice falls back to the reference, an explicit fused backend is an error."""
+    if name == "reference":
+        return name
+    if backend in (None, "auto"):
+        return "reference"
+    raise RuntimeError(f"dps_fast: {what} under a torch.func transform (grad, vmap, jacrev, ...) runs only on "
+                       f"the reference backend, not {name!r}; use backend=None or 'reference'")
 
 
 def attach_grad(loss: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

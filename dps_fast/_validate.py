@@ -1,4 +1,5 @@
-"""Input validation shared by every backend.
+"""Input validation shared by every op and every backend (each op's own checks, built
+from these, live in its module under dps_fast/ops/).
 
 Every public op calls these checks before dispatching, so that every backend
 raises the same exception type with the same message, and raises it before the
@@ -16,7 +17,7 @@ import torch
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 TARGETS = ("posterior", "prior")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def reduction_code(reduction) -> int:
@@ -32,6 +33,45 @@ def positive(name: str, value) -> float:
     if not (value > 0.0) or math.isinf(value):
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return value
+
+
+# 1 / tau_e must be a finite float32 (the kernels multiply by it): tau_e >= 1 / FLT_MAX.
+_MIN_TAU_E = 1.0 / torch.finfo(torch.float32).max
+
+
+def evidence_temperature(tau_e) -> float:
+    tau_e = positive("tau_e", tau_e)
+    if tau_e < _MIN_TAU_E:
+        raise ValueError(f"tau_e must be at least {_MIN_TAU_E:.3g} (1 / tau_e must be a finite float32), got {tau_e}")
+    return tau_e
+
+
+def target_name(target) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    return target
+
+
+def backend_name(backend):
+    from ._dispatch import BACKENDS
+
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None for automatic")
+    return backend
+
+
+def valid_mask(valid, batch: int) -> None:
+    tensor("valid", valid)
+    if valid.dtype != torch.bool or tuple(valid.shape) != (batch,):
+        raise ValueError(f"valid must be a bool tensor of shape [{batch}], got {valid.dtype} {list(valid.shape)}")
+
+
+def canonical_index(index: torch.Tensor) -> torch.Tensor:
+    """The index as a contiguous int64 tensor (every backend reads int64 ids: a uint8 index
+    would be a boolean mask to PyTorch indexing, an int8 one would wrap)."""
+    if index.dtype == torch.int64 and index.is_contiguous():
+        return index
+    return index.to(torch.int64).contiguous()
 
 
 def gamma_value(gamma) -> float:
@@ -55,7 +95,7 @@ def floating(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def same_device(**tensors: torch.Tensor) -> None:
+def same_device(**tensors) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     dev0 = items[0][1].device
     for k, v in items[1:]:
@@ -67,7 +107,7 @@ def same_device(**tensors: torch.Tensor) -> None:
 
 def index_tensor(index, batch: int) -> None:
     tensor("index", index)
-    if index.dtype not in _INT_DTYPES:
+    if index.dtype not in INT_DTYPES:
         raise TypeError(f"index must be an integer tensor, got dtype {index.dtype}")
     if index.dim() != 1 or index.shape[0] != batch:
         raise ValueError(
@@ -86,17 +126,7 @@ def index_values(index: torch.Tensor, n: int) -> None:
     if index.device.type == "cpu" and _fast_check is not None:
         _fast_check(index, n)
         return
-    idx = index.detach()
-    if idx.device.type != "cpu":
-        idx = idx.cpu()
-    idx = idx.to(torch.int64)
-    lo, hi = torch.aminmax(idx)
-    if int(lo) < 0 or int(hi) >= n:
-        bad = idx[(idx < 0) | (idx >= n)]
-        raise IndexError(
-            f"index {int(bad[0])} is out of range for a bank of {n} rows "
-            f"({bad.numel()} id(s) outside [0, {n}))"
-        )
+    idx = index_range(index, n)
     if idx.numel() > 1:
         s = torch.sort(idx).values
         dup = s[1:] == s[:-1]
@@ -106,6 +136,57 @@ def index_values(index: torch.Tensor, n: int) -> None:
                 f"index contains duplicate id {first}; ids in one call must be distinct "
                 f"(feed several views of one sample as logits of shape [V, B, C])"
             )
+
+
+def checked_index(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Range and duplicate checks; returns the index as int64. Under torch.compile the check
+    is the op ``dps_fast::check_index``, whose output feeds the step, so it stays in the graph."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dps_fast.check_index(index, n)
+    index_values(index, n)
+    return canonical_index(index)
+
+
+def index_range(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Range check only (one host read); returns the index as int64 on the host."""
+    idx = index.detach()
+    if idx.device.type != "cpu":
+        idx = idx.cpu()
+    idx = idx.to(torch.int64)
+    if idx.numel() == 0:
+        return idx
+    lo, hi = torch.aminmax(idx)
+    if int(lo) < 0 or int(hi) >= n:
+        bad = idx[(idx < 0) | (idx >= n)]
+        raise IndexError(
+            f"index {int(bad[0])} is out of range for a bank of {n} rows "
+            f"({bad.numel()} id(s) outside [0, {n}))"
+        )
+    return idx
+
+
+def bank_values(alpha: torch.Tensor, what: str) -> None:
+    """Every entry finite and > 0 in the bank's own dtype (checked after the cast: 1e-8
+    is 0 in float16, 1e5 is inf)."""
+    bad = ~(torch.isfinite(alpha) & (alpha > 0))
+    if bool(bad.any()):
+        v = alpha[bad][0]
+        raise ValueError(f"{what} must be finite and > 0 in the bank dtype {alpha.dtype}, but holds {float(v)} "
+                         f"({int(bad.sum())} such entries); choose values that {alpha.dtype} can represent")
+
+
+def bank_storage(alpha: torch.Tensor, logits: torch.Tensor) -> None:
+    """The bank is written in place: each row must own its memory (no expanded, stride-0 or
+    self-overlapping views) and share none with the logits. (Storage is not visible to
+    torch.compile's tracer: checked in eager mode only.)"""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        return
+    if alpha.shape[0] > 1 and alpha.stride(0) == 0 or torch._debug_has_internal_overlap(alpha) != 0:
+        raise ValueError("alpha must not be an expanded or self-overlapping view (its rows are written in "
+                         "place); pass a tensor that owns its memory, e.g. alpha.contiguous()")
+    if alpha.numel() and logits.numel() and alpha.device == logits.device and \
+            alpha.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        raise ValueError("alpha shares memory with the logits; the bank must be a separate tensor")
 
 
 def bank(alpha, num_classes: int) -> None:
@@ -135,70 +216,3 @@ def logits_tensor(logits, allow_views: bool = True) -> tuple[int, int, int]:
     if v < 1:
         raise ValueError("logits must have at least one view (V >= 1)")
     return v, b, c
-
-
-def check_dps(logits, index, alpha, gamma, tau_e, target, reduction, validate=True):
-    """Returns (V, B, C, gamma, tau_e, posterior: bool, reduction code)."""
-    v, b, c = logits_tensor(logits)
-    index_tensor(index, b)
-    bank(alpha, c)
-    same_device(logits=logits, index=index, alpha=alpha)
-    gamma = gamma_value(gamma)
-    tau_e = positive("tau_e", tau_e)
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    red = reduction_code(reduction)
-    if validate:
-        index_values(index, alpha.shape[0])
-    return v, b, c, gamma, tau_e, target == "posterior", red
-
-
-def check_soft_ce(logits, target, reduction):
-    _, b, c = logits_tensor(logits, allow_views=False)
-    floating("target", target)
-    if target.shape != logits.shape:
-        raise ValueError(
-            f"target must have the logits' shape {list(logits.shape)}, got {list(target.shape)}"
-        )
-    same_device(logits=logits, target=target)
-    return b, c, reduction_code(reduction)
-
-
-def check_supcon(features, labels, tau, soft_targets):
-    """Returns (M, d, V, B) with V = 0 for flat [M, d] features."""
-    floating("features", features)
-    if features.dim() == 3:
-        v, b, d = features.shape
-        m = v * b
-    elif features.dim() == 2:
-        m, d = features.shape
-        v, b = 0, m
-    else:
-        raise ValueError(f"features must have shape [V, B, d] or [M, d], got {list(features.shape)}")
-    if d < 1:
-        raise ValueError("features must have at least one dimension (d >= 1)")
-    positive("tau", tau)
-    if labels is not None and soft_targets is not None:
-        raise ValueError("give labels or soft_targets, not both")
-    if labels is not None:
-        tensor("labels", labels)
-        if labels.dtype not in _INT_DTYPES:
-            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-        if labels.dim() != 1 or labels.shape[0] not in (b, m):
-            raise ValueError(
-                f"labels must have shape [{b}] (one per sample) or [{m}] (one per row), "
-                f"got {list(labels.shape)}"
-            )
-    elif soft_targets is not None:
-        floating("soft_targets", soft_targets)
-        if soft_targets.dim() != 2 or soft_targets.shape[0] not in (b, m):
-            raise ValueError(
-                f"soft_targets must have shape [{b}, K] or [{m}, K], got {list(soft_targets.shape)}"
-            )
-    elif v == 0:
-        raise ValueError(
-            "supcon_loss without labels pairs the views of each sample: pass features of "
-            "shape [V, B, d] (V >= 2), or give labels"
-        )
-    same_device(features=features, labels=labels, soft_targets=soft_targets)
-    return m, d, v, b

@@ -1,11 +1,12 @@
-"""DPSLoss: the drop-in nn.Module that owns the posterior bank."""
+"""DPSLoss: the drop-in nn.Module that owns the posterior bank, wherever the bank lives."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from . import _validate as V
-from .functional import dps_cross_entropy, init_prior, posterior_readouts, supcon_loss
+from .banks import StepConfig, make_bank
+from .functional import posterior_readouts, supcon_loss
 
 CON_POSITIVES = ("hard", "soft", "views")
 
@@ -15,21 +16,23 @@ class DPSLoss(nn.Module):
 
     ``loss = DPSLoss(labels, num_classes)(logits, index)`` updates the bank rows of
     the batch (in training mode) and returns the cross-entropy against the
-    posterior-mean targets (SPEC §2). With ``contrastive_weight > 0`` pass
+    posterior-mean targets (docs/method.md). With ``contrastive_weight > 0`` pass
     ``features`` ([V, B, d] projections of the V views) and the loss adds
-    ``contrastive_weight * supcon_loss`` (SPEC §4) with positives from the
-    posterior: ``con_positives="hard"`` (same argmax of the posterior, the default),
-    ``"soft"`` (weights <T_i, T_j>) or ``"views"`` (NT-Xent, other views only).
+    ``contrastive_weight * supcon_loss`` with positives from the posterior:
+    ``con_positives="hard"`` (same argmax of the posterior, the default), ``"soft"``
+    (weights <T_i, T_j>) or ``"views"`` (NT-Xent, other views only).
 
-    The bank is the persistent buffer ``alpha`` [N, C]: it is in ``state_dict()``
-    and moves with ``.to(device)``; ``bank_dtype`` may be float32, bfloat16 or
-    float16. In ``eval()`` mode the bank is read, never updated.
+    ``bank`` says where the rows live (docs/method.md, "Banks"): ``"local"`` (default,
+    in place on the module's device), ``"host"`` (pinned host memory; the step runs on
+    ``device``), ``"replicated"`` / ``"sharded"`` (across the ranks of a
+    ``torch.distributed`` process group; ``"auto"`` picks by size). Every kind runs the
+    same fused step and the same policies: in ``eval()`` mode the bank is read, never
+    written; every check runs before the first write, on every rank.
 
-    Under DDP use :class:`dps_fast.distributed.DistributedDPSLoss`, which keeps one
-    consistent (replicated or sharded) bank across ranks. This module's bank is a
-    plain buffer: inside a DDP-wrapped model DDP would broadcast rank 0's bank over
-    the others every step; kept outside, each rank updates only the rows its own
-    batches touch.
+    The bank is module state but not a buffer: it is in ``state_dict()`` and moves with
+    ``.to(device)``, and DDP's buffer broadcast never touches it. ``bank_dtype`` may be
+    float32, bfloat16 or float16. ``validate=False`` skips the host-side index checks of
+    the local bank (CUDA graphs); the kernels then skip out-of-range rows.
     """
 
     def __init__(self, labels=None, num_classes: int | None = None, c: float = 100.0,
@@ -37,80 +40,155 @@ class DPSLoss(nn.Module):
                  target: str = "posterior", reduction: str = "mean",
                  contrastive_weight: float = 0.0, con_tau: float = 0.1,
                  con_positives: str = "hard", bank_dtype: torch.dtype = torch.float32,
-                 prior: torch.Tensor | None = None, backend: str | None = None, device=None):
+                 prior: torch.Tensor | None = None, backend: str | None = None, device=None,
+                 bank: str = "local", validate: bool = True, group=None, timeout_s: float = 120.0,
+                 shard_above_bytes: int = 256 * 2 ** 20):
         super().__init__()
-        self.gamma = V.gamma_value(gamma)
-        self.tau_e = V.positive("tau_e", tau_e)
-        if target not in V.TARGETS:
-            raise ValueError(f"target must be one of {V.TARGETS}, got {target!r}")
-        V.reduction_code(reduction)
-        if contrastive_weight < 0:
-            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
-        if con_positives not in CON_POSITIVES:
-            raise ValueError(f"con_positives must be one of {CON_POSITIVES}, got {con_positives!r}")
-        if contrastive_weight > 0 and reduction == "none":
-            raise ValueError("contrastive_weight > 0 needs reduction 'mean' or 'sum'")
+        self.cfg = StepConfig(gamma, tau_e, target, reduction, backend, bool(validate))
+        self._check_contrastive(contrastive_weight, con_positives, reduction)
         self.con_tau = V.positive("con_tau", con_tau)
-        self.target, self.reduction, self.backend = target, reduction, backend
         self.contrastive_weight, self.con_positives = float(contrastive_weight), con_positives
-        if prior is not None:
-            V.floating("prior", prior)
-            if prior.dim() != 2 or not bool((prior > 0).all()):
-                raise ValueError("prior must be a strictly positive tensor [N, C]")
-            alpha = prior.detach().to(dtype=bank_dtype, device=device).clone()
-            given = alpha.argmax(1)
-        else:
-            if labels is None or num_classes is None:
-                raise ValueError("give labels and num_classes, or an explicit prior")
-            alpha = init_prior(labels, num_classes, c, eps, dtype=bank_dtype, device=device)
-            lab = torch.as_tensor(labels)
-            given = (lab.argmax(1) if lab.is_floating_point() else lab).to(alpha.device, torch.int64)
-        self.register_buffer("alpha", alpha)
-        self.register_buffer("given_labels", given)
+        self.store = make_bank(bank, labels, num_classes, c, eps, bank_dtype, prior, device, group, timeout_s,
+                               shard_above_bytes)
+
+    @staticmethod
+    def _check_contrastive(weight, positives, reduction):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"contrastive_weight must be a number >= 0, got {weight!r}")
+        if positives not in CON_POSITIVES:
+            raise ValueError(f"con_positives must be one of {CON_POSITIVES}, got {positives!r}")
+        if weight > 0 and reduction == "none":
+            raise ValueError("contrastive_weight > 0 needs reduction 'mean' or 'sum'")
+
+    # ------------------------------------------------------------------ the step
+    def forward(self, logits: torch.Tensor, index: torch.Tensor, features: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of one batch. ``index``: the samples' ids; ``valid`` (optional, bool [B]):
+        False for padding repeats, which get a loss but never update the bank."""
+        con = self.contrastive_weight > 0
+        check = (lambda: self._check_features(features, logits)) if con else None
+        loss, rows = self.store.step(logits, index, valid, self.training, self.cfg, check)
+        if con:
+            loss = loss + self.contrastive_weight * self._contrastive(features, index, rows)
+        return loss
+
+    def _check_features(self, features, logits):
+        if features is None:
+            raise ValueError("contrastive_weight > 0: pass features [V, B, d]")
+        b = logits.shape[-2]
+        V.floating("features", features)
+        if features.dim() != 3 or features.shape[1] != b or features.shape[2] < 1:
+            raise ValueError(f"features must have shape [V, {b}, d] (the logits' batch), got {list(features.shape)}")
+        if self.con_positives == "views" and features.shape[0] < 2:
+            raise ValueError("con_positives='views' pairs the views of each sample: features need V >= 2")
+        V.same_device(logits=logits, features=features)
+
+    def _contrastive(self, features, index, rows):
+        labels = soft = None
+        if self.con_positives != "views":
+            with torch.no_grad():
+                rows = (rows if rows is not None else self.store.rows(index)).float()
+            if self.con_positives == "hard":
+                labels = rows.argmax(1)
+            else:
+                soft = rows / rows.sum(1, keepdim=True)
+        return supcon_loss(features, labels=labels, tau=self.con_tau, soft_targets=soft, backend=self.cfg.backend)
+
+    # ------------------------------------------------------------------ the bank as module state
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.store.move(fn)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.store.state().items():
+            destination[prefix + k] = v
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        mine = {k: state_dict.pop(prefix + k) for k in self.store.state() if prefix + k in state_dict}
+        if strict:
+            missing.extend(prefix + k for k in self.store.state() if k not in mine and k != "given_labels")
+        if mine:
+            self.store.load_state(mine, errors)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def alpha(self) -> torch.Tensor:
+        """This process's bank rows (all N rows, except in a sharded bank)."""
+        return self.store.storage
+
+    @property
+    def given_labels(self) -> torch.Tensor:
+        """The given labels of this process's rows."""
+        return self.store.labels
 
     @property
     def num_samples(self) -> int:
-        return self.alpha.shape[0]
+        return self.store.num_samples
 
     @property
     def num_classes(self) -> int:
-        return self.alpha.shape[1]
+        return self.store.num_classes
 
-    def forward(self, logits: torch.Tensor, index: torch.Tensor,
-                features: torch.Tensor | None = None) -> torch.Tensor:
-        loss = dps_cross_entropy(logits, index, self.alpha, self.gamma, self.tau_e, self.target,
-                                 self.reduction, update=self.training, backend=self.backend)
-        if self.contrastive_weight > 0:
-            if features is None:
-                raise ValueError("contrastive_weight > 0: pass features [V, B, d]")
-            labels = soft = None
-            if self.con_positives != "views":
-                with torch.no_grad():
-                    rows = self.alpha[index].float()
-                if self.con_positives == "hard":
-                    labels = rows.argmax(1)
-                else:
-                    soft = rows / rows.sum(1, keepdim=True)
-            con = supcon_loss(features, labels=labels, tau=self.con_tau, soft_targets=soft,
-                              backend=self.backend)
-            loss = loss + self.contrastive_weight * con
-        return loss
+    @property
+    def gamma(self) -> float:
+        return self.cfg.gamma
+
+    @property
+    def tau_e(self) -> float:
+        return self.cfg.tau_e
+
+    def iter_rows(self, chunk_rows: int = 65536):
+        """(global ids, rows, given labels) of the rows this process holds, a chunk at a time."""
+        lab = self.store.labels
+        for k, (ids, rows) in enumerate(self.store.iter_rows(chunk_rows)):
+            yield ids, rows, lab[k * chunk_rows: k * chunk_rows + rows.shape[0]]
+
+    def full_bank(self) -> torch.Tensor:
+        """The whole bank [N, C] on this process (a collective of N*C elements for a sharded bank)."""
+        return self.store.full()
 
     @torch.no_grad()
     def targets(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Current posterior-mean targets (float32) of rows ``index`` (all rows if None)."""
-        a = (self.alpha if index is None else self.alpha[index]).float()
+        """Posterior-mean targets (float32) of rows ``index`` (global ids; a collective for a
+        sharded bank), or of all rows this process holds."""
+        a = (self.alpha if index is None else self.store.rows(V.canonical_index(index))).float()
         return a / a.sum(1, keepdim=True)
 
     @torch.no_grad()
-    def posterior(self, index: torch.Tensor | None = None) -> dict:
-        """SPEC §5 read-outs: mean, alpha0, entropy, expected_entropy,
-        mutual_information, label_error (1 - t[given label])."""
-        a = self.alpha if index is None else self.alpha[index]
-        lab = self.given_labels if index is None else self.given_labels[index]
-        return posterior_readouts(a, lab)
+    def posterior(self, index: torch.Tensor | None = None, chunk_rows: int = 65536) -> dict:
+        """docs/method.md read-outs (mean, alpha0, entropy, expected_entropy,
+        mutual_information, label_error = 1 - t[given label]) of rows ``index`` or of all
+        rows this process holds, computed ``chunk_rows`` at a time."""
+        if index is None:
+            return posterior_readouts(self.alpha, self.given_labels, chunk_rows=chunk_rows)
+        idx = V.canonical_index(index)
+        lab = self.store.labels[idx.to(self.store.labels.device)] if self.store.kind != "sharded" else None
+        return posterior_readouts(self.store.rows(idx), lab, chunk_rows=chunk_rows)
 
     def extra_repr(self) -> str:
-        return (f"N={self.num_samples}, C={self.num_classes}, gamma={self.gamma}, tau_e={self.tau_e}, "
-                f"target={self.target!r}, bank_dtype={self.alpha.dtype}, "
+        c = self.cfg
+        return (f"N={self.num_samples}, C={self.num_classes}, bank={self.store.kind}, gamma={c.gamma}, "
+                f"tau_e={c.tau_e}, target={c.target!r}, bank_dtype={self.store.dtype}, "
                 f"contrastive_weight={self.contrastive_weight}")
+
+
+class HostDPSLoss(DPSLoss):
+    """``DPSLoss(bank="host")``: one process, the bank in pinned host memory, the step on
+    ``device`` (docs/method.md, "Banks"). ``prefetch(next_index)`` gathers the next batch's
+    rows early; ``flush()`` writes the pending write-back."""
+
+    def __init__(self, labels=None, num_classes=None, **kw):
+        super().__init__(labels, num_classes, bank="host", **kw)
+
+    def prefetch(self, index: torch.Tensor) -> None:
+        self.store.prefetch(index)
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    @property
+    def bank(self) -> torch.Tensor:
+        return self.store.storage

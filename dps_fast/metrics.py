@@ -1,4 +1,4 @@
-"""Calibration and evaluation metrics (SPEC §6).
+"""Calibration and evaluation metrics (docs/method.md §6).
 
 All functions take class probabilities ``probs`` [N, C] (rows summing to 1; use
 ``logits.softmax(-1)``) and integer labels [N], and return Python floats computed

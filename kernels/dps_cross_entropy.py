@@ -1,4 +1,4 @@
-"""Triton kernels: the fused DPS step (SPEC §2) and soft-target cross-entropy (SPEC §3).
+"""Triton kernels: the fused DPS step (docs/method.md §2) and soft-target cross-entropy (docs/method.md §3).
 
 One kernel serves both ops (the soft-target CE is the DPS step with the target
 matrix in place of the bank, no update and no discount). One launch per call:
@@ -224,3 +224,41 @@ def dps_ce_fwd(logits, index, alpha, grad, gamma, tau_e, posterior, update, redu
 def soft_ce_fwd(logits, target, grad, normalize, reduction):
     t = target.contiguous()
     return _launch(logits, None, t, grad, 0.0, 1.0, False, False, reduction, normalize)
+
+
+# ---------------------------------------------------------------------------- ahead-of-time check
+def aot_cases():
+    """The configurations tools/triton_aot_check.py compiles for sm_90 (no GPU needed):
+    the benchmark shapes, with the GPU launcher's (ROWS, BLOCK_C, warps)."""
+    def case(name, b, c, v, z="fp32", bank="fp32", idx="i64", reduction=1, posterior=True, update=True,
+             temper=False, grad=True, soft=False):
+        return dict(name=name, shape=[v, b, c], z=z, bank=bank, idx=idx, reduction=reduction,
+                    posterior=posterior, update=update, temper=temper, grad=grad, soft=soft)
+    return [
+        case("dps 256x100 fp32/fp32 mean", 256, 100, 1),
+        case("dps 1024x1000 bf16/bf16 mean", 1024, 1000, 1, z="bf16", bank="bf16"),
+        case("dps 65536x1000 bf16/fp32 sum i32-index", 65536, 1000, 1, z="bf16", idx="i32", reduction=2),
+        case("dps 8192x32000 fp32/fp32 none", 8192, 32000, 1, reduction=0),
+        case("dps 8192x32000 fp16/bf16 mean", 8192, 32000, 1, z="fp16", bank="bf16"),
+        case("dps 2 views 1024x1000 tau_e fp32 mean", 1024, 1000, 2, temper=True),
+        case("dps 2 views 4096x32000 bf16 no-grad", 4096, 32000, 2, z="bf16", grad=False),
+        case("dps update-only 4096x10", 4096, 10, 1, posterior=False),
+        case("soft-ce 4096x1000 fp32", 4096, 1000, 1, soft=True),
+        case("soft-ce 4096x131072 bf16", 4096, 131072, 1, z="bf16", bank="bf16", soft=True),
+    ]
+
+
+def aot_signature(case):
+    """(jit function, argument types, constexprs, launch config) of one AOT case."""
+    v, b, c = case["shape"]
+    rows, block_c, warps = case.get("override") or _config(b, c, v)
+    z, bank, soft = case["z"], case["bank"], case["soft"]
+    types = dict(Z=f"*{z}", IDX=f"*{case['idx']}" if not soft else f"*{z}", A=f"*{bank}",
+                 G=f"*{z}", LOSS="*fp32", PART="*fp32", TICKET="*i32", B="i32", C="i32", N="i32",
+                 stride_a="i64", gamma="fp32", inv_tau_e="fp32", gscale="fp32", out_scale="fp32")
+    nprog = triton.cdiv(b, rows)
+    const = dict(V=v, VP=triton.next_power_of_2(v), ROWS=rows, BLOCK_C=block_c,
+                 POSTERIOR=case["posterior"] and not soft, UPDATE=case["update"] and not soft,
+                 TEMPER=case["temper"], HAS_GRAD=case["grad"], REDUCE=case["reduction"],
+                 NORMALIZE=True, HAS_IDX=not soft, BLOCK_P=min(1024, triton.next_power_of_2(nprog)))
+    return _dps_ce_kernel, types, const, dict(ROWS=rows, BLOCK_C=block_c, num_warps=warps)

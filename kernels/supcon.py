@@ -1,4 +1,4 @@
-"""Triton kernels: flash-style SupCon / NT-Xent (SPEC §4), forward and gradient.
+"""Triton kernels: flash-style SupCon / NT-Xent (docs/method.md §4), forward and gradient.
 
 The M x M similarity matrix is never materialised. The forward kernel walks
 tiles ``[BLOCK_M, BLOCK_N]`` of ``S = F F^T / tau`` with an online logsumexp over
@@ -177,3 +177,28 @@ def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
     if normalize:
         df = (df - f * (f * df).sum(1, keepdim=True)) / norm
     return loss, df.to(features.dtype)
+
+
+# ---------------------------------------------------------------------------- ahead-of-time check
+def aot_cases():
+    """The configurations tools/triton_aot_check.py compiles for sm_90 (no GPU needed)."""
+    def case(name, m, d, k, direction):
+        return dict(name=name, m=m, d=d, k=k, direction=direction)
+    return [case(f"supcon {dr} {kind} d={d}", m, d, k, dr)
+            for (kind, m, d, k) in (("hard", 65536, 128, 1), ("soft k=10", 8192, 128, 10),
+                                    ("soft k=1000", 8192, 128, 1000), ("hard", 8192, 256, 1))
+            for dr in ("fwd", "bwd")]
+
+
+def aot_signature(case):
+    """(jit function, argument types, constexprs, launch config) of one AOT case."""
+    hard, fwd = case["k"] == 1, case["direction"] == "fwd"
+    bm, bn, bd, bk, warps = case.get("override") or (_fwd_blocks if fwd else _blocks)(case["m"], case["d"], case["k"])
+    types = dict(F="*fp32", LAB="*i64" if hard else "*fp32", T="*fp32", M="i32", D="i32", K="i32", inv_tau="fp32",
+                 LSE="*fp32")
+    types.update(dict(WSUM="*fp32", WDOT="*fp32") if fwd else dict(COEF="*fp32", INVW="*fp32", DF="*fp32"))
+    const = dict(HARD=hard, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk)
+    if fwd:
+        const["DCHUNK"] = _dchunk(bd)
+    fn = _supcon_fwd_kernel if fwd else _supcon_bwd_kernel
+    return fn, types, const, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)

@@ -54,7 +54,7 @@ def test_explicit_prior_and_errors():
     prior = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
     m = dps_fast.DPSLoss(prior=prior)
     assert torch.equal(m.alpha, prior) and torch.equal(m.given_labels, torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="strictly positive"):
+    with pytest.raises(ValueError, match="finite and > 0"):
         dps_fast.DPSLoss(prior=torch.tensor([[0.0, 1.0]]))
     with pytest.raises(ValueError, match="give labels and num_classes"):
         dps_fast.DPSLoss()

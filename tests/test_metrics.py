@@ -1,4 +1,4 @@
-"""SPEC §6 metrics against torchmetrics, sklearn and hand-computed examples."""
+"""docs/method.md §6 metrics against torchmetrics, sklearn and hand-computed examples."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The reference implementation against SPEC.md: closed forms, gradcheck, naive loops."""
+"""The reference implementation against docs/method.md: closed forms, gradcheck, naive loops."""
 import math
 
 import pytest
@@ -107,7 +107,7 @@ def test_gradcheck_all_reference_ops():
     alpha = dps_fast.init_prior(torch.tensor([0, 1, 2, 1]), 3, dtype=torch.float64)
     idx = torch.tensor([3, 0])
     z = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
-    # The posterior target depends on the logits through the evidence, but by SPEC it
+    # The posterior target depends on the logits through the evidence, but by docs/method.md §2 it
     # is a constant (stop-gradient), which finite differences cannot see: gradcheck
     # the prior-target mode (target fixed) and with update=False; the posterior-mode
     # gradient is checked in closed form in test_dps_gradient_is_softmax_minus_target.
@@ -124,7 +124,7 @@ def test_gradcheck_all_reference_ops():
 
 
 def naive_supcon(f, labels=None, tau=0.1, normalize=True, soft=None):
-    """SPEC §4 as a double loop over anchors and candidates."""
+    """docs/method.md §4 as a double loop over anchors and candidates."""
     f = f.to(torch.float64)
     if normalize:
         f = f / f.norm(dim=1, keepdim=True)

@@ -13,38 +13,21 @@ def _namespace(backend):
 
 
 @pytest.mark.parametrize("case", FUSED, ids=case_id)
-def test_schemas_match_the_python_contract(case):
+def test_every_op_is_registered_with_one_schema(case):
     ns = _namespace(case[0])
-    for name, schema in _ops.SCHEMAS.items():
-        op = getattr(getattr(torch.ops, ns), name).default
-        assert str(op._schema) == f"{ns}::{schema}", name
-
-
-def _dps_args(device, dtype=torch.float32, bank_dtype=torch.float32, v=2, need_grad=True, red=1):
-    torch.manual_seed(0)
-    z = torch.randn(v, 6, 11, device=device, dtype=dtype)
-    idx = torch.tensor([4, 0, 9, 2, 7, 5], device=device)
-    alpha = dps_fast.init_prior(torch.randint(0, 11, (12,)), 11, dtype=bank_dtype).to(device)
-    grad = torch.empty_like(z) if need_grad else z.new_empty((0,))
-    return (z, idx, alpha, grad, 0.9, 1.0, True, True, red)
+    for mod in _ops.op_modules():
+        op = getattr(getattr(torch.ops, ns), mod.OP).default
+        assert str(op._schema) == f"{ns}::{_ops.schema(mod.OP)}", mod.OP
 
 
 @pytest.mark.parametrize("case", FUSED, ids=case_id)
 def test_opcheck_all_ops(case):
+    """torch.library.opcheck of every op, on the samples its module declares."""
     backend, device = case
     ops = getattr(torch.ops, _namespace(backend))
-    for red in (0, 1, 2):
-        torch.library.opcheck(ops.dps_ce_fwd.default, _dps_args(device, red=red))
-    torch.library.opcheck(ops.dps_ce_fwd.default, _dps_args(device, torch.bfloat16, torch.bfloat16, v=1))
-    torch.library.opcheck(ops.dps_ce_fwd.default, _dps_args(device, need_grad=False))
-    z = torch.randn(5, 7, device=device)
-    t = torch.softmax(torch.randn(5, 7, device=device), -1)
-    for red in (0, 1, 2):
-        torch.library.opcheck(ops.soft_ce_fwd.default, (z, t, torch.empty_like(z), False, red))
-    f = torch.randn(8, 4, device=device)
-    lab = torch.tensor([0, 1, 0, 2, 1, 0, 3, 3], device=device)
-    torch.library.opcheck(ops.supcon_fwd.default, (f, lab, None, 0.2, True, True))
-    torch.library.opcheck(ops.supcon_fwd.default, (f, None, torch.rand(8, 3, device=device), 0.2, False, False))
+    for mod in _ops.op_modules():
+        for args in mod.opcheck_samples(device):
+            torch.library.opcheck(getattr(ops, mod.OP).default, args)
     loss = torch.randn(3, device=device)
     x = torch.randn(3, 4, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.dps_fast.attach_grad.default, (loss, x, torch.randn(3, 4, device=device)))

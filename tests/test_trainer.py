@@ -210,13 +210,15 @@ def test_ddp_trainer_sharded_bank_and_resume_at_other_world(tmp_path):
     r = subprocess.run(base + ["--epochs", "2", "--nproc", "2", "--bank", "sharded"], capture_output=True,
                        text=True, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(os.listdir(tmp_path / "dps" / "bank")) == ["bank-rank0-of-2.pt", "bank-rank1-of-2.pt"]
+    assert sorted(os.listdir(tmp_path / "dps" / "bank")) == ["bank-index.json", "bank-rank0-of-2.safetensors",
+                                                             "bank-rank1-of-2.safetensors"]
     r = subprocess.run(base + ["--epochs", "3", "--nproc", "3", "--bank", "sharded", "--resume"],
                        capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout
     assert len(json.loads((tmp_path / "dps" / "final.json").read_text())["history"]) == 3
-    assert "bank-rank2-of-3.pt" in os.listdir(tmp_path / "dps" / "bank")
+    assert sorted(os.listdir(tmp_path / "dps" / "bank")) == ["bank-index.json", "bank-rank0-of-3.safetensors",
+                                                             "bank-rank1-of-3.safetensors", "bank-rank2-of-3.safetensors"]
 
 
 def test_host_bank_trainer_and_nproc_misuse(tmp_path):

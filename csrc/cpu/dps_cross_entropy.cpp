@@ -1,4 +1,4 @@
-// Fused CPU kernels: the DPS step (SPEC §2) and the soft-target cross-entropy (SPEC §3).
+// Fused CPU kernels: the DPS step (docs/method.md §2) and the soft-target cross-entropy (docs/method.md §3).
 //
 // One pass per sample row: the logits of all V views are read once into L1-sized
 // scratch, the max / logsumexp / softmax are formed in float32, the bank row is
@@ -166,7 +166,7 @@ at::Tensor dps_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& index, at:
                           at::Tensor& grad, double gamma, double tau_e, bool posterior, bool update,
                           int64_t reduction) {
   TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, "dps_fast: logits must be [B, C] or [V, B, C]");
-  TORCH_CHECK_VALUE(alpha.dim() == 2 && alpha.size(1) == logits.size(-1) && alpha.stride(1) == 1,
+  TORCH_CHECK_VALUE(alpha.dim() == 2 && alpha.size(1) == logits.size(-1) && (alpha.size(1) == 1 || alpha.stride(1) == 1),
                     "dps_fast: alpha must be [N, C] with unit class stride");
   check_grad_buffer(grad, logits);
   const int64_t C = logits.size(-1), B = logits.size(-2), V = logits.dim() == 3 ? logits.size(0) : 1;
@@ -266,6 +266,17 @@ at::Tensor soft_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, a
 }  // namespace
 }  // namespace cpu
 }  // namespace dps_fast
+
+TORCH_LIBRARY_FRAGMENT(dps_fast, m) {
+  // One DPS step (docs/method.md §2): updates alpha[index] in place (when update), writes the
+  // gradient of the loss (softmax - target, scaled for the reduction) into grad
+  // (skipped when grad is empty; grad may be the logits' own storage), returns the loss.
+  m.def(
+      "dps_ce_fwd(Tensor logits, Tensor index, Tensor(a!) alpha, Tensor(b!) grad, float gamma, "
+      "float tau_e, bool posterior, bool update, int reduction) -> Tensor");
+  // Soft-target cross-entropy (docs/method.md §3), same conventions without the bank.
+  m.def("soft_ce_fwd(Tensor logits, Tensor target, Tensor(a!) grad, bool normalize, int reduction) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(dps_fast, CPU, m) {
   m.impl("dps_ce_fwd", &dps_fast::cpu::dps_ce_fwd_cpu);

@@ -1,4 +1,4 @@
-// Fused CPU kernel: supervised contrastive / NT-Xent loss (SPEC §4), forward and gradient.
+// Fused CPU kernel: supervised contrastive / NT-Xent loss (docs/method.md §4), forward and gradient.
 //
 // The M x M similarity matrix is never held: rows are processed in strips of R rows
 // (R * M floats, about 8 MB), each strip formed by one GEMM, reduced on the fly to the
@@ -172,5 +172,13 @@ std::tuple<at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& features,
 }  // namespace
 }  // namespace cpu
 }  // namespace dps_fast
+
+TORCH_LIBRARY_FRAGMENT(dps_fast, m) {
+  // SupCon / NT-Xent over rows [M, d] (docs/method.md §4): positives from labels [M] or soft
+  // weights <soft_i, soft_j>; returns (mean loss, d loss / d features or empty).
+  m.def(
+      "supcon_fwd(Tensor features, Tensor? labels, Tensor? soft, float tau, bool normalize, "
+      "bool need_grad) -> (Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(dps_fast, CPU, m) { m.impl("supcon_fwd", &dps_fast::cpu::supcon_fwd_cpu); }

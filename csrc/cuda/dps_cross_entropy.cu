@@ -1,4 +1,4 @@
-// CUDA kernels: the fused DPS step (SPEC §2) and soft-target cross-entropy (SPEC §3).
+// CUDA kernels: the fused DPS step (docs/method.md §2) and soft-target cross-entropy (docs/method.md §3).
 //
 // A group of TPR threads owns one sample row (TPR = 8 / 32 / 256 by C); a block of
 // 256 threads packs 256 / TPR rows, so small C is not launch-bound and large C is
@@ -15,7 +15,7 @@
 
 #include <cmath>
 
-#include "launchers.h"
+#include "dps_cross_entropy.h"
 
 namespace dps_fast {
 namespace cuda {

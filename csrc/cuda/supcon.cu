@@ -1,4 +1,4 @@
-// CUDA kernels: tiled SupCon / NT-Xent statistics and gradient (SPEC §4).
+// CUDA kernels: tiled SupCon / NT-Xent statistics and gradient (docs/method.md §4).
 //
 // Blocks of 16 x 16 threads own 16 anchor rows and sweep the candidate rows in
 // tiles of 16; thread (r, c) computes s = <f_i, f_j> / tau for its pair, reading
@@ -9,7 +9,7 @@
 // The M x M matrix never exists; memory is O(M D).
 #include <cmath>
 
-#include "launchers.h"
+#include "supcon.h"
 
 namespace dps_fast {
 namespace cuda {

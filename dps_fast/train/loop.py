@@ -166,7 +166,7 @@ def distributed_epoch(gen: torch.Generator, n: int, world: int, rank: int, batch
     """DistributedSampler-style epoch: one permutation (the same on every rank),
     padded by repetition to a multiple of world; rank r takes positions r, r+W, ...
     Yields (index, valid) local batches; valid is False for the padding repeats."""
-    from ..distributed import padding_mask
+    from ..banks import padding_mask
 
     order = torch.randperm(n, generator=gen)
     padded = torch.cat([order, order[: (-n) % world]])

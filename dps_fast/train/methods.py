@@ -152,44 +152,25 @@ class DPS(Method):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         c = self.cfg
-        common = dict(c=c.get("c", 100.0), eps=c.get("eps", 1e-2), gamma=c.get("gamma", 0.95),
-                      tau_e=c.get("tau_e", 1.0), bank_dtype=getattr(torch, c.get("bank_dtype", "float32")),
-                      backend=self.backend, device=self.device)
-        self.con_weight = c.get("con_weight", 0.5) if self.needs_features else 0.0
-        bank = c.get("bank", "auto")
-        world = c.get("world", 1)
-        if world > 1:
-            from ..distributed import DistributedDPSLoss
+        self.dps = DPSLoss(self.labels, self.num_classes, c=c.get("c", 100.0), eps=c.get("eps", 1e-2),
+                           gamma=c.get("gamma", 0.95), tau_e=c.get("tau_e", 1.0),
+                           bank_dtype=getattr(torch, c.get("bank_dtype", "float32")), backend=self.backend,
+                           device=self.device, bank=self._bank_kind(),
+                           contrastive_weight=c.get("con_weight", 0.5) if self.needs_features else 0.0,
+                           con_tau=c.get("con_tau", 0.1), con_positives=c.get("con_positives", "hard"))
+        self.distributed_bank = self.dps.store.kind in ("replicated", "sharded")
 
-            if bank in ("local", "host"):
-                raise ValueError(f"--bank {bank} is a single-process option; with --nproc > 1 use "
-                                 f"auto, replicated or sharded")
-            self.dps = DistributedDPSLoss(self.labels.cpu(), self.num_classes,
-                                          mode="auto" if bank == "auto" else bank, **common)
-            self.distributed_bank = True
-        elif bank == "host":
-            from ..distributed import HostDPSLoss
-
-            self.dps = HostDPSLoss(self.labels.cpu(), self.num_classes, **common)
-        else:
-            if bank in ("replicated", "sharded"):
-                raise ValueError(f"--bank {bank} needs --nproc > 1")
-            self.dps = DPSLoss(self.labels, self.num_classes, contrastive_weight=self.con_weight,
-                               con_tau=c.get("con_tau", 0.1), con_positives=c.get("con_positives", "hard"),
-                               **common)
-        self.integrated_con = isinstance(self.dps, DPSLoss)
+    def _bank_kind(self) -> str:
+        bank, world = self.cfg.get("bank", "auto"), self.cfg.get("world", 1)
+        if world > 1 and bank in ("local", "host"):
+            raise ValueError(f"--bank {bank} is a single-process option; with --nproc > 1 use auto, replicated "
+                             f"or sharded")
+        if world == 1 and bank in ("replicated", "sharded"):
+            raise ValueError(f"--bank {bank} needs --nproc > 1")
+        return "local" if (world == 1 and bank == "auto") else bank
 
     def loss(self, logits, index, y, features=None, valid=None):
-        if self.integrated_con:
-            return self.dps(logits, index, features)
-        loss = self.dps(logits, index, valid=valid) if self.distributed_bank else self.dps(logits, index)
-        if self.con_weight > 0:
-            t = self.dps.last_targets
-            pos = self.cfg.get("con_positives", "hard")
-            kw = {"labels": t.argmax(1)} if pos == "hard" else ({"soft_targets": t} if pos == "soft" else {})
-            loss = loss + self.con_weight * DF.supcon_loss(features, tau=self.cfg.get("con_tau", 0.1),
-                                                           backend=self.backend, **kw)
-        return loss
+        return self.dps(logits, index, features, valid=valid)
 
     def state_dict(self):
         return self.dps.state_dict()

@@ -1,4 +1,4 @@
-"""Label-noise injection (SPEC §7), seeded separately from training."""
+"""Label-noise injection (docs/method.md §7), seeded separately from training."""
 from __future__ import annotations
 
 import torch

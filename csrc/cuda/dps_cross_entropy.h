@@ -1,5 +1,5 @@
-// Plain-C++ interface between the torch glue (ops_cuda.cpp) and the raw CUDA
-// kernels (*.cu). No torch headers here, so the kernels compile in seconds.
+// Plain-C++ interface between the torch glue (dps_cross_entropy_glue.cpp) and the raw CUDA
+// kernels (dps_cross_entropy.cu). No torch headers here, so the kernels compile in seconds.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +11,7 @@ namespace cuda {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// One DPS step (SPEC §2) or a soft-target cross-entropy (SPEC §3, has_idx = false,
+// One DPS step (docs/method.md §2) or a soft-target cross-entropy (docs/method.md §3, has_idx = false,
 // a = the target matrix, update = posterior = false).
 struct CeArgs {
   const void* z;         // logits [V, B, C], contiguous
@@ -32,24 +32,6 @@ struct CeArgs {
 // Returns the number of blocks to allocate `part` for.
 int64_t ce_num_blocks(const CeArgs& p);
 cudaError_t launch_ce(const CeArgs& p, cudaStream_t stream);
-
-// SupCon statistics and gradient over normalised float32 rows f [M, D].
-struct SupconArgs {
-  const float* f;        // [M, D]
-  const int64_t* labels; // [M] or nullptr
-  const float* soft;     // [M, K] or nullptr
-  float* lse;            // [M]
-  float* wsum;           // [M]
-  float* wdot;           // [M]
-  const float* coef;     // [M] (gradient pass)
-  const float* invw;     // [M] (gradient pass)
-  float* df;             // [M, D] (gradient pass)
-  int64_t M, D, K;
-  float inv_tau;
-};
-
-cudaError_t launch_supcon_stats(const SupconArgs& p, cudaStream_t stream);
-cudaError_t launch_supcon_grad(const SupconArgs& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dps_fast

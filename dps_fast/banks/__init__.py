@@ -1,0 +1,92 @@
+"""Where the DPS posterior rows live: one module per bank kind, one shared base.
+
+Every kind runs the one fused step (:mod:`dps_fast.functional`); a kind only moves rows
+to it and back (docs/method.md, "Banks").
+
+- ``local``: one process, the rows in place on the training device;
+- ``host``: one process, the rows in pinned host memory, the step on the GPU;
+- ``replicated``: every rank of a process group holds all rows;
+- ``sharded``: rank r holds the rows ``id % world == r``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from ..reference import init_prior
+from .base import Bank, StepConfig, StepPlan
+from .dist_base import DistributedBank, padding_mask
+from .host import HostBank
+from .local import LocalBank
+from .replicated import ReplicatedBank
+from .sharded import ShardedBank
+
+KINDS = ("local", "host", "replicated", "sharded")
+
+
+def given_labels(labels, prior) -> torch.Tensor:
+    """The given label of each row: the labels (or the argmax of soft labels / of the prior)."""
+    if labels is None:
+        return prior.argmax(1).to(torch.int64)
+    lab = torch.as_tensor(labels)
+    return (lab.argmax(1) if lab.is_floating_point() else lab).to(torch.int64)
+
+
+def prior_rows(labels, num_classes, c, eps, dtype, prior, rows=slice(None)) -> torch.Tensor:
+    """The prior of the rows ``rows`` only (a sharded bank never builds the others)."""
+    if prior is not None:
+        V.floating("prior", prior)
+        if prior.dim() != 2:
+            raise ValueError(f"prior must be a tensor [N, C], got {list(prior.shape)}")
+        alpha = prior.detach()[rows].to(dtype).clone()
+        V.bank_values(alpha, "prior")
+        return alpha
+    if labels is None or num_classes is None:
+        raise ValueError("give labels and num_classes, or an explicit prior")
+    lab = torch.as_tensor(labels)
+    return init_prior(lab[rows], num_classes, c, eps, dtype=dtype)
+
+
+def resolve_kind(kind: str, num_samples: int, num_classes: int, dtype, shard_above_bytes: int) -> str:
+    if kind == "auto":
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return "local"
+        big = num_samples * num_classes * torch.empty(0, dtype=dtype).element_size() > shard_above_bytes
+        return "sharded" if big else "replicated"
+    if kind not in KINDS:
+        raise ValueError(f"bank must be one of {KINDS} or 'auto', got {kind!r}")
+    return kind
+
+
+def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torch.float32, prior=None,
+              device=None, group=None, timeout_s=120.0, shard_above_bytes=256 * 2 ** 20) -> Bank:
+    """Builds a bank of the given kind from labels (or an explicit prior)."""
+    from .collective import Collective
+
+    if dtype not in V.FUSED_DTYPES + (torch.float64,):
+        raise TypeError(f"bank dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+    if prior is None and (labels is None or num_classes is None):
+        raise ValueError("give labels and num_classes, or an explicit prior")
+    n = prior.shape[0] if prior is not None else len(torch.as_tensor(labels))
+    c_count = prior.shape[1] if prior is not None else num_classes
+    kind = resolve_kind(kind, n, c_count or 0, dtype, shard_above_bytes)
+    dev = torch.device(device) if device is not None else None
+    if kind in ("local", "host"):
+        alpha = prior_rows(labels, num_classes, c, eps, dtype, prior)
+        lab = given_labels(labels, prior)
+        if kind == "host":
+            return HostBank(alpha, lab, device)
+        return LocalBank(alpha.to(dev) if dev else alpha, lab.to(alpha.device if dev is None else dev))
+    comm = Collective(group, timeout_s)
+    rows = slice(comm.rank, None, comm.world) if kind == "sharded" else slice(None)
+    alpha = prior_rows(labels, num_classes, c, eps, dtype, prior, rows).to(dev or "cpu")
+    lab = given_labels(labels, prior)[rows].to(alpha.device)
+    if kind == "sharded":
+        return ShardedBank(alpha, lab, n, comm)
+    return ReplicatedBank(alpha, lab, comm)
+
+
+__all__ = ["Bank", "StepConfig", "StepPlan", "LocalBank", "HostBank", "ReplicatedBank", "ShardedBank",
+           "DistributedBank", "make_bank", "padding_mask", "KINDS"]

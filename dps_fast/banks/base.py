@@ -1,0 +1,153 @@
+"""The shared base of every bank kind: the one DPS step, and the policies it keeps.
+
+A bank holds the posterior rows ``alpha`` [N, C] (docs/method.md, "What one training
+step computes"), somewhere: in place on the training device (local), in pinned host
+memory (host), on every rank (replicated) or spread over the ranks (sharded). Every kind
+runs the same step, :func:`dps_fast.functional.dps_cross_entropy`, which is the only
+place outside the reference where the update is computed. A bank kind only moves rows:
+
+1. ``begin``: validate the whole call (every rank agrees on the outcome) and plan it;
+2. ``fetch``: bring the batch's rows to the step, as a [B, C] buffer (or the bank itself);
+3. the fused step, on those rows;
+4. ``commit``: take the updated rows back (skipped in eval mode).
+
+So the policies live here once: eval (``update=False``) never writes; a sample with
+non-finite logits keeps its row (the step leaves it untouched, and commit writes back
+what it read); every check runs before the first write, on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _dispatch
+from .. import _validate as V
+from ..functional import dps_cross_entropy, in_backward_recompute
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The parameters of the DPS step (docs/method.md), validated once."""
+    gamma: float = 0.95
+    tau_e: float = 1.0
+    target: str = "posterior"
+    reduction: str = "mean"
+    backend: str | None = None
+    validate: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "gamma", V.gamma_value(self.gamma))
+        object.__setattr__(self, "tau_e", V.evidence_temperature(self.tau_e))
+        V.target_name(self.target)
+        V.reduction_code(self.reduction)
+        V.backend_name(self.backend)
+
+
+@dataclass
+class StepPlan:
+    """What ``begin`` learned about one call: the local batch, and what the bank kind needs."""
+    logits: torch.Tensor | None
+    index: torch.Tensor          # int64, on the logits' device
+    valid: torch.Tensor | None   # bool [B] or None (all valid)
+    update: bool
+    gathered: bool = True      # the step runs on a fetched copy of the rows, not on the bank in place
+    extra: dict | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the step runs: the logits' device (the index's, for a read of rows)."""
+        return (self.logits if self.logits is not None else self.index).device
+
+
+class Bank:
+    """Base of the bank kinds. Subclasses set ``num_samples``, ``num_classes`` and the
+    storage, and implement ``begin`` / ``fetch`` / ``commit`` and the read-outs."""
+
+    kind = "base"
+
+    def __init__(self, num_samples: int, num_classes: int):
+        self.num_samples, self.num_classes = int(num_samples), int(num_classes)
+
+    # ------------------------------------------------------------------ the one step
+    def step(self, logits, index, valid, update: bool, cfg: StepConfig, extra_check=None):
+        """One DPS step on this bank. Returns (loss, rows): ``rows`` are the batch's bank
+        rows after the step ([B, C], bank dtype), for read-outs of the batch."""
+        plan = self.begin(logits, index, valid, update, cfg, extra_check)
+        rows, rows_index = self.fetch(plan)
+        # begin() has validated everything; under activation checkpointing the step itself
+        # turns a recomputed forward into a read (docs/method.md, "Edge cases")
+        loss = dps_cross_entropy(plan.logits, rows_index, rows, cfg.gamma, cfg.tau_e, cfg.target,
+                                 cfg.reduction, update=plan.update, backend=cfg.backend, validate=False)
+        if plan.update and not in_backward_recompute():
+            self.commit(plan, rows)
+        return loss, (rows if plan.gathered else None)
+
+    def check_local(self, logits, index, valid, cfg: StepConfig, extra_check=None):
+        """Every check of one call that this process can do alone; raises on bad input.
+        Returns the index as int64 on the logits' device."""
+        v, b, c = V.logits_tensor(logits)
+        V.index_tensor(index, b)
+        if c != self.num_classes:
+            raise ValueError(f"the bank has {self.num_classes} classes but the logits have {c}")
+        V.same_device(logits=logits, index=index, valid=valid)
+        if valid is not None:
+            V.valid_mask(valid, b)
+        _dispatch.resolve(cfg.backend, logits.device, (logits.dtype, self.dtype))
+        idx = V.canonical_index(index)
+        if cfg.validate and valid is None:
+            idx = V.checked_index(idx, self.num_samples)  # under torch.compile an op whose output is used
+        elif cfg.validate:
+            V.index_values(idx[valid], self.num_samples)  # duplicates only among the valid samples
+            V.index_range(idx, self.num_samples)
+        if extra_check is not None:
+            extra_check()
+        return idx
+
+    # ------------------------------------------------------------------ per kind
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
+        raise NotImplementedError
+
+    def fetch(self, plan: StepPlan):
+        raise NotImplementedError
+
+    def commit(self, plan: StepPlan, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ read-outs
+    def held_ids(self) -> torch.Tensor:
+        """Global ids of the rows this process holds, in storage order."""
+        return torch.arange(self.storage.shape[0])
+
+    def iter_rows(self, chunk_rows: int = 65536):
+        """(global ids, rows) of the rows this process holds, ``chunk_rows`` at a time."""
+        store, ids = self.storage, self.held_ids()
+        for k in range(0, store.shape[0], chunk_rows):
+            yield ids[k:k + chunk_rows], store[k:k + chunk_rows]
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The bank rows of ``index`` (global ids); a collective for the distributed kinds."""
+        raise NotImplementedError
+
+    def full(self) -> torch.Tensor:
+        """The whole bank [N, C]; a collective for the distributed kinds."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ module plumbing
+    def move(self, fn) -> None:
+        """Applies a Module._apply function (``.to()``, ``.cuda()``, ...) to the storage."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def load_state(self, state: dict, errors: list) -> None:
+        raise NotImplementedError

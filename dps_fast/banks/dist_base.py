@@ -1,0 +1,116 @@
+"""What the replicated and sharded banks share: the agreed begin of a step, the global
+batch, checkpoints of one file per rank."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+
+from .base import Bank, StepPlan
+from .collective import Collective
+from . import shard_files as SF
+
+
+def padding_mask(dataset_len: int, world: int, rank: int, positions: torch.Tensor) -> torch.Tensor:
+    """For ``DistributedSampler(drop_last=False)``: rank ``rank`` takes positions
+    ``rank, rank + world, ...`` of the padded epoch list, whose entries at positions
+    ``>= dataset_len`` repeat earlier samples. ``positions`` are the local positions
+    (0, 1, ...) of the batch within this rank's epoch; returns True for real samples."""
+    return positions * world + rank < dataset_len
+
+
+def first_duplicate(ids: torch.Tensor) -> int | None:
+    if ids.numel() < 2:
+        return None
+    s = torch.sort(ids).values
+    dup = s[1:] == s[:-1]
+    return int(s[1:][dup][0]) if bool(dup.any()) else None
+
+
+class DistributedBank(Bank):
+    """A bank spread over (or copied to) the ranks of a process group. Every call is a
+    collective: all ranks call ``step`` together, each with its local batch."""
+
+    strided = False  # this rank holds rows rank, rank + world, ... (a shard), not all rows
+
+    def __init__(self, num_samples: int, num_classes: int, comm: Collective):
+        super().__init__(num_samples, num_classes)
+        self.comm = comm
+
+    @property
+    def world(self) -> int:
+        return self.comm.world
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
+        """Validates on every rank and agrees on the outcome, then shares the global batch:
+        every rank learns every rank's ids and validity (one small all-gather)."""
+        error, idx = None, None
+        try:
+            self.comm.check_world()
+            # ids are always checked here: they route rows between ranks
+            idx = self.check_local(logits, index, valid, replace(cfg, validate=True), extra_check)
+        except (IndexError, ValueError, TypeError, RuntimeError) as e:
+            error = e
+        counts = self.comm.agree(error, 0 if idx is None else idx.numel(), self.device)
+        ok = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
+        code = torch.where(ok, idx, -idx - 1).to(self.device)  # validity travels in the sign
+        codes = self.comm.all_gather_rows(code, counts)
+        ids = [torch.where(c >= 0, c, -c - 1) for c in codes]
+        oks = [c >= 0 for c in codes]
+        dup = first_duplicate(torch.cat([i[o] for i, o in zip(ids, oks)]))
+        if dup is not None:  # every rank sees the same global batch, so every rank raises this
+            raise ValueError(f"index contains duplicate id {dup} across ranks in one step; ids of one global "
+                             f"step must be distinct among valid samples")
+        return StepPlan(logits, idx, valid, update, extra={"counts": counts, "ids": ids, "valid": oks})
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, folder: str) -> str:
+        """Writes this rank's rows (global ids rank, rank + W, ...) and, once every rank has
+        written, the index of the save. A collective."""
+        os.makedirs(folder, exist_ok=True)
+        path = SF.shard_path(folder, self.rank, self.world)
+        SF.write_shard(path, self.strided_rows(), {"world": self.world, "rank": self.rank,
+                                                  "num_samples": self.num_samples, "num_classes": self.num_classes})
+        self.comm.barrier()
+        if self.rank == 0:
+            SF.save_index(folder, self.world, {"num_samples": self.num_samples, "num_classes": self.num_classes})
+        self.comm.barrier()
+        return path
+
+    def load(self, folder: str) -> None:
+        """Fills this rank's storage from a save made at any world size (a shard reads only
+        the files that hold its rows)."""
+        SF.load_rows(folder, self.storage, self.num_samples, self.rank, self.world, strided=self.strided)
+
+    def strided_rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ module plumbing
+    def move(self, fn):
+        self.storage, self.labels = fn(self.storage), fn(self.labels)
+
+    def state(self):
+        return {"bank": self.storage, "bank_layout": self.layout()}
+
+    def layout(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_state(self, state: dict, errors: list) -> None:
+        """Loads a state dict saved by a bank of the same layout (``layout()``)."""
+        if "bank" not in state:
+            return
+        want = self.layout().tolist()
+        got = state["bank_layout"].tolist() if "bank_layout" in state else want
+        if got != want:
+            errors.append(f"bank layout {got} does not match this process's {want}; use save_bank / load_bank "
+                          f"to re-shard")
+            return
+        self.storage.copy_(state["bank"])
+
+    def held_ids(self) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,55 @@
+"""The local bank: one process, the rows in place on the training device (``DPSLoss``)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Bank, StepPlan
+
+
+class LocalBank(Bank):
+    """All N rows in one tensor; the fused step updates them in place. With a ``valid``
+    mask that excludes some rows, the step runs on a copy and only the valid rows are
+    written back."""
+
+    kind = "local"
+
+    def __init__(self, alpha: torch.Tensor, labels: torch.Tensor):
+        super().__init__(*alpha.shape)
+        self.storage, self.labels = alpha, labels
+
+    def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
+        idx = self.check_local(logits, index, valid, cfg, extra_check)
+        if valid is not None and bool(valid.all()):
+            valid = None
+        return StepPlan(logits, idx, valid, update, gathered=valid is not None)
+
+    def fetch(self, plan: StepPlan):
+        if plan.valid is None:
+            return self.storage, plan.index
+        rows = self.storage.index_select(0, plan.index)
+        return rows, torch.arange(rows.shape[0], device=rows.device)
+
+    def commit(self, plan: StepPlan, rows: torch.Tensor) -> None:
+        if plan.valid is not None:
+            self.storage.index_copy_(0, plan.index[plan.valid], rows[plan.valid])
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.storage.index_select(0, index.to(self.storage.device, torch.int64))
+
+    def full(self) -> torch.Tensor:
+        return self.storage.clone()
+
+    def move(self, fn) -> None:
+        self.storage, self.labels = fn(self.storage), fn(self.labels)
+
+    def state(self) -> dict:
+        return {"alpha": self.storage, "given_labels": self.labels}
+
+    def load_state(self, state: dict, errors: list) -> None:
+        a = state["alpha"]
+        if tuple(a.shape) != tuple(self.storage.shape):
+            errors.append(f"alpha: saved shape {tuple(a.shape)}, this bank is {tuple(self.storage.shape)}")
+            return
+        self.storage.copy_(a)
+        if "given_labels" in state:
+            self.labels.copy_(state["given_labels"])

@@ -1,0 +1,55 @@
+"""What every fused op's Python side shares: compute dtypes, reductions, the gradient
+buffer, and the policy for an empty batch (docs/method.md §9)."""
+from __future__ import annotations
+
+import torch
+
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean() if loss.numel() else loss.sum()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def loss_shape(logits: torch.Tensor, reduction: int):
+    return tuple(logits.shape[:-1]) if reduction == REDUCTION_NONE else ()
+
+
+def empty_loss(logits: torch.Tensor, red: int) -> torch.Tensor:
+    """The loss of an empty batch: 0, with a gradient of zeros."""
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    per_row = logits.to(cdt).sum(-1) * 0.0
+    return per_row if red == REDUCTION_NONE else per_row.sum()
+
+
+def needs_grad(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
+def in_backward_recompute() -> bool:
+    """True while autograd re-runs a forward (activation checkpointing)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def grad_buffer(x: torch.Tensor, need: bool, inplace: bool) -> torch.Tensor:
+    """Where a fused forward writes d loss / d x: a new buffer, the logits' own storage
+    (``inplace``), or nothing."""
+    if not need:
+        return x.new_empty((0,))
+    if inplace:
+        if torch.compiler.is_compiling():
+            raise ValueError("inplace_grad=True is an eager-mode option; it cannot be compiled")
+        if not x.is_contiguous():
+            raise ValueError("inplace_grad=True needs contiguous logits")
+        return x.detach()
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,0 +1,126 @@
+"""The fused DPS step (docs/method.md §2): reference, checks, fake kernel, opcheck samples
+and the public function, in one place. The kernels: csrc/cpu/dps_cross_entropy.cpp,
+kernels/dps_cross_entropy.py, csrc/cuda/dps_cross_entropy.cu."""
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch, _ops
+from .. import _validate as V
+from ._common import (compute_dtype, empty_loss, grad_buffer, in_backward_recompute, loss_shape, needs_grad,
+                      reduce)
+
+OP = "dps_ce_fwd"
+__all__ = ["dps_cross_entropy"]
+
+
+def reference(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean", update=True):
+    """One DPS step in plain PyTorch. Mutates ``alpha`` rows ``index`` when ``update``.
+    A sample with any NaN/Inf logit, in any view, or with an id outside [0, N) (only
+    reachable unvalidated), leaves the bank untouched; its loss and gradient are NaN."""
+    cdt = compute_dtype(logits, alpha)
+    z = logits.to(cdt)
+    z3 = z if z.dim() == 3 else z.unsqueeze(0)
+    with torch.no_grad():
+        zd = z3.detach()
+        idx = index.to(torch.int64)
+        inside = (idx >= 0) & (idx < alpha.shape[0])
+        safe = torch.where(inside, idx, torch.zeros_like(idx))
+        bad = ~torch.isfinite(zd).all(-1).all(0) | ~inside              # [B]
+        e = torch.softmax(zd / tau_e, dim=-1).mean(0)                  # [B, C]
+        a_old = alpha[safe].to(cdt)
+        a_new = torch.where(bad[:, None], a_old, gamma * a_old + e)
+        if update:
+            alpha[safe[~bad]] = a_new[~bad].to(alpha.dtype)
+        a = a_new if target == "posterior" else a_old
+        t = a / a.sum(-1, keepdim=True)
+        nan_pad = torch.where(bad, float("nan"), 0.0).to(cdt)[None, :, None]
+    zz = z3 + nan_pad
+    loss = torch.logsumexp(zz, dim=-1) - (t.unsqueeze(0) * zz).sum(-1)  # [V, B]
+    if logits.dim() == 2:
+        loss = loss[0]
+    return reduce(loss, reduction)
+
+
+def check(logits, index, alpha, gamma, tau_e, target, reduction, validate=True):
+    """Returns (V, B, C, gamma, tau_e, posterior: bool, reduction code, int64 index)."""
+    v, b, c = V.logits_tensor(logits)
+    V.index_tensor(index, b)
+    V.bank(alpha, c)
+    V.same_device(logits=logits, index=index, alpha=alpha)
+    gamma = V.gamma_value(gamma)
+    tau_e = V.evidence_temperature(tau_e)
+    V.target_name(target)
+    red = V.reduction_code(reduction)
+    V.bank_storage(alpha, logits)
+    index = V.checked_index(index, alpha.shape[0]) if validate and b else V.canonical_index(index)
+    return v, b, c, gamma, tau_e, target == "posterior", red, index
+
+
+def fake(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction):
+    return logits.new_empty(loss_shape(logits, reduction), dtype=torch.float32)
+
+
+def opcheck_samples(device):
+    """Arguments for torch.library.opcheck of the op on ``device``."""
+    def args(dtype=torch.float32, bank_dtype=torch.float32, v=2, need_grad=True, red=1):
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(v, 6, 11, generator=g).to(device, dtype)
+        idx = torch.tensor([4, 0, 9, 2, 7, 5], device=device)
+        alpha = (torch.rand(12, 11, generator=g) + 0.1).to(device, bank_dtype)
+        grad = torch.empty_like(z) if need_grad else z.new_empty((0,))
+        return (z, idx, alpha, grad, 0.9, 1.0, True, True, red)
+    return [args(red=r) for r in (0, 1, 2)] + [args(torch.bfloat16, torch.bfloat16, v=1), args(need_grad=False)]
+
+
+def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior",
+                      reduction="mean", update=True, backend=None, validate=True,
+                      inplace_grad=False):
+    """One DPS step (docs/method.md §2): update the bank rows ``index`` with the model's
+    evidence and return the cross-entropy against the posterior-mean targets.
+
+    Args:
+        logits: [B, C] or [V, B, C] (V augmented views of the same B samples).
+        index: integer tensor [B] of distinct sample ids in [0, N).
+        alpha: the bank [N, C] (float32/bfloat16/float16); mutated in place when ``update``.
+        gamma: discount in (0, 1]. tau_e: evidence temperature (> 0).
+        target: "posterior" (after the update, default) or "prior" (before it).
+        reduction: "mean" over all V*B terms, "sum" or "none" ([B] or [V, B]).
+        update: apply the bank update (training); False only reads.
+        backend: None/"auto", "reference", "cpu", "triton" or "cuda".
+        validate: check index range and duplicates on the host (set False for CUDA
+            graph capture; every backend then skips out-of-range rows, docs/method.md §9).
+        inplace_grad: write the gradient into ``logits``' storage instead of a new
+            buffer (saves memory; eager only; ``logits`` must not be needed afterwards).
+    """
+    v, b, c, gamma, tau_e, posterior, red, index = check(logits, index, alpha, gamma, tau_e, target, reduction,
+                                                         validate)
+    name = _dispatch.resolve(backend, logits.device, (logits.dtype, alpha.dtype))
+    if b == 0:
+        return empty_loss(logits, red)
+    if _ops.under_functorch(logits):
+        if update:
+            raise RuntimeError("dps_fast: dps_cross_entropy(update=True) writes the bank, which torch.func "
+                               "transforms (grad, vmap, ...) forbid; call it outside the transform, or with "
+                               "update=False")
+        name = _ops.backend_for_functorch(name, backend, "dps_cross_entropy")
+    if update and in_backward_recompute():
+        # Activation checkpointing re-runs this forward inside backward: the bank
+        # already holds this call's posterior, so read it instead of updating twice.
+        if not posterior:
+            raise RuntimeError(
+                "dps_cross_entropy(target='prior') cannot be recomputed by activation "
+                "checkpointing (the prior is gone once the bank is updated); call the loss "
+                "outside the checkpointed region"
+            )
+        update, posterior = False, False
+    if name == "reference":
+        return reference(logits, index, alpha, gamma, tau_e, "posterior" if posterior else "prior", reduction,
+                         update)
+    need = needs_grad(logits)
+    z = logits.detach()
+    grad = grad_buffer(z, need, inplace_grad)
+    loss = _dispatch.ops(name).dps_ce_fwd(z, index, alpha, grad, gamma, tau_e, posterior, update, red)
+    if need and inplace_grad:
+        torch.autograd.graph.increment_version(logits)  # its storage now holds the gradient
+    return _ops.attach_grad(loss, logits, grad) if need else loss

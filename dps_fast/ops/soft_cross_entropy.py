@@ -1,0 +1,66 @@
+"""Soft-target cross-entropy (docs/method.md §3): reference, checks, fake kernel, opcheck
+samples and the public function. The kernels share the DPS step's files
+(csrc/cpu/dps_cross_entropy.cpp, kernels/dps_cross_entropy.py, csrc/cuda/dps_cross_entropy.cu)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch, _ops
+from .. import _validate as V
+from ._common import compute_dtype, empty_loss, grad_buffer, loss_shape, needs_grad, reduce
+
+OP = "soft_ce_fwd"
+__all__ = ["soft_cross_entropy"]
+
+
+def reference(logits, target, reduction="mean", normalize=False):
+    cdt = compute_dtype(logits, target)
+    z = logits.to(cdt)
+    t = target.detach().to(cdt)
+    if normalize:
+        t = t / t.sum(-1, keepdim=True)
+    loss = torch.logsumexp(z, dim=-1) - (t * z).sum(-1)
+    return reduce(loss, reduction)
+
+
+def check(logits, target, reduction):
+    _, b, c = V.logits_tensor(logits, allow_views=False)
+    V.floating("target", target)
+    if target.shape != logits.shape:
+        raise ValueError(f"target must have the logits' shape {list(logits.shape)}, got {list(target.shape)}")
+    V.same_device(logits=logits, target=target)
+    return b, c, V.reduction_code(reduction)
+
+
+def fake(logits, target, grad, normalize, reduction):
+    return logits.new_empty(loss_shape(logits, reduction), dtype=torch.float32)
+
+
+def opcheck_samples(device):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 7, generator=g).to(device)
+    t = torch.softmax(torch.randn(5, 7, generator=g), -1).to(device)
+    return [(z, t, torch.empty_like(z), False, red) for red in (0, 1, 2)] + [(z, t, z.new_empty((0,)), True, 1)]
+
+
+def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backend=None, inplace_grad=False):
+    """Cross-entropy against soft targets (docs/method.md §3), fused forward and backward.
+
+    ``l_b = logsumexp(z_b) - sum_j t_bj z_bj`` (targets divided by their row sum
+    when ``normalize``). The target is treated as a constant (no gradient flows into it).
+    """
+    b, c, red = check(logits, target, reduction)
+    name = _dispatch.resolve(backend, logits.device, (logits.dtype, target.dtype))
+    if b == 0:
+        return empty_loss(logits, red)
+    if _ops.under_functorch(logits):
+        name = _ops.backend_for_functorch(name, backend, "soft_cross_entropy")
+    if name == "reference":
+        return reference(logits, target, reduction, normalize)
+    need = needs_grad(logits)
+    z = logits.detach()
+    grad = grad_buffer(z, need, inplace_grad)
+    loss = _dispatch.ops(name).soft_ce_fwd(z, target.detach(), grad, bool(normalize), red)
+    if need and inplace_grad:
+        torch.autograd.graph.increment_version(logits)  # its storage now holds the gradient
+    return _ops.attach_grad(loss, logits, grad) if need else loss
