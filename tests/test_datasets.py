@@ -70,6 +70,7 @@ def test_readme_quick_start_runs_as_written():
     api = text[text.index("\n## API\n"):]
     block = re.search(r"```python\n(.*?)```", api, re.S)[1]
     assert "WithIndex" in block and "crit.train()" in block and "crit.eval()" in block
+    assert "MI" not in block.replace("mutual_information", "")  # the read-out's key is spelled out
     scope = {}
     exec(compile(block, "README.md (API quick start)", "exec"), scope)
     readouts, crit = scope["readouts"], scope["crit"]
