@@ -64,7 +64,10 @@ def save_reliability(out_dir: str, probs: torch.Tensor, labels: torch.Tensor, ti
     ece = 100 * M.ece(probs, labels, N_BINS)
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.08), title=f"{title}\nECE {ece:.2f}% ({N_BINS} bins)")
     axn.bar(centers, counts, width=w, edgecolor="k", color="tab:gray")
-    axn.set(xlabel="confidence (top softmax probability)", ylabel="images", yscale="log" if any(counts) else "linear")
+    axn.set(xlabel="confidence (top softmax probability)", ylabel="images (log)")
+    if any(counts):
+        axn.set_yscale("log")
+        axn.set_ylim(0.8, 2 * max(counts))  # bars of one image stay visible
     fig.text(0.5, 0.005, RELIABILITY_NOTE, ha="center", va="bottom", fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(os.path.join(out_dir, "reliability.png"), dpi=100)
