@@ -19,10 +19,11 @@ all: test
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): requirements.txt requirements-dev.txt | $(PY)
+$(STAMP): requirements.txt requirements-dev.txt requirements-examples.txt | $(PY)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q -r requirements-examples.txt -c requirements.txt
 	touch $@
 
 install: $(STAMP)
@@ -61,7 +62,7 @@ gpu-wheelhouse: | $(PY)
 	  --platform manylinux_2_17_x86_64 -d build/wheelhouse pytest pytest-xdist setuptools wheel ninja
 
 demo: install
-	$(VENV)/bin/dps-train --demo --out runs/demo
+	$(VENV)/bin/dps-train --demo --out runs/demo --overwrite
 
 bench: install
 	$(VENV)/bin/pytest benchmarks -p no:cacheprovider --benchmark-enable --benchmark-only -q \

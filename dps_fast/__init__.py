@@ -16,6 +16,7 @@ from . import _ops  # noqa: E402
 from . import metrics  # noqa: E402
 from ._dispatch import BackendUnavailableError  # noqa: E402
 from .functional import init_prior, posterior_readouts  # noqa: E402
+from .datasets import WithIndex  # noqa: E402
 from .loss import DPSLoss, HostDPSLoss  # noqa: E402
 from .ops import PUBLIC as _PUBLIC  # noqa: E402
 
@@ -38,5 +39,5 @@ def available_backends(device="cpu") -> list[str]:
 
 from . import distributed  # noqa: E402  (after DPSLoss: DistributedDPSLoss builds on it)
 
-__all__ = ["init_prior", "posterior_readouts", "DPSLoss", "HostDPSLoss", "metrics", "distributed",
+__all__ = ["init_prior", "posterior_readouts", "DPSLoss", "HostDPSLoss", "WithIndex", "metrics", "distributed",
            "BackendUnavailableError", "available_backends"] + sorted(_PUBLIC)

@@ -206,19 +206,24 @@ def test_compare_table(tmp_path):
 
 def test_ddp_trainer_sharded_bank_and_resume_at_other_world(tmp_path):
     base = [sys.executable, "-m", "dps_fast.train", "--dataset", "digits", "--model", "mlp", "--width", "32",
-            "--method", "dps", "--batch-size", "64", "--out", str(tmp_path), "--threads", "1", "--no-plots"]
-    r = subprocess.run(base + ["--epochs", "2", "--nproc", "2", "--bank", "sharded"], capture_output=True,
+            "--method", "dps", "--batch-size", "64", "--out", str(tmp_path), "--threads", "1", "--no-plots",
+            "--epochs", "3", "--bank", "sharded"]
+    r = subprocess.run(base + ["--nproc", "2", "--stop-after", "2"], capture_output=True,
                        text=True, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(os.listdir(tmp_path / "dps" / "bank")) == ["bank-index.json", "bank-rank0-of-2.safetensors",
-                                                             "bank-rank1-of-2.safetensors"]
-    r = subprocess.run(base + ["--epochs", "3", "--nproc", "3", "--bank", "sharded", "--resume"],
-                       capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    bank = tmp_path / "dps" / "bank"
+    assert os.listdir(bank) == ["epoch-0002"]  # one folder per checkpoint; the older ones are gone
+    assert sorted(os.listdir(bank / "epoch-0002")) == ["bank-index.json", "bank-rank0-of-2.safetensors",
+                                                         "bank-rank1-of-2.safetensors"]
+    assert torch.load(tmp_path / "dps" / "checkpoint.pt", weights_only=True)["bank_dir"] == "bank/epoch-0002"
+    r = subprocess.run(base + ["--nproc", "3", "--resume"], capture_output=True, text=True, cwd=str(tmp_path),
+                       timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout
-    assert len(json.loads((tmp_path / "dps" / "final.json").read_text())["history"]) == 3
-    assert sorted(os.listdir(tmp_path / "dps" / "bank")) == ["bank-index.json", "bank-rank0-of-3.safetensors",
-                                                             "bank-rank1-of-3.safetensors", "bank-rank2-of-3.safetensors"]
+    final = json.loads((tmp_path / "dps" / "final.json").read_text())
+    assert len(final["history"]) == 3 and [s["world"] for s in final["segments"]] == [2, 3]
+    assert os.listdir(bank) == ["epoch-0003"]
+    assert "bank-rank2-of-3.safetensors" in os.listdir(bank / "epoch-0003")
 
 
 def test_host_bank_trainer_and_nproc_misuse(tmp_path):
@@ -229,7 +234,7 @@ def test_host_bank_trainer_and_nproc_misuse(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run(base + ["--method", "pskd", "--nproc", "2"], capture_output=True, text=True,
                        cwd=str(tmp_path), timeout=300)
-    assert r.returncode != 0 and "supports ce, ls, dps and dps+con" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("dps-train: error: --nproc > 1 supports ce, ls, dps and dps+con")
     r = subprocess.run(base + ["--method", "dps", "--bank", "sharded"], capture_output=True, text=True,
                        cwd=str(tmp_path), timeout=300)
-    assert r.returncode != 0 and "needs --nproc > 1" in r.stderr
+    assert r.returncode == 2 and r.stderr == "dps-train: error: --bank sharded needs --nproc > 1\n"

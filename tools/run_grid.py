@@ -31,9 +31,11 @@ def job_cmd(a, setting, seed, method):
     cmd = [DPS_TRAIN, "--dataset", "fashion-mnist", "--model", "resnet",
            "--width", str(a.width), "--blocks", str(a.blocks), "--train-subset", str(a.subset),
            "--epochs", str(a.epochs), "--method", method, "--seed", str(seed), "--threads", "1",
-           "--eval-every", str(a.eval_every), "--out", out, "--no-plots", "--no-progress", "--resume",
+           "--eval-every", str(a.eval_every), "--out", out, "--no-plots", "--no-progress",
            "--batch-size", str(a.batch_size), "--lr", str(a.lr),
            "--augment" if a.augment else "--no-augment"] + SETTINGS[setting] + a.extra
+    if os.path.exists(os.path.join(out, method, "checkpoint.pt")):
+        cmd.append("--resume")  # continue an interrupted run (dps-train refuses --resume without one)
     return cmd, os.path.join(out, method, "final.json")
 
 

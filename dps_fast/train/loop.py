@@ -3,14 +3,24 @@
 Each run writes to ``<out>/<method>/``: config.json, metrics.csv (one row per
 epoch), final.json, reliability.png, curves.png, noisy_labels.pt (when noisy) and
 checkpoint.pt (every epoch, atomically; ``--resume`` continues from it and, on
-CPU, reproduces the uninterrupted run bit for bit).
+CPU, reproduces the uninterrupted run bit for bit). A first Ctrl-C stops a
+one-process run after the current batch and saves a mid-epoch checkpoint (the
+epoch's sample order, batches done, partial sums and RNG states), from which
+``--resume`` continues bit for bit too; a second Ctrl-C quits at once, keeping the
+last checkpoint. Distributed banks are saved per rank under ``bank/epoch-K/``,
+all ranks before checkpoint.pt names the folder, so a kill never pairs a
+checkpoint with another epoch's bank.
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import Loader, augment
+from .errors import Interrupted, RunError, UsageError
 from .experiment import ExperimentData, evaluate, model_from_args
 from .files import atomic_save, json_dump, state_digest
+from .rundir import DATA_KEY, NOT_SAVED, RUNTIME_KEYS, saved_progress
 from .methods import build_method
 from .models import ProjectionHead
 from .plots import save_plots
@@ -61,6 +73,9 @@ class Run:
     loader: Loader
     history: list = field(default_factory=list)
     start: int = 0
+    segments: list = field(default_factory=list)  # the parts of the run: where and how each computed
+    partial: dict | None = None  # a stopped epoch's progress (mid-epoch checkpoint)
+    bank_subdir: str | None = None  # the per-rank bank folder of the last checkpoint
 
     @property
     def lead(self) -> bool:
@@ -75,19 +90,26 @@ class Run:
         return os.path.join(self.out_dir, "checkpoint.pt")
 
     @property
-    def bank_dir(self) -> str:
-        return os.path.join(self.out_dir, "bank")
-
-    @property
     def shared_bank(self) -> bool:
         """The bank is spread over the ranks and saved per rank, not in checkpoint.pt."""
         return self.world > 1 and self.method.distributed_bank
 
 
-def run_config(args, method: str, world: int) -> dict:
-    cfg = {k: v for k, v in vars(args).items() if k not in ("compare", "demo", "resume")}
+def run_config(args, method: str, world: int, data_digest: str | None = None) -> dict:
+    """The saved config of one method's run (data_sha: the data's fingerprint, once loaded)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
     cfg["method"], cfg["world"] = method, world
+    if data_digest is not None:
+        cfg[DATA_KEY] = data_digest
     return cfg
+
+
+def segment(r: "Run") -> dict:
+    """One part of a run: from which epoch (and batch), and where and how it computed."""
+    seg = {"start_epoch": r.start, **{k: r.cfg.get(k) for k in ("device", "backend", "world", "bank", "threads")}}
+    if r.partial:
+        seg["start_batch"] = r.partial["done"]
+    return seg
 
 
 def make_optimizer(args, params):
@@ -109,7 +131,7 @@ def build_run(args, method_name: str, data: ExperimentData, rank: int = 0, world
     device = run_device(args, rank, world)
     out_dir = os.path.join(args.out, method_name)
     os.makedirs(out_dir, exist_ok=True)
-    cfg = run_config(args, method_name, world)
+    cfg = run_config(args, method_name, world, data.digest)
     torch.manual_seed(args.seed)
     model = model_from_args(args, data).to(device)
     method = build_method(method_name, data.labels, data.num_classes, args.epochs, cfg, device)
@@ -126,30 +148,41 @@ def build_run(args, method_name: str, data: ExperimentData, rank: int = 0, world
                gen, loader)
 
 
-def restore(r: Run, log) -> None:
-    """Continues ``r`` from its checkpoint: weights, optimiser, schedule, bank, RNG states."""
-    st = torch.load(r.ckpt_path, map_location=r.device, weights_only=True)
-    if st["config"]["method"] != r.method_name or st["config"]["dataset"] != r.args.dataset:
-        raise ValueError(f"{r.ckpt_path} belongs to another run ({st['config']['method']} on "
-                         f"{st['config']['dataset']})")
-    r.model.load_state_dict(st["model"])
-    if r.proj is not None:
-        r.proj.load_state_dict(st["proj"])
-    r.opt.load_state_dict(st["optimizer"])
+def load_weights(r: Run, st: dict) -> None:
+    try:
+        r.model.load_state_dict(st["model"])
+        if r.proj is not None:
+            r.proj.load_state_dict(st["proj"])
+        r.opt.load_state_dict(st["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:  # the config check should have caught this
+        raise UsageError(f"{r.ckpt_path} does not fit this run's model or optimiser "
+                         f"({str(e).splitlines()[0]}); start a new run with --overwrite") from e
     r.sched.load_state_dict(st["scheduler"])
+
+
+def restore(r: Run, log) -> None:
+    """Continues ``r`` from its checkpoint: weights, optimiser, schedule, bank, RNG states,
+    and a stopped epoch's progress. The saved config is kept (plan_runs checked that every
+    result-changing setting matches); only the runtime settings are this invocation's."""
+    st = torch.load(r.ckpt_path, map_location=r.device, weights_only=True)
+    load_weights(r, st)
+    r.bank_subdir = st.get("bank_dir", "bank")
     if r.shared_bank:
-        r.method.load_bank(r.bank_dir)  # saved with any world size
+        r.method.load_bank(os.path.join(r.out_dir, r.bank_subdir))  # saved with any world size
     else:
         r.method.load_state_dict(st["method"])
     r.gen.set_state(st["data_rng"])
     torch.set_rng_state(st["torch_rng"])
     if r.device.type == "cuda" and "cuda_rng" in st:
         torch.cuda.set_rng_state(st["cuda_rng"].cpu())
-    r.history, r.start = st["history"], st["epoch"] + 1
-    log(f"[{r.method_name}] resumed from {r.ckpt_path} at epoch {r.start}/{r.args.epochs}")
+    r.cfg = {**st["config"], **{k: r.cfg[k] for k in RUNTIME_KEYS if k in r.cfg}}
+    r.history, r.start, r.partial = st["history"], st["epoch"] + 1, st.get("partial")
+    r.segments = st.get("segments", []) + [segment(r)]
+    log(f"[{r.method_name}] resumed from {r.ckpt_path} after {saved_progress(st)}")
 
 
 def write_run_start(r: Run) -> None:
+    r.segments = [segment(r)]
     if not r.lead:
         return
     json_dump({**r.cfg, "noise_info": r.data.noise_info, "n_train": len(r.data.labels)},
@@ -176,18 +209,22 @@ def distributed_epoch(gen: torch.Generator, n: int, world: int, rank: int, batch
         yield local[k:k + batch].to(device), valid[k:k + batch].to(device)
 
 
-def epoch_batches(r: Run):
-    """(x, y, index, valid) batches of one epoch, and how many there are."""
+def epoch_batches(r: Run, resume: dict | None):
+    """(x, y, index, valid) batches of one epoch from ``resume['done']`` on (a stopped
+    epoch, one process only), how many the epoch has, and its sample order."""
     if r.world > 1:
         local_batch = max(1, r.args.batch_size // r.world)
         x, y, n = r.loader.x, r.loader.y, len(r.data.labels)
         batches = ((x[i], y[i], i, v) for i, v in distributed_epoch(r.gen, n, r.world, r.rank, local_batch,
                                                                      r.device))
-        return batches, -(-(-(-n // r.world)) // local_batch)
-    return ((x, y, i, None) for x, y, i in r.loader.epoch(r.gen)), len(r.loader)
+        return batches, -(-(-(-n // r.world)) // local_batch), None
+    order = resume["order"] if resume else r.loader.order(r.gen)
+    start = resume["done"] if resume else 0
+    batches = ((x, y, i, None) for x, y, i in r.loader.batches(order, start))
+    return batches, len(r.loader), order
 
 
-def progress_bar(r: Run, batches, total: int, epoch: int):
+def progress_bar(r: Run, batches, total: int, epoch: int, done: int = 0):
     show = r.args.progress if r.args.progress is not None else sys.stderr.isatty()
     if not (show and r.lead):
         return batches, None
@@ -195,8 +232,8 @@ def progress_bar(r: Run, batches, total: int, epoch: int):
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return batches, None
-    bar = tqdm(batches, total=total, desc=f"{r.method_name} {epoch + 1}/{r.args.epochs}", leave=False,
-               unit="batch")
+    bar = tqdm(batches, total=total, initial=done, desc=f"{r.method_name} {epoch + 1}/{r.args.epochs}",
+               leave=False, unit="batch")
     return bar, bar
 
 
@@ -216,21 +253,31 @@ def train_step(r: Run, x, y, idx, valid):
     return float(loss.detach()), (logits[0] if r.method.views > 1 else logits)
 
 
-def train_epoch(r: Run, epoch: int) -> dict:
-    """Trains one epoch; returns its loss, accuracy on the given labels, and time."""
+def train_epoch(r: Run, epoch: int, stop: "StopRequest | None" = None) -> dict | None:
+    """Trains one epoch (or the rest of a stopped one); returns its loss, accuracy on the
+    given labels, and time; or None when ``stop`` asked to stop mid-epoch (``r.partial``
+    then holds the progress to checkpoint)."""
     r.net.train()
     r.method.start_epoch(epoch)
-    t0 = time.perf_counter()
-    tot = torch.zeros(3, dtype=torch.float64)  # loss sum, hits, samples
-    batches, total = epoch_batches(r)
-    batches, bar = progress_bar(r, batches, total, epoch)
+    resume, r.partial = (r.partial if r.partial and r.partial["epoch"] == epoch else None), None
+    t0 = time.perf_counter() - (resume["elapsed"] if resume else 0.0)
+    tot = resume["tot"].clone() if resume else torch.zeros(3, dtype=torch.float64)  # loss sum, hits, samples
+    done = resume["done"] if resume else 0
+    batches, total, order = epoch_batches(r, resume)
+    batches, bar = progress_bar(r, batches, total, epoch, done)
     for x, y, idx, valid in batches:
         lv, first = train_step(r, x, y, idx, valid)
         if not math.isfinite(lv):
-            raise FloatingPointError(f"[{r.method_name}] non-finite loss at epoch {epoch + 1}")
+            raise RunError(f"[{r.method_name}] non-finite loss at epoch {epoch + 1}: the run diverged (try a lower "
+                           f"--lr); {r.ckpt_path} keeps the last finished epoch")
         tot += torch.tensor([lv * len(y), float((first.argmax(-1) == y).sum()), len(y)], dtype=torch.float64)
+        done += 1
         if bar is not None:
             bar.set_postfix(loss=f"{tot[0] / tot[2]:.4f}", img_s=f"{tot[2] / (time.perf_counter() - t0):.0f}")
+        if stop is not None and stop.requested and done < total:
+            r.partial = {"epoch": epoch, "done": done, "order": order, "tot": tot,
+                         "elapsed": time.perf_counter() - t0}
+            return None
     if r.world > 1:
         import torch.distributed as dist
 
@@ -269,21 +316,46 @@ def write_metrics_csv(r: Run) -> None:
         w.writerows(r.history)
 
 
+def save_bank_files(r: Run, epoch: int) -> None:
+    """Every rank writes its bank rows to bank/epoch-K/; the barrier makes the folder
+    complete before the lead's checkpoint.pt names it."""
+    import torch.distributed as dist
+
+    r.bank_subdir = os.path.join("bank", f"epoch-{epoch + 1:04d}")
+    r.method.save_bank(os.path.join(r.out_dir, r.bank_subdir))
+    dist.barrier()
+
+
+def drop_old_banks(r: Run) -> None:
+    bank_root = os.path.join(r.out_dir, "bank")
+    for name in os.listdir(bank_root):
+        p = os.path.join(bank_root, name)
+        if os.path.join("bank", name) != r.bank_subdir:
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
 def save_checkpoint(r: Run, epoch: int) -> None:
-    """Every rank saves its bank rows (distributed banks); the lead saves checkpoint.pt."""
+    """The state after ``epoch`` (0-based; -1 = none finished) plus ``r.partial``, a stopped
+    epoch's progress. Distributed banks go to per-rank files first; the lead saves checkpoint.pt."""
     if r.shared_bank:
-        r.method.save_bank(r.bank_dir)
+        save_bank_files(r, epoch)
     if not r.lead:
         return
     state = {"epoch": epoch, "config": r.cfg, "model": r.model.state_dict(), "optimizer": r.opt.state_dict(),
              "scheduler": r.sched.state_dict(), "method": {} if r.shared_bank else r.method.state_dict(),
              "data_rng": r.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": r.history,
-             "noisy_labels": r.data.labels, "noise_info": r.data.noise_info}
+             "noisy_labels": r.data.labels, "noise_info": r.data.noise_info, "segments": r.segments}
+    if r.partial is not None:
+        state["partial"] = r.partial
+    if r.shared_bank:
+        state["bank_dir"] = r.bank_subdir
     if r.proj is not None:
         state["proj"] = r.proj.state_dict()
     if r.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state()
     atomic_save(state, r.ckpt_path)
+    if r.shared_bank:
+        drop_old_banks(r)
 
 
 def finish(r: Run, log) -> dict:
@@ -303,24 +375,79 @@ def finish(r: Run, log) -> dict:
         f"{timing['overhead_pct_of_ce_step']:+.1f}% of a CE step")
     final = {"method": r.method_name, "final": res, "history": r.history, "timing": timing,
              "noise": r.data.noise_info, "n_train": len(r.data.labels), "dataset": r.data.name,
-             "ood": r.data.ood_name, "config": r.cfg, "model_sha": state_digest(r.model)}
+             "ood": r.data.ood_name, "config": r.cfg, "segments": r.segments, "model_sha": state_digest(r.model)}
     json_dump(final, os.path.join(r.out_dir, "final.json"))
     if args.plots and r.history:
         save_plots(r.out_dir, r.history, probs, r.data.y_test, f"{r.method_name} on {r.data.name}")
     return final
 
 
-def run(args, method_name: str, data: ExperimentData, log=print, rank: int = 0, world: int = 1) -> dict:
-    """Trains one method from scratch (or from its checkpoint with --resume) and writes its files."""
+class StopRequest:
+    """Ctrl-C handling of a one-process run: the first SIGINT asks the loop to stop after
+    the current batch and checkpoint; a second one raises KeyboardInterrupt at once."""
+
+    def __init__(self, enabled: bool, log=print):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested, self.log, self._old = False, log, None
+
+    def __enter__(self):
+        if self.enabled:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.log("\ndps-train: stopping after this batch to save a checkpoint (Ctrl-C again to quit at once)")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._old if self._old is not None else signal.default_int_handler)
+        return False
+
+
+def stopped(r: Run, epoch: int, mid_epoch: bool) -> Interrupted:
+    where = (f"{r.partial['done']} batches into epoch {epoch + 1}" if mid_epoch else f"epoch {epoch + 1}")
+    return Interrupted(f"[{r.method_name}] interrupted after {where} of {r.args.epochs}; checkpoint saved: "
+                       f"{r.ckpt_path}")
+
+
+def train_epochs(r: Run, log) -> bool:
+    """The epoch loop; False when paused by --stop-after. Raises Interrupted on Ctrl-C."""
+    with StopRequest(r.world == 1, log) as stop:
+        for epoch in range(r.start, r.args.epochs):
+            stats = train_epoch(r, epoch, stop)
+            if stats is None:
+                save_checkpoint(r, epoch - 1)
+                raise stopped(r, epoch, mid_epoch=True)
+            if r.lead:
+                record_epoch(r, epoch, stats, log)
+            save_checkpoint(r, epoch)
+            if stop.requested and epoch + 1 < r.args.epochs:
+                raise stopped(r, epoch, mid_epoch=False)
+            if r.args.stop_after and epoch + 1 == r.args.stop_after:
+                log(f"[{r.method_name}] paused after epoch {epoch + 1}/{r.args.epochs} (--stop-after); "
+                    f"checkpoint: {r.ckpt_path}")
+                return False
+    return True
+
+
+def run(args, method_name: str, data: ExperimentData, log=print, rank: int = 0, world: int = 1,
+        plan: str = "fresh") -> dict | None:
+    """Trains one method from scratch (plan 'fresh' / 'overwrite') or from its checkpoint
+    ('resume' / 'complete', see rundir.plan_runs) and writes its files. Returns final.json's
+    content, or None when paused by --stop-after."""
     r = build_run(args, method_name, data, rank, world)
-    if args.resume and os.path.exists(r.ckpt_path):
+    final_path = os.path.join(r.out_dir, "final.json")
+    if plan == "complete" and os.path.exists(final_path):
+        log(f"[{method_name}] already complete ({args.epochs}/{args.epochs} epochs): {final_path}")
+        with open(final_path) as f:
+            return json.load(f)
+    if plan in ("resume", "complete"):
         restore(r, log)
     else:
         write_run_start(r)
     write_noisy_labels(r)
-    for epoch in range(r.start, args.epochs):
-        stats = train_epoch(r, epoch)
-        if r.lead:
-            record_epoch(r, epoch, stats, log)
-        save_checkpoint(r, epoch)
+    if not train_epochs(r, log):
+        return None
     return finish(r, log)

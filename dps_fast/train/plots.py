@@ -35,22 +35,45 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_
     return edges, accs, confs, counts
 
 
-def save_reliability(out_dir: str, probs: torch.Tensor, labels: torch.Tensor, title: str) -> None:
+RELIABILITY_NOTE = ("bars: accuracy of the images whose top confidence falls in the bin; n: images in the bin. "
+                    "red: over-confident (confidence above accuracy), blue: under-confident. "
+                    "Faded bins hold < 1% of the images: their gaps are noise.")
+
+
+def save_reliability(out_dir: str, probs: torch.Tensor, labels: torch.Tensor, title: str) -> dict:
+    """Reliability diagram with the per-bin counts and a note on the colours (RELIABILITY_NOTE);
+    returns the texts it drew: the counts, the legend and the note."""
     plt = _pyplot()
     edges, accs, confs, counts = reliability_bins(probs, labels)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    total = max(1, sum(counts))
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     centers = ((edges[:-1] + edges[1:]) / 2).numpy()
-    ax.bar(centers, accs, width=1 / N_BINS, edgecolor="k", alpha=0.8, label="accuracy")
-    ax.bar(centers, [c - a if n else 0 for a, c, n in zip(accs, confs, counts)], bottom=accs,
-           width=1 / N_BINS, color="tab:red", alpha=0.3, label="gap to confidence")
+    w = 1 / N_BINS
+    for x, a, c, n in zip(centers, accs, confs, counts):
+        if not n:
+            continue
+        alpha = 0.85 if n >= 0.01 * total else 0.3
+        ax.bar(x, a, width=w, edgecolor="k", color="tab:gray", alpha=alpha)
+        ax.bar(x, c - a, bottom=a, width=w, color="tab:red" if c > a else "tab:blue", alpha=0.45 * alpha / 0.85)
+        ax.text(x, min(max(a, c), 0.97) + 0.01, f"{n}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.plot([0, 1], [0, 1], "k--", lw=1)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=col, alpha=al) for col, al in
+               (("tab:gray", 0.85), ("tab:red", 0.45), ("tab:blue", 0.45))]
+    legend = ["accuracy (n = images in bin)", "over-confident gap", "under-confident gap"]
+    ax.legend(handles, legend, loc="upper left", fontsize=7)
     ece = 100 * M.ece(probs, labels, N_BINS)
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=f"{title}\nECE {ece:.2f}% ({N_BINS} bins)")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.08), title=f"{title}\nECE {ece:.2f}% ({N_BINS} bins)")
+    axn.bar(centers, counts, width=w, edgecolor="k", color="tab:gray")
+    axn.set(xlabel="confidence (top softmax probability)", ylabel="images (log)")
+    if any(counts):
+        axn.set_yscale("log")
+        axn.set_ylim(0.8, 2 * max(counts))  # bars of one image stay visible
+    fig.text(0.5, 0.005, RELIABILITY_NOTE, ha="center", va="bottom", fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(os.path.join(out_dir, "reliability.png"), dpi=100)
+    texts = {"counts": [t.get_text() for t in ax.texts], "legend": legend, "note": RELIABILITY_NOTE}
     plt.close(fig)
+    return texts
 
 
 def save_curves(out_dir: str, history: list, title: str) -> None:
