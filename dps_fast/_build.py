@@ -27,8 +27,8 @@ import time
 import warnings
 
 # Compile flags, in one place (setup.py and the JIT build). AVX2 on x86-64 is the
-# at::vec AVX2 path; never -march=native (the binary must run on other machines of
-# the cluster) nor -ffast-math (the kernels rely on IEEE exp/log and inf handling).
+# at::vec AVX2 path; never -march=native (a wheel, or a cache on a shared home, runs
+# on other machines) nor -ffast-math (the kernels use -inf and NaN, which it assumes away).
 BASE_CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-DNDEBUG"]
 X86_CXX_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 LINK_FLAGS = ["-fopenmp", "-g0"]
