@@ -12,7 +12,7 @@ export MALLOC_TRIM_THRESHOLD_ := 1073741824
 # Triton runs here (no GPU) only in its interpreter; must be set before import.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: all install test pytest cpp-test cuda-check triton-aot-check gpu-wheelhouse demo bench clean
+.PHONY: all install test pytest cpp-test cuda-check triton-aot-check install-check gpu-wheelhouse demo bench clean
 
 all: test
 
@@ -54,6 +54,37 @@ cuda-check: install
 # fails on a compile error or a register spill.
 triton-aot-check: install
 	@TRITON_INTERPRET=0 $(PY) tools/triton_aot_check.py
+
+# The two user installs in fresh venvs (README "Install"), slow (the first import
+# compiles the ops: minutes here), so not in `make test`: pip's default isolated
+# build (`pip install .`), then `pip install -e .`. Each venv gets the local torch
+# 2.13 wheel first; the check fails if pip replaced it, if the fused 'cpu' backend is
+# missing, or if it disagrees with the reference. Each venv has its own fresh cache.
+CHECK_VENV ?= /tmp/dps_fast-install-check
+define INSTALL_CHECK_PY
+import dps_fast, torch
+print(dps_fast.available_backends(), torch.ops.dps_fast.dps_ce_fwd)
+assert "cpu" in dps_fast.available_backends(), "the fused cpu backend is missing"
+x, t = torch.randn(64, 10), torch.softmax(torch.randn(64, 10), -1)
+got = dps_fast.soft_cross_entropy(x, t, backend="cpu")
+torch.testing.assert_close(got, dps_fast.soft_cross_entropy(x, t, backend="reference"))
+print("fused cpu matches the reference:", float(got))
+endef
+export INSTALL_CHECK_PY
+
+install-check:
+	@set -eo pipefail; for mode in plain editable; do \
+	  venv=$(CHECK_VENV)-$$mode; if [ $$mode = editable ]; then flag=-e; else flag=; fi; \
+	  rm -rf $$venv; python3 -m venv $$venv; \
+	  $$venv/bin/pip install -q torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }; \
+	  before=$$($$venv/bin/pip show torch | grep ^Version); \
+	  t0=$$(date +%s); $$venv/bin/pip install -q $$flag . 2>&1 | { grep -v "is ignored" || true; }; t1=$$(date +%s); \
+	  test "$$before" = "$$($$venv/bin/pip show torch | grep ^Version)" || { echo "pip replaced torch"; exit 1; }; \
+	  (cd /tmp && DPS_FAST_CACHE_DIR=$$venv/cache $$venv/bin/python -c "$$INSTALL_CHECK_PY"); t2=$$(date +%s); \
+	  (cd /tmp && DPS_FAST_CACHE_DIR=$$venv/cache $$venv/bin/python -c "$$INSTALL_CHECK_PY" >/dev/null); t3=$$(date +%s); \
+	  echo "install-check $$mode (pip install $$flag .): install $$((t1-t0)) s, first import $$((t2-t1)) s," \
+	       "next import $$((t3-t2)) s"; \
+	done
 
 # Pure-Python build/test wheels for an offline GPU machine (Python 3.12) that may lack them;
 # carry build/wheelhouse with the device run, benchmarks/gpu_check.sh installs from it.

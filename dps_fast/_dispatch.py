@@ -15,11 +15,13 @@ fails over to anything but the (exact) reference, and says so once.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
 import torch
 
+from . import _build
 from ._validate import FUSED_DTYPES
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -33,23 +35,33 @@ _state: dict = {}
 
 
 def _cpu_ext() -> str | None:
-    """None if the C++ extension is loaded, else why not."""
+    """None if the C++ ops are loaded, else why not.
+
+    The prebuilt module dps_fast._C (``pip install --no-build-isolation .``) if present,
+    else the ops compiled on first import (:mod:`dps_fast._build`). A failure warns once,
+    here, with the same text the automatic backend choice would print.
+    """
     if "cpu" not in _state:
-        try:
-            from . import _C  # noqa: F401
-
-            _state["cpu"] = None
-        except Exception as e:  # pragma: no cover - depends on the build
-            import glob
-
-            here = os.path.dirname(os.path.abspath(__file__))
-            if not glob.glob(os.path.join(here, "_C*.so")) and not glob.glob(os.path.join(here, "_C*.pyd")):
-                _state["cpu"] = (f"the C++ extension dps_fast._C is not built in {here} (run "
-                                 f"`pip install --no-build-isolation .` and import dps_fast from outside the "
-                                 f"source tree)")
-            else:
-                _state["cpu"] = f"the C++ extension dps_fast._C did not load ({e})"
+        prebuilt = _import_prebuilt()
+        _state["cpu"] = None if prebuilt is None else _build.load_jit()
+        if _state["cpu"] is not None and prebuilt != "absent":
+            _state["cpu"] += f" (the prebuilt dps_fast._C did not load either: {prebuilt})"
+        if _state["cpu"] is not None:
+            _warn_once(f"dps_fast: using the reference backend on CPU because {_state['cpu']}")
     return _state["cpu"]
+
+
+def _import_prebuilt() -> str | None:
+    """None if dps_fast._C imported, "absent" if it is not installed, else the error."""
+    try:  # import_module, not `from . import _C`: that would hide a missing module as a plain ImportError
+        importlib.import_module(f"{__package__}._C")
+        return None
+    except ModuleNotFoundError as e:
+        if e.name == f"{__package__}._C":
+            return "absent"
+        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - e.g. built against another torch
+        return f"{type(e).__name__}: {e}"
 
 
 def _cuda_ext() -> str | None:
@@ -58,7 +70,8 @@ def _cuda_ext() -> str | None:
         if why is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
             "dps_fast::dps_ce_fwd", "CUDA"
         ):
-            why = "dps_fast._C was built without CUDA kernels (build against a CUDA torch with nvcc)"
+            why = "the C++ ops were built without CUDA kernels: " + (
+                _build.cuda_note() or "build against a CUDA torch with nvcc")
         _state["cuda"] = why
     return _state["cuda"]
 
