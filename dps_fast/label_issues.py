@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 SCORES = ("label_error", "margin", "evidence")
-DEFAULT_SCORE = "label_error"
+DEFAULT_SCORE = "margin"  # ties label_error on symmetric noise, better on class-dependent noise (docs/results/label-issues.md)
 RATE_ESTIMATES = ("argmax", "expected")
 DEFAULT_RATE_ESTIMATE = "argmax"
 DEFAULT_CHUNK_ROWS = 65536
@@ -404,11 +404,12 @@ def find_label_issues(source, labels=None, *, score: str = DEFAULT_SCORE, thresh
     ``source``: a ``DPSLoss``, a ``DistributedDPSLoss`` (pass ``labels``), a bank
     tensor [N, C] with ``labels`` [N], or an object with ``iter_rows`` (module doc).
     ``score``: one of :data:`SCORES` (:func:`label_issue_scores`; default
-    ``"label_error"`` = 1 - t[label]). Selection, one of:
+    ``"margin"``, the best other class's mass minus the label's). Selection, one of:
 
     - ``threshold``: every row whose score exceeds it;
     - ``rate``: the ``round(rate * N)`` highest-scoring rows;
-    - neither (default): ``rate`` = :func:`estimate_noise_rate` with ``rate_estimate``.
+    - neither (default): ``rate`` = :func:`estimate_noise_rate` with ``rate_estimate``
+      (needs the bank's prior: a source that records c, eps, gamma, or ``prior_params``).
 
     ``max_issues`` caps the count. Ties in score go to the smaller sample id. On a
     sharded source every rank returns the same result; the ranks exchange counts,
@@ -447,6 +448,16 @@ def find_label_issues(source, labels=None, *, score: str = DEFAULT_SCORE, thresh
     rows = rows[order]
     return LabelIssues(rows[:, 0].long(), rows[:, 1].float(), rows[:, 3].long(), rows[:, 2].long(), score,
                        how, n, est)
+
+
+def all_scores(source, labels=None, score: str = DEFAULT_SCORE, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """The scores of all N rows, in sample order, on every rank (for evaluation, e.g.
+    AUROC against a known flip mask; a sharded source sends 12 bytes a row, never a bank row)."""
+    ids, scores, _, _, stats, comm = _score_pass(source, labels, score, chunk_rows, None)
+    rows = comm.gather_rows(torch.stack([ids.double(), scores.double()], 1))
+    out = torch.empty(int(stats[0]), dtype=torch.float32, device=rows.device)
+    out[rows[:, 0].long()] = rows[:, 1].float()
+    return out
 
 
 def detection_metrics(scores: torch.Tensor, is_error: torch.Tensor, selected: torch.Tensor) -> dict:

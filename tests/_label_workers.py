@@ -10,7 +10,7 @@ from dps_fast import label_issues as L
 
 N_ROWS, N_CLS = 301, 50  # C differs from every small tensor the ranks exchange
 PRIOR = {"c": 100.0, "eps": 0.01, "gamma": 0.95}
-SELECTIONS = {"estimated": {"prior_params": PRIOR}, "threshold": {"threshold": 0.3},
+SELECTIONS = {"estimated": {"prior_params": PRIOR}, "threshold": {"threshold": 0.3, "score": "label_error"},
               "rate": {"rate": 0.2, "score": "evidence"}}
 
 
@@ -74,6 +74,7 @@ def worker_find(rank, world, tmp, kind):
         log = []
         _record_collectives(log)
         out = {sel: L.find_label_issues(source, labels, chunk_rows=40, **kw) for sel, kw in SELECTIONS.items()}
+        out["all_scores"] = L.all_scores(source, labels, chunk_rows=40)
         out["shapes"] = [s for _, s in log]
         out["calls"] = log
         out["largest"] = max(int(torch.tensor(s).prod()) for s in out["shapes"])

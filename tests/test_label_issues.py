@@ -72,14 +72,16 @@ def test_evidence_weighting_prefers_more_evidence():
 def test_ties_go_to_the_smaller_id_and_selection_modes():
     rows = torch.tensor([[1.0, 1.0]] * 4 + [[3.0, 1.0]] * 2 + [[1.0, 3.0]] * 2)
     labels = torch.zeros(8, dtype=torch.long)
-    res = L.find_label_issues(rows, labels, rate=0.5)
+    find = lambda **kw: L.find_label_issues(rows, labels, score="label_error", **kw)  # noqa: E731
+    res = find(rate=0.5)
     assert res.indices.tolist() == [6, 7, 0, 1] and res.selection == "rate"
-    thr = L.find_label_issues(rows, labels, threshold=0.4)
+    thr = find(threshold=0.4)
     assert thr.indices.tolist() == [6, 7, 0, 1, 2, 3] and thr.selection == "threshold"
-    assert L.find_label_issues(rows, labels, threshold=0.4, max_issues=3).indices.tolist() == [6, 7, 0]
-    assert len(L.find_label_issues(rows, labels, rate=0.0)) == 0
-    assert L.find_label_issues(rows, labels, rate=1.0).indices.tolist() == [6, 7, 0, 1, 2, 3, 4, 5]
-    assert len(L.find_label_issues(rows, labels, threshold=0.99)) == 0
+    assert find(threshold=0.4, max_issues=3).indices.tolist() == [6, 7, 0]
+    assert len(find(rate=0.0)) == 0
+    assert find(rate=1.0).indices.tolist() == [6, 7, 0, 1, 2, 3, 4, 5]
+    assert len(find(threshold=0.99)) == 0
+    assert L.find_label_issues(rows, labels, threshold=0.0).indices.tolist() == [6, 7]  # margin > 0
 
 
 def test_threshold_and_rate_match_a_sort(bank):
@@ -228,9 +230,11 @@ def test_sharded_source_matches_one_process_without_a_full_gather(kind, world):
             assert torch.equal(res.indices, want.indices) and torch.equal(res.scores, want.scores)
             assert torch.equal(res.suggested_labels, want.suggested_labels)
             assert res.num_samples == N_ROWS and res.estimated_rate == want.estimated_rate
+    scores, _ = L.label_issue_scores(alpha, labels)
     for g in got:
+        assert torch.equal(g["all_scores"], scores)
         # no collective carried bank rows ([*, C]): only counts and statistics, histograms of
-        # 2^16 bins, and the selected rows (id, score, suggested, given)
+        # 2^16 bins, the selected rows (id, score, suggested, given) and (id, score) pairs
         assert g["shapes"], "the sharded path made no collective"
         for shape in g["shapes"]:
-            assert (len(shape) == 1 and shape[0] <= 1 << 16) or (len(shape) == 2 and shape[1] == 4), g["calls"]
+            assert (len(shape) == 1 and shape[0] <= 1 << 16) or (len(shape) == 2 and shape[1] in (2, 4)), g["calls"]

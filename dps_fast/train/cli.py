@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="tqdm progress bars (default: when stderr is a terminal)")
     a("--eval-batch", type=int, default=1024)
     a("--eval-every", type=int, default=1, help="evaluate on the test (and OOD) set every K epochs and at the end")
+    a("--label-issues", action="store_true", help="DPS methods: write label_issues.csv (likely label errors, "
+      "ranked) and, with injected noise, their precision/recall/F1/AUROC into final.json")
     return p
 
 
