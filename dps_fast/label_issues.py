@@ -148,6 +148,11 @@ class _Source:
                              f"{list(self.labels.shape)}")
         if self._rows is not None and self.labels.shape[0] != self._rows.shape[0]:
             raise ValueError(f"labels has {self.labels.shape[0]} entries for a bank of {self._rows.shape[0]} rows")
+        n_cls = self.num_classes or getattr(source, "num_classes", None)
+        if isinstance(n_cls, int) and self.labels.numel() and not 0 <= int(self.labels.min()) <= int(
+                self.labels.max()) < n_cls:  # checked on every rank alike, before any collective
+            raise ValueError(f"given labels must lie in [0, {n_cls}), got range "
+                             f"[{int(self.labels.min())}, {int(self.labels.max())}]")
 
     def iter_rows(self, chunk_rows: int):
         if self._iter is not None:

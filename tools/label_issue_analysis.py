@@ -15,7 +15,7 @@ METHODS = {
     "a": "(a) DPS posterior, one run",
     "b": "(b) cleanlab, in-sample CE probabilities",
     "c": "(c) cleanlab, 5-fold out-of-sample CE",
-    "d": "(d) cleanlab on the DPS posterior means",
+    "d": "(d) cleanlab on the DPS posterior means (ranks as (e): hidden under it)",
     "e": "(e) cleanlab on the DPS evidence (prior removed)",
 }
 METRICS = ("precision", "recall", "f1", "auroc", "precision_at_k", "average_precision")
@@ -42,7 +42,7 @@ def pr_curve(scores: torch.Tensor, is_error: torch.Tensor) -> np.ndarray:
     from sklearn.metrics import precision_recall_curve
 
     prec, rec, _ = precision_recall_curve(is_error.numpy(), scores.double().numpy())
-    best = np.maximum.accumulate(prec[::-1])[::-1]  # rec is decreasing along prec
+    best = np.maximum.accumulate(prec)  # rec decreases along the arrays: the max over recall >= r
     return np.interp(RECALL_GRID, rec[::-1], best[::-1])
 
 
@@ -85,11 +85,11 @@ def evaluate_seed(B, args, data, setting: str, seed: int) -> dict:
     return out
 
 
-def mean_std(values) -> str:
+def mean_std(values, fmt: str = ".3f") -> str:
     v = np.asarray([x for x in values if x == x], dtype=float)
     if len(v) == 0:
         return "-"
-    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+    return f"{v.mean():{fmt}} ± {v.std(ddof=1) if len(v) > 1 else 0.0:{fmt}}"
 
 
 def pct(values) -> str:
@@ -143,11 +143,11 @@ def demo_tables(res: dict, settings: list) -> str:
         for name, get in (("hard (noisy) labels", lambda r: r["ce_test"]), ("DPS teacher", lambda r: r["dps_test"]),
                           ("exported DPS soft labels (float16)", lambda r: r["soft"]["test"])):
             soft.append(f"| {st} | {name} | {pct([get(r)['accuracy'] for r in rs])} | "
-                        f"{mean_std([get(r)['ece_pct'] for r in rs])} |")
+                        f"{mean_std([get(r)['ece_pct'] for r in rs], '.2f')} |")
         clean.append(f"| {st} | noisy labels | 0 | {pct([r['realised_rate'] for r in rs])} | "
                      f"{pct([r['ce_test']['accuracy'] for r in rs])} |")
         for job, name in (("clean-remove", "flagged issues removed"), ("clean-relabel", "flagged issues relabelled")):
-            clean.append(f"| {st} | {name} | {mean_std([r[job]['flagged'] for r in rs])} | "
+            clean.append(f"| {st} | {name} | {mean_std([r[job]['flagged'] for r in rs], '.0f')} | "
                          f"{pct([r[job]['labels_wrong_after'] for r in rs])} | "
                          f"{pct([r[job]['test']['accuracy'] for r in rs])} |")
     return "\n".join(soft) + "\n\n" + "\n".join(clean)
@@ -195,5 +195,15 @@ def analyse(args) -> None:
                        for k, v in r.items()} for r in rs] for st, rs in res.items()}
         with open(os.path.splitext(args.doc)[0] + ".json", "w") as f:
             json.dump(strip, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-        with open(args.doc + ".tables", "w") as f:
-            f.write(text + "\n")
+        write_tables(args.doc, text)
+
+
+def write_tables(doc: str, text: str) -> None:
+    """Puts the tables between the doc's <!-- tables --> and <!-- /tables --> markers."""
+    start, end = "<!-- tables -->", "<!-- /tables -->"
+    body = open(doc).read() if os.path.exists(doc) else f"{start}\n{end}\n"
+    if start not in body or end not in body:
+        raise SystemExit(f"{doc} has no {start} ... {end} markers for the tables")
+    head, rest = body.split(start, 1)
+    with open(doc, "w") as f:
+        f.write(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])

@@ -60,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--doc", default=None, help="analyse: write the markdown results here")
+    p.add_argument("--doc", default=None, help="analyse: markdown file whose <!-- tables --> ... <!-- /tables --> "
+                   "section is rewritten; every number goes to the same name with .json")
     p.add_argument("--plot", default=None, help="analyse: precision-recall plot (PNG)")
     return p.parse_args(argv)
 
