@@ -18,6 +18,9 @@ from ._dispatch import BackendUnavailableError  # noqa: E402
 from .functional import init_prior, posterior_readouts  # noqa: E402
 from .datasets import WithIndex  # noqa: E402
 from .loss import DPSLoss, HostDPSLoss  # noqa: E402
+from . import label_issues, soft_labels  # noqa: E402
+from .label_issues import LabelIssues, estimate_noise_rate, find_label_issues, label_issue_scores  # noqa: E402
+from .soft_labels import SoftLabels, export_soft_labels, load_soft_labels  # noqa: E402
 from .ops import PUBLIC as _PUBLIC  # noqa: E402
 
 globals().update(_PUBLIC)  # dps_cross_entropy, soft_cross_entropy, supcon_loss, ...
@@ -40,4 +43,6 @@ def available_backends(device="cpu") -> list[str]:
 from . import distributed  # noqa: E402  (after DPSLoss: DistributedDPSLoss builds on it)
 
 __all__ = ["init_prior", "posterior_readouts", "DPSLoss", "HostDPSLoss", "WithIndex", "metrics", "distributed",
-           "BackendUnavailableError", "available_backends"] + sorted(_PUBLIC)
+           "BackendUnavailableError", "available_backends", "label_issues", "soft_labels", "find_label_issues",
+           "label_issue_scores", "estimate_noise_rate", "LabelIssues", "export_soft_labels", "load_soft_labels",
+           "SoftLabels"] + sorted(_PUBLIC)

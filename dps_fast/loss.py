@@ -50,6 +50,9 @@ class DPSLoss(nn.Module):
         self.contrastive_weight, self.con_positives = float(contrastive_weight), con_positives
         self.store = make_bank(bank, labels, num_classes, c, eps, bank_dtype, prior, device, group, timeout_s,
                                shard_above_bytes)
+        # the prior's parameters (None for an explicit prior): label read-outs use them to
+        # tell the evidence in a row from what is left of the prior (docs/method.md §5.1)
+        self.c, self.eps = (None, None) if prior is not None else (float(c), float(eps))
 
     @staticmethod
     def _check_contrastive(weight, positives, reduction):
@@ -121,7 +124,7 @@ class DPSLoss(nn.Module):
 
     @property
     def given_labels(self) -> torch.Tensor:
-        """The given labels of this process's rows."""
+        """The given labels of all N samples."""
         return self.store.labels
 
     @property
@@ -141,10 +144,18 @@ class DPSLoss(nn.Module):
         return self.cfg.tau_e
 
     def iter_rows(self, chunk_rows: int = 65536):
-        """(global ids, rows, given labels) of the rows this process holds, a chunk at a time."""
-        lab = self.store.labels
-        for k, (ids, rows) in enumerate(self.store.iter_rows(chunk_rows)):
-            yield ids, rows, lab[k * chunk_rows: k * chunk_rows + rows.shape[0]]
+        """(global ids, rows) of the rows this process owns, a chunk at a time; across the
+        ranks of a distributed bank every row is owned by exactly one rank."""
+        return self.store.iter_rows(chunk_rows)
+
+    @property
+    def world(self) -> int:
+        return getattr(self.store, "world", 1)
+
+    @property
+    def group(self):
+        comm = getattr(self.store, "comm", None)
+        return comm.group if comm is not None else None
 
     def full_bank(self) -> torch.Tensor:
         """The whole bank [N, C] on this process (a collective of N*C elements for a sharded bank)."""
@@ -162,11 +173,24 @@ class DPSLoss(nn.Module):
         """docs/method.md read-outs (mean, alpha0, entropy, expected_entropy,
         mutual_information, label_error = 1 - t[given label]) of rows ``index`` or of all
         rows this process holds, computed ``chunk_rows`` at a time."""
-        if index is None:
-            return posterior_readouts(self.alpha, self.given_labels, chunk_rows=chunk_rows)
-        idx = V.canonical_index(index)
-        lab = self.store.labels[idx.to(self.store.labels.device)] if self.store.kind != "sharded" else None
-        return posterior_readouts(self.store.rows(idx), lab, chunk_rows=chunk_rows)
+        idx = self.store.held_ids() if index is None else V.canonical_index(index)
+        rows = self.alpha if index is None else self.store.rows(idx)
+        lab = self.store.labels[idx.to(self.store.labels.device)]
+        return posterior_readouts(rows, lab, chunk_rows=chunk_rows)
+
+    def find_label_issues(self, **kw):
+        """Likely label errors, ranked (:func:`dps_fast.label_issues.find_label_issues`)."""
+        from .label_issues import find_label_issues
+
+        return find_label_issues(self, **kw)
+
+    def export_soft_labels(self, path: str, top_k: int | None = None, dtype: torch.dtype = torch.float16,
+                           epoch: int | None = None):
+        """Writes the posterior means as soft labels (safetensors; dense, or top-k plus the
+        remainder): :func:`dps_fast.soft_labels.export_soft_labels`."""
+        from .soft_labels import export_soft_labels
+
+        return export_soft_labels(self, path, top_k, dtype, epoch=epoch)
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -93,9 +93,22 @@ def ood_auroc(probs_in, probs_out) -> float:
             raise ValueError(f"{name} must be a non-empty tensor [N, C] of class probabilities")
     s_in = probs_in.detach().to(torch.float64).max(1).values
     s_out = probs_out.detach().to(torch.float64).max(1).values.to(s_in.device)
-    ranks = _average_ranks(torch.cat([s_in, s_out]))
-    n_in, n_out = s_in.numel(), s_out.numel()
-    return float((ranks[:n_in].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
+    positive = torch.cat([torch.ones_like(s_in, dtype=torch.bool), torch.zeros_like(s_out, dtype=torch.bool)])
+    return auroc(torch.cat([s_in, s_out]), positive)
+
+
+def auroc(scores, positive) -> float:
+    """Area under the ROC curve of ``scores`` [N] separating ``positive`` [N] (bool)
+    from the rest (Mann-Whitney, ties count one half); 0.5 is chance."""
+    s = torch.as_tensor(scores).detach().to(torch.float64).flatten()
+    pos = torch.as_tensor(positive, device=s.device).bool().flatten()
+    if s.shape != pos.shape:
+        raise ValueError(f"scores and positive must have the same length, got {s.numel()} and {pos.numel()}")
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs at least one positive and one negative sample")
+    ranks = _average_ranks(s)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def summary(probs, labels, n_bins: int = 15) -> dict:

@@ -82,7 +82,7 @@ def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torc
     comm = Collective(group, timeout_s)
     rows = slice(comm.rank, None, comm.world) if kind == "sharded" else slice(None)
     alpha = prior_rows(labels, num_classes, c, eps, dtype, prior, rows).to(dev or "cpu")
-    lab = given_labels(labels, prior)[rows].to(alpha.device)
+    lab = given_labels(labels, prior).to(alpha.device)  # all N: label read-outs index them by global id
     if kind == "sharded":
         return ShardedBank(alpha, lab, n, comm)
     return ReplicatedBank(alpha, lab, comm)

@@ -128,7 +128,9 @@ class Bank:
         return torch.arange(self.storage.shape[0])
 
     def iter_rows(self, chunk_rows: int = 65536):
-        """(global ids, rows) of the rows this process holds, ``chunk_rows`` at a time."""
+        """(global ids, rows) of the rows this process owns, ``chunk_rows`` at a time. Across
+        the ranks of a distributed bank every row is owned by exactly one rank (a replica
+        owns the ids rank, rank + world, ...), so per-rank results add up to the whole bank."""
         store, ids = self.storage, self.held_ids()
         for k in range(0, store.shape[0], chunk_rows):
             yield ids[k:k + chunk_rows], store[k:k + chunk_rows]

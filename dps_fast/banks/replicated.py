@@ -35,6 +35,11 @@ class ReplicatedBank(DistributedBank):
     def held_ids(self):
         return torch.arange(self.num_samples)
 
+    def iter_rows(self, chunk_rows: int = 65536):
+        ids, rows = torch.arange(self.rank, self.num_samples, self.world), self.storage[self.rank::self.world]
+        for k in range(0, rows.shape[0], chunk_rows):
+            yield ids[k:k + chunk_rows], rows[k:k + chunk_rows]
+
     def strided_rows(self):
         return self.storage[self.rank::self.world]
 

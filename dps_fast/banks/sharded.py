@@ -17,7 +17,8 @@ class ShardedBank(DistributedBank):
     strided = True
 
     def __init__(self, rows: torch.Tensor, labels: torch.Tensor, num_samples: int, comm: Collective):
-        """``rows``: this rank's rows (ids rank, rank + world, ...); ``labels``: their given labels."""
+        """``rows``: this rank's rows (ids rank, rank + world, ...); ``labels``: the given labels of
+        all N samples (8 bytes a sample), so that read-outs can index them by global id."""
         super().__init__(num_samples, rows.shape[1], comm)
         self.storage, self.labels = rows, labels
 

@@ -132,6 +132,8 @@ def _run_args(a) -> None:
       help="tqdm progress bars (default: %(default)s = when stderr is a terminal)")
     a("--eval-batch", type=int, default=1024, help="evaluation batch size")
     a("--eval-every", type=int, default=1, help="evaluate on the test (and OOD) set every K epochs and at the end")
+    a("--label-issues", action="store_true", help="DPS methods: write label_issues.csv (likely label errors, "
+      "ranked) and, with injected noise, their precision/recall/F1/AUROC into final.json")
     a("--debug", action="store_true", help="show the Python traceback of an error")
 
 

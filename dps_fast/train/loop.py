@@ -32,6 +32,7 @@ from .errors import Interrupted, RunError, UsageError
 from .experiment import ExperimentData, evaluate, model_from_args
 from .files import atomic_save, json_dump, state_digest
 from .rundir import DATA_KEY, NOT_SAVED, RUNTIME_KEYS, saved_progress
+from .label_report import write_label_issues
 from .methods import build_method
 from .models import ProjectionHead
 from .plots import save_plots
@@ -359,7 +360,8 @@ def save_checkpoint(r: Run, epoch: int) -> None:
 
 
 def finish(r: Run, log) -> dict:
-    """Final evaluation, loss timing, final.json and plots (lead rank only)."""
+    """Label issues (every rank), then final evaluation, loss timing, final.json and plots (lead rank only)."""
+    label_issues = write_label_issues(r, log)
     if r.world > 1:
         import torch.distributed as dist
 
@@ -375,7 +377,8 @@ def finish(r: Run, log) -> dict:
         f"{timing['overhead_pct_of_ce_step']:+.1f}% of a CE step")
     final = {"method": r.method_name, "final": res, "history": r.history, "timing": timing,
              "noise": r.data.noise_info, "n_train": len(r.data.labels), "dataset": r.data.name,
-             "ood": r.data.ood_name, "config": r.cfg, "segments": r.segments, "model_sha": state_digest(r.model)}
+             "ood": r.data.ood_name, "config": r.cfg, "segments": r.segments, "model_sha": state_digest(r.model),
+             **({"label_issues": label_issues} if label_issues else {})}
     json_dump(final, os.path.join(r.out_dir, "final.json"))
     if args.plots and r.history:
         save_plots(r.out_dir, r.history, probs, r.data.y_test, f"{r.method_name} on {r.data.name}")

@@ -32,13 +32,13 @@ METHOD_KEYS = {"ce": (), "ls": ("ls_eps",), "pskd": ("pskd_alpha",), "te": ("te_
                "dps": _DPS_KEYS, "dps+con": _DPS_KEYS + ("con_weight", "con_tau", "con_positives", "proj_dim")}
 # Settings of where and how it runs: free to change on resume.
 RUNTIME_KEYS = ("data_root", "backend", "nproc", "bank", "device", "threads", "out", "plots", "progress",
-                "eval_batch", "eval_every", "overwrite", "debug", "stop_after", "world")
+                "eval_batch", "eval_every", "overwrite", "debug", "stop_after", "world", "label_issues")
 NOT_SAVED = ("compare", "demo", "resume")  # how the command was phrased, not the run
 DATA_KEY = "data_sha"
 
 # What the trainer writes into a run folder (--overwrite deletes exactly these).
 RUN_FILES = ("checkpoint.pt", "config.json", "metrics.csv", "final.json", "reliability.png", "curves.png",
-             "noisy_labels.pt")
+             "noisy_labels.pt", "label_issues.csv")
 
 
 def compared_keys(method: str) -> tuple:
