@@ -138,7 +138,7 @@ def markdown(model, mem, steps) -> str:
                      f"{t['sharded_bank_bytes'] / 1e9:.2f} GB | {t['replicated_step_bytes'] / 1e6:.2f} MB | "
                      f"{t['sharded_step_bytes'] / 1e6:.2f} MB |")
     lines += ["", f"Sharded bank {N_MEM:,} x {C_MEM} float32 ({N_MEM * C_MEM * 4 / 1e6:.0f} MB), peak RSS growth "
-              "per rank:", "", "| what | world | rank | shard MB | peak growth MB | growth / shard |", "|---|---|---|---|---|---|"]
+              "per rank:", "", "| what | world | rank | shard MiB | peak growth MiB | growth / shard |", "|---|---|---|---|---|---|"]
     for r in mem:
         key = "build_growth_mb" if "load_growth_mb" not in r else "load_growth_mb"
         what = "build from labels" if key == "build_growth_mb" else "load_bank (saved at 2 ranks)"
