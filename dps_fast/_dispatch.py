@@ -108,7 +108,20 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+_resolved: dict = {}
+
+
 def resolve(backend, device: torch.device, dtypes) -> str:
+    """The backend to run on: ``backend`` or the automatic choice, checked for the device and
+    dtypes (errors as described at the top). Successful answers are cached per arguments."""
+    key = (backend, os.environ.get("DPS_FAST_BACKEND"), device, tuple(dtypes))
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve(backend, device, dtypes)
+    return name
+
+
+def _resolve(backend, device: torch.device, dtypes) -> str:
     name = backend if backend is not None else os.environ.get("DPS_FAST_BACKEND") or "auto"
     fused_ok = all(dt in FUSED_DTYPES for dt in dtypes)
     if name == "auto":

@@ -23,7 +23,8 @@ import torch
 
 from .. import _dispatch
 from .. import _validate as V
-from ..functional import dps_cross_entropy, in_backward_recompute
+from ..ops._common import in_backward_recompute
+from ..ops.dps_cross_entropy import run as run_step
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class StepPlan:
     index: torch.Tensor          # int64, on the logits' device
     valid: torch.Tensor | None   # bool [B] or None (all valid)
     update: bool
+    backend: str = "reference"  # the resolved backend of the step
     gathered: bool = True      # the step runs on a fetched copy of the rows, not on the bank in place
     extra: dict | None = None
 
@@ -76,16 +78,16 @@ class Bank:
         plan = self.begin(logits, index, valid, update, cfg, extra_check)
         rows, rows_index = self.fetch(plan)
         # begin() has validated everything; under activation checkpointing the step itself
-        # turns a recomputed forward into a read (docs/method.md, "Edge cases")
-        loss = dps_cross_entropy(plan.logits, rows_index, rows, cfg.gamma, cfg.tau_e, cfg.target,
-                                 cfg.reduction, update=plan.update, backend=cfg.backend, validate=False)
+        # turns a recomputed forward into a read (docs/method.md §9)
+        loss = run_step(plan.logits, rows_index, rows, cfg.gamma, cfg.tau_e, cfg.target == "posterior",
+                        cfg.reduction, plan.update, plan.backend, cfg.backend)
         if plan.update and not in_backward_recompute():
             self.commit(plan, rows)
         return loss, (rows if plan.gathered else None)
 
     def check_local(self, logits, index, valid, cfg: StepConfig, extra_check=None):
         """Every check of one call that this process can do alone; raises on bad input.
-        Returns the index as int64 on the logits' device."""
+        Returns (the index as int64 on the logits' device, the resolved backend)."""
         v, b, c = V.logits_tensor(logits)
         V.index_tensor(index, b)
         if c != self.num_classes:
@@ -93,16 +95,16 @@ class Bank:
         V.same_device(logits=logits, index=index, valid=valid)
         if valid is not None:
             V.valid_mask(valid, b)
-        _dispatch.resolve(cfg.backend, logits.device, (logits.dtype, self.dtype))
         idx = V.canonical_index(index)
         if cfg.validate and valid is None:
             idx = V.checked_index(idx, self.num_samples)  # under torch.compile an op whose output is used
         elif cfg.validate:
             V.index_values(idx[valid], self.num_samples)  # duplicates only among the valid samples
             V.index_range(idx, self.num_samples)
+        name = _dispatch.resolve(cfg.backend, logits.device, (logits.dtype, self.dtype))
         if extra_check is not None:
             extra_check()
-        return idx
+        return idx, name
 
     # ------------------------------------------------------------------ per kind
     @property

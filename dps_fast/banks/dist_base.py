@@ -49,11 +49,11 @@ class DistributedBank(Bank):
     def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
         """Validates on every rank and agrees on the outcome, then shares the global batch:
         every rank learns every rank's ids and validity (one small all-gather)."""
-        error, idx = None, None
+        error, idx, name = None, None, None
         try:
             self.comm.check_world()
             # ids are always checked here: they route rows between ranks
-            idx = self.check_local(logits, index, valid, replace(cfg, validate=True), extra_check)
+            idx, name = self.check_local(logits, index, valid, replace(cfg, validate=True), extra_check)
         except (IndexError, ValueError, TypeError, RuntimeError) as e:
             error = e
         counts = self.comm.agree(error, 0 if idx is None else idx.numel(), self.device)
@@ -66,7 +66,7 @@ class DistributedBank(Bank):
         if dup is not None:  # every rank sees the same global batch, so every rank raises this
             raise ValueError(f"index contains duplicate id {dup} across ranks in one step; ids of one global "
                              f"step must be distinct among valid samples")
-        return StepPlan(logits, idx, valid, update, extra={"counts": counts, "ids": ids, "valid": oks})
+        return StepPlan(logits, idx, valid, update, name, extra={"counts": counts, "ids": ids, "valid": oks})
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str) -> str:

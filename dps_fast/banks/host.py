@@ -52,8 +52,8 @@ class HostBank(Bank):
         self._prefetched = (idx, self._gather(idx))
 
     def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
-        idx = self.check_local(logits, index, valid, cfg, extra_check)
-        return StepPlan(logits, idx, valid, update, extra={"host_index": idx.cpu()})
+        idx, name = self.check_local(logits, index, valid, cfg, extra_check)
+        return StepPlan(logits, idx, valid, update, name, extra={"host_index": idx.cpu()})
 
     def fetch(self, plan):
         idx = plan.extra["host_index"]

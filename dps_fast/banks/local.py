@@ -18,10 +18,13 @@ class LocalBank(Bank):
         self.storage, self.labels = alpha, labels
 
     def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
-        idx = self.check_local(logits, index, valid, cfg, extra_check)
+        idx, name = self.check_local(logits, index, valid, cfg, extra_check)
+        if self.storage.device != logits.device:
+            raise ValueError(f"the bank is on {self.storage.device} but the logits are on {logits.device}: move the "
+                             f"loss with .to(device)")
         if valid is not None and bool(valid.all()):
             valid = None
-        return StepPlan(logits, idx, valid, update, gathered=valid is not None)
+        return StepPlan(logits, idx, valid, update, name, gathered=valid is not None)
 
     def fetch(self, plan: StepPlan):
         if plan.valid is None:

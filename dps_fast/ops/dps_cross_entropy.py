@@ -96,7 +96,14 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
     v, b, c, gamma, tau_e, posterior, red, index = check(logits, index, alpha, gamma, tau_e, target, reduction,
                                                          validate)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, alpha.dtype))
-    if b == 0:
+    return run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend, inplace_grad)
+
+
+def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend=None, inplace_grad=False):
+    """The step on checked arguments (``index`` int64; ``name`` the resolved backend): the
+    banks call this after their own checks (dps_fast/banks/base.py)."""
+    red = V.REDUCTIONS[reduction]
+    if logits.shape[-2] == 0:
         return empty_loss(logits, red)
     if _ops.under_functorch(logits):
         if update:
