@@ -11,7 +11,7 @@
 3. Step time per bank kind at the same global batch (512 samples, C = 100, N = 200,000):
    local and host (one process), replicated and sharded (2 gloo ranks x 256), each with
    the fused CPU step and with the plain-PyTorch path (backend="reference"); medians, and
-   the fraction of the step spent waiting for collectives.
+   the fraction of the step spent inside collectives.
 """
 import json
 import os
@@ -146,7 +146,7 @@ def markdown(model, mem, steps) -> str:
                      f"{r[key] / r['shard_mb']:.2f}x |")
     lines += ["", f"Step time, global batch {B_GLOBAL}, C = {C_STEP}, N = {N_STEP:,} (distributed: 2 gloo ranks x "
               f"{B_GLOBAL // 2}; 1 thread per process):", "",
-              "| bank | fused ms | plain PyTorch ms | fused vs plain | comm wait / step (fused) | bytes / rank / step |",
+              "| bank | fused ms | plain PyTorch ms | fused vs plain | in collectives (fused) | bytes / rank / step |",
               "|---|---|---|---|---|---|"]
     for kind, (f, p) in steps.items():
         lines.append(f"| {kind} | {f['step_ms_median']:.2f} | {p['step_ms_median']:.2f} | "

@@ -31,13 +31,16 @@ class Collective:
         self.rank = dist.get_rank(group)
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
         self.received_bytes = 0
-        self.wait_s = 0.0  # time spent waiting for collectives (not overlapped with compute)
+        self.wait_s = 0.0  # time inside collectives (issue + wait: none of it overlaps compute)
 
-    def _wait(self, work, *received):
+    def _run(self, start, *received):
+        """Runs one collective (``start()`` returns its async work), waits with the timeout,
+        and counts its time and the bytes it delivered."""
+        t0 = time.perf_counter()
+        work = start()
         if work is not None:
-            t0 = time.perf_counter()
             work.wait(self.timeout)
-            self.wait_s += time.perf_counter() - t0
+        self.wait_s += time.perf_counter() - t0
         for t in received:
             ts = t if isinstance(t, (list, tuple)) else [t]
             self.received_bytes += sum(x.numel() * x.element_size() for x in ts)
@@ -54,7 +57,7 @@ class Collective:
         Returns every rank's count."""
         t = torch.tensor([0 if error is None else 1, count], dtype=torch.int64, device=device)
         out = torch.empty(self.world * 2, dtype=torch.int64, device=device)
-        self._wait(_all_gather_flat(out, t, group=self.group, async_op=True), out)
+        self._run(lambda: _all_gather_flat(out, t, group=self.group, async_op=True), out)
         flags = out.view(self.world, 2).tolist()
         if any(f for f, _ in flags):
             self._raise_agreed(error, [f for f, _ in flags])
@@ -74,13 +77,14 @@ class Collective:
         pad = x.new_zeros((bmax,) + tuple(x.shape[1:]))
         pad[: x.shape[0]] = x
         out = x.new_empty((self.world * bmax,) + tuple(x.shape[1:]))
-        self._wait(_all_gather_flat(out, pad, group=self.group, async_op=True), out)
+        self._run(lambda: _all_gather_flat(out, pad, group=self.group, async_op=True), out)
         return [out[r * bmax: r * bmax + counts[r]] for r in range(self.world)]
 
     def all_to_all_rows(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]):
         out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
-        self._wait(dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group,
-                                          async_op=True), out)
+        send = send.contiguous()
+        self._run(lambda: dist.all_to_all_single(out, send, recv_counts, send_counts, group=self.group,
+                                                 async_op=True), out)
         return out
 
     def barrier(self):
