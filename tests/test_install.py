@@ -78,7 +78,7 @@ def test_isolated_wheel_is_pure_and_carries_the_sources(tmp_path):
         metadata = whl.read("dps_fast-0.1.0.dist-info/METADATA").decode()
     wanted = {"dps_fast/_build.py", "dps_fast/kernels/supcon.py", "dps_fast/csrc/ops.cpp",
               "dps_fast/csrc/cpu/row_kernels.h", "dps_fast/csrc/cpu/dps_cross_entropy.cpp",
-              "dps_fast/csrc/cuda/ops_cuda.cpp", "dps_fast/csrc/cuda/dps_cross_entropy.cu"}
+              "dps_fast/csrc/cuda/dps_cross_entropy_glue.cpp", "dps_fast/csrc/cuda/dps_cross_entropy.cu"}
     assert wanted <= names, wanted - names
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
     assert "Requires-Dist: ninja" in metadata
@@ -212,7 +212,7 @@ def test_cuda_build_settings_and_reasons(tmp_path, monkeypatch):
     root = _build.sources_root()
     cpu, cuda = (_build.build_settings(torch, root, cuda=c) for c in (False, True))
     cu = [os.path.relpath(s, root) for s in cuda["sources"]]
-    assert "cuda/ops_cuda.cpp" in cu and "cuda/dps_cross_entropy.cu" in cu and "module.cpp" not in cu
+    assert "cuda/dps_cross_entropy_glue.cpp" in cu and "cuda/dps_cross_entropy.cu" in cu and "module.cpp" not in cu
     assert not [s for s in cpu["sources"] if "cuda" in s]
     assert _build.CUDA_DEFINE in cuda["cflags"] and _build.CUDA_DEFINE not in cpu["cflags"]
     assert cuda["cuda_cflags"] == _build.NVCC_FLAGS and cpu["cuda_cflags"] == []
