@@ -3,9 +3,9 @@ fixed amount of work for callgrind.
 
     # median time, GB/s on the byte model, against the copy bandwidth of the same process
     python benchmarks/kernel_probe.py --time
-    # instruction counts per element (1 thread, the kernel only):
-    valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*dps_ce_kernel*' \
-        python benchmarks/kernel_probe.py --steps 2 --threads 1
+    # instruction counts per element (1 thread, the kernel only; divide by B*C*steps):
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*DpsStep*::operator()*' \
+        python benchmarks/kernel_probe.py --b 1024 --n 5000 --steps 2 --threads 1
     # bit-identity against an earlier build: --save FILE once, then --compare FILE
 """
 from __future__ import annotations

@@ -287,6 +287,8 @@ template <typename TZ, typename TT>
 void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int64_t B, int64_t C,
                     bool normalize, float gscale) {
   constexpr bool z_f32 = std::is_same_v<TZ, float>;
+  // a float32 gradient of a large call goes out with streaming stores (see stream_grad)
+  const bool stream = z_f32 && stream_grad(grad, C, B * C * static_cast<int64_t>(2 * sizeof(TZ) + sizeof(TT)));
   at::parallel_for(0, B, grain_rows(C), [&](int64_t b0, int64_t b1) {
     std::vector<float> buf((z_f32 ? 1 : 2) * C);
     float* ex = buf.data();
@@ -312,17 +314,21 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
         else gdst = ex;
       }
       const Vec vit(inv_t), vis(inv_s), vg(gscale);
-      const float dot = accurate_sum(C, [&](int64_t j, int64_t k) {
-        const Vec t = ld(tr + j, k) * vit;
-        const Vec zv = ldf(zf + j, k);
-        if (gdst) stf((ldf(ex + j, k) * vis - t) * vg, gdst + j, k);
-        return t * zv;
-      });
+      const auto dot_and_grad = [=](auto nt) {
+        return accurate_sum(C, [=](int64_t j, int64_t k) {
+          const Vec t = ld(tr + j, k) * vit;
+          const Vec zv = ldf(zf + j, k);
+          if (gdst) store_as<decltype(nt)::value>((ldf(ex + j, k) * vis - t) * vg, gdst + j, k);
+          return t * zv;
+        });
+      };
+      const float dot = stream ? dot_and_grad(std::true_type{}) : dot_and_grad(std::false_type{});
       loss_rows[b] = m + std::log(s) - dot;
       if constexpr (!z_f32) {
         if (grad) store_row(ex, grad + b * C, C);
       }
     }
+    if (stream) stream_fence();
   });
 }
 
