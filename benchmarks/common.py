@@ -13,6 +13,8 @@ import dps_fast
 from dps_fast import reference as R
 
 PROVIDERS = ("eager", "compile", "fused")
+# The DPS step also against the step as one would write it by hand (dps_by_hand).
+DPS_PROVIDERS = ("eager", "compile", "hand", "hand_compile", "fused")
 
 _compiled = {}
 
@@ -24,11 +26,28 @@ def compiled(fn):
     return _compiled[fn]
 
 
+def dps_by_hand(logits, index, alpha, gamma=0.95):
+    """The DPS step (docs/method.md §2; one view, tau_e = 1, posterior target, mean
+    reduction) as one would write it by hand in PyTorch: softmax, index_select /
+    index_copy_, soft-target cross-entropy. None of the library's policies (no
+    validation, no non-finite guard, maths in the logits' dtype)."""
+    with torch.no_grad():
+        evidence = torch.softmax(logits, -1)
+        rows = alpha.index_select(0, index).to(evidence.dtype) * gamma + evidence
+        alpha.index_copy_(0, index, rows.to(alpha.dtype))
+        target = rows / rows.sum(-1, keepdim=True)
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
 def dps_fn(provider):
     if provider == "eager":
         return R.dps_cross_entropy
     if provider == "compile":
         return compiled(R.dps_cross_entropy)
+    if provider == "hand":
+        return dps_by_hand
+    if provider == "hand_compile":
+        return compiled(dps_by_hand)
     return lambda z, idx, a: dps_fast.dps_cross_entropy(z, idx, a, backend="cpu")
 
 
@@ -50,7 +69,9 @@ def supcon_fn(provider):
 
 def dps_bytes(b, c, v=1, z_bytes=4, a_bytes=4, idx_bytes=8):
     """Byte model of one DPS step (fwd+bwd): logits read and gradient written
-    (V*B*C each), bank rows read and written (B*C each), plus the index."""
+    (V*B*C each, z_bytes per element), bank rows read and written (B*C each,
+    a_bytes per element), plus the index. The least any implementation must move;
+    a gradient written with ordinary stores also reads each of its lines first."""
     return v * b * c * 2 * z_bytes + b * c * 2 * a_bytes + b * idx_bytes
 
 
@@ -60,7 +81,9 @@ def soft_ce_bytes(b, c, z_bytes=4, t_bytes=4):
 
 
 def copy_bandwidth(nbytes=256 * 2 ** 20, reps=15):
-    """Median GB/s of dst.copy_(src) for two nbytes buffers (bytes moved = 2 * nbytes)."""
+    """Median GB/s of dst.copy_(src) for two nbytes buffers (bytes moved = 2 * nbytes,
+    the same convention as the byte models: torch's copy stores with ordinary stores,
+    so it also reads the destination lines)."""
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
     for _ in range(3):

@@ -5,10 +5,12 @@
 // gathered, discounted, given the evidence and stored back in the bank dtype, the
 // target is formed, and the loss and the gradient (softmax - target, already scaled
 // for the reduction) are written. Backward then only multiplies by grad_output.
+// Non-finite logits and out-of-range ids: docs/method.md, "Edge cases".
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "row_kernels.h"
@@ -46,6 +48,32 @@ void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
                     "dps_fast: grad buffer must be a contiguous tensor like the logits");
 }
 
+// Bytes one DPS step moves (the benchmarks' byte model): logits read and gradient
+// written, bank rows read and written.
+template <typename TZ, typename TA>
+int64_t dps_step_bytes(int64_t V, int64_t B, int64_t C) {
+  return V * B * C * 2 * static_cast<int64_t>(sizeof(TZ)) + B * C * 2 * static_cast<int64_t>(sizeof(TA));
+}
+
+// Streaming (non-temporal) stores for the gradient once the step moves more
+// than kStreamMinBytes (a typical last-level cache: 32 MiB on the 2-core EPYC VM the
+// benchmarks run on; sysconf's figure is unreliable in VMs). Then the early gradient
+// rows are evicted before backward reads them anyway, and ordinary stores would first
+// read every gradient line from DRAM (read for ownership): a quarter more traffic.
+// Streaming needs aligned vectors: a 32-byte aligned buffer and C % 8 == 0.
+// The values written are the same either way.
+constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
+
+template <typename TZ>
+bool stream_grad(const TZ* grad, int64_t C, int64_t step_bytes) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return grad && reinterpret_cast<uintptr_t>(grad) % 32 == 0 && C % kW == 0 &&
+         step_bytes > kStreamMinBytes;
+#else
+  return false;
+#endif
+}
+
 // Sweep A: max and plain sum (the sum only detects non-finite values).
 inline void max_and_sum(const float* x, int64_t n, float& mx, float& sm) {
   Vec vm(-std::numeric_limits<float>::infinity()), vs(0.f);
@@ -64,103 +92,161 @@ inline void max_and_sum(const float* x, int64_t n, float& mx, float& sm) {
   if (std::isnan(sm)) mx = sm;
 }
 
-template <typename TZ, typename TA>
-void dps_ce_kernel(const at::Tensor& z, const int64_t* idx, at::Tensor& alpha, TZ* grad,
-                   float* loss_rows, int64_t V, int64_t B, int64_t C, float gamma, float tau_e,
-                   bool posterior, bool update, float gscale) {
-  const TZ* zp = z.data_ptr<TZ>();
-  TA* ap = alpha.data_ptr<TA>();
-  const int64_t N = alpha.size(0), a_stride = alpha.stride(0);
-  const bool temper = tau_e != 1.0f;
-  const float inv_tau = 1.0f / tau_e;
-  constexpr bool z_f32 = std::is_same_v<TZ, float>;
+// Bank rows are random: each thread starts fetching the row kPrefetchRows ahead of the
+// one it works on, so that its DRAM latency overlaps the work on the rows in between.
+// (The logits are read sequentially, which the hardware prefetchers cover.)
+constexpr int64_t kPrefetchRows = 4;
 
-  at::parallel_for(0, B, grain_rows(V * C), [&](int64_t b0, int64_t b1) {
-    // scratch: ex [V*C] | ext [V*C] (tempered) | zf [V*C] (reduced logits) | tgt [C] | an [C]
-    const int64_t nz = z_f32 ? 0 : V * C, nt = temper ? V * C : 0;
-    std::vector<float> buf(V * C + nt + nz + 2 * C);
-    float* ex = buf.data();
-    float* ext = temper ? ex + V * C : ex;
-    float* zbuf = z_f32 ? nullptr : ex + V * C + nt;
-    float* tgt = ex + V * C + nt + nz;
-    float* an = (update && !posterior) ? tgt + C : tgt;
-    std::vector<float> m(V), s(V), kv(V);
-    std::vector<const float*> zrow(V);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t id = idx[b];
-      bool bad = id < 0 || id >= N;  // only reachable with validate=False
-      if (!bad) {
-        // bank rows are random: start fetching this one into L2 now, so the DRAM
-        // latency overlaps the softmax sweeps below
-        const char* ar0 = reinterpret_cast<const char*>(ap + id * a_stride);
-        for (int64_t off = 0; off < C * static_cast<int64_t>(sizeof(TA)); off += 64) __builtin_prefetch(ar0 + off, 1, 2);
-      }
-      // A + B: per view max, softmax numerators and sums
-      for (int64_t v = 0; v < V; ++v) {
-        const TZ* zr = zp + (v * B + b) * C;
-        if constexpr (z_f32) {
-          zrow[v] = zr;
-        } else {
-          load_row(zr, zbuf + v * C, C);
-          zrow[v] = zbuf + v * C;
-        }
-        float zs;
-        max_and_sum(zrow[v], C, m[v], zs);
-        s[v] = exp_row(zrow[v], ex + v * C, C, m[v], 1.0f);
-        if (!std::isfinite(zs) || !std::isfinite(s[v]) || !std::isfinite(m[v])) bad = true;
-        const float se = temper ? exp_row(zrow[v], ext + v * C, C, m[v], inv_tau) : s[v];
-        kv[v] = 1.0f / (se * static_cast<float>(V));
-      }
-      float inv_t = 0.f;
-      if (!bad) {
-        // C: evidence, discounted bank row, target base and its sum
-        TA* ar = ap + id * a_stride;
-        const Vec g(gamma);
-        const float S = accurate_sum(C, [&](int64_t j, int64_t k) {
-          const Vec a_old = ld(ar + j, k);
-          Vec e = ldf(ext + j, k) * Vec(kv[0]);
-          for (int64_t v = 1; v < V; ++v) e = at::vec::fmadd(ldf(ext + v * C + j, k), Vec(kv[v]), e);
-          const Vec a_new = at::vec::fmadd(a_old, g, e);
-          if (update) stf(a_new, an + j, k);
-          const Vec t = posterior ? a_new : a_old;
-          stf(t, tgt + j, k);
-          return t;
-        });
-        inv_t = 1.0f / S;
-        if (update) store_row(an, ar, C);
-      }
-      // D: loss and gradient per view
-      for (int64_t v = 0; v < V; ++v) {
-        const int64_t r = v * B + b;
-        if (bad) {
-          loss_rows[r] = std::numeric_limits<float>::quiet_NaN();
-          if (grad) std::fill(grad + r * C, grad + (r + 1) * C, static_cast<TZ>(NAN));
-          continue;
-        }
-        const float* zf = zrow[v];
-        float* exv = ex + v * C;
-        const float inv_s = 1.0f / s[v];
-        const Vec vit(inv_t), vis(inv_s), vg(gscale);
-        // reduced dtypes: the gradient goes to the ex scratch, then is converted
-        float* gdst = nullptr;
-        if (grad) {
-          if constexpr (z_f32) gdst = reinterpret_cast<float*>(grad) + r * C;
-          else gdst = exv;
-        }
-        const float dot = accurate_sum(C, [&](int64_t j, int64_t k) {
-          const Vec t = ldf(tgt + j, k) * vit;
-          const Vec zv = ldf(zf + j, k);
-          if (gdst) stf((ldf(exv + j, k) * vis - t) * vg, gdst + j, k);
-          return t * zv;
-        });
-        loss_rows[r] = m[v] + std::log(s[v]) - dot;
-        if constexpr (!z_f32) {
-          if (grad) store_row(exv, grad + r * C, C);
-        }
-      }
+// One DPS step over rows [b0, b1), one pass per sample row: the
+// logits of all V views are read once into L1-sized scratch (sweeps A, B: max and
+// softmax numerators), the bank row is gathered, discounted, given the evidence and
+// stored back (sweep C, which also sums the target), then the loss and the gradient
+// (softmax - target, already scaled for the reduction) are written (sweep D).
+template <typename TZ, typename TA>
+struct DpsStep {
+  static constexpr bool z_f32 = std::is_same_v<TZ, float>, a_f32 = std::is_same_v<TA, float>;
+  const TZ* z;
+  const int64_t* idx;
+  TA* alpha;
+  TZ* grad;  // nullptr: no gradient wanted
+  float* loss_rows;
+  int64_t V, B, C, N, a_stride;
+  float gamma, inv_tau, gscale;
+  bool temper, posterior, update, stream;
+
+  // Per-thread float32 rows: ex [V*C] softmax numerators | ext [V*C] tempered ones
+  // (temper only) | zbuf [V*C] logits (reduced dtypes only) | tgt [C].
+  struct Scratch {
+    std::vector<float> buf, m, s, kv;
+    std::vector<const float*> zrow;
+    float *ex, *ext, *zbuf, *tgt;
+    const float* tbase = nullptr;  // the target row before normalisation
+    Scratch(int64_t V, int64_t C, bool temper)
+        : buf(V * C * (1 + temper + !z_f32) + C), m(V), s(V), kv(V), zrow(V) {
+      ex = buf.data();
+      ext = temper ? ex + V * C : ex;
+      zbuf = ex + V * C * (1 + temper);
+      tgt = zbuf + (z_f32 ? 0 : V * C);
     }
-  });
-}
+  };
+
+  // Sweeps A and B for every view; false if a logit is NaN or +-Inf.
+  bool views(int64_t b, Scratch& w) const {
+    for (int64_t v = 0; v < V; ++v) {
+      const float* zf;
+      if constexpr (z_f32) {
+        zf = z + (v * B + b) * C;
+      } else {
+        load_row(z + (v * B + b) * C, w.zbuf + v * C, C);
+        zf = w.zbuf + v * C;
+      }
+      w.zrow[v] = zf;
+      float mn;
+      row_max_min(zf, C, w.m[v], mn);
+      // a NaN logit makes s NaN (exp_row_from_max propagates it), +Inf makes m +Inf
+      w.s[v] = exp_row_from_max(zf, w.ex + v * C, C, w.m[v], 1.0f);
+      if (!std::isfinite(w.m[v]) || !std::isfinite(w.s[v]) || mn == -std::numeric_limits<float>::infinity())
+        return false;
+      const float se = temper ? exp_row_from_max(zf, w.ext + v * C, C, w.m[v], inv_tau) : w.s[v];
+      w.kv[v] = 1.0f / (se * static_cast<float>(V));
+    }
+    return true;
+  }
+
+  // Sweep C: evidence, discounted bank row, stored back when UPD; returns 1 / sum of
+  // the target row (the new row when POST, else the old one) and points w.tbase at it.
+  // A float32 bank takes the new row directly, and the target is read back from it.
+  template <bool UPD, bool POST>
+  float bank(TA* ar, Scratch& w) const {
+    const float* ext = w.ext;
+    const Vec k0(w.kv[0]);
+    if (V == 1) return bank_sweep<UPD, POST>(ar, w, [=](int64_t j, int64_t k) { return ldf(ext + j, k) * k0; });
+    const float* kv = w.kv.data();
+    const int64_t V_ = V, C_ = C;
+    return bank_sweep<UPD, POST>(ar, w, [=](int64_t j, int64_t k) {
+      Vec e = ldf(ext + j, k) * k0;
+      for (int64_t v = 1; v < V_; ++v) e = at::vec::fmadd(ldf(ext + v * C_ + j, k), Vec(kv[v]), e);
+      return e;
+    });
+  }
+
+  // evidence(j, cnt): the Vec of mean (tempered) softmax values [j, j + cnt).
+  // The target row (float32) is kept in w.tgt, or read back from a float32 bank.
+  template <bool UPD, bool POST, typename EF>
+  DPS_INLINE float bank_sweep(TA* ar, Scratch& w, const EF& evidence) const {
+    constexpr bool tgt_new = POST && !(UPD && a_f32), tgt_old = !POST && (UPD || !a_f32);
+    float* tgt = w.tgt;
+    w.tbase = tgt_new || tgt_old ? tgt : reinterpret_cast<const float*>(ar);
+    const Vec g(gamma);
+    const float S = accurate_sum(C, [=](int64_t j, int64_t k) {
+      const Vec a_old = ld(ar + j, k);
+      const Vec a_new = at::vec::fmadd(a_old, g, evidence(j, k));
+      if constexpr (UPD) store_as<false>(a_new, ar + j, k);
+      if constexpr (tgt_new) stf(a_new, tgt + j, k);
+      if constexpr (tgt_old) stf(a_old, tgt + j, k);
+      return POST ? a_new : a_old;
+    });
+    return 1.0f / S;
+  }
+
+  // Sweep D: loss and gradient of every view; NT: streaming stores of the gradient.
+  template <bool NT>
+  void outputs(int64_t b, float inv_t, const Scratch& w) const {
+    for (int64_t v = 0; v < V; ++v) {
+      const int64_t r = v * B + b;
+      const float* zf = w.zrow[v];
+      const float* exv = w.ex + v * C;
+      const float* tb = w.tbase;
+      TZ* gdst = grad ? grad + r * C : nullptr;
+      const Vec vit(inv_t), vis(1.0f / w.s[v]), vg(gscale);
+      const float dot = accurate_sum(C, [=](int64_t j, int64_t k) {
+        const Vec t = ldf(tb + j, k) * vit;
+        const Vec zv = ldf(zf + j, k);
+        if (gdst) store_as<NT>((ldf(exv + j, k) * vis - t) * vg, gdst + j, k);
+        return t * zv;
+      });
+      loss_rows[r] = w.m[v] + std::log(w.s[v]) - dot;
+    }
+  }
+
+  void bad_row(int64_t b) const {
+    for (int64_t v = 0; v < V; ++v) {
+      const int64_t r = v * B + b;
+      loss_rows[r] = std::numeric_limits<float>::quiet_NaN();
+      if (grad) std::fill(grad + r * C, grad + (r + 1) * C, static_cast<TZ>(NAN));
+    }
+  }
+
+  // the bank row of sample b, if b < b1 and its id is in range; else nullptr
+  TA* bank_row(int64_t b, int64_t b1) const {
+    if (b >= b1 || idx[b] < 0 || idx[b] >= N) return nullptr;
+    return alpha + idx[b] * a_stride;
+  }
+
+  void prefetch_bank_row(int64_t b, int64_t b1) const {
+    if (const TA* ar = bank_row(b, b1))
+      prefetch_span(reinterpret_cast<const char*>(ar), C * static_cast<int64_t>(sizeof(TA)));
+  }
+
+  void operator()(int64_t b0, int64_t b1) const {
+    Scratch w(V, C, temper);
+    for (int64_t b = b0; b < std::min(b1, b0 + kPrefetchRows); ++b) prefetch_bank_row(b, b1);
+    for (int64_t b = b0; b < b1; ++b) {
+      prefetch_bank_row(b + kPrefetchRows, b1);
+      TA* ar = bank_row(b, b1);
+      // out-of-range ids are only reachable with validate=False
+      if (!ar || !views(b, w)) {
+        bad_row(b);
+        continue;
+      }
+      const float inv_t = update ? (posterior ? bank<true, true>(ar, w) : bank<true, false>(ar, w))
+                                 : (posterior ? bank<false, true>(ar, w) : bank<false, false>(ar, w));
+      if (stream) outputs<true>(b, inv_t, w);
+      else outputs<false>(b, inv_t, w);
+    }
+    if (stream) stream_fence();
+  }
+};
 
 at::Tensor dps_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& index, at::Tensor& alpha,
                           at::Tensor& grad, double gamma, double tau_e, bool posterior, bool update,
@@ -183,9 +269,12 @@ at::Tensor dps_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& index, at:
       if constexpr (std::is_same_v<TZ, double> || std::is_same_v<scalar_t, double>) {
         TORCH_CHECK_TYPE(false, "dps_fast: the fused CPU kernel takes float32/bfloat16/float16");
       } else {
-        dps_ce_kernel<TZ, scalar_t>(z, idx.data_ptr<int64_t>(), alpha, g, rows.data(), V, B, C,
-                                    static_cast<float>(gamma), static_cast<float>(tau_e), posterior,
-                                    update, gscale);
+        using TA = scalar_t;
+        DpsStep<TZ, TA> step{z.data_ptr<TZ>(), idx.data_ptr<int64_t>(), alpha.data_ptr<TA>(), g, rows.data(),
+                             V, B, C, alpha.size(0), alpha.stride(0), static_cast<float>(gamma),
+                             1.0f / static_cast<float>(tau_e), gscale, static_cast<float>(tau_e) != 1.0f,
+                             posterior, update, stream_grad(g, C, dps_step_bytes<TZ, TA>(V, B, C))};
+        at::parallel_for(0, B, grain_rows(V * C), step);
       }
     });
   });
@@ -197,6 +286,8 @@ template <typename TZ, typename TT>
 void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int64_t B, int64_t C,
                     bool normalize, float gscale) {
   constexpr bool z_f32 = std::is_same_v<TZ, float>;
+  // a float32 gradient of a large call goes out with streaming stores (see stream_grad)
+  const bool stream = z_f32 && stream_grad(grad, C, B * C * static_cast<int64_t>(2 * sizeof(TZ) + sizeof(TT)));
   at::parallel_for(0, B, grain_rows(C), [&](int64_t b0, int64_t b1) {
     std::vector<float> buf((z_f32 ? 1 : 2) * C);
     float* ex = buf.data();
@@ -222,17 +313,21 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
         else gdst = ex;
       }
       const Vec vit(inv_t), vis(inv_s), vg(gscale);
-      const float dot = accurate_sum(C, [&](int64_t j, int64_t k) {
-        const Vec t = ld(tr + j, k) * vit;
-        const Vec zv = ldf(zf + j, k);
-        if (gdst) stf((ldf(ex + j, k) * vis - t) * vg, gdst + j, k);
-        return t * zv;
-      });
+      const auto dot_and_grad = [=](auto nt) {
+        return accurate_sum(C, [=](int64_t j, int64_t k) {
+          const Vec t = ld(tr + j, k) * vit;
+          const Vec zv = ldf(zf + j, k);
+          if (gdst) store_as<decltype(nt)::value>((ldf(ex + j, k) * vis - t) * vg, gdst + j, k);
+          return t * zv;
+        });
+      };
+      const float dot = stream ? dot_and_grad(std::true_type{}) : dot_and_grad(std::false_type{});
       loss_rows[b] = m + std::log(s) - dot;
       if constexpr (!z_f32) {
         if (grad) store_row(ex, grad + b * C, C);
       }
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -9,6 +9,14 @@
 #include <cmath>
 #include <limits>
 
+#if defined(__GNUC__)
+// The row loops pass lambdas to accurate_sum; unless everything is inlined, the
+// lambdas' captures are reloaded from memory on every vector (aliasing stores).
+#define DPS_INLINE inline __attribute__((always_inline))
+#else
+#define DPS_INLINE inline
+#endif
+
 namespace dps_fast {
 namespace cpu {
 
@@ -56,10 +64,10 @@ inline float row_max(const float* x, int64_t n) {
 inline __m256i tail_mask(int64_t cnt) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cnt)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-inline Vec ldf(const float* p, int64_t cnt) {
+DPS_INLINE Vec ldf(const float* p, int64_t cnt) {
   return cnt == kW ? Vec::loadu(p) : Vec(_mm256_maskload_ps(p, tail_mask(cnt)));
 }
-inline void stf(const Vec& v, float* p, int64_t cnt) {
+DPS_INLINE void stf(const Vec& v, float* p, int64_t cnt) {
   if (cnt == kW) v.store(p);
   else _mm256_maskstore_ps(p, tail_mask(cnt), __m256(v));
 }
@@ -70,8 +78,43 @@ inline void stf(const Vec& v, float* p, int64_t cnt) {
   else v.store(p, cnt);
 }
 #endif
+// Stores the cnt <= kW lanes of v as T at p, rounding to nearest even like
+// Tensor.to. NT: a streaming (non-temporal) store for a full vector, which the
+// caller guarantees to be aligned (32 bytes for float, 16 for 16-bit types).
+template <bool NT, typename T>
+DPS_INLINE void store_as(const Vec& v, T* p, int64_t cnt) {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (NT && cnt == kW) {
+      _mm256_stream_ps(p, v);
+      return;
+    }
+#endif
+    stf(v, p, cnt);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (cnt == kW) {
+      const __m128i h = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
+                                                         : at::vec::cvtfp32_fp16(__m256(v));
+      if (NT) _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+      else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+      return;
+    }
+#endif
+    float tmp[kW];
+    v.store(tmp);
+    for (int64_t i = 0; i < cnt; ++i) p[i] = static_cast<T>(tmp[i]);
+  }
+}
+// Streaming stores are weakly ordered: fence them before the thread's work is published.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 template <typename T>
-inline Vec ld(const T* p, int64_t cnt) {
+DPS_INLINE Vec ld(const T* p, int64_t cnt) {
   if constexpr (std::is_same_v<T, float>) {
     return ldf(p, cnt);
   } else {
@@ -93,7 +136,7 @@ inline Vec ld(const T* p, int64_t cnt) {
 // vf(j, cnt) returns the Vec of elements [j, j + cnt), cnt == kW except at the tail
 // (lanes past cnt are ignored). Everything is vectorised, also for tiny n.
 template <typename VF>
-inline float accurate_sum(int64_t n, const VF& vf) {
+DPS_INLINE float accurate_sum(int64_t n, const VF& vf) {
   Vec total(0.f);
   int64_t j = 0;
   const int64_t nfull = n - n % (4 * kW);
@@ -128,6 +171,114 @@ inline float exp_row(const float* x, float* out, int64_t n, float shift, float s
     stf(e, out + j, k);
     return e;
   });
+}
+
+// Prefetches `lines` cache lines from p on, for writing soon, into L2 (and L1).
+DPS_INLINE void prefetch_lines(const char* p, int64_t lines) {
+  for (int64_t i = 0; i < lines; ++i) __builtin_prefetch(p + 64 * i, 1, 2);
+}
+
+// Starts fetching [p, p + bytes) from DRAM. A short span is prefetched line by line;
+// a longer one only by its first lines in each 4 KiB page: the L2 hardware streamer,
+// which stops at page boundaries, then fetches the rest of the page by itself. (On
+// the 2-core EPYC VM this beat prefetching every line, which holds the core's few
+// L1 miss buffers for a DRAM latency each, by ~8% of the DPS step.)
+inline void prefetch_span(const char* p, int64_t bytes) {
+  constexpr int64_t kLines = 4, kPage = 4096;
+  const int64_t lines = (reinterpret_cast<uintptr_t>(p) % 64 + bytes + 63) / 64;
+  if (lines <= 2 * kLines) return prefetch_lines(p, lines);
+  const char* end = p + bytes;
+  for (const char* q = p; q < end;) {
+    prefetch_lines(q, std::min<int64_t>(kLines, (end - q + 63) / 64));
+    q += kPage - reinterpret_cast<uintptr_t>(q) % kPage;  // the next page
+  }
+}
+
+// exp(x) for x <= 0 (and NaN): ATen's exp_u20 bit for bit where x <= 0, but it
+// propagates NaN (exp_u20 clamps NaN to a finite value), and it drops what cannot
+// change the result for x <= 0: the clamp at ln(FLT_MAX), and the mask that zeroes
+// x < ln(FLT_MIN) (clamped to ln(FLT_MIN), such x get fx = -126 and so a zero
+// scale factor already). 14 AVX2 operations instead of 19; tests/test_kernel_exp
+// compares it with exp_u20 on every non-positive float.
+DPS_INLINE Vec exp_nonpos(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 lo = _mm256_castsi256_ps(_mm256_set1_epi32(0xc2aeac50));  // ln(FLT_MIN)
+  const __m256 src = _mm256_max_ps(lo, x);  // NaN x: returns x (the second operand)
+  // fx = floor(x log2(e) + 1/2), r = x - fx ln(2), exp(r) by a degree-5 polynomial
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(
+      src, _mm256_castsi256_ps(_mm256_set1_epi32(0x3fb8aa3b)), _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_fnmadd_ps(fx, _mm256_castsi256_ps(_mm256_set1_epi32(0x3f317218)), src);
+  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+  // 2^(fx - 1) from the exponent bits: exp_u20 converts fx - 1 and adds 127; fx is
+  // an integer in [-126, 0], so converting fx and adding 126 gives the same bits
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(126)), 23);
+  return Vec(_mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(2.f)));
+#else
+  return x.exp_u20();
+#endif
+}
+
+// out[j] = exp((x[j] - mx) * scale) with mx = max_j x[j] (every argument is <= 0) and
+// scale > 0; returns sum_j out[j]. The same values as exp_row(x, out, n, mx, scale).
+DPS_INLINE float exp_row_from_max(const float* x, float* out, int64_t n, float mx, float scale) {
+  const Vec neg(-mx), vk(scale);  // x + (-mx) is x - mx, and takes x from memory directly
+  if (scale == 1.0f) {
+    return accurate_sum(n, [=](int64_t j, int64_t k) {
+      const Vec e = exp_nonpos(ldf(x + j, k) + neg);
+      stf(e, out + j, k);
+      return e;
+    });
+  }
+  return accurate_sum(n, [=](int64_t j, int64_t k) {
+    const Vec e = exp_nonpos((ldf(x + j, k) + neg) * vk);
+    stf(e, out + j, k);
+    return e;
+  });
+}
+
+// max(a, b), min(a, b) lane-wise; a NaN lane may or may not propagate (one operation
+// each instead of at::vec::maximum's three).
+DPS_INLINE Vec max_nonan(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_max_ps(a, b));
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+DPS_INLINE Vec min_nonan(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_min_ps(a, b));
+#else
+  return at::vec::minimum(a, b);
+#endif
+}
+
+// mx = max_j x[j], mn = min_j x[j], exact for finite x. A NaN in x may or may not
+// reach mx: callers detect NaNs through exp_row_from_max, which propagates them.
+DPS_INLINE void row_max_min(const float* x, int64_t n, float& mx, float& mn) {
+  const float inf = std::numeric_limits<float>::infinity();
+  Vec m0(-inf), m1(-inf), m2(-inf), m3(-inf), n0(inf), n1(inf), n2(inf), n3(inf);
+  int64_t j = 0;
+  for (; j + 4 * kW <= n; j += 4 * kW) {
+    const Vec a = Vec::loadu(x + j), b = Vec::loadu(x + j + kW);
+    const Vec c = Vec::loadu(x + j + 2 * kW), d = Vec::loadu(x + j + 3 * kW);
+    m0 = max_nonan(m0, a), m1 = max_nonan(m1, b), m2 = max_nonan(m2, c), m3 = max_nonan(m3, d);
+    n0 = min_nonan(n0, a), n1 = min_nonan(n1, b), n2 = min_nonan(n2, c), n3 = min_nonan(n3, d);
+  }
+  for (; j + kW <= n; j += kW) {
+    const Vec a = Vec::loadu(x + j);
+    m0 = max_nonan(m0, a), n0 = min_nonan(n0, a);
+  }
+  mx = at::vec::vec_reduce_all<float>(max_nonan, max_nonan(max_nonan(m0, m1), max_nonan(m2, m3)));
+  mn = at::vec::vec_reduce_all<float>(min_nonan, min_nonan(min_nonan(n0, n1), min_nonan(n2, n3)));
+  for (; j < n; ++j) {
+    mx = std::max(mx, x[j]);
+    mn = std::min(mn, x[j]);
+  }
 }
 
 // sum_j a[j] * b[j]
