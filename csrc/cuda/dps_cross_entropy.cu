@@ -129,9 +129,16 @@ __device__ __forceinline__ float target_row_sum(const TA* ar, int64_t C, int lan
   return group_sum<TPR>(st, smem);
 }
 
+// The target is a / S of mass 1 (normalize: the DPS step, always) or a itself, of mass S
+// (soft-target CE, docs/method.md §3). One register, ks, holds 1 / S or S: a separate mass
+// and 1 / S made the one-view kernels spill.
+__device__ __forceinline__ float target_scale(const CeArgs& p, float S) { return p.normalize ? 1.f / S : S; }
+__device__ __forceinline__ float inv_of(const CeArgs& p, float ks) { return p.normalize ? ks : 1.f; }
+__device__ __forceinline__ float mass_of(const CeArgs& p, float ks) { return p.normalize ? 1.f : ks; }
+
 // Pass 3, one column: the target a_j / S (or a_j), storing the updated bank entry when `store`.
 template <typename TA, typename Evidence>
-__device__ __forceinline__ float target_at(TA* ar, int64_t j, const CeArgs& p, Evidence evidence, float inv_s,
+__device__ __forceinline__ float target_at(TA* ar, int64_t j, const CeArgs& p, Evidence evidence, float ks,
                                            bool store) {
   float aj = to_f32(ar[j]);
   if (p.posterior || store) {
@@ -139,30 +146,88 @@ __device__ __forceinline__ float target_at(TA* ar, int64_t j, const CeArgs& p, E
     if (store) ar[j] = from_f32<TA>(an);
     if (p.posterior) aj = an;
   }
-  return aj * inv_s;
+  return aj * inv_of(p, ks);
+}
+
+// The shared memory of a block of the ce kernels.
+struct CeShared {
+  float smem[kThreads / 32];
+  float part_rows[kThreads];
+  bool is_last;
+};
+
+// One thread's place: its lane in its row group, its sample row, the row's bank id, whether
+// the row is in the batch, and ok: its id is in range (and, after pass 1, its logits finite).
+template <typename TZ, typename TA, int TPR>
+struct RowCtx {
+  using Z = TZ;
+  int lane;
+  int64_t row;
+  bool in_batch;
+  int64_t id;
+  bool ok;
+  const TZ* z;
+  TZ* g;
+  TA* a;
+  __device__ __forceinline__ explicit RowCtx(const CeArgs& p)
+      : lane(threadIdx.x % TPR),
+        row(static_cast<int64_t>(blockIdx.x) * (kThreads / TPR) + threadIdx.x / TPR),
+        in_batch(row < p.B),
+        id(!in_batch ? 0 : (p.idx ? p.idx[row] : row)),
+        ok(in_batch && id >= 0 && id < p.N),
+        z(static_cast<const TZ*>(p.z)),
+        g(static_cast<TZ*>(p.g)),
+        a(static_cast<TA*>(p.a)) {}
+  // view v's logits row (row 0 for a thread past the batch, which reads none of it)
+  __device__ __forceinline__ const TZ* zrow(const CeArgs& p, int v) const {
+    return z + (v * p.B + (in_batch ? row : 0)) * p.C;
+  }
+  __device__ __forceinline__ TA* bank_row(const CeArgs& p) const { return a + (ok ? id : 0) * p.stride_a; }
+};
+
+// Pass 3, column j of view v: the loss dot product and the gradient (mass * softmax - t).
+template <typename Row>
+__device__ __forceinline__ void view_column(const Row& r, const CeArgs& p, int v, int64_t j, float t, float m,
+                                            float s, float ks, float& dot) {
+  const int64_t off = (v * p.B + r.row) * p.C + j;
+  const float x = to_f32(r.z[off]);
+  dot += t * x;
+  if (p.has_grad)
+    r.g[off] = from_f32<typename Row::Z>(r.ok ? (mass_of(p, ks) * (__expf(x - m) / s) - t) * p.gscale : NAN);
+}
+
+// View v's loss mass * logsumexp - <t, z>, from the row group's dot products. All threads call it.
+template <int TPR, typename Row>
+__device__ __forceinline__ void view_loss(const Row& r, const CeArgs& p, int v, float m, float s, float ks,
+                                          float dot, float& row_total, float* smem) {
+  const float d = group_sum<TPR>(dot, smem);
+  const float l = r.ok ? (mass_of(p, ks) * (m + logf(s)) - d) : NAN;
+  if (r.in_batch && r.lane == 0) {
+    if (p.reduce == 0) p.loss[v * p.B + r.row] = l;
+    row_total += l;
+  }
 }
 
 // mean / sum: the block's partial, then the last block (atomic ticket) adds the partials in
 // block order and resets the ticket. All threads call it.
-template <int TPR>
-__device__ __forceinline__ void finish_reduction(const CeArgs& p, float row_total, bool in_batch, int lane,
-                                                 float* part_rows, bool* is_last, float* smem) {
-  part_rows[threadIdx.x] = (in_batch && lane == 0) ? row_total : 0.f;
+template <int TPR, typename Row>
+__device__ __forceinline__ void finish_reduction(const Row& r, const CeArgs& p, float row_total, CeShared& sh) {
+  sh.part_rows[threadIdx.x] = (r.in_batch && r.lane == 0) ? row_total : 0.f;
   __syncthreads();
   if (threadIdx.x == 0) {
     float acc = 0.f;
-    for (int r = 0; r < kThreads; r += TPR) acc += part_rows[r];
+    for (int i = 0; i < kThreads; i += TPR) acc += sh.part_rows[i];
     p.part[blockIdx.x] = acc;
     __threadfence();
     const int ticket = atomicAdd(p.ticket, 1);
-    *is_last = ticket == static_cast<int>(gridDim.x) - 1;
+    sh.is_last = ticket == static_cast<int>(gridDim.x) - 1;
   }
   __syncthreads();
-  if (!*is_last) return;
+  if (!sh.is_last) return;
   __threadfence();
   float acc = 0.f;
   for (int64_t b = threadIdx.x; b < gridDim.x; b += kThreads) acc += static_cast<volatile float*>(p.part)[b];
-  acc = group_sum<kThreads>(acc, smem);
+  acc = group_sum<kThreads>(acc, sh.smem);
   if (threadIdx.x == 0) {
     *p.loss = acc * p.out_scale;
     atomicExch(p.ticket, 0);
@@ -172,70 +237,39 @@ __device__ __forceinline__ void finish_reduction(const CeArgs& p, float row_tota
 // Up to VMAX (1 or kMaxViews) views: the per-view statistics stay in registers.
 template <typename TZ, typename TA, int TPR, int VMAX>
 __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
-  __shared__ float smem[kThreads / 32];
-  __shared__ float part_rows[kThreads];
-  __shared__ bool is_last;
-  constexpr int R = kThreads / TPR;
-  const int lane = threadIdx.x % TPR;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * R + threadIdx.x / TPR;
-  const bool in_batch = row < p.B;
-  const TZ* z = static_cast<const TZ*>(p.z);
-  TA* a = static_cast<TA*>(p.a);
-  TZ* g = static_cast<TZ*>(p.g);
-  const int64_t C = p.C, B = p.B;
-  const int64_t id = !in_batch ? 0 : (p.idx ? p.idx[row] : row);
-  bool ok = in_batch && id >= 0 && id < p.N;
+  __shared__ CeShared sh;
+  RowCtx<TZ, TA, TPR> r(p);
 
   // 1. per view: max, sum exp(z - max), sum exp((z - max) / tau_e), finiteness
   float m[VMAX], s[VMAX], se[VMAX];
   DPS_FOR_VIEWS(v) {
-    const ViewStats st = view_stats<TZ, TPR>(z + (v * B + (in_batch ? row : 0)) * C, C, in_batch, lane, p, smem);
+    const ViewStats st = view_stats<TZ, TPR>(r.zrow(p, v), p.C, r.in_batch, r.lane, p, sh.smem);
     m[v] = st.m;
     s[v] = st.s;
     se[v] = st.se;
-    ok = ok && st.finite;
+    r.ok = r.ok && st.finite;
   }
   const float inv_v = 1.f / static_cast<float>(p.V);
-  TA* ar = a + (ok ? id : 0) * p.stride_a;
+  TA* ar = r.bank_row(p);
   auto evidence = [&](int64_t j) {
     float e = 0.f;
-    DPS_FOR_VIEWS(v) {
-      const float x = to_f32(z[(v * B + row) * C + j]);
-      e += __expf((x - m[v]) * p.inv_tau_e) / se[v];
-    }
+    DPS_FOR_VIEWS(v) e += __expf((to_f32(r.zrow(p, v)[j]) - m[v]) * p.inv_tau_e) / se[v];
     return e * inv_v;
   };
 
-  // 2. the target's row sum: the target is a / S of mass 1 (normalize: the DPS step, always),
-  //    else a itself, of mass S (soft-target CE, docs/method.md §3)
-  const float S = target_row_sum<TPR>(ar, C, lane, ok, p, evidence, smem);
-  const float inv_s = p.normalize ? 1.f / S : 1.f, mass = p.normalize ? 1.f : S;
+  // 2. the target's row sum S
+  const float ks = target_scale(p, target_row_sum<TPR>(ar, p.C, r.lane, r.ok, p, evidence, sh.smem));
 
-  // 3. bank store, target, dots, gradient (mass * softmax - target)
+  // 3. bank store, target, dots, gradient
   float dot[VMAX];
   DPS_FOR_VIEWS(v) dot[v] = 0.f;
-  for (int64_t j = lane; j < C && in_batch; j += TPR) {
-    const float t = ok ? target_at(ar, j, p, evidence, inv_s, p.update) : 0.f;
-    DPS_FOR_VIEWS(v) {
-      const int64_t off = (v * B + row) * C + j;
-      const float x = to_f32(z[off]);
-      dot[v] += t * x;
-      if (p.has_grad) {
-        const float gv = ok ? (mass * (__expf(x - m[v]) / s[v]) - t) * p.gscale : NAN;
-        g[off] = from_f32<TZ>(gv);
-      }
-    }
+  for (int64_t j = r.lane; j < p.C && r.in_batch; j += TPR) {
+    const float t = r.ok ? target_at(ar, j, p, evidence, ks, p.update) : 0.f;
+    DPS_FOR_VIEWS(v) view_column(r, p, v, j, t, m[v], s[v], ks, dot[v]);
   }
   float row_total = 0.f;
-  DPS_FOR_VIEWS(v) {
-    const float d = group_sum<TPR>(dot[v], smem);
-    const float l = ok ? (mass * (m[v] + logf(s[v])) - d) : NAN;
-    if (in_batch && lane == 0) {
-      if (p.reduce == 0) p.loss[v * B + row] = l;
-      row_total += l;
-    }
-  }
-  if (p.reduce != 0) finish_reduction<TPR>(p, row_total, in_batch, lane, part_rows, &is_last, smem);
+  DPS_FOR_VIEWS(v) view_loss<TPR>(r, p, v, m[v], s[v], ks, dot[v], row_total, sh.smem);
+  if (p.reduce != 0) finish_reduction<TPR>(r, p, row_total, sh);
 }
 
 // More than kMaxViews views: the per-view statistics go to global scratch (p.view_stats,
@@ -244,45 +278,33 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
 // reads the row as it was before the step.
 template <typename TZ, typename TA, int TPR>
 __global__ void __launch_bounds__(kThreads) ce_kernel_many_views(CeArgs p) {
-  __shared__ float smem[kThreads / 32];
-  __shared__ float part_rows[kThreads];
-  __shared__ bool is_last;
-  constexpr int R = kThreads / TPR, VC = kMaxViews;
-  const int lane = threadIdx.x % TPR;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * R + threadIdx.x / TPR;
-  const bool in_batch = row < p.B;
-  const TZ* z = static_cast<const TZ*>(p.z);
-  TA* a = static_cast<TA*>(p.a);
-  TZ* g = static_cast<TZ*>(p.g);
-  const int64_t C = p.C, B = p.B, srow = in_batch ? row : 0;
-  const int64_t id = !in_batch ? 0 : (p.idx ? p.idx[row] : row);
-  bool ok = in_batch && id >= 0 && id < p.N;
+  __shared__ CeShared sh;
+  RowCtx<TZ, TA, TPR> r(p);
+  constexpr int VC = kMaxViews;
+  const int64_t B = p.B;
   float* const vm = p.view_stats;
   float* const vs = vm + p.V * B;
   float* const vse = vs + p.V * B;
 
   for (int v = 0; v < p.V; ++v) {
-    const ViewStats st = view_stats<TZ, TPR>(z + (v * B + srow) * C, C, in_batch, lane, p, smem);
-    if (in_batch && lane == 0) {
-      vm[v * B + row] = st.m;
-      vs[v * B + row] = st.s;
-      vse[v * B + row] = st.se;
+    const ViewStats st = view_stats<TZ, TPR>(r.zrow(p, v), p.C, r.in_batch, r.lane, p, sh.smem);
+    if (r.in_batch && r.lane == 0) {
+      vm[v * B + r.row] = st.m;
+      vs[v * B + r.row] = st.s;
+      vse[v * B + r.row] = st.se;
     }
-    ok = ok && st.finite;
+    r.ok = r.ok && st.finite;
   }
   __syncthreads();  // each row's statistics, written by its lane 0, are read by all its lanes
   const float inv_v = 1.f / static_cast<float>(p.V);
-  TA* ar = a + (ok ? id : 0) * p.stride_a;
+  TA* ar = r.bank_row(p);
   auto evidence = [&](int64_t j) {
     float e = 0.f;
-    for (int v = 0; v < p.V; ++v) {
-      const float x = to_f32(z[(v * B + row) * C + j]);
-      e += __expf((x - vm[v * B + row]) * p.inv_tau_e) / vse[v * B + row];
-    }
+    for (int v = 0; v < p.V; ++v)
+      e += __expf((to_f32(r.zrow(p, v)[j]) - vm[v * B + r.row]) * p.inv_tau_e) / vse[v * B + r.row];
     return e * inv_v;
   };
-  const float S = target_row_sum<TPR>(ar, C, lane, ok, p, evidence, smem);
-  const float inv_s = p.normalize ? 1.f / S : 1.f, mass = p.normalize ? 1.f : S;
+  const float ks = target_scale(p, target_row_sum<TPR>(ar, p.C, r.lane, r.ok, p, evidence, sh.smem));
 
   float row_total = 0.f;
   for (int v0 = 0; v0 < p.V; v0 += VC) {
@@ -290,34 +312,21 @@ __global__ void __launch_bounds__(kThreads) ce_kernel_many_views(CeArgs p) {
     float m[VC], s[VC], dot[VC];
 #pragma unroll
     for (int k = 0; k < VC; ++k) {
-      const bool here = in_batch && v0 + k < p.V;
-      m[k] = here ? vm[(v0 + k) * B + row] : 0.f;
-      s[k] = here ? vs[(v0 + k) * B + row] : 1.f;
+      const bool here = r.in_batch && v0 + k < p.V;
+      m[k] = here ? vm[(v0 + k) * B + r.row] : 0.f;
+      s[k] = here ? vs[(v0 + k) * B + r.row] : 1.f;
       dot[k] = 0.f;
     }
-    for (int64_t j = lane; j < C && in_batch; j += TPR) {
-      const float t = ok ? target_at(ar, j, p, evidence, inv_s, store) : 0.f;
+    for (int64_t j = r.lane; j < p.C && r.in_batch; j += TPR) {
+      const float t = r.ok ? target_at(ar, j, p, evidence, ks, store) : 0.f;
 #pragma unroll
-      for (int k = 0; k < VC; ++k) {
-        if (v0 + k >= p.V) break;
-        const int64_t off = ((v0 + k) * B + row) * C + j;
-        const float x = to_f32(z[off]);
-        dot[k] += t * x;
-        if (p.has_grad) g[off] = from_f32<TZ>(ok ? (mass * (__expf(x - m[k]) / s[k]) - t) * p.gscale : NAN);
-      }
+      for (int k = 0; k < VC && v0 + k < p.V; ++k) view_column(r, p, v0 + k, j, t, m[k], s[k], ks, dot[k]);
     }
 #pragma unroll
-    for (int k = 0; k < VC; ++k) {
-      if (v0 + k >= p.V) break;
-      const float d = group_sum<TPR>(dot[k], smem);
-      const float l = ok ? (mass * (m[k] + logf(s[k])) - d) : NAN;
-      if (in_batch && lane == 0) {
-        if (p.reduce == 0) p.loss[(v0 + k) * B + row] = l;
-        row_total += l;
-      }
-    }
+    for (int k = 0; k < VC && v0 + k < p.V; ++k)
+      view_loss<TPR>(r, p, v0 + k, m[k], s[k], ks, dot[k], row_total, sh.smem);
   }
-  if (p.reduce != 0) finish_reduction<TPR>(p, row_total, in_batch, lane, part_rows, &is_last, smem);
+  if (p.reduce != 0) finish_reduction<TPR>(r, p, row_total, sh);
 }
 
 int tpr_for(int64_t C) { return C <= 64 ? 8 : (C <= 2048 ? 32 : kThreads); }
