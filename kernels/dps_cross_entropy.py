@@ -274,5 +274,6 @@ def aot_signature(case):
     const = dict(V=v, VP=triton.next_power_of_2(v), ROWS=rows, BLOCK_C=block_c,
                  POSTERIOR=case["posterior"] and not soft, UPDATE=case["update"] and not soft,
                  TEMPER=case["temper"], HAS_GRAD=case["grad"], REDUCE=case["reduction"],
-                 NORMALIZE=case["normalize"] or not soft, HAS_IDX=not soft, BLOCK_P=min(1024, triton.next_power_of_2(nprog)))
+                 NORMALIZE=case["normalize"] or not soft, HAS_IDX=not soft,
+                 BLOCK_P=min(1024, triton.next_power_of_2(nprog)))
     return _dps_ce_kernel, types, const, dict(ROWS=rows, BLOCK_C=block_c, num_warps=warps)
