@@ -6,8 +6,13 @@ matrix in place of the bank, no update and no discount). One launch per call:
 - the grid packs ``ROWS`` samples per program (small C is launch-bound otherwise);
 - each program loops over column blocks of ``BLOCK_C`` with an online max / sum,
   so any C works (up to and beyond 128k classes) in float32 arithmetic;
-- pass 2 forms the target's normaliser, pass 3 recomputes the softmax, stores the
-  updated bank row, the gradient ``(softmax - target) * scale`` and the loss;
+- pass 1 also counts the non-finite logits element by element (a running sum of the
+  logits would overflow for finite |z| near the float32 maximum, docs/method.md §9);
+- pass 2 forms the target's row sum S, pass 3 recomputes the softmax, stores the
+  updated bank row, the gradient ``(mass * softmax - target) * scale`` and the loss
+  ``mass * logsumexp - <target, z>``: the target is ``a / S`` and ``mass = 1`` when
+  normalising (the DPS step, always), else the target is ``a`` itself and ``mass = S``
+  (PyTorch's soft-target cross-entropy for rows that do not sum to 1, docs/method.md §3);
 - ``reduction="mean"/"sum"`` is finished in the same launch: every program writes
   its partial sum, and the last one to finish (an atomic ticket) adds the partials
   in program order (deterministic) and resets the ticket. No host synchronisation.
@@ -67,7 +72,7 @@ def _dps_ce_kernel(
         m = tl.full([ROWS], float("-inf"), tl.float32)
         s = tl.zeros([ROWS], dtype=tl.float32)
         se = tl.zeros([ROWS], dtype=tl.float32)
-        zsum = tl.zeros([ROWS], dtype=tl.float32)
+        n_bad = tl.zeros([ROWS], dtype=tl.int32)
         base = (v * B + rows) * C
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cols
@@ -80,9 +85,10 @@ def _dps_ce_kernel(
             if TEMPER:
                 se = se * tl.exp((m - m_safe) * inv_tau_e) + tl.sum(
                     tl.where(msk, tl.exp((z - m_safe[:, None]) * inv_tau_e), 0.0), 1)
-            zsum += tl.sum(tl.where(msk, z, 0.0), 1)
+            # |z| < inf is false exactly for NaN and +-inf: never an overflow of finite values
+            n_bad += tl.sum(tl.where(msk & ~(tl.abs(z) < float("inf")), 1, 0), 1)
             m = m_new
-        finite = (zsum == zsum) & (tl.abs(zsum) < float("inf")) & (s == s) & (s < float("inf"))
+        finite = (n_bad == 0) & (s == s) & (s < float("inf"))
         ok = ok & finite
         sel = vcol[None, :] == v
         m_all = tl.where(sel, m[:, None], m_all)
@@ -92,20 +98,21 @@ def _dps_ce_kernel(
         else:
             se_all = tl.where(sel, s[:, None], se_all)
 
-    # ---- pass 2: the target's normaliser S = sum_j a_j
+    # ---- pass 2: the target's row sum S = sum_j a_j
     S = tl.zeros([ROWS], dtype=tl.float32)
-    if NORMALIZE:
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + cols
-            amsk = ok[:, None] & (cc < C)[None, :]
-            a = tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
-            if POSTERIOR:
-                a = gamma * a + _evidence(Z, rows, cc, amsk, m_all, se_all, vcol, B, C, inv_tau_e, V, ROWS,
-                                          BLOCK_C)
-            S += tl.sum(tl.where(amsk, a, 0.0), 1)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        amsk = ok[:, None] & (cc < C)[None, :]
+        a = tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
+        if POSTERIOR:
+            a = gamma * a + _evidence(Z, rows, cc, amsk, m_all, se_all, vcol, B, C, inv_tau_e, V, ROWS,
+                                      BLOCK_C)
+        S += tl.sum(tl.where(amsk, a, 0.0), 1)
+    if NORMALIZE:  # target a / S, whose mass is 1
         inv_s = tl.where(ok, 1.0 / tl.where(ok, S, 1.0), 0.0)
-    else:
+    else:  # target a itself, of mass S
         inv_s = tl.where(ok, 1.0, 0.0)
+        mass = S
 
     # ---- pass 3: bank store, target, loss dot products, gradient
     dots = tl.zeros([ROWS, VP], dtype=tl.float32)
@@ -132,12 +139,18 @@ def _dps_ce_kernel(
             dots = tl.where(sel, dots + d[:, None], dots)
             if HAS_GRAD:
                 p = tl.exp(z - mv[:, None]) / sv[:, None]
-                g = tl.where(ok[:, None], (p - t) * gscale, float("nan"))
+                if NORMALIZE:
+                    g = tl.where(ok[:, None], (p - t) * gscale, float("nan"))
+                else:
+                    g = tl.where(ok[:, None], (mass[:, None] * p - t) * gscale, float("nan"))
                 tl.store(G + zoff, g.to(G.dtype.element_ty), mask=zmsk)
 
-    # ---- loss: logsumexp - <t, z> per view and row
+    # ---- loss: mass * logsumexp - <t, z> per view and row
     lse = m_all + tl.log(tl.where(s_all > 0, s_all, 1.0))
-    loss = tl.where(ok[:, None], lse - dots, float("nan"))
+    if NORMALIZE:
+        loss = tl.where(ok[:, None], lse - dots, float("nan"))
+    else:
+        loss = tl.where(ok[:, None], mass[:, None] * lse - dots, float("nan"))
     vmask = vcol[None, :] < V
     if REDUCE == 0:
         loff = vcol[None, :].to(tl.int64) * B + rows[:, None]
@@ -231,9 +244,9 @@ def aot_cases():
     """The configurations tools/triton_aot_check.py compiles for sm_90 (no GPU needed):
     the benchmark shapes, with the GPU launcher's (ROWS, BLOCK_C, warps)."""
     def case(name, b, c, v, z="fp32", bank="fp32", idx="i64", reduction=1, posterior=True, update=True,
-             temper=False, grad=True, soft=False):
+             temper=False, grad=True, soft=False, normalize=True):
         return dict(name=name, shape=[v, b, c], z=z, bank=bank, idx=idx, reduction=reduction,
-                    posterior=posterior, update=update, temper=temper, grad=grad, soft=soft)
+                    posterior=posterior, update=update, temper=temper, grad=grad, soft=soft, normalize=normalize)
     return [
         case("dps 256x100 fp32/fp32 mean", 256, 100, 1),
         case("dps 1024x1000 bf16/bf16 mean", 1024, 1000, 1, z="bf16", bank="bf16"),
@@ -244,6 +257,7 @@ def aot_cases():
         case("dps 2 views 4096x32000 bf16 no-grad", 4096, 32000, 2, z="bf16", grad=False),
         case("dps update-only 4096x10", 4096, 10, 1, posterior=False),
         case("soft-ce 4096x1000 fp32", 4096, 1000, 1, soft=True),
+        case("soft-ce 4096x1000 fp32 unnormalised", 4096, 1000, 1, soft=True, normalize=False),
         case("soft-ce 4096x131072 bf16", 4096, 131072, 1, z="bf16", bank="bf16", soft=True),
     ]
 
@@ -260,5 +274,6 @@ def aot_signature(case):
     const = dict(V=v, VP=triton.next_power_of_2(v), ROWS=rows, BLOCK_C=block_c,
                  POSTERIOR=case["posterior"] and not soft, UPDATE=case["update"] and not soft,
                  TEMPER=case["temper"], HAS_GRAD=case["grad"], REDUCE=case["reduction"],
-                 NORMALIZE=True, HAS_IDX=not soft, BLOCK_P=min(1024, triton.next_power_of_2(nprog)))
+                 NORMALIZE=case["normalize"] or not soft, HAS_IDX=not soft,
+                 BLOCK_P=min(1024, triton.next_power_of_2(nprog)))
     return _dps_ce_kernel, types, const, dict(ROWS=rows, BLOCK_C=block_c, num_warps=warps)

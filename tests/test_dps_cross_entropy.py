@@ -146,3 +146,24 @@ def test_repeated_backward_with_retained_graph(case):
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(z.grad, 3 * g1)
+
+
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+@pytest.mark.parametrize("v", [9, 17])
+def test_any_number_of_views(case, v):
+    """No backend limits V (docs/method.md §9): CUDA keeps more than 8 views' statistics in
+    global scratch and stores the bank row once, after its last chunk of views."""
+    backend, device = case
+    gen = torch.Generator().manual_seed(v)
+    n, b, c = 40, 13, 37
+    alpha = dps_fast.init_prior(torch.randint(0, c, (n,), generator=gen), c, c=5.0, eps=0.05).to(device)
+    z = (torch.randn(v, b, c, generator=gen) * 3).to(device)
+    idx = torch.randperm(n, generator=gen)[:b].to(device)
+    for red in ("none", "mean"):
+        g = (torch.rand(v, b, generator=gen) + 0.5).to(device) if red == "none" else torch.tensor(0.7, device=device)
+        lk, gk, ak = dps_run(backend, z, idx, alpha, red, g, tau_e=2.0)
+        le, ge, ae = dps_run("reference", z, idx, alpha, red, g, tau_e=2.0)
+        lx, gx, ax = dps_run("reference", z.double(), idx, alpha.double(), red, g.double(), tau_e=2.0)
+        rule_check(lk, le, lx, torch.float32, f"loss ({red})")
+        rule_check(gk, ge, gx, torch.float32, f"grad ({red})")
+        rule_check(ak, ae, ax, torch.float32, f"bank ({red})")

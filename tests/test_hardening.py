@@ -2,10 +2,11 @@
 call is silently wrong, and no failed call changes the bank, in any backend."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dps_fast
 from dps_fast import reference as R
-from _helpers import ALL_BACKENDS, FUSED, case_id
+from _helpers import ALL_BACKENDS, FUSED, case_id, pending_on_cpu_kernel, rule_check
 
 
 def _bank(device="cpu", n=12, c=5, dtype=torch.float32):
@@ -201,6 +202,87 @@ def test_prior_values_are_checked_in_the_bank_dtype(dtype, c, eps):
     prior[1, 1] = c
     with pytest.raises(ValueError, match="bank dtype"):
         dps_fast.DPSLoss(prior=prior, bank_dtype=dtype)
+
+
+HUGE, FMAX = 3e38, torch.finfo(torch.float32).max
+
+
+def _huge_logits(c=7):
+    """[2, 7, c] logits: view 0 holds finite values near the float32 maximum (a running sum of
+    rows 1 and 2 overflows in any order), rows 4 and 6 a NaN / -inf in one view only."""
+    z = torch.randn(2, 7, c, generator=torch.Generator().manual_seed(7)) * 3
+    z[0, 0, :2] = torch.tensor([HUGE, -HUGE])
+    z[0, 1, :3] = HUGE
+    z[0, 2, :-1] = -HUGE
+    z[0, 3, :2] = torch.tensor([FMAX, -FMAX])
+    z[1, 4, 3] = float("nan")
+    z[0, 5, 0] = HUGE
+    z[0, 6, 1] = float("-inf")
+    return z
+
+
+def _row_scale(z):
+    """A row's loss is a difference of terms up to 2 max|z| (rule_check's scale for sums)."""
+    return 2 * float(z.double().abs().nan_to_num(0, 0, 0).max()) + 10
+
+
+@pytest.mark.parametrize("case", pending_on_cpu_kernel(ALL_BACKENDS))
+@pytest.mark.parametrize("adt", [torch.float32, torch.bfloat16], ids=lambda d: f"bank_{str(d)[6:]}")
+def test_huge_finite_logits_are_never_treated_as_non_finite(case, adt):
+    """docs/method.md §9: |z| up to the float32 maximum is finite. Every backend against the
+    fp64 reference by the tolerance rule: those rows are updated and finite, and the NaN
+    pattern (rows with a NaN or -inf logit) is the reference's."""
+    backend, device = case
+    z = _huge_logits()
+    c = z.shape[-1]
+    labels = torch.tensor([0, 0, c - 1, 0, 0, 0, 0, 3, 4])  # the label is where a row's largest logits are
+    alpha = dps_fast.init_prior(labels, c, c=4.0, eps=0.5, dtype=adt)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 6])
+
+    def step(backend, z, alpha, device):
+        x = z.clone().to(device).requires_grad_(True)
+        a = alpha.clone().to(device)
+        loss = dps_fast.dps_cross_entropy(x, idx.to(device), a, reduction="none", backend=backend)
+        loss.backward(torch.ones_like(loss))
+        return loss.detach().cpu(), x.grad.cpu(), a.cpu()
+
+    lk, gk, ak = step(backend, z, alpha, device)
+    le, ge, ae = step("reference", z, alpha, "cpu")
+    lx, gx, ax = step("reference", z.double(), alpha.double(), "cpu")
+    for b in range(7):
+        rule_check(lk[:, b], le[:, b], lx[:, b], torch.float32, f"loss row {b}", scale=_row_scale(z[:, b]))
+        rule_check(gk[:, b], ge[:, b], gx[:, b], torch.float32, f"grad row {b}")
+    rule_check(ak, ae, ax, adt, "bank")
+    finite = torch.tensor([True, True, True, True, False, True, False])
+    assert torch.equal(torch.isnan(lk).any(0), ~finite)
+    assert torch.isfinite(ak).all()
+    assert (ak[:7][finite] != alpha[:7][finite]).any(1).all(), "a row with huge finite logits was not updated"
+    assert torch.equal(ak[:7][~finite], alpha[:7][~finite]), "a row with a non-finite logit was written"
+
+
+@pytest.mark.parametrize("case", pending_on_cpu_kernel(ALL_BACKENDS))
+def test_huge_finite_logits_in_soft_cross_entropy(case):
+    """The same logits in soft_cross_entropy: finite rows match the fp64 cross-entropy to a
+    float32 rounding of their terms (PyTorch's own float32 result is inf for some of them: its
+    log_softmax overflows), the row with a -inf logit is NaN (docs/method.md §9)."""
+    backend, device = case
+    z = _huge_logits()[0]
+    t = torch.softmax(torch.randn(z.shape, generator=torch.Generator().manual_seed(1)), -1)
+    t[:, 0] += 4.0  # most mass where the largest logits are: no overflow of the exact loss
+    t = t / t.sum(1, keepdim=True) * torch.tensor([1.0, 0.3, 1.0, 0.3, 1.0, 0.3, 1.0])[:, None]  # s_b * max|z| < FLT_MAX
+    t[2] = t[2].flip(0)
+    x = z.clone().to(device).requires_grad_(True)
+    got = dps_fast.soft_cross_entropy(x, t.to(device), reduction="none", backend=backend)
+    got.sum().backward()
+    ex = z.double().requires_grad_(True)
+    want = F.cross_entropy(ex, t.double(), reduction="none")
+    want.sum().backward()
+    assert torch.equal(torch.isnan(got.cpu()), torch.tensor([False] * 4 + [False, False, True]))
+    for b in range(7):
+        if b != 6:
+            tol = 1e-6 * _row_scale(z[b])
+            assert abs(float(got[b]) - float(want[b])) <= tol, (b, float(got[b]), float(want[b]))
+            torch.testing.assert_close(x.grad[b].cpu().double(), ex.grad[b], atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- 8. read-outs in chunks

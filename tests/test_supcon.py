@@ -56,3 +56,19 @@ def test_supcon_no_positives_is_zero_with_zero_grad(case):
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(f.grad, torch.zeros_like(f))
+
+
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+@pytest.mark.parametrize("d", [1025, 2100])
+def test_supcon_any_feature_width(case, d):
+    """No backend limits d (docs/method.md §9): the CUDA gradient takes ceil(d / 1024) blocks
+    per tile of anchors."""
+    backend, device = case
+    gen = torch.Generator().manual_seed(d)
+    f = torch.randn(2, 12, d, generator=gen).to(device)
+    labels = torch.randint(0, 3, (12,), generator=gen).to(device)
+    lk, gk = run(backend, f, labels=labels)
+    le, ge = run("reference", f, labels=labels)
+    lx, gx = run("reference", f.double(), labels=labels)
+    rule_check(lk, le, lx, torch.float32, "loss")
+    rule_check(gk, ge, gx, torch.float32, "grad")

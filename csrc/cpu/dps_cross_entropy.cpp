@@ -5,7 +5,7 @@
 // gathered, discounted, given the evidence and stored back in the bank dtype, the
 // target is formed, and the loss and the gradient (softmax - target, already scaled
 // for the reduction) are written. Backward then only multiplies by grad_output.
-// Non-finite logits and out-of-range ids: docs/method.md, "Edge cases".
+// Non-finite logits and out-of-range ids: docs/method.md §9.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

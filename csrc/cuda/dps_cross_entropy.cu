@@ -3,13 +3,15 @@
 // A group of TPR threads owns one sample row (TPR = 8 / 32 / 256 by C); a block of
 // 256 threads packs 256 / TPR rows, so small C is not launch-bound and large C is
 // spread over a whole block. Three passes over the columns, float32 arithmetic:
-//   1. per view, online max and softmax normalisers (and a finiteness check);
-//   2. the target normaliser S = sum_j a_j (a = the updated bank row, or the prior);
+//   1. per view, online max and softmax normalisers (and a per-element finiteness check);
+//   2. the target's row sum S = sum_j a_j (a = the updated bank row, or the prior);
 //   3. the bank store, the target, the loss dot products and the gradient.
 // mean / sum reductions finish in the same launch: every block writes a partial,
 // the last block (atomic ticket) adds them in block order and resets the ticket.
 // Offsets are int64. Rows with an out-of-range id or non-finite logits never write
-// the bank; their loss and gradient are NaN.
+// the bank; their loss and gradient are NaN. The loss is mass * logsumexp - <t, z> and the
+// gradient mass * softmax - t, with mass = 1 for a normalised target (the DPS step) and
+// mass = sum_j t_j for a soft target taken as it is (docs/method.md §3).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -22,10 +24,11 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxViews = 8;
+constexpr int kMaxViews = kCeRegisterViews;
 // Loops over the views are unrolled to VMAX (1, the common case, or kMaxViews) with a
 // uniform guard, so the per-view statistics (m, s, se, dot) are indexed by constants and
 // stay in registers (a runtime index put them in local memory: ptxas -v showed spills).
+// More views take ce_kernel_many_views, which keeps them in global scratch.
 #define DPS_FOR_VIEWS(v) _Pragma("unroll") for (int v = 0; v < VMAX; ++v) if (v < p.V)
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -77,129 +80,253 @@ __device__ __forceinline__ float group_max(float v, float* smem) {
   }
 }
 
-template <typename TZ, typename TA, int TPR, int VMAX>
-__global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
-  __shared__ float smem[kThreads / 32];
-  __shared__ float part_rows[kThreads];
-  __shared__ bool is_last;
-  constexpr int R = kThreads / TPR;
-  const int lane = threadIdx.x % TPR;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * R + threadIdx.x / TPR;
-  const bool in_batch = row < p.B;
-  const TZ* z = static_cast<const TZ*>(p.z);
-  TA* a = static_cast<TA*>(p.a);
-  TZ* g = static_cast<TZ*>(p.g);
-  const int64_t C = p.C, B = p.B;
-  const int64_t id = !in_batch ? 0 : (p.idx ? p.idx[row] : row);
-  bool ok = in_batch && id >= 0 && id < p.N;
+// One view's softmax statistics over a row: max, sum exp(z - max), sum exp((z - max) / tau_e),
+// and whether every logit is finite, tested element by element (a running sum of the logits
+// overflows for finite |z| near the float32 maximum, docs/method.md §9). All threads call it.
+struct ViewStats {
+  float m, s, se;
+  bool finite;
+};
 
-  // 1. per view: max, sum exp(z - max), sum exp((z - max) / tau_e), finiteness
-  float m[VMAX], s[VMAX], se[VMAX];
-  DPS_FOR_VIEWS(v) {
-    const TZ* zr = z + (v * B + (in_batch ? row : 0)) * C;
-    float mt = -INFINITY, st = 0.f, set = 0.f, zs = 0.f;
-    for (int64_t j = lane; j < C && in_batch; j += TPR) {
-      const float x = to_f32(zr[j]);
-      zs += x;
-      if (x > mt) {
-        const float sc = (mt == -INFINITY) ? 0.f : __expf(mt - x);
-        st = st * sc + 1.f;
-        if (p.temper) set = set * ((mt == -INFINITY) ? 0.f : __expf((mt - x) * p.inv_tau_e)) + 1.f;
-        mt = x;
-      } else {
-        st += __expf(x - mt);
-        if (p.temper) set += __expf((x - mt) * p.inv_tau_e);
-      }
-    }
-    const float M = group_max<TPR>(mt, smem);
-    const float Ms = (M == -INFINITY) ? 0.f : M;
-    const float k = (mt == -INFINITY) ? 0.f : __expf(mt - Ms);
-    const float ke = (mt == -INFINITY) ? 0.f : __expf((mt - Ms) * p.inv_tau_e);
-    s[v] = group_sum<TPR>(st * k, smem);
-    se[v] = p.temper ? group_sum<TPR>(set * ke, smem) : s[v];
-    m[v] = M;
-    zs = group_sum<TPR>(zs, smem);
-    ok = ok && isfinite(zs) && isfinite(s[v]);
-  }
-  const float inv_v = 1.f / static_cast<float>(p.V);
-  TA* ar = a + (ok ? id : 0) * p.stride_a;
-  auto evidence = [&](int64_t j) {
-    float e = 0.f;
-    DPS_FOR_VIEWS(v) {
-      const float x = to_f32(z[(v * B + row) * C + j]);
-      e += __expf((x - m[v]) * p.inv_tau_e) / se[v];
-    }
-    return e * inv_v;
-  };
-
-  // 2. the target normaliser
-  float inv_s = 1.f;
-  if (p.normalize) {
-    float st = 0.f;
-    for (int64_t j = lane; j < C && ok; j += TPR) {
-      float aj = to_f32(ar[j]);
-      if (p.posterior) aj = p.gamma * aj + evidence(j);
-      st += aj;
-    }
-    inv_s = 1.f / group_sum<TPR>(st, smem);
-  }
-
-  // 3. bank store, target, dots, gradient
-  float dot[VMAX];
-  DPS_FOR_VIEWS(v) dot[v] = 0.f;
+template <typename TZ, int TPR>
+__device__ __forceinline__ ViewStats view_stats(const TZ* zr, int64_t C, bool in_batch, int lane, const CeArgs& p,
+                                                float* smem) {
+  float mt = -INFINITY, st = 0.f, set = 0.f, n_bad = 0.f;
   for (int64_t j = lane; j < C && in_batch; j += TPR) {
-    float t = 0.f;
-    if (ok) {
-      float aj = to_f32(ar[j]);
-      if (p.posterior || p.update) {
-        const float an = p.gamma * aj + evidence(j);
-        if (p.update) ar[j] = from_f32<TA>(an);
-        if (p.posterior) aj = an;
-      }
-      t = aj * inv_s;
-    }
-    DPS_FOR_VIEWS(v) {
-      const int64_t off = (v * B + row) * C + j;
-      const float x = to_f32(z[off]);
-      dot[v] += t * x;
-      if (p.has_grad) {
-        const float gv = ok ? (__expf(x - m[v]) / s[v] - t) * p.gscale : NAN;
-        g[off] = from_f32<TZ>(gv);
-      }
+    const float x = to_f32(zr[j]);
+    n_bad += isfinite(x) ? 0.f : 1.f;
+    if (x > mt) {
+      const float sc = (mt == -INFINITY) ? 0.f : __expf(mt - x);
+      st = st * sc + 1.f;
+      if (p.temper) set = set * ((mt == -INFINITY) ? 0.f : __expf((mt - x) * p.inv_tau_e)) + 1.f;
+      mt = x;
+    } else {
+      st += __expf(x - mt);
+      if (p.temper) set += __expf((x - mt) * p.inv_tau_e);
     }
   }
-  float row_total = 0.f;
-  DPS_FOR_VIEWS(v) {
-    const float d = group_sum<TPR>(dot[v], smem);
-    const float l = ok ? (m[v] + logf(s[v]) - d) : NAN;
-    if (in_batch && lane == 0) {
-      if (p.reduce == 0) p.loss[v * B + row] = l;
-      row_total += l;
-    }
-  }
-  if (p.reduce == 0) return;
+  ViewStats r;
+  r.m = group_max<TPR>(mt, smem);
+  const float Ms = (r.m == -INFINITY) ? 0.f : r.m;
+  const float k = (mt == -INFINITY) ? 0.f : __expf(mt - Ms);
+  const float ke = (mt == -INFINITY) ? 0.f : __expf((mt - Ms) * p.inv_tau_e);
+  r.s = group_sum<TPR>(st * k, smem);
+  r.se = p.temper ? group_sum<TPR>(set * ke, smem) : r.s;
+  r.finite = group_sum<TPR>(n_bad, smem) == 0.f && isfinite(r.s);
+  return r;
+}
 
-  // block partial, then the last block adds the partials in order
-  part_rows[threadIdx.x] = (in_batch && lane == 0) ? row_total : 0.f;
+// Pass 2: the target's row sum S = sum_j a_j (a = the updated row when posterior). All threads call it.
+template <int TPR, typename TA, typename Evidence>
+__device__ __forceinline__ float target_row_sum(const TA* ar, int64_t C, int lane, bool ok, const CeArgs& p,
+                                                Evidence evidence, float* smem) {
+  float st = 0.f;
+  for (int64_t j = lane; j < C && ok; j += TPR) {
+    float aj = to_f32(ar[j]);
+    if (p.posterior) aj = p.gamma * aj + evidence(j);
+    st += aj;
+  }
+  return group_sum<TPR>(st, smem);
+}
+
+// The target is a / S of mass 1 (normalize: the DPS step, always) or a itself, of mass S
+// (soft-target CE, docs/method.md §3). One register, ks, holds 1 / S or S: a separate mass
+// and 1 / S made the one-view kernels spill.
+__device__ __forceinline__ float target_scale(const CeArgs& p, float S) { return p.normalize ? 1.f / S : S; }
+__device__ __forceinline__ float inv_of(const CeArgs& p, float ks) { return p.normalize ? ks : 1.f; }
+__device__ __forceinline__ float mass_of(const CeArgs& p, float ks) { return p.normalize ? 1.f : ks; }
+
+// Pass 3, one column: the target a_j / S (or a_j), storing the updated bank entry when `store`.
+template <typename TA, typename Evidence>
+__device__ __forceinline__ float target_at(TA* ar, int64_t j, const CeArgs& p, Evidence evidence, float ks,
+                                           bool store) {
+  float aj = to_f32(ar[j]);
+  if (p.posterior || store) {
+    const float an = p.gamma * aj + evidence(j);
+    if (store) ar[j] = from_f32<TA>(an);
+    if (p.posterior) aj = an;
+  }
+  return aj * inv_of(p, ks);
+}
+
+// The shared memory of a block of the ce kernels.
+struct CeShared {
+  float smem[kThreads / 32];
+  float part_rows[kThreads];
+  bool is_last;
+};
+
+// One thread's place: its lane in its row group, its sample row, the row's bank id, whether
+// the row is in the batch, and ok: its id is in range (and, after pass 1, its logits finite).
+template <typename TZ, typename TA, int TPR>
+struct RowCtx {
+  using Z = TZ;
+  int lane;
+  int64_t row;
+  bool in_batch;
+  int64_t id;
+  bool ok;
+  const TZ* z;
+  TZ* g;
+  TA* a;
+  __device__ __forceinline__ explicit RowCtx(const CeArgs& p)
+      : lane(threadIdx.x % TPR),
+        row(static_cast<int64_t>(blockIdx.x) * (kThreads / TPR) + threadIdx.x / TPR),
+        in_batch(row < p.B),
+        id(!in_batch ? 0 : (p.idx ? p.idx[row] : row)),
+        ok(in_batch && id >= 0 && id < p.N),
+        z(static_cast<const TZ*>(p.z)),
+        g(static_cast<TZ*>(p.g)),
+        a(static_cast<TA*>(p.a)) {}
+  // view v's logits row (row 0 for a thread past the batch, which reads none of it)
+  __device__ __forceinline__ const TZ* zrow(const CeArgs& p, int v) const {
+    return z + (v * p.B + (in_batch ? row : 0)) * p.C;
+  }
+  __device__ __forceinline__ TA* bank_row(const CeArgs& p) const { return a + (ok ? id : 0) * p.stride_a; }
+};
+
+// Pass 3, column j of view v: the loss dot product and the gradient (mass * softmax - t).
+template <typename Row>
+__device__ __forceinline__ void view_column(const Row& r, const CeArgs& p, int v, int64_t j, float t, float m,
+                                            float s, float ks, float& dot) {
+  const int64_t off = (v * p.B + r.row) * p.C + j;
+  const float x = to_f32(r.z[off]);
+  dot += t * x;
+  if (p.has_grad)
+    r.g[off] = from_f32<typename Row::Z>(r.ok ? (mass_of(p, ks) * (__expf(x - m) / s) - t) * p.gscale : NAN);
+}
+
+// View v's loss mass * logsumexp - <t, z>, from the row group's dot products. All threads call it.
+template <int TPR, typename Row>
+__device__ __forceinline__ void view_loss(const Row& r, const CeArgs& p, int v, float m, float s, float ks,
+                                          float dot, float& row_total, float* smem) {
+  const float d = group_sum<TPR>(dot, smem);
+  const float l = r.ok ? (mass_of(p, ks) * (m + logf(s)) - d) : NAN;
+  if (r.in_batch && r.lane == 0) {
+    if (p.reduce == 0) p.loss[v * p.B + r.row] = l;
+    row_total += l;
+  }
+}
+
+// mean / sum: the block's partial, then the last block (atomic ticket) adds the partials in
+// block order and resets the ticket. All threads call it.
+template <int TPR, typename Row>
+__device__ __forceinline__ void finish_reduction(const Row& r, const CeArgs& p, float row_total, CeShared& sh) {
+  sh.part_rows[threadIdx.x] = (r.in_batch && r.lane == 0) ? row_total : 0.f;
   __syncthreads();
   if (threadIdx.x == 0) {
     float acc = 0.f;
-    for (int r = 0; r < kThreads; r += TPR) acc += part_rows[r];
+    for (int i = 0; i < kThreads; i += TPR) acc += sh.part_rows[i];
     p.part[blockIdx.x] = acc;
     __threadfence();
     const int ticket = atomicAdd(p.ticket, 1);
-    is_last = ticket == static_cast<int>(gridDim.x) - 1;
+    sh.is_last = ticket == static_cast<int>(gridDim.x) - 1;
   }
   __syncthreads();
-  if (!is_last) return;
+  if (!sh.is_last) return;
   __threadfence();
   float acc = 0.f;
   for (int64_t b = threadIdx.x; b < gridDim.x; b += kThreads) acc += static_cast<volatile float*>(p.part)[b];
-  acc = group_sum<kThreads>(acc, smem);
+  acc = group_sum<kThreads>(acc, sh.smem);
   if (threadIdx.x == 0) {
     *p.loss = acc * p.out_scale;
     atomicExch(p.ticket, 0);
   }
+}
+
+// Up to VMAX (1 or kMaxViews) views: the per-view statistics stay in registers.
+template <typename TZ, typename TA, int TPR, int VMAX>
+__global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
+  __shared__ CeShared sh;
+  RowCtx<TZ, TA, TPR> r(p);
+
+  // 1. per view: max, sum exp(z - max), sum exp((z - max) / tau_e), finiteness
+  float m[VMAX], s[VMAX], se[VMAX];
+  DPS_FOR_VIEWS(v) {
+    const ViewStats st = view_stats<TZ, TPR>(r.zrow(p, v), p.C, r.in_batch, r.lane, p, sh.smem);
+    m[v] = st.m;
+    s[v] = st.s;
+    se[v] = st.se;
+    r.ok = r.ok && st.finite;
+  }
+  const float inv_v = 1.f / static_cast<float>(p.V);
+  TA* ar = r.bank_row(p);
+  auto evidence = [&](int64_t j) {
+    float e = 0.f;
+    DPS_FOR_VIEWS(v) e += __expf((to_f32(r.zrow(p, v)[j]) - m[v]) * p.inv_tau_e) / se[v];
+    return e * inv_v;
+  };
+
+  // 2. the target's row sum S
+  const float ks = target_scale(p, target_row_sum<TPR>(ar, p.C, r.lane, r.ok, p, evidence, sh.smem));
+
+  // 3. bank store, target, dots, gradient
+  float dot[VMAX];
+  DPS_FOR_VIEWS(v) dot[v] = 0.f;
+  for (int64_t j = r.lane; j < p.C && r.in_batch; j += TPR) {
+    const float t = r.ok ? target_at(ar, j, p, evidence, ks, p.update) : 0.f;
+    DPS_FOR_VIEWS(v) view_column(r, p, v, j, t, m[v], s[v], ks, dot[v]);
+  }
+  float row_total = 0.f;
+  DPS_FOR_VIEWS(v) view_loss<TPR>(r, p, v, m[v], s[v], ks, dot[v], row_total, sh.smem);
+  if (p.reduce != 0) finish_reduction<TPR>(r, p, row_total, sh);
+}
+
+// More than kMaxViews views: the per-view statistics go to global scratch (p.view_stats,
+// [3][V][B]: max, sum, tempered sum), and pass 3 runs once per chunk of kMaxViews views,
+// recomputing the target; the bank row is stored in the last chunk only, so that every chunk
+// reads the row as it was before the step.
+template <typename TZ, typename TA, int TPR>
+__global__ void __launch_bounds__(kThreads) ce_kernel_many_views(CeArgs p) {
+  __shared__ CeShared sh;
+  RowCtx<TZ, TA, TPR> r(p);
+  constexpr int VC = kMaxViews;
+  const int64_t B = p.B;
+  float* const vm = p.view_stats;
+  float* const vs = vm + p.V * B;
+  float* const vse = vs + p.V * B;
+
+  for (int v = 0; v < p.V; ++v) {
+    const ViewStats st = view_stats<TZ, TPR>(r.zrow(p, v), p.C, r.in_batch, r.lane, p, sh.smem);
+    if (r.in_batch && r.lane == 0) {
+      vm[v * B + r.row] = st.m;
+      vs[v * B + r.row] = st.s;
+      vse[v * B + r.row] = st.se;
+    }
+    r.ok = r.ok && st.finite;
+  }
+  __syncthreads();  // each row's statistics, written by its lane 0, are read by all its lanes
+  const float inv_v = 1.f / static_cast<float>(p.V);
+  TA* ar = r.bank_row(p);
+  auto evidence = [&](int64_t j) {
+    float e = 0.f;
+    for (int v = 0; v < p.V; ++v)
+      e += __expf((to_f32(r.zrow(p, v)[j]) - vm[v * B + r.row]) * p.inv_tau_e) / vse[v * B + r.row];
+    return e * inv_v;
+  };
+  const float ks = target_scale(p, target_row_sum<TPR>(ar, p.C, r.lane, r.ok, p, evidence, sh.smem));
+
+  float row_total = 0.f;
+  for (int v0 = 0; v0 < p.V; v0 += VC) {
+    const bool store = p.update && v0 + VC >= p.V;
+    float m[VC], s[VC], dot[VC];
+#pragma unroll
+    for (int k = 0; k < VC; ++k) {
+      const bool here = r.in_batch && v0 + k < p.V;
+      m[k] = here ? vm[(v0 + k) * B + r.row] : 0.f;
+      s[k] = here ? vs[(v0 + k) * B + r.row] : 1.f;
+      dot[k] = 0.f;
+    }
+    for (int64_t j = r.lane; j < p.C && r.in_batch; j += TPR) {
+      const float t = r.ok ? target_at(ar, j, p, evidence, ks, store) : 0.f;
+#pragma unroll
+      for (int k = 0; k < VC && v0 + k < p.V; ++k) view_column(r, p, v0 + k, j, t, m[k], s[k], ks, dot[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < VC && v0 + k < p.V; ++k)
+      view_loss<TPR>(r, p, v0 + k, m[k], s[k], ks, dot[k], row_total, sh.smem);
+  }
+  if (p.reduce != 0) finish_reduction<TPR>(r, p, row_total, sh);
 }
 
 int tpr_for(int64_t C) { return C <= 64 ? 8 : (C <= 2048 ? 32 : kThreads); }
@@ -213,11 +340,20 @@ void launch_views(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
 }
 
 template <typename TZ, typename TA>
+void launch_many_views(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
+  const int tpr = tpr_for(p.C);
+  if (tpr == 8) ce_kernel_many_views<TZ, TA, 8><<<blocks, kThreads, 0, stream>>>(p);
+  else if (tpr == 32) ce_kernel_many_views<TZ, TA, 32><<<blocks, kThreads, 0, stream>>>(p);
+  else ce_kernel_many_views<TZ, TA, kThreads><<<blocks, kThreads, 0, stream>>>(p);
+}
+
+template <typename TZ, typename TA>
 cudaError_t launch_typed(const CeArgs& p, cudaStream_t stream) {
   const int64_t blocks = ce_num_blocks(p);
   if (blocks == 0) return cudaSuccess;
   if (p.V == 1) launch_views<TZ, TA, 1>(p, blocks, stream);
-  else launch_views<TZ, TA, kMaxViews>(p, blocks, stream);
+  else if (p.V <= kMaxViews) launch_views<TZ, TA, kMaxViews>(p, blocks, stream);
+  else launch_many_views<TZ, TA>(p, blocks, stream);
   return cudaGetLastError();
 }
 
@@ -239,7 +375,7 @@ int64_t ce_num_blocks(const CeArgs& p) {
 }
 
 cudaError_t launch_ce(const CeArgs& p, cudaStream_t stream) {
-  if (p.V < 1 || p.V > kMaxViews) return cudaErrorInvalidValue;
+  if (p.V < 1 || (p.V > kMaxViews && p.view_stats == nullptr)) return cudaErrorInvalidValue;
   switch (p.z_dtype) {
     case kF32: return launch_bank<float>(p, stream);
     case kBF16: return launch_bank<__nv_bfloat16>(p, stream);

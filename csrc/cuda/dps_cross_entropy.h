@@ -11,6 +11,10 @@ namespace cuda {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// Up to this many views the kernel keeps the per-view statistics in registers; more views
+// need CeArgs::view_stats, float scratch of 3 * V * B.
+constexpr int kCeRegisterViews = 8;
+
 // One DPS step (docs/method.md §2) or a soft-target cross-entropy (docs/method.md §3, has_idx = false,
 // a = the target matrix, update = posterior = false).
 struct CeArgs {
@@ -21,6 +25,7 @@ struct CeArgs {
   float* loss;           // [V, B] (reduce == 0) or a scalar
   float* part;           // one float per block (reduce != 0)
   int* ticket;           // device counter, left at 0
+  float* view_stats;     // [3, V, B] scratch when V > kCeRegisterViews, else nullptr
   int64_t B, C, N, stride_a;
   int V;
   float gamma, inv_tau_e, gscale, out_scale;

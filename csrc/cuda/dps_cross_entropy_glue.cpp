@@ -44,7 +44,6 @@ at::Tensor run_ce(const at::Tensor& logits, const at::Tensor* index, at::Tensor&
   const c10::cuda::CUDAGuard guard(logits.device());
   auto z = logits.contiguous();
   const int64_t V = z.dim() == 3 ? z.size(0) : 1, B = z.size(-2), C = z.size(-1);
-  TORCH_CHECK_VALUE(V <= 8, "dps_fast (cuda): at most 8 views, got ", V);
   const bool has_grad = grad.numel() > 0;
   if (has_grad)
     TORCH_CHECK_VALUE(grad.is_contiguous() && grad.sizes() == z.sizes() && grad.scalar_type() == z.scalar_type(),
@@ -70,6 +69,11 @@ at::Tensor run_ce(const at::Tensor& logits, const at::Tensor* index, at::Tensor&
   at::Tensor part = at::empty({std::max<int64_t>(1, ce_num_blocks(p))}, opts);
   p.part = part.data_ptr<float>();
   p.ticket = ticket(z.device());
+  at::Tensor view_stats;  // per-view statistics of the many-views kernel
+  if (V > kCeRegisterViews) {
+    view_stats = at::empty({3, V, B}, opts);
+    p.view_stats = view_stats.data_ptr<float>();
+  }
   const cudaError_t err = launch_ce(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "dps_fast (cuda): kernel launch failed: ", cudaGetErrorString(err));
   return loss;

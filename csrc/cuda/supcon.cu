@@ -5,8 +5,12 @@
 // both tiles from shared memory in chunks of 128 feature dimensions. Each thread
 // keeps an online logsumexp and the positive sums over its own candidates; the 16
 // threads of a row merge them at the end. The gradient kernel recomputes the same
-// tiles, forms G_ij + G_ji in shared memory and accumulates dF_i = (1/tau) G F_j.
+// tiles, forms G_ij + G_ji in shared memory and accumulates dF_i = (1/tau) G F_j; a thread
+// keeps MAXACC accumulators (feature dimensions c, c + 16, ...), so one block covers 1024
+// dimensions: wider features take more blocks along y (gridDim.y = ceil(D / 1024)), each
+// recomputing the similarity tiles for its own slice of dimensions.
 // The M x M matrix never exists; memory is O(M D).
+#include <algorithm>
 #include <cmath>
 
 #include "supcon.h"
@@ -17,7 +21,8 @@ namespace {
 
 constexpr int T = 16;       // tile rows / cols
 constexpr int DC = 128;     // feature chunk
-constexpr int MAXACC = 64;  // per-thread accumulators: D <= 16 * 64 = 1024
+constexpr int MAXACC = 64;  // per-thread accumulators: 16 * 64 = 1024 dimensions per block
+constexpr int DSLICE = T * MAXACC;
 
 __device__ __forceinline__ float pair_weight(const SupconArgs& p, int64_t i, int64_t j) {
   if (i == j || i >= p.M || j >= p.M) return 0.f;
@@ -92,6 +97,7 @@ __global__ void __launch_bounds__(T * T) grad_kernel(SupconArgs p) {
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * T, i = i0 + r;
   const float lse_i = i < p.M ? p.lse[i] : 0.f, c_i = i < p.M ? p.coef[i] : 0.f;
   const float iw_i = i < p.M ? p.invw[i] : 0.f;
+  const int64_t dslice = static_cast<int64_t>(blockIdx.y) * DSLICE;  // this block's dimensions
   float acc[MAXACC];
 #pragma unroll
   for (int k = 0; k < MAXACC; ++k) acc[k] = 0.f;
@@ -105,9 +111,9 @@ __global__ void __launch_bounds__(T * T) grad_kernel(SupconArgs p) {
     }
     gt[r][c] = gv;
     __syncthreads();
-    // acc[r, d] += sum_c G[r][c] * f[j0 + c, d] for d = c + 16 k
+    // acc[r, d] += sum_c G[r][c] * f[j0 + c, d] for d = dslice + c + 16 k
     for (int k = 0; k < MAXACC; ++k) {
-      const int64_t d = c + static_cast<int64_t>(T) * k;
+      const int64_t d = dslice + c + static_cast<int64_t>(T) * k;
       if (d >= p.D) break;
       float sum = 0.f;
 #pragma unroll
@@ -121,7 +127,7 @@ __global__ void __launch_bounds__(T * T) grad_kernel(SupconArgs p) {
   }
   if (i < p.M) {
     for (int k = 0; k < MAXACC; ++k) {
-      const int64_t d = c + static_cast<int64_t>(T) * k;
+      const int64_t d = dslice + c + static_cast<int64_t>(T) * k;
       if (d >= p.D) break;
       p.df[i * p.D + d] = acc[k] * p.inv_tau;
     }
@@ -138,8 +144,10 @@ cudaError_t launch_supcon_stats(const SupconArgs& p, cudaStream_t stream) {
 
 cudaError_t launch_supcon_grad(const SupconArgs& p, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
-  if (p.D > static_cast<int64_t>(T) * MAXACC) return cudaErrorInvalidValue;
-  grad_kernel<<<(p.M + T - 1) / T, dim3(T, T), 0, stream>>>(p);
+  const int64_t slices = (p.D + DSLICE - 1) / DSLICE;
+  if (slices > 65535) return cudaErrorInvalidValue;  // gridDim.y: D up to 65535 * 1024
+  grad_kernel<<<dim3((p.M + T - 1) / T, static_cast<unsigned>(std::max<int64_t>(slices, 1))), dim3(T, T), 0,
+                stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -19,6 +19,19 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss
 
 
+def logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension, with the softmax as its autograd gradient.
+
+    ``torch.logsumexp`` differentiates as ``exp(z - lse)``: once |z| is so large that ``lse``
+    rounds to ``max(z)`` (|z| near the float32 maximum; in float64 too), that is 1 for every
+    maximal entry instead of the softmax. Shifting by the (constant) row max keeps the
+    gradient ``exp(z - m) / sum exp(z - m)`` exact (docs/method.md §9: such logits are finite
+    and get the softmax gradient). A non-finite max shifts by 0, as torch.logsumexp does."""
+    m = z.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m.squeeze(-1) + torch.log(torch.exp(z - m).sum(-1))
+
+
 def loss_shape(logits: torch.Tensor, reduction: int):
     return tuple(logits.shape[:-1]) if reduction == REDUCTION_NONE else ()
 

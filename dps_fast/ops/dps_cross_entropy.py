@@ -7,8 +7,8 @@ import torch
 
 from .. import _dispatch, _ops
 from .. import _validate as V
-from ._common import (compute_dtype, empty_loss, grad_buffer, in_backward_recompute, loss_shape, needs_grad,
-                      reduce)
+from ._common import (compute_dtype, empty_loss, grad_buffer, in_backward_recompute, logsumexp, loss_shape,
+                      needs_grad, reduce)
 
 OP = "dps_ce_fwd"
 __all__ = ["dps_cross_entropy"]
@@ -36,7 +36,7 @@ def reference(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", r
         t = a / a.sum(-1, keepdim=True)
         nan_pad = torch.where(bad, float("nan"), 0.0).to(cdt)[None, :, None]
     zz = z3 + nan_pad
-    loss = torch.logsumexp(zz, dim=-1) - (t.unsqueeze(0) * zz).sum(-1)  # [V, B]
+    loss = logsumexp(zz) - (t.unsqueeze(0) * zz).sum(-1)  # [V, B]
     if logits.dim() == 2:
         loss = loss[0]
     return reduce(loss, reduction)

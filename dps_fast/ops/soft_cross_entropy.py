@@ -7,19 +7,28 @@ import torch
 
 from .. import _dispatch, _ops
 from .. import _validate as V
-from ._common import compute_dtype, empty_loss, grad_buffer, loss_shape, needs_grad, reduce
+from ._common import compute_dtype, empty_loss, logsumexp, grad_buffer, loss_shape, needs_grad, reduce
 
 OP = "soft_ce_fwd"
 __all__ = ["soft_cross_entropy"]
 
 
 def reference(logits, target, reduction="mean", normalize=False):
+    """``l_b = s_b * logsumexp(z_b) - <t_b, z_b>`` with ``s_b = sum_j t_bj`` (1 when
+    ``normalize``): PyTorch's cross-entropy for any non-negative target rows (docs/method.md §3).
+    A row with a NaN or +-Inf logit gets a NaN loss and gradient (docs/method.md §9)."""
     cdt = compute_dtype(logits, target)
     z = logits.to(cdt)
+    with torch.no_grad():
+        nan_pad = torch.where(torch.isfinite(z).all(-1), 0.0, float("nan")).to(cdt)
+    z = z + nan_pad[..., None]
     t = target.detach().to(cdt)
     if normalize:
         t = t / t.sum(-1, keepdim=True)
-    loss = torch.logsumexp(z, dim=-1) - (t * z).sum(-1)
+        mass = 1.0
+    else:
+        mass = t.sum(-1)
+    loss = mass * logsumexp(z) - (t * z).sum(-1)
     return reduce(loss, reduction)
 
 
@@ -46,8 +55,11 @@ def opcheck_samples(device):
 def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backend=None, inplace_grad=False):
     """Cross-entropy against soft targets (docs/method.md §3), fused forward and backward.
 
-    ``l_b = logsumexp(z_b) - sum_j t_bj z_bj`` (targets divided by their row sum
-    when ``normalize``). The target is treated as a constant (no gradient flows into it).
+    ``l_b = s_b * logsumexp(z_b) - sum_j t_bj z_bj`` with ``s_b = sum_j t_bj``, which is
+    ``F.cross_entropy(z, t)`` for any non-negative ``t``, rows that do not sum to 1 included;
+    with ``normalize`` the targets are first divided by their row sum (then ``s_b = 1``).
+    The gradient is ``s_b * softmax(z_b) - t_b``. The target is treated as a constant (no
+    gradient flows into it).
     """
     b, c, red = check(logits, target, reduction)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, target.dtype))

@@ -1,0 +1,135 @@
+"""The CUDA kernels of csrc/cuda/ run on the CPU by tools/cuda_emulator (no GPU needed), with
+a Python mirror of their torch glue (csrc/cuda/*_glue.cpp), so tests can check the CUDA
+kernels' arithmetic against the reference. Built with g++ on first use into build/cuda-emu.
+What it cannot show: timing, races between blocks (blocks run one after another), warp
+behaviour that differs from block-wide barriers, and __expf's own approximation error."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tools", "cuda_emulator")
+CUDA = os.path.join(ROOT, "csrc", "cuda")
+SOURCES = ["dps_cross_entropy.cu", "supcon.cu"]
+_LAUNCH = re.compile(r"(\w+(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_lib = None
+
+
+def unavailable() -> str | None:
+    """Why the emulator cannot be built here, or None."""
+    return None if shutil.which("g++") else "g++ not found"
+
+
+def _as_cpp(cu_text: str) -> str:
+    """CUDA launch syntax `k<<<grid, block, shm, stream>>>(args);` as a call of the emulator."""
+    return _LAUNCH.sub(lambda m: f"emu::Config({m.group(2)}).run({m.group(1)}, {m.group(3)});", cu_text)
+
+
+def library():
+    global _lib
+    if _lib is not None:
+        return _lib
+    texts = {n: _as_cpp(open(os.path.join(CUDA, n)).read()) for n in SOURCES}
+    deps = [open(os.path.join(d, f)).read() for d in (EMU, os.path.join(EMU, "include"), CUDA)
+            for f in sorted(os.listdir(d)) if f.endswith((".h", ".cpp"))]
+    key = hashlib.sha256("".join(list(texts.values()) + deps).encode()).hexdigest()[:16]
+    out = os.path.join(ROOT, "build", "cuda-emu", key)
+    so = os.path.join(out, "libdps_cuda_emu.so")
+    if not os.path.exists(so):
+        os.makedirs(out, exist_ok=True)
+        srcs = []
+        for name, text in texts.items():
+            srcs.append(os.path.join(out, name.replace(".cu", ".cpp")))
+            with open(srcs[-1], "w") as f:
+                f.write(text)
+        cmd = ["g++", "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fPIC", "-shared", "-I", os.path.join(EMU, "include"), "-I", CUDA,
+               "-include", os.path.join(EMU, "emu.h"), *srcs, os.path.join(EMU, "capi.cpp"), "-o", so + ".tmp"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(so + ".tmp", so)
+    _lib = ctypes.CDLL(so)
+    _lib.emu_ce_num_blocks.restype = ctypes.c_int64
+    _lib.emu_ce_num_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    return _lib
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
+
+
+def _check(err, what):
+    if err:
+        raise RuntimeError(f"dps_fast (cuda, emulated): {what} failed ({err})")
+
+
+# ------------------------------------------------------------------ mirror of dps_cross_entropy_glue.cpp
+def _run_ce(logits, index, a, grad, gamma, tau_e, posterior, update, reduction, normalize):
+    lib = library()
+    z = logits.contiguous()
+    v = z.shape[0] if z.dim() == 3 else 1
+    b, c = z.shape[-2], z.shape[-1]
+    has_grad = grad.numel() > 0
+    idx = index.to(torch.int64).contiguous() if index is not None else None
+    loss = torch.empty(z.shape[:-1] if reduction == 0 else (), dtype=torch.float32)
+    part = torch.empty(max(1, lib.emu_ce_num_blocks(b, c)), dtype=torch.float32)
+    ticket = torch.zeros(1, dtype=torch.int32)
+    stats = torch.empty(3, v, b) if v > lib.emu_ce_register_views() else None
+    scale = 1.0 / (v * b) if reduction == 1 else 1.0
+    f = ctypes.c_float
+    err = lib.emu_launch_ce(
+        _ptr(z), _ptr(idx), _ptr(a), _ptr(grad if has_grad else None), _ptr(loss), _ptr(part), _ptr(ticket),
+        _ptr(stats), ctypes.c_int64(b), ctypes.c_int64(c), ctypes.c_int64(a.shape[0]), ctypes.c_int64(a.stride(0)),
+        ctypes.c_int(v), f(gamma), f(1.0 / tau_e), f(scale), f(scale), _DTYPES[z.dtype], _DTYPES[a.dtype],
+        int(posterior), int(update), int(tau_e != 1.0), int(has_grad), int(normalize), int(reduction))
+    _check(err, "DPS / soft-CE kernel")
+    assert int(ticket) == 0, "the reduction ticket was not reset"
+    return loss
+
+
+def dps_ce_fwd(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction):
+    return _run_ce(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction, True)
+
+
+def soft_ce_fwd(logits, target, grad, normalize, reduction):
+    return _run_ce(logits, None, target.contiguous(), grad, 0.0, 1.0, False, False, reduction, normalize)
+
+
+# ------------------------------------------------------------------ mirror of supcon_glue.cpp
+def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
+    lib = library()
+    x = features.float().contiguous()
+    norm, f = None, x
+    if normalize:
+        norm = x.norm(2, 1, True).clamp_min(1e-12)
+        f = (x / norm).contiguous()
+    lab = labels.to(torch.int64).contiguous() if labels is not None else None
+    sft = soft.float().contiguous() if soft is not None else None
+    m, d = f.shape
+    lse, wsum, wdot = torch.empty(m), torch.empty(m), torch.empty(m)
+    k = sft.shape[1] if sft is not None else 0
+
+    def launch(grad, coef=None, invw=None, df=None):
+        return lib.emu_launch_supcon(int(grad), _ptr(f), _ptr(lab), _ptr(sft), _ptr(lse), _ptr(wsum), _ptr(wdot),
+                                     _ptr(coef), _ptr(invw), _ptr(df), ctypes.c_int64(m), ctypes.c_int64(d),
+                                     ctypes.c_int64(k), ctypes.c_float(1.0 / tau))
+    _check(launch(False), "SupCon statistics kernel")
+    valid = wsum > 0
+    n_valid = valid.sum().clamp_min(1).float()
+    safe = torch.where(valid, wsum, torch.ones_like(wsum))
+    loss = torch.where(valid, lse - wdot / safe, torch.zeros_like(lse)).sum() / n_valid
+    if not need_grad:
+        return loss, features.new_empty(0)
+    coef = valid.float() / n_valid
+    invw = torch.where(valid, safe.reciprocal(), torch.zeros_like(safe))
+    df = torch.empty_like(f)
+    _check(launch(True, coef, invw, df), "SupCon gradient kernel")
+    if normalize:
+        df = (df - f * (f * df).sum(1, keepdim=True)) / norm
+    return loss, df.to(features.dtype)
