@@ -27,21 +27,6 @@ def case_id(c):
     return f"{c[0]}-{c[1]}"
 
 
-# The fused CPU kernel (csrc/cpu/) still computes the old semantics of issue #11 (soft-target
-# CE as lse - <t, z> for every row sum; non-finite rows detected from a running sum of the
-# logits, which overflows for huge finite logits). Its branch lands them; until then its cases
-# of the tests that state the new semantics are expected to fail, strictly: the mark must go
-# when the CPU kernel is fixed.
-CPU_KERNEL_PENDING = pytest.mark.xfail(strict=True, reason="CPU kernel semantics land with the CPU kernel branch")
-
-
-def pending_on_cpu_kernel(cases):
-    """``cases`` ((backend, device) pairs) as pytest params, the fused CPU backend's marked
-    CPU_KERNEL_PENDING."""
-    return [pytest.param(c, id=case_id(c), marks=[CPU_KERNEL_PENDING] if c == ("cpu", "cpu") else [])
-            for c in cases]
-
-
 def rule_check(got, eager, exact, out_dtype, what, extra_ulps=1.0, scale=None):
     """Tolerance rule: |got - exact| <= |eager - exact| + tol, with tol one ulp of
     the output dtype (plus 2e-6, relative) at the scale of the values (for a sum of

@@ -74,24 +74,6 @@ bool stream_grad(const TZ* grad, int64_t C, int64_t step_bytes) {
 #endif
 }
 
-// Sweep A: max and plain sum (the sum only detects non-finite values).
-inline void max_and_sum(const float* x, int64_t n, float& mx, float& sm) {
-  Vec vm(-std::numeric_limits<float>::infinity()), vs(0.f);
-  int64_t j = 0;
-  for (; j + kW <= n; j += kW) {
-    const Vec v = Vec::loadu(x + j);
-    vm = at::vec::maximum(vm, v);
-    vs = vs + v;
-  }
-  mx = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, vm);
-  sm = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vs);
-  for (; j < n; ++j) {
-    mx = std::max(mx, x[j]);
-    sm += x[j];
-  }
-  if (std::isnan(sm)) mx = sm;
-}
-
 // Bank rows are random: each thread starts fetching the row kPrefetchRows ahead of the
 // one it works on, so that its DRAM latency overlaps the work on the rows in between.
 // (The logits are read sequentially, which the hardware prefetchers cover.)
@@ -301,12 +283,21 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
         zf = zbuf;
       }
       const TT* tr = tp + b * C;
-      float m, zs;
-      max_and_sum(zf, C, m, zs);
-      const float s = exp_row(zf, ex, C, m, 1.0f);
-      const float inv_t =
-          normalize ? 1.0f / accurate_sum(C, [&](int64_t j, int64_t k) { return ld(tr + j, k); }) : 1.0f;
-      const float inv_s = 1.0f / s;
+      float m, mn;
+      row_max_min(zf, C, m, mn);
+      // a NaN logit makes s NaN (exp_row_from_max propagates it), +Inf makes m +Inf
+      const float s = exp_row_from_max(zf, ex, C, m, 1.0f);
+      if (!std::isfinite(m) || !std::isfinite(s) || mn == -std::numeric_limits<float>::infinity()) {
+        loss_rows[b] = std::numeric_limits<float>::quiet_NaN();  // docs/method.md §9
+        if (grad) std::fill(grad + b * C, grad + (b + 1) * C, static_cast<TZ>(NAN));
+        continue;
+      }
+      // s_b = sum_j t_bj: the loss is s_b * lse - <t, z>, the gradient s_b * softmax - t
+      // (PyTorch's cross-entropy for rows of any mass); normalize divides t by s_b first
+      const float mass = accurate_sum(C, [&](int64_t j, int64_t k) { return ld(tr + j, k); });
+      const float inv_t = normalize ? 1.0f / mass : 1.0f;
+      const float row_mass = normalize ? 1.0f : mass;
+      const float inv_s = row_mass / s;
       float* gdst = nullptr;
       if (grad) {
         if constexpr (z_f32) gdst = reinterpret_cast<float*>(grad) + b * C;
@@ -322,7 +313,7 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
         });
       };
       const float dot = stream ? dot_and_grad(std::true_type{}) : dot_and_grad(std::false_type{});
-      loss_rows[b] = m + std::log(s) - dot;
+      loss_rows[b] = row_mass * (m + std::log(s)) - dot;
       if constexpr (!z_f32) {
         if (grad) store_row(ex, grad + b * C, C);
       }
