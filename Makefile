@@ -12,7 +12,8 @@ export MALLOC_TRIM_THRESHOLD_ := 1073741824
 # Triton runs here (no GPU) only in its interpreter; must be set before import.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: all install test pytest cpp-test cuda-check triton-aot-check install-check gpu-wheelhouse demo bench clean
+.PHONY: all install test pytest cpp-test cuda-check triton-aot-check install-check gpu-wheelhouse demo bench clean \
+	fuzz sanitize
 
 all: test
 
@@ -45,6 +46,36 @@ cpp-test: install
 	  || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake -j2 > build/cmake-build.log 2>&1 || (tail -50 build/cmake-build.log; exit 1)
 	ctest --test-dir build/cmake --output-on-failure
+
+# The property-based tests (tests/test_properties.py) under the hypothesis profile "fuzz":
+# random examples for FUZZ_SECONDS per test and backend (times the test's weight: about
+# 7.6 x FUZZ_SECONDS in all, 12 min at 90 s), niced. Failures are kept in .hypothesis/ and
+# replayed first next time; build/fuzz-report.txt lists the examples each test passed.
+FUZZ_SECONDS ?= 90
+fuzz: install
+	@mkdir -p build; rm -f build/fuzz-report.txt; t0=$$(date +%s); \
+	DPS_FAST_HYPOTHESIS_PROFILE=fuzz DPS_FAST_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	  DPS_FAST_FUZZ_REPORT=$(abspath build/fuzz-report.txt) nice -n 19 $(VENV)/bin/pytest tests/test_properties.py; \
+	rc=$$?; echo "make fuzz: $$(($$(date +%s) - t0)) s, pytest exit $$rc"; cat build/fuzz-report.txt; exit $$rc
+
+# The C++ ops built with AddressSanitizer + UndefinedBehaviorSanitizer (CMake, DPS_FAST_SANITIZE,
+# build/sanitize): their ctest, then the CPU kernel tests with that library loaded in place of
+# dps_fast._C (tests/conftest.py, DPS_FAST_TEST_OPS_LIBRARY), the ASan runtime preloaded into Python.
+# Leak detection is off: the interpreter keeps its objects alive until exit by design.
+SANITIZE_TESTS = tests/test_dps_cross_entropy.py tests/test_soft_cross_entropy.py tests/test_supcon.py \
+	tests/test_validation.py tests/test_hardening.py tests/test_properties.py
+sanitize: install
+	@mkdir -p build; t0=$$(date +%s); \
+	cmake -S . -B build/sanitize -DDPS_FAST_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+	  > build/sanitize-cmake.log 2>&1 || { cat build/sanitize-cmake.log; exit 1; }; \
+	cmake --build build/sanitize -j$${MAX_JOBS:-2} --target dps_fast_ops test_ops > build/sanitize-build.log 2>&1 \
+	  || { tail -50 build/sanitize-build.log; exit 1; }; t1=$$(date +%s); \
+	export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1; \
+	build/sanitize/test_ops || exit 1; \
+	LD_PRELOAD=$$($${CXX:-c++} -print-file-name=libasan.so) DPS_FAST_TEST_OPS_LIBRARY=$(abspath build/sanitize/libdps_fast_ops.so) \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider -k "not triton" $(SANITIZE_TESTS) || exit 1; \
+	echo "make sanitize: build $$((t1 - t0)) s, tests $$(($$(date +%s) - t1)) s, clean"
 
 # Compile-check every CUDA kernel for sm_90 with nvcc, when nvcc exists.
 cuda-check: install

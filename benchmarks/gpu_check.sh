@@ -4,12 +4,13 @@
 #   benchmarks/gpu_check.sh OUT_DIR
 # builds the extension with its CUDA kernels, runs the GPU tests (Triton and CUDA
 # backends against the reference), the GPU benchmarks (JSON written after every row,
-# most important shapes first, within a time budget), and compute-sanitizer memcheck
-# over a short workload when present. Everything lands in OUT_DIR.
+# most important shapes first, within a time budget), and compute-sanitizer over short
+# workloads when present: memcheck, then racecheck of the kernels that use shared memory.
+# Everything lands in OUT_DIR.
 #
 # Offline machine without pytest/setuptools? On the CPU machine run `make gpu-wheelhouse`
 # and carry build/wheelhouse with the run; this script installs from it when needed.
-# Time limits (seconds, env): BUILD_S=240 TEST_S=150 BENCH_S=150 MEMCHECK_S=60.
+# Time limits (seconds, env): BUILD_S=240 TEST_S=150 BENCH_S=150 MEMCHECK_S=60 RACECHECK_S=90.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,6 +24,7 @@ export TRITON_INTERPRET=0
 export MAX_JOBS=${MAX_JOBS:-16}
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
 BUILD_S=${BUILD_S:-240}; TEST_S=${TEST_S:-150}; BENCH_S=${BENCH_S:-150}; MEMCHECK_S=${MEMCHECK_S:-60}
+RACECHECK_S=${RACECHECK_S:-90}
 status=0
 t0=$(date +%s)
 stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
@@ -86,8 +88,38 @@ for be in dps_fast.available_backends("cuda"):
 print("memcheck workload done")
 PYEOF
   rc=$?; tail -3 "$OUT/memcheck.log"; [ $rc -eq 0 ] || status=1
+  stamp "compute-sanitizer racecheck (shared-memory kernels)"
+  # The CUDA DPS / soft-CE kernel reduces through shared memory when TPR = 256 (C > 2048), and for
+  # every TPR in the mean / sum finish (block partials, the last block's sum); the SupCon stats and
+  # gradient kernels stage 16 x 128 feature tiles (D = 24: one chunk, D = 200: two) and the G tile.
+  # The Triton kernels (tl.dot, reductions) run the same workload. Small shapes: racecheck tracks
+  # every shared-memory access.
+  ( cd /tmp && timeout "$RACECHECK_S" compute-sanitizer --tool racecheck --error-exitcode 3 $PY - ) \
+    > "$OUT/racecheck.log" 2>&1 <<'PYEOF'
+import torch, dps_fast
+dev = "cuda"
+for be in [b for b in dps_fast.available_backends(dev) if b != "reference"]:
+    for c, red in ((5000, "mean"), (2500, "none"), (1000, "sum"), (10, "mean")):
+        for v in (1, 2):
+            a = dps_fast.init_prior(torch.randint(0, c, (100,), device=dev), c, dtype=torch.bfloat16)
+            z = torch.randn(v, 37, c, device=dev, requires_grad=True)
+            loss = dps_fast.dps_cross_entropy(z, torch.randperm(100, device=dev)[:37], a, tau_e=0.5 * v,
+                                              reduction=red, backend=be)
+            loss.sum().backward()
+        z = torch.randn(37, c, device=dev, requires_grad=True)
+        t = torch.softmax(torch.randn(37, c, device=dev), -1)
+        dps_fast.soft_cross_entropy(z, t, reduction=red, backend=be).sum().backward()
+    for d in (24, 200):
+        f = torch.randn(2, 37, d, device=dev, requires_grad=True)
+        dps_fast.supcon_loss(f, backend=be).backward()
+        dps_fast.supcon_loss(f, labels=torch.randint(0, 5, (37,), device=dev), backend=be).backward()
+        dps_fast.supcon_loss(f, soft_targets=torch.rand(37, 6, device=dev), tau=0.5, backend=be).backward()
+    torch.cuda.synchronize()
+print("racecheck workload done")
+PYEOF
+  rc=$?; tail -3 "$OUT/racecheck.log"; [ $rc -eq 0 ] || status=1
 else
-  stamp "compute-sanitizer not found; memcheck skipped" | tee "$OUT/memcheck.log"
+  stamp "compute-sanitizer not found; memcheck and racecheck skipped" | tee "$OUT/memcheck.log" "$OUT/racecheck.log"
 fi
 stamp "done, status $status"
 exit $status

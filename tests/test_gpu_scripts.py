@@ -5,6 +5,7 @@ and incremental JSON logic on tiny shapes with the cpu backend.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,3 +55,27 @@ def test_gpu_check_script_parses():
     r = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _sanitizer_workloads():
+    """The Python workloads gpu_check.sh feeds to compute-sanitizer (heredocs after the command)."""
+    with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
+        text = f.read()
+    blocks = re.findall(r"compute-sanitizer --tool (\w+)(?:[^\n]*\n)?[^\n]*<<'PYEOF'\n(.*?)\nPYEOF", text, re.S)
+    return dict(blocks)
+
+
+def test_gpu_check_sanitizer_workloads_run_on_cpu(tmp_path):
+    """memcheck's and racecheck's workloads, on CPU tensors with the cpu backend: a script bug
+    shows here, not in a GPU session."""
+    import dps_fast
+    if not dps_fast._dispatch.available("cpu", "cpu"):
+        pytest.skip("the cpu backend (C++ extension) is not built")
+    workloads = _sanitizer_workloads()
+    assert set(workloads) == {"memcheck", "racecheck"}
+    env = dict(os.environ, TRITON_INTERPRET="0")  # the cpu backend only: Triton needs a GPU then
+    for tool, code in workloads.items():
+        code = code.replace('"cuda"', '"cpu"').replace("torch.cuda.synchronize()", "None")
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and "workload done" in r.stdout, f"{tool}: {r.stdout}{r.stderr}"
