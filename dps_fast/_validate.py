@@ -181,7 +181,11 @@ def bank_storage(alpha: torch.Tensor, logits: torch.Tensor) -> None:
     torch.compile's tracer: checked in eager mode only.)"""
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(logits):
         return
-    if alpha.shape[0] > 1 and alpha.stride(0) == 0 or torch._debug_has_internal_overlap(alpha) != 0:
+    # _debug_has_internal_overlap answers 1 (overlap) or 2 (too hard to tell: any non-dense layout,
+    # e.g. a column slice big[:, :C] or big[::2], whose rows are disjoint). With stride(1) == 1
+    # (checked by bank()), rows are disjoint exactly when stride(0) >= C.
+    rows_overlap = alpha.shape[0] > 1 and alpha.shape[1] > 0 and alpha.stride(0) < alpha.shape[1]
+    if rows_overlap or torch._debug_has_internal_overlap(alpha) == 1:
         raise ValueError("alpha must not be an expanded or self-overlapping view (its rows are written in "
                          "place); pass a tensor that owns its memory, e.g. alpha.contiguous()")
     if alpha.numel() and logits.numel() and alpha.device == logits.device and \

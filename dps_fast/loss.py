@@ -90,7 +90,11 @@ class DPSLoss(nn.Module):
         labels = soft = None
         if self.con_positives != "views":
             with torch.no_grad():
-                rows = (rows if rows is not None else self.store.rows(index)).float()
+                if rows is None:
+                    # an id outside the bank (only reachable with validate=False) already has a NaN
+                    # loss and left the bank untouched (docs/method.md §9): any row stands in for it
+                    rows = self.store.rows(index.to(torch.int64).clamp(0, self.store.num_samples - 1))
+                rows = rows.float()
             if self.con_positives == "hard":
                 labels = rows.argmax(1)
             else:

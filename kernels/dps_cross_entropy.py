@@ -135,7 +135,11 @@ def _dps_ce_kernel(
             zmsk = rmask[:, None] & cmask
             zoff = ((v * B + rows) * C)[:, None] + cc[None, :]
             z = tl.load(Z + zoff, mask=zmsk, other=0.0).to(tl.float32)
-            d = tl.sum(tl.where(amsk, t * z, 0.0), 1)
+            if NORMALIZE:
+                d = tl.sum(tl.where(amsk, t * z, 0.0), 1)
+            else:  # half of sum_j t_j (m - z_j) >= 0; m/2 - z/2 cannot overflow, so neither does the
+                # loss where the exact loss does not (mass * logsumexp overflows for a mass > 1)
+                d = tl.sum(tl.where(amsk & (t != 0.0), t * (0.5 * mv[:, None] - 0.5 * z), 0.0), 1)
             dots = tl.where(sel, dots + d[:, None], dots)
             if HAS_GRAD:
                 p = tl.exp(z - mv[:, None]) / sv[:, None]
@@ -145,12 +149,12 @@ def _dps_ce_kernel(
                     g = tl.where(ok[:, None], (mass[:, None] * p - t) * gscale, float("nan"))
                 tl.store(G + zoff, g.to(G.dtype.element_ty), mask=zmsk)
 
-    # ---- loss: mass * logsumexp - <t, z> per view and row
-    lse = m_all + tl.log(tl.where(s_all > 0, s_all, 1.0))
+    # ---- loss per view and row: logsumexp - <t, z> (mass 1), else mass * log(s) + sum_j t_j (m - z_j)
+    log_s = tl.log(tl.where(s_all > 0, s_all, 1.0))
     if NORMALIZE:
-        loss = tl.where(ok[:, None], lse - dots, float("nan"))
+        loss = tl.where(ok[:, None], m_all + log_s - dots, float("nan"))
     else:
-        loss = tl.where(ok[:, None], mass[:, None] * lse - dots, float("nan"))
+        loss = tl.where(ok[:, None], mass[:, None] * log_s + 2.0 * dots, float("nan"))
     vmask = vcol[None, :] < V
     if REDUCE == 0:
         loff = vcol[None, :].to(tl.int64) * B + rows[:, None]

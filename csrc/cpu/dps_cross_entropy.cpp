@@ -38,7 +38,9 @@ void finish_loss(at::Tensor& loss, const std::vector<float>& rows, int64_t reduc
   }
   double s = sum_double(rows.data(), static_cast<int64_t>(rows.size()));
   if (reduction == kReductionMean) s /= static_cast<double>(rows.size());
-  loss.fill_(s);
+  // a double beyond the float range is inf in float32 (fill_ would refuse the conversion)
+  const double fmax = std::numeric_limits<float>::max();
+  loss.fill_(s > fmax ? INFINITY : s < -fmax ? -INFINITY : s);
 }
 
 void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
@@ -303,17 +305,20 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
         if constexpr (z_f32) gdst = reinterpret_cast<float*>(grad) + b * C;
         else gdst = ex;
       }
-      const Vec vit(inv_t), vis(inv_s), vg(gscale);
-      const auto dot_and_grad = [=](auto nt) {
+      const Vec vit(inv_t), vis(inv_s), vg(gscale), vhm(0.5f * m), vmh(-0.5f), zero(0.f);
+      // the loss as row_mass * log(s) + 2 * sum_j t_j (m/2 - z_j/2): every term >= 0 and m/2 - z_j/2
+      // cannot overflow, so the loss overflows only where the exact loss does (row_mass * logsumexp
+      // - <t, z> overflows for a mass > 1 and logits near FLT_MAX); a zero target adds nothing
+      const auto gap_and_grad = [=](auto nt) {
         return accurate_sum(C, [=](int64_t j, int64_t k) {
           const Vec t = ld(tr + j, k) * vit;
           const Vec zv = ldf(zf + j, k);
           if (gdst) store_as<decltype(nt)::value>((ldf(ex + j, k) * vis - t) * vg, gdst + j, k);
-          return t * zv;
+          return Vec::blendv(t * at::vec::fmadd(zv, vmh, vhm), zero, t == zero);
         });
       };
-      const float dot = stream ? dot_and_grad(std::true_type{}) : dot_and_grad(std::false_type{});
-      loss_rows[b] = row_mass * (m + std::log(s)) - dot;
+      const float gap = stream ? gap_and_grad(std::true_type{}) : gap_and_grad(std::false_type{});
+      loss_rows[b] = row_mass * std::log(s) + 2.0f * gap;
       if constexpr (!z_f32) {
         if (grad) store_row(ex, grad + b * C, C);
       }

@@ -27,7 +27,9 @@ def reference(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", r
         inside = (idx >= 0) & (idx < alpha.shape[0])
         safe = torch.where(inside, idx, torch.zeros_like(idx))
         bad = ~torch.isfinite(zd).all(-1).all(0) | ~inside              # [B]
-        e = torch.softmax(zd / tau_e, dim=-1).mean(0)                  # [B, C]
+        # shifted before the temperature: (z - max) / tau_e cannot overflow for finite z
+        shifted = zd - torch.where(bad[None, :, None], 0.0, zd.amax(-1, keepdim=True))
+        e = torch.softmax(shifted / tau_e, dim=-1).mean(0)             # [B, C]
         a_old = alpha[safe].to(cdt)
         a_new = torch.where(bad[:, None], a_old, gamma * a_old + e)
         if update:
