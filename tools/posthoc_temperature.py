@@ -23,6 +23,7 @@ import sys
 import torch
 
 from dps_fast import metrics as M
+from dps_fast.calibration import fit_temperature  # noqa: F401 (also this tool's API)
 from dps_fast.train.data import load_dataset, stratified_subset
 from dps_fast.train import ExperimentData, model_from_args
 
@@ -33,27 +34,22 @@ def _logits(model, x, batch=1024):
         return torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """argmin_T NLL(softmax(logits / T), y): a log-spaced grid, then golden-section refinement."""
-    def nll(log_t):
-        return torch.nn.functional.cross_entropy(logits / math.exp(log_t), y).item()
-    grid = [math.log(0.05) + k * (math.log(20.0) - math.log(0.05)) / 200 for k in range(201)]
-    k = min(range(len(grid)), key=lambda i: nll(grid[i]))
-    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(40):
-        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-        if nll(a) < nll(b):
-            hi = b
-        else:
-            lo = a
-    return math.exp((lo + hi) / 2)
-
-
 def _summary(logits, y, t=1.0):
     p = torch.softmax(logits / t, -1)
     r = M.summary(p, y)
     return {"accuracy": r["accuracy"], "ece_pct": r["ece_pct"], "nll": r["nll"], "brier": r["brier"]}
+
+
+def heldout_images(args, data, n_val: int):
+    """``n_val`` training images outside the run's ``--train-subset`` (stratified, seed 1),
+    standardised like the run's data, with their clean labels."""
+    ds = load_dataset(args.dataset, getattr(args, "data_root", None), seed=0)
+    keep = stratified_subset(ds.y_train, args.train_subset, seed=0)
+    rest = torch.ones(len(ds.y_train), dtype=torch.bool)
+    rest[keep] = False
+    rest = rest.nonzero().squeeze(1)
+    val = rest[stratified_subset(ds.y_train[rest], n_val, seed=1)]
+    return data.norm(ds.x_train[val]), ds.y_train[val]
 
 
 def run_one(folder: str, n_val: int, cache: dict) -> dict:
@@ -65,13 +61,7 @@ def run_one(folder: str, n_val: int, cache: dict) -> dict:
     key = (cfg["dataset"], cfg["train_subset"], cfg["noise"], cfg["noise_rate"], cfg["noise_seed"])
     if key not in cache:
         data = ExperimentData(args)
-        ds = load_dataset(cfg["dataset"], cfg.get("data_root"), seed=0)
-        keep = stratified_subset(ds.y_train, cfg["train_subset"], seed=0)
-        rest = torch.ones(len(ds.y_train), dtype=torch.bool)
-        rest[keep] = False
-        rest = rest.nonzero().squeeze(1)
-        val = rest[stratified_subset(ds.y_train[rest], n_val, seed=1)]
-        cache[key] = (data, data.norm(ds.x_train[val]), ds.y_train[val])
+        cache[key] = (data, *heldout_images(args, data, n_val))
     data, x_val, y_val = cache[key]
     model = model_from_args(args, data)
     st = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
