@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dps_fast.calibration import fit_temperature, posterior_temperature, scaled_cross_entropy
+from dps_fast.calibration import bank_transition, fit_temperature, posterior_temperature, scaled_cross_entropy
 
 
 def _logits(n, c, seed, scale=3.0):
@@ -73,3 +73,59 @@ def test_bad_input_is_named(bad, err, match):
 def test_posterior_temperature_needs_a_floating_bank():
     with pytest.raises(TypeError, match="posterior_means"):
         posterior_temperature(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def _sym_transition(c, eta):
+    return (1 - eta) * torch.eye(c, dtype=torch.float64) + eta / c
+
+
+def test_fit_through_the_noise_recovers_the_clean_temperature():
+    # true classes from softmax(z / 0.7), labels flipped by 40% symmetric noise: a plain fit
+    # to the noisy labels gives a much flatter model; the fit through the transition does not
+    z, g = _logits(40000, 10, 5)
+    y = torch.multinomial(torch.softmax(z / 0.7, -1), 1, generator=g).squeeze(1)
+    m = _sym_transition(10, 0.4)
+    noisy = torch.multinomial(m[y], 1, generator=g).squeeze(1)
+    assert fit_temperature(z, noisy) > 1.2
+    assert abs(fit_temperature(z, noisy, transition=m) / 0.7 - 1) < 0.05
+
+
+def test_bank_transition_counts_labels_per_posterior_argmax():
+    means = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.1, 0.9, 0.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    m = bank_transition(means, labels, smoothing=0.0)
+    expected = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    assert torch.equal(m, expected)  # class 2 never the argmax: identity row
+    smoothed = bank_transition(means, labels, smoothing=1.0)
+    assert torch.allclose(smoothed[0], torch.tensor([2, 2, 1], dtype=torch.float64) / 5)
+    assert torch.allclose(smoothed.sum(1), torch.ones(3, dtype=torch.float64))
+
+
+def test_bank_transition_recovers_symmetric_noise():
+    g = torch.Generator().manual_seed(6)
+    y = torch.randint(0, 10, (50000,), generator=g)
+    m = _sym_transition(10, 0.4)
+    noisy = torch.multinomial(m[y], 1, generator=g).squeeze(1)
+    means = torch.nn.functional.one_hot(y, 10).double() * 0.9 + 0.01  # a bank that found the true classes
+    assert torch.allclose(bank_transition(means, noisy), m, atol=0.02)
+
+
+@pytest.mark.parametrize("m, match", [
+    (torch.eye(4), r"\[3, 3\]"),
+    (torch.full((3, 3), 0.5), "probability vectors"),
+    (-torch.eye(3), "probability vectors"),
+])
+def test_bad_transition_is_named(m, match):
+    with pytest.raises(ValueError, match=match):
+        fit_temperature(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), transition=m)
+
+
+def test_bank_transition_bad_input():
+    with pytest.raises(TypeError, match="posterior_means"):
+        bank_transition(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        bank_transition(torch.rand(3, 2), torch.rand(3, 2))
+    with pytest.raises(IndexError, match="label 2"):
+        bank_transition(torch.rand(3, 2), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="smoothing"):
+        bank_transition(torch.rand(3, 2), torch.tensor([0, 1, 1]), smoothing=-1)

@@ -7,7 +7,8 @@ A compact copy of `dps-train`'s single-process loop (same data, subset, noise,
 model, optimiser, schedule, seeds and batch order, no augmentation), with an
 experimental DPS loss in plain PyTorch whose candidate remedies are options:
 
-    e      = mean_v softmax(z_v / tau_e)                       (evidence)
+    e      = mean_v softmax(z_v / tau_e)                       (evidence; with --adapt k, tau_e = 1 - k eta
+                                                                at each epoch, eta the bank's noise estimate)
     alpha <- gamma * alpha + w(epoch) * e                      (w: evidence-mass schedule)
     t      = alpha / sum(alpha)                                (posterior mean, after the update)
     t      = t^(1/tau_t) / sum(t^(1/tau_t))                    (target temperature)
@@ -37,16 +38,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from posthoc_temperature import heldout_images  # noqa: E402
+from posthoc_temperature import heldout_images, no_clean_data_fits, noisy_heldout_labels  # noqa: E402
 
 from dps_fast import metrics as M  # noqa: E402
-from dps_fast.calibration import fit_temperature, posterior_temperature  # noqa: E402
+from dps_fast.calibration import fit_temperature  # noqa: E402
 from dps_fast.train import ExperimentData, model_from_args  # noqa: E402
 from dps_fast.train.data import Loader  # noqa: E402
-from dps_fast.train.noise import inject_noise  # noqa: E402
 
 SETTINGS = {"clean": ("none", 0.0), "sym40": ("sym", 0.4), "asym40": ("asym", 0.4)}
-NOISE_SEED = 12345
+NOISE_SEED = 12345  # dps-train's default
 
 
 # --------------------------------------------------------------------------- the experimental loss
@@ -63,7 +63,28 @@ class ExperimentalDPS:
     def __init__(self, labels: torch.Tensor, num_classes: int, epochs: int, a):
         self.alpha = torch.full((len(labels), num_classes), a.eps)
         self.alpha.scatter_(1, labels[:, None], a.c)
-        self.a, self.epochs, self.epoch = a, epochs, 0
+        self.labels, self.a, self.epochs, self.epoch = labels, a, epochs, 0
+        self.tau_e, self.history = a.tau_e, []
+
+    def noise_estimate(self) -> dict:
+        """The bank's view of the label noise: the fraction of labels its argmax rejects,
+        as a symmetric noise rate (x C/(C-1)), and the mean label-error score 1 - t[label]."""
+        t = self.posterior_means()
+        c = t.shape[1]
+        rejected = float((t.argmax(1) != self.labels).double().mean())
+        score = float(1 - t.gather(1, self.labels[:, None]).double().mean())
+        return {"rejected": rejected, "eta": min(1.0, rejected * c / (c - 1)), "label_error_score": score}
+
+    def start_epoch(self, epoch: int) -> None:
+        """Noise-adaptive evidence temperature (--adapt k): tau_e = max(0.1, 1 - k * eta),
+        eta the bank's noise estimate at the start of the epoch (0 at the start of training):
+        the rejected-label rate (--adapt-from eta) or the mean label-error score (score)."""
+        self.epoch = epoch
+        est = self.noise_estimate()
+        if self.a.adapt:
+            key = "eta" if self.a.adapt_from == "eta" else "label_error_score"
+            self.tau_e = max(0.1, 1.0 - self.a.adapt * est[key])
+        self.history.append({"epoch": epoch, "tau_e": self.tau_e, **est})
 
     def evidence_weight(self) -> float:
         f = self.epoch / max(1, self.epochs - 1)
@@ -82,7 +103,7 @@ class ExperimentalDPS:
 
     def __call__(self, logits, index, labels):
         with torch.no_grad():
-            e = torch.softmax(logits.detach() / self.a.tau_e, -1)
+            e = torch.softmax(logits.detach() / self.tau_e, -1)
             row = self.a.gamma * self.alpha[index] + self.evidence_weight() * e
             self.alpha[index] = row
             t = self.transform(row / row.sum(-1, keepdim=True))
@@ -92,10 +113,11 @@ class ExperimentalDPS:
         return self.alpha / self.alpha.sum(-1, keepdim=True)
 
     def state_dict(self):
-        return {"alpha": self.alpha}
+        return {"alpha": self.alpha, "history": self.history}
 
     def load_state_dict(self, st):
         self.alpha.copy_(st["alpha"])
+        self.history = list(st["history"])
 
 
 class LibraryDPS(ExperimentalDPS):
@@ -105,14 +127,19 @@ class LibraryDPS(ExperimentalDPS):
         from dps_fast import DPSLoss
 
         self.dps = DPSLoss(labels, num_classes, c=a.c, eps=a.eps, gamma=a.gamma, tau_e=a.tau_e)
-        self.alpha, self.epoch = self.dps.alpha, 0
+        self.alpha, self.labels, self.history = self.dps.alpha, labels, []
+        self.a = argparse.Namespace(**{**vars(a), "adapt": 0.0, "adapt_from": "eta"})
+        self.tau_e = a.tau_e
 
     def __call__(self, logits, index, labels):
         return self.dps(logits, index)
 
 
 class CrossEntropy:
-    epoch = 0
+    history = []
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
 
     def __call__(self, logits, index, labels):
         return F.cross_entropy(logits, labels)
@@ -175,7 +202,7 @@ def train(a, data, ckpt: str):
         loss.load_state_dict(st["loss"]), gen.set_state(st["gen"]), torch.set_rng_state(st["rng"])
         start, train_acc = st["epoch"] + 1, st["train_acc"]
     for epoch in range(start, a.epochs):
-        loss.epoch = epoch
+        loss.start_epoch(epoch)
         t0 = time.perf_counter()
         train_acc = train_epoch(model, loss, opt, loader, gen)
         sched.step()
@@ -203,19 +230,16 @@ def scores(z, y, t=1.0) -> dict:
 
 
 def temperatures(a, model, loss, data) -> dict:
-    """T fitted on clean held-out labels, on the same images with noisy labels, and
-    (DPS only) on the training samples against the bank's posterior."""
-    x_val, y_val = heldout_images(experiment_args(a), data, a.n_val)
+    """T fitted on clean held-out labels, and without them (noisy held-out labels; for
+    DPS also the bank: tools/posthoc_temperature.no_clean_data_fits)."""
+    args = experiment_args(a)
+    x_val, y_val = heldout_images(args, data, a.n_val)
     z_val = logits_of(model, x_val)
-    kind, rate = SETTINGS[a.setting]
-    y_noisy = inject_noise(y_val, data.num_classes, kind, rate, NOISE_SEED + 1, dataset="fashion-mnist")[0] \
-        if rate > 0 else y_val
-    out = {"clean_val": fit_temperature(z_val, y_val), "noisy_val": fit_temperature(z_val, y_noisy)}
-    if a.method == "dps":
-        z_tr, post = logits_of(model, data.x_train), loss.posterior_means()
-        out["posterior"] = posterior_temperature(z_tr, post)
-        out["posterior_hard"] = posterior_temperature(z_tr, post, hard=True)
-    return out
+    bank = a.method == "dps"
+    fits = no_clean_data_fits(z_val, noisy_heldout_labels(args, y_val, data.num_classes),
+                              logits_of(model, data.x_train) if bank else None,
+                              loss.posterior_means() if bank else None, data.labels)
+    return {"clean_val": fit_temperature(z_val, y_val), **fits}
 
 
 def bank_stats(loss, data) -> dict:
@@ -245,6 +269,8 @@ def run_name(a) -> str:
     parts = ["dps" if a.loss == "tool" else "dps-lib"]
     defaults = {"c": 100.0, "gamma": 0.95, "tau_e": 1.0, "tau_t": 1.0, "w0": 1.0, "w1": 1.0}
     parts += [f"{k}{getattr(a, k):g}" for k, d in defaults.items() if getattr(a, k) != d]
+    if a.adapt:
+        parts.append(f"adapt{a.adapt:g}" + ("" if a.adapt_from == "eta" else f"-{a.adapt_from}"))
     if a.plc:
         parts.append(f"plc{a.plc_tau:g}r{a.plc_ramp:g}")
     return "_".join(parts)
@@ -264,8 +290,9 @@ def one_run(a) -> dict:
     data = ExperimentData(experiment_args(a))
     model, loss, train_acc = train(a, data, os.path.join(folder, f"seed{a.seed}.ckpt"))
     rec = {"name": name, "setting": a.setting, "seed": a.seed, "model": a.model, "config": vars(a),
-           "noise": data.noise_info, **evaluate(a, model, loss, data, train_acc),
+           "noise": data.noise_info, **evaluate(a, model, loss, data, train_acc), "bank_history": loss.history,
            "wall_s": time.perf_counter() - t0}
+    torch.save({"model": model.state_dict(), "loss": loss.state_dict()}, os.path.join(folder, f"seed{a.seed}.pt"))
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
     if os.path.exists(os.path.join(folder, f"seed{a.seed}.ckpt")):
@@ -275,6 +302,27 @@ def one_run(a) -> dict:
           f"clean-val T {c['T']:.3f} ECE {c['ece_pct']:.2f} | train acc {rec['train_acc_noisy']:.1f} "
           f"({rec['wall_s']:.0f} s)", flush=True)
     return rec
+
+
+def reevaluate(root: str) -> None:
+    """Recomputes the evaluation of every finished run under ``root`` from its saved
+    model and bank (seed*.pt), e.g. after a new temperature fit was added."""
+    for path in sorted(glob.glob(os.path.join(root, "**", "seed*.json"), recursive=True)):
+        with open(path) as f:
+            rec = json.load(f)
+        saved = path[:-len(".json")] + ".pt"
+        if not os.path.exists(saved):
+            print(f"{path}: no saved model, kept as it is")
+            continue
+        a = argparse.Namespace(**{**vars(parse_args([])), **rec["config"]})
+        data = ExperimentData(experiment_args(a))
+        model, loss = build(a, data)[:2]
+        st = torch.load(saved, weights_only=True)
+        model.load_state_dict(st["model"]), loss.load_state_dict(st["loss"])
+        rec.update(evaluate(a, model, loss, data, rec["train_acc_noisy"] / 100))
+        with open(path, "w") as f:
+            json.dump(rec, f, indent=1)
+        print(f"{path}: re-evaluated", flush=True)
 
 
 def mean_std(xs, d=2) -> str:
@@ -292,6 +340,10 @@ COLUMNS = [("acc %", lambda r: r["before"]["accuracy"], 2), ("ECE %", lambda r: 
            ("ECE % at T noisy-val", lambda r: r["after"]["noisy_val"]["ece_pct"], 2),
            ("T posterior", lambda r: r["after"].get("posterior", {}).get("T"), 2),
            ("ECE % at T posterior", lambda r: r["after"].get("posterior", {}).get("ece_pct"), 2),
+           ("T noisy-val via bank", lambda r: r["after"].get("noisy_val_bank", {}).get("T"), 2),
+           ("ECE % at T noisy-val via bank", lambda r: r["after"].get("noisy_val_bank", {}).get("ece_pct"), 2),
+           ("T train via bank", lambda r: r["after"].get("train_bank", {}).get("T"), 2),
+           ("ECE % at T train via bank", lambda r: r["after"].get("train_bank", {}).get("ece_pct"), 2),
            ("train acc % (noisy)", lambda r: r["train_acc_noisy"], 1)]
 
 
@@ -321,6 +373,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--table", metavar="ROOT", help="print the markdown table of the records under ROOT and exit")
     a("--names", default="", help="with --table: only these comma-separated run names")
+    a("--reevaluate", metavar="ROOT", help="recompute the evaluation of the saved runs under ROOT and exit")
     a("--out", default="runs/calib")
     a("--name", default="", help="run name (default: built from the options)")
     a("--setting", default="sym40", choices=list(SETTINGS))
@@ -342,6 +395,8 @@ def parse_args(argv=None):
     a("--tau-t", type=float, default=1.0, help="target temperature: t^(1/tau_t), renormalised")
     a("--w0", type=float, default=1.0, help="evidence weight at the first epoch")
     a("--w1", type=float, default=1.0, help="evidence weight at the last epoch (linear in between)")
+    a("--adapt", type=float, default=0.0, help="noise-adaptive evidence temperature: tau_e = 1 - k * eta(bank)")
+    a("--adapt-from", default="eta", choices=["eta", "score"], help="the bank statistic --adapt uses")
     a("--plc", action="store_true", help="ProSelfLC-style entropy-adaptive sharpening of the target")
     a("--plc-tau", type=float, default=0.5, help="temperature of the trusted, sharpened target (0: one-hot)")
     a("--plc-ramp", type=float, default=1.0, help="global trust g reaches 1 after this fraction of the epochs")
@@ -362,6 +417,10 @@ def main(argv=None):
     a = parse_args(argv)
     if a.table:
         print(table(a.table, set(a.names.split(",")) if a.names else None))
+        return
+    if a.reevaluate:
+        torch.set_num_threads(a.threads)
+        reevaluate(a.reevaluate)
         return
     one_run(a)
 

@@ -16,3 +16,18 @@ for seed in $SEEDS; do
     run --w0 1 --w1 3; run --w0 1 --w1 0.3                  # evidence-mass schedule
   done
 done
+# second round: noise-adaptive evidence temperature, and combinations
+for seed in $SEEDS; do
+  for s in clean sym40 asym40; do
+    run() { $P --setting $s --seed $seed "$@"; }
+    for k in 1 1.5 2; do run --adapt $k; done
+    run --tau-e 0.7 --w0 1 --w1 3
+  done
+done
+# third round: the adaptive evidence temperature driven by the bank's mean label-error score
+for seed in $SEEDS; do
+  for s in clean sym40 asym40; do
+    run() { $P --setting $s --seed $seed "$@"; }
+    for k in 1.5 2; do run --adapt $k --adapt-from score; done
+  done
+done
