@@ -23,8 +23,10 @@ import sys
 import torch
 
 from dps_fast import metrics as M
+from dps_fast.calibration import bank_transition, fit_temperature, posterior_temperature
 from dps_fast.train.data import load_dataset, stratified_subset
 from dps_fast.train import ExperimentData, model_from_args
+from dps_fast.train.noise import inject_noise
 
 
 def _logits(model, x, batch=1024):
@@ -33,27 +35,45 @@ def _logits(model, x, batch=1024):
         return torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """argmin_T NLL(softmax(logits / T), y): a log-spaced grid, then golden-section refinement."""
-    def nll(log_t):
-        return torch.nn.functional.cross_entropy(logits / math.exp(log_t), y).item()
-    grid = [math.log(0.05) + k * (math.log(20.0) - math.log(0.05)) / 200 for k in range(201)]
-    k = min(range(len(grid)), key=lambda i: nll(grid[i]))
-    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(40):
-        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-        if nll(a) < nll(b):
-            hi = b
-        else:
-            lo = a
-    return math.exp((lo + hi) / 2)
-
-
 def _summary(logits, y, t=1.0):
     p = torch.softmax(logits / t, -1)
     r = M.summary(p, y)
     return {"accuracy": r["accuracy"], "ece_pct": r["ece_pct"], "nll": r["nll"], "brier": r["brier"]}
+
+
+def heldout_images(args, data, n_val: int):
+    """``n_val`` training images outside the run's ``--train-subset`` (stratified, seed 1),
+    standardised like the run's data, with their clean labels."""
+    ds = load_dataset(args.dataset, getattr(args, "data_root", None), seed=0)
+    keep = stratified_subset(ds.y_train, args.train_subset, seed=0)
+    rest = torch.ones(len(ds.y_train), dtype=torch.bool)
+    rest[keep] = False
+    rest = rest.nonzero().squeeze(1)
+    val = rest[stratified_subset(ds.y_train[rest], n_val, seed=1)]
+    return data.norm(ds.x_train[val]), ds.y_train[val]
+
+
+def noisy_heldout_labels(args, y_val, num_classes: int):
+    """The held-out labels with the run's noise (kind and rate) drawn anew (noise seed + 1):
+    a noisy validation split, as a user without clean data would have one."""
+    if args.noise == "none" or not args.noise_rate:
+        return y_val
+    return inject_noise(y_val, num_classes, args.noise, args.noise_rate, args.noise_seed + 1,
+                        dataset=args.dataset)[0]
+
+
+def no_clean_data_fits(z_val, y_noisy, z_train=None, posterior_means=None, train_labels=None) -> dict:
+    """Temperatures fitted without clean labels: on the noisy held-out labels; and, given a
+    DPS bank, on the training samples against the posterior means (soft or argmax), and on
+    the noisy held-out / training labels through the noise transition the bank estimates."""
+    out = {"noisy_val": fit_temperature(z_val, y_noisy)}
+    if posterior_means is not None:
+        m = bank_transition(posterior_means, train_labels)
+        out.update(posterior=posterior_temperature(z_train, posterior_means),
+                   posterior_hard=posterior_temperature(z_train, posterior_means, hard=True),
+                   noisy_val_bank=fit_temperature(z_val, y_noisy, transition=m),
+                   train_bank=fit_temperature(z_train, train_labels, transition=m))
+    return out
 
 
 def run_one(folder: str, n_val: int, cache: dict) -> dict:
@@ -65,21 +85,21 @@ def run_one(folder: str, n_val: int, cache: dict) -> dict:
     key = (cfg["dataset"], cfg["train_subset"], cfg["noise"], cfg["noise_rate"], cfg["noise_seed"])
     if key not in cache:
         data = ExperimentData(args)
-        ds = load_dataset(cfg["dataset"], cfg.get("data_root"), seed=0)
-        keep = stratified_subset(ds.y_train, cfg["train_subset"], seed=0)
-        rest = torch.ones(len(ds.y_train), dtype=torch.bool)
-        rest[keep] = False
-        rest = rest.nonzero().squeeze(1)
-        val = rest[stratified_subset(ds.y_train[rest], n_val, seed=1)]
-        cache[key] = (data, data.norm(ds.x_train[val]), ds.y_train[val])
+        cache[key] = (data, *heldout_images(args, data, n_val))
     data, x_val, y_val = cache[key]
     model = model_from_args(args, data)
     st = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(st["model"])
-    t = fit_temperature(_logits(model, x_val), y_val)
+    z_val = _logits(model, x_val)
+    t = fit_temperature(z_val, y_val)
     z_test = _logits(model, data.x_test)
+    bank = st.get("method", {}).get("alpha")
+    post = None if bank is None else (bank.float() / bank.float().sum(1, keepdim=True))
+    fits = no_clean_data_fits(z_val, noisy_heldout_labels(args, y_val, data.num_classes),
+                              _logits(model, data.x_train) if post is not None else None, post, data.labels)
     return {"run": folder, "method": cfg["method"], "noise": cfg["noise"], "seed": cfg["seed"], "epoch": st["epoch"],
-            "temperature": t, "before": _summary(z_test, data.y_test), "after": _summary(z_test, data.y_test, t)}
+            "temperature": t, "before": _summary(z_test, data.y_test), "after": _summary(z_test, data.y_test, t),
+            "no_clean_data": {k: {"T": v, **_summary(z_test, data.y_test, v)} for k, v in fits.items()}}
 
 
 def table(records) -> str:
