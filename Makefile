@@ -60,7 +60,9 @@ fuzz: install
 
 # The C++ ops built with AddressSanitizer + UndefinedBehaviorSanitizer (CMake, DPS_FAST_SANITIZE,
 # build/sanitize): their ctest, then the CPU kernel tests with that library loaded in place of
-# dps_fast._C (tests/conftest.py, DPS_FAST_TEST_OPS_LIBRARY), the ASan runtime preloaded into Python.
+# dps_fast._C (tests/conftest.py, DPS_FAST_TEST_OPS_LIBRARY), the ASan runtime preloaded into Python
+# with libstdc++ (else ASan cannot intercept C++ throws of libraries loaded later, e.g. Triton's).
+# Reports go to build/sanitize/report.* (pytest's capture would swallow them) and are printed.
 # Leak detection is off: the interpreter keeps its objects alive until exit by design.
 SANITIZE_TESTS = tests/test_dps_cross_entropy.py tests/test_soft_cross_entropy.py tests/test_supcon.py \
 	tests/test_validation.py tests/test_hardening.py tests/test_properties.py
@@ -71,10 +73,15 @@ sanitize: install
 	  > build/sanitize-cmake.log 2>&1 || { cat build/sanitize-cmake.log; exit 1; }; \
 	cmake --build build/sanitize -j$${MAX_JOBS:-2} --target dps_fast_ops test_ops > build/sanitize-build.log 2>&1 \
 	  || { tail -50 build/sanitize-build.log; exit 1; }; t1=$$(date +%s); \
-	export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1; \
-	build/sanitize/test_ops || exit 1; \
-	LD_PRELOAD=$$($${CXX:-c++} -print-file-name=libasan.so) DPS_FAST_TEST_OPS_LIBRARY=$(abspath build/sanitize/libdps_fast_ops.so) \
-	  $(VENV)/bin/pytest -q -p no:cacheprovider -k "not triton" $(SANITIZE_TESTS) || exit 1; \
+	rm -f build/sanitize/report.*; \
+	export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1:log_path=$(abspath build/sanitize/report) \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(abspath build/sanitize/report); \
+	build/sanitize/test_ops || { cat build/sanitize/report.* 2>/dev/null; exit 1; }; \
+	LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libstdc++.so)" \
+	  DPS_FAST_TEST_OPS_LIBRARY=$(abspath build/sanitize/libdps_fast_ops.so) \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider -k "not triton" $(SANITIZE_TESTS) \
+	  || { cat build/sanitize/report.* 2>/dev/null; exit 1; }; \
+	if ls build/sanitize/report.* >/dev/null 2>&1; then cat build/sanitize/report.*; exit 1; fi; \
 	echo "make sanitize: build $$((t1 - t0)) s, tests $$(($$(date +%s) - t1)) s, clean"
 
 # Compile-check every CUDA kernel for sm_90 with nvcc, when nvcc exists.

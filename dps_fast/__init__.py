@@ -18,7 +18,7 @@ from ._dispatch import BackendUnavailableError  # noqa: E402
 from .functional import init_prior, posterior_readouts  # noqa: E402
 from .datasets import WithIndex  # noqa: E402
 from .loss import DPSLoss, HostDPSLoss  # noqa: E402
-from . import label_issues, soft_labels  # noqa: E402
+from . import calibration, label_issues, soft_labels  # noqa: E402
 from .label_issues import LabelIssues, estimate_noise_rate, find_label_issues, label_issue_scores  # noqa: E402
 from .soft_labels import SoftLabels, export_soft_labels, load_soft_labels  # noqa: E402
 from .ops import PUBLIC as _PUBLIC  # noqa: E402
@@ -45,4 +45,4 @@ from . import distributed  # noqa: E402  (after DPSLoss: DistributedDPSLoss buil
 __all__ = ["init_prior", "posterior_readouts", "DPSLoss", "HostDPSLoss", "WithIndex", "metrics", "distributed",
            "BackendUnavailableError", "available_backends", "label_issues", "soft_labels", "find_label_issues",
            "label_issue_scores", "estimate_noise_rate", "LabelIssues", "export_soft_labels", "load_soft_labels",
-           "SoftLabels"] + sorted(_PUBLIC)
+           "SoftLabels", "calibration"] + sorted(_PUBLIC)

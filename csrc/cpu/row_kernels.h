@@ -273,8 +273,12 @@ DPS_INLINE void row_max_min(const float* x, int64_t n, float& mx, float& mn) {
     const Vec a = Vec::loadu(x + j);
     m0 = max_nonan(m0, a), n0 = min_nonan(n0, a);
   }
-  mx = at::vec::vec_reduce_all<float>(max_nonan, max_nonan(max_nonan(m0, m1), max_nonan(m2, m3)));
-  mn = at::vec::vec_reduce_all<float>(min_nonan, min_nonan(min_nonan(n0, n1), min_nonan(n2, n3)));
+  // lambdas, not the functions themselves: an always-inline function passed by pointer cannot
+  // be inlined at -O1 (the sanitizer build)
+  const auto vmax = [](const Vec& a, const Vec& b) { return max_nonan(a, b); };
+  const auto vmin = [](const Vec& a, const Vec& b) { return min_nonan(a, b); };
+  mx = at::vec::vec_reduce_all<float>(vmax, vmax(vmax(m0, m1), vmax(m2, m3)));
+  mn = at::vec::vec_reduce_all<float>(vmin, vmin(vmin(n0, n1), vmin(n2, n3)));
   for (; j < n; ++j) {
     mx = std::max(mx, x[j]);
     mn = std::min(mn, x[j]);
