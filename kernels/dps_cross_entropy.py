@@ -135,11 +135,9 @@ def _dps_ce_kernel(
             zmsk = rmask[:, None] & cmask
             zoff = ((v * B + rows) * C)[:, None] + cc[None, :]
             z = tl.load(Z + zoff, mask=zmsk, other=0.0).to(tl.float32)
-            if NORMALIZE:
-                d = tl.sum(tl.where(amsk, t * z, 0.0), 1)
-            else:  # half of sum_j t_j (m - z_j) >= 0; m/2 - z/2 cannot overflow, so neither does the
-                # loss where the exact loss does not (mass * logsumexp overflows for a mass > 1)
-                d = tl.sum(tl.where(amsk & (t != 0.0), t * (0.5 * mv[:, None] - 0.5 * z), 0.0), 1)
+            # the half gap sum_j t_j (m/2 - z_j/2) >= 0: m/2 - z/2 cannot overflow for finite z, so
+            # the loss overflows only where the exact loss does (docs/method.md §9)
+            d = tl.sum(tl.where(amsk, t * (0.5 * mv[:, None] - 0.5 * z), 0.0), 1)
             dots = tl.where(sel, dots + d[:, None], dots)
             if HAS_GRAD:
                 p = tl.exp(z - mv[:, None]) / sv[:, None]
@@ -149,10 +147,10 @@ def _dps_ce_kernel(
                     g = tl.where(ok[:, None], (mass[:, None] * p - t) * gscale, float("nan"))
                 tl.store(G + zoff, g.to(G.dtype.element_ty), mask=zmsk)
 
-    # ---- loss per view and row: logsumexp - <t, z> (mass 1), else mass * log(s) + sum_j t_j (m - z_j)
+    # ---- loss per view and row: mass * logsumexp - <t, z> = mass * log(s) + 2 * half gap
     log_s = tl.log(tl.where(s_all > 0, s_all, 1.0))
     if NORMALIZE:
-        loss = tl.where(ok[:, None], m_all + log_s - dots, float("nan"))
+        loss = tl.where(ok[:, None], log_s + 2.0 * dots, float("nan"))
     else:
         loss = tl.where(ok[:, None], mass[:, None] * log_s + 2.0 * dots, float("nan"))
     vmask = vcol[None, :] < V

@@ -43,6 +43,12 @@ void finish_loss(at::Tensor& loss, const std::vector<float>& rows, int64_t reduc
   loss.fill_(s > fmax ? INFINITY : s < -fmax ? -INFINITY : s);
 }
 
+// A row's loss mass * lse - <t, z> (mass = sum_j t_j; 1 for the DPS step) from the half gap
+// sum_j t_j (m/2 - z_j/2), with m the row max and s = sum_j exp(z_j - m): mass * log(s) + 2 * half_gap.
+// Every term is >= 0 and m/2 - z_j/2 cannot overflow for finite z, so the loss overflows only where
+// the exact loss does; lse - <t, z> as written gives inf - inf for rows near FLT_MAX (docs/method.md §9).
+inline float half_gap_loss(float mass, float s, float half_gap) { return mass * std::log(s) + 2.0f * half_gap; }
+
 void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
   if (grad.numel() == 0) return;
   TORCH_CHECK_VALUE(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
@@ -182,14 +188,15 @@ struct DpsStep {
       const float* exv = w.ex + v * C;
       const float* tb = w.tbase;
       TZ* gdst = grad ? grad + r * C : nullptr;
-      const Vec vit(inv_t), vis(1.0f / w.s[v]), vg(gscale);
-      const float dot = accurate_sum(C, [=](int64_t j, int64_t k) {
+      const Vec vit(inv_t), vis(1.0f / w.s[v]), vg(gscale), vhm(0.5f * w.m[v]), vmh(-0.5f);
+      // lse - <t, z> as log(s) + 2 sum_j t_j (m/2 - z_j/2) (see half_gap_loss)
+      const float half_gap = accurate_sum(C, [=](int64_t j, int64_t k) {
         const Vec t = ldf(tb + j, k) * vit;
         const Vec zv = ldf(zf + j, k);
         if (gdst) store_as<NT>((ldf(exv + j, k) * vis - t) * vg, gdst + j, k);
-        return t * zv;
+        return t * at::vec::fmadd(zv, vmh, vhm);
       });
-      loss_rows[r] = w.m[v] + std::log(w.s[v]) - dot;
+      loss_rows[r] = half_gap_loss(1.0f, w.s[v], half_gap);
     }
   }
 
@@ -305,20 +312,17 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
         if constexpr (z_f32) gdst = reinterpret_cast<float*>(grad) + b * C;
         else gdst = ex;
       }
-      const Vec vit(inv_t), vis(inv_s), vg(gscale), vhm(0.5f * m), vmh(-0.5f), zero(0.f);
-      // the loss as row_mass * log(s) + 2 * sum_j t_j (m/2 - z_j/2): every term >= 0 and m/2 - z_j/2
-      // cannot overflow, so the loss overflows only where the exact loss does (row_mass * logsumexp
-      // - <t, z> overflows for a mass > 1 and logits near FLT_MAX); a zero target adds nothing
+      const Vec vit(inv_t), vis(inv_s), vg(gscale), vhm(0.5f * m), vmh(-0.5f);
       const auto gap_and_grad = [=](auto nt) {
         return accurate_sum(C, [=](int64_t j, int64_t k) {
           const Vec t = ld(tr + j, k) * vit;
           const Vec zv = ldf(zf + j, k);
           if (gdst) store_as<decltype(nt)::value>((ldf(ex + j, k) * vis - t) * vg, gdst + j, k);
-          return Vec::blendv(t * at::vec::fmadd(zv, vmh, vhm), zero, t == zero);
+          return t * at::vec::fmadd(zv, vmh, vhm);
         });
       };
       const float gap = stream ? gap_and_grad(std::true_type{}) : gap_and_grad(std::false_type{});
-      loss_rows[b] = row_mass * std::log(s) + 2.0f * gap;
+      loss_rows[b] = half_gap_loss(row_mass, s, gap);
       if constexpr (!z_f32) {
         if (grad) store_row(ex, grad + b * C, C);
       }

@@ -191,22 +191,20 @@ __device__ __forceinline__ void view_column(const Row& r, const CeArgs& p, int v
                                             float s, float ks, float& dot) {
   const int64_t off = (v * p.B + r.row) * p.C + j;
   const float x = to_f32(r.z[off]);
-  // a target of mass 1 (normalize): <t, z>; of any mass: half of sum_j t_j (m - z_j) >= 0. Halved,
-  // m/2 - z/2 cannot overflow, so the loss overflows only where the exact loss does (mass *
-  // logsumexp alone overflows for a mass > 1); t_j = 0 adds nothing
-  if (p.normalize) dot += t * x;
-  else dot += t != 0.f ? t * (0.5f * m - 0.5f * x) : 0.f;
+  // the half gap sum_j t_j (m/2 - z_j/2) >= 0: m/2 - z/2 cannot overflow for finite z, so the
+  // loss overflows only where the exact loss does (docs/method.md §9)
+  dot += t * (0.5f * m - 0.5f * x);
   if (p.has_grad)
     r.g[off] = from_f32<typename Row::Z>(r.ok ? (mass_of(p, ks) * (__expf(x - m) / s) - t) * p.gscale : NAN);
 }
 
-// View v's loss, from the row group's dot products: logsumexp - <t, z> for a target of mass 1,
-// mass * log(s) + 2 * (half of sum_j t_j (m - z_j)) for any mass (see view_column). All threads call it.
+// View v's loss mass * logsumexp - <t, z> = mass * log(s) + 2 * half gap (see view_column), from the
+// row group's sums. All threads call it.
 template <int TPR, typename Row>
 __device__ __forceinline__ void view_loss(const Row& r, const CeArgs& p, int v, float m, float s, float ks,
                                           float dot, float& row_total, float* smem) {
   const float d = group_sum<TPR>(dot, smem);
-  const float l = r.ok ? (p.normalize ? m + logf(s) - d : ks * logf(s) + 2.f * d) : NAN;
+  const float l = r.ok ? mass_of(p, ks) * logf(s) + 2.f * d : NAN;
   if (r.in_batch && r.lane == 0) {
     if (p.reduce == 0) p.loss[v * p.B + r.row] = l;
     row_total += l;

@@ -25,10 +25,10 @@ def reference(logits, target, reduction="mean", normalize=False):
     t = target.detach().to(cdt)
     if normalize:
         t = t / t.sum(-1, keepdim=True)
-    # s_b * lse - <t, z> as 2 * sum_j t_j (lse/2 - z_j/2): terms >= 0 that cannot overflow, so the
-    # loss overflows only where the exact loss does; a zero target adds nothing
+    # s_b * lse - <t, z> as 2 * sum_j t_j (lse/2 - z_j/2): terms >= 0 that cannot overflow for
+    # finite z, so the loss overflows only where the exact loss does
     half_gap = 0.5 * logsumexp(z)[..., None] - 0.5 * z
-    loss = 2 * torch.where(t != 0, t * half_gap, 0.0).sum(-1) + nan_pad  # NaN rows stay NaN where t is 0
+    loss = 2 * (t * half_gap).sum(-1) + nan_pad  # a NaN row stays NaN where its t is all 0
     return reduce(loss, reduction)
 
 
