@@ -185,17 +185,19 @@ struct RowCtx {
   __device__ __forceinline__ TA* bank_row(const CeArgs& p) const { return a + (ok ? id : 0) * p.stride_a; }
 };
 
-// Pass 3, column j of view v: the loss dot product and the gradient (mass * softmax - t).
+// Pass 3, column j of view v, given hm = m/2 (half the row max, exact): the half gap
+// sum_j t_j (m/2 - z_j/2) >= 0, where m/2 - z/2 cannot overflow for finite z, so the loss overflows
+// only where the exact loss does (docs/method.md §9); and the gradient (mass * softmax - t).
+// Passing m/2 alone (hm + hm == m exactly) keeps one value per view live: passing m, the
+// many-views kernel spilled 16 bytes on sm_90 (ptxas -v).
 template <typename Row>
-__device__ __forceinline__ void view_column(const Row& r, const CeArgs& p, int v, int64_t j, float t, float m,
-                                            float s, float ks, float& dot) {
+__device__ __forceinline__ void view_column(const Row& r, const CeArgs& p, int v, int64_t j, float t, float hm,
+                                            float s, float ks, float& half_gap) {
   const int64_t off = (v * p.B + r.row) * p.C + j;
   const float x = to_f32(r.z[off]);
-  // the half gap sum_j t_j (m/2 - z_j/2) >= 0: m/2 - z/2 cannot overflow for finite z, so the
-  // loss overflows only where the exact loss does (docs/method.md §9)
-  dot += t * (0.5f * m - 0.5f * x);
+  half_gap += t * (hm - 0.5f * x);
   if (p.has_grad)
-    r.g[off] = from_f32<typename Row::Z>(r.ok ? (mass_of(p, ks) * (__expf(x - m) / s) - t) * p.gscale : NAN);
+    r.g[off] = from_f32<typename Row::Z>(r.ok ? (mass_of(p, ks) * (__expf(x - (hm + hm)) / s) - t) * p.gscale : NAN);
 }
 
 // View v's loss mass * logsumexp - <t, z> = mass * log(s) + 2 * half gap (see view_column), from the
@@ -268,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
   DPS_FOR_VIEWS(v) dot[v] = 0.f;
   for (int64_t j = r.lane; j < p.C && r.in_batch; j += TPR) {
     const float t = r.ok ? target_at(ar, j, p, evidence, ks, p.update) : 0.f;
-    DPS_FOR_VIEWS(v) view_column(r, p, v, j, t, m[v], s[v], ks, dot[v]);
+    DPS_FOR_VIEWS(v) view_column(r, p, v, j, t, 0.5f * m[v], s[v], ks, dot[v]);
   }
   float row_total = 0.f;
   DPS_FOR_VIEWS(v) view_loss<TPR>(r, p, v, m[v], s[v], ks, dot[v], row_total, sh.smem);
@@ -316,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel_many_views(CeArgs p) {
 #pragma unroll
     for (int k = 0; k < VC; ++k) {
       const bool here = r.in_batch && v0 + k < p.V;
-      m[k] = here ? vm[(v0 + k) * B + r.row] : 0.f;
+      m[k] = here ? 0.5f * vm[(v0 + k) * B + r.row] : 0.f;  // m/2: see view_column
       s[k] = here ? vs[(v0 + k) * B + r.row] : 1.f;
       dot[k] = 0.f;
     }
