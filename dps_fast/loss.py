@@ -1,6 +1,8 @@
 """DPSLoss: the drop-in nn.Module that owns the posterior bank, wherever the bank lives."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -146,6 +148,12 @@ class DPSLoss(nn.Module):
     @property
     def tau_e(self) -> float:
         return self.cfg.tau_e
+
+    @tau_e.setter
+    def tau_e(self, value: float) -> None:
+        """A new evidence temperature for the following steps (checked like the constructor's),
+        e.g. a schedule set at each epoch start (docs/results.md §5). Every rank must set the same."""
+        self.cfg = dataclasses.replace(self.cfg, tau_e=V.evidence_temperature(value))
 
     def iter_rows(self, chunk_rows: int = 65536):
         """(global ids, rows) of the rows this process owns, a chunk at a time; across the

@@ -84,3 +84,22 @@ def test_contrastive_term(positives):
     assert f.grad is not None and torch.isfinite(f.grad).all()
     with pytest.raises(ValueError, match="pass features"):
         m(z, idx)
+
+
+def test_tau_e_can_be_set_between_steps_and_is_checked():
+    """A schedule sets crit.tau_e at each epoch start (docs/results.md §5): the next step uses it,
+    exactly as dps_cross_entropy with that tau_e; a bad value raises and changes nothing."""
+    labels = torch.tensor([0, 1, 2, 1])
+    crit = dps_fast.DPSLoss(labels, 3, backend="reference")
+    alpha = crit.full_bank()
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    crit.tau_e = 0.5
+    assert crit.tau_e == 0.5
+    got = crit(z, torch.arange(4))
+    want = dps_fast.dps_cross_entropy(z, torch.arange(4), alpha, tau_e=0.5, backend="reference")
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(crit.full_bank(), alpha)
+    for bad in (0.0, -1.0, float("nan"), 1e-40):
+        with pytest.raises(ValueError, match="tau_e"):
+            crit.tau_e = bad
+    assert crit.tau_e == 0.5
