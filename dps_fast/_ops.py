@@ -42,13 +42,13 @@ def register_fakes(namespace: str) -> None:
 def register_check_index() -> None:
     """``dps_fast::check_index`` beyond its C++ CPU kernel: a fake (torch.compile) and the
     host-side check for CUDA tensors."""
-    from . import _validate as V
+    from . import _validate as checks
 
     def fake(index, n):
         return torch.empty(index.shape, dtype=torch.int64, device=index.device)
 
     def on_cuda(index, n):
-        V.index_values(index.cpu(), n)
+        checks.index_values(index.cpu(), n)
         return index.to(torch.int64).clone()
 
     torch.library.register_fake("dps_fast::check_index", fake)

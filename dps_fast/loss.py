@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import _validate as V
+from . import _validate as checks
 from .banks import StepConfig, make_bank
 from .functional import posterior_readouts, supcon_loss
 
@@ -48,7 +48,7 @@ class DPSLoss(nn.Module):
         super().__init__()
         self.cfg = StepConfig(gamma, tau_e, target, reduction, backend, bool(validate))
         self._check_contrastive(contrastive_weight, con_positives, reduction)
-        self.con_tau = V.positive("con_tau", con_tau)
+        self.con_tau = checks.positive("con_tau", con_tau)
         self.contrastive_weight, self.con_positives = float(contrastive_weight), con_positives
         self.store = make_bank(bank, labels, num_classes, c, eps, bank_dtype, prior, device, group, timeout_s,
                                shard_above_bytes)
@@ -81,12 +81,12 @@ class DPSLoss(nn.Module):
         if features is None:
             raise ValueError("contrastive_weight > 0: pass features [V, B, d]")
         b = logits.shape[-2]
-        V.floating("features", features)
+        checks.floating("features", features)
         if features.dim() != 3 or features.shape[1] != b or features.shape[2] < 1:
             raise ValueError(f"features must have shape [V, {b}, d] (the logits' batch), got {list(features.shape)}")
         if self.con_positives == "views" and features.shape[0] < 2:
             raise ValueError("con_positives='views' pairs the views of each sample: features need V >= 2")
-        V.same_device(logits=logits, features=features)
+        checks.same_device(logits=logits, features=features)
 
     def _contrastive(self, features, index, rows):
         labels = soft = None
@@ -153,7 +153,7 @@ class DPSLoss(nn.Module):
     def tau_e(self, value: float) -> None:
         """A new evidence temperature for the following steps (checked like the constructor's),
         e.g. a schedule set at each epoch start (docs/results.md §5). Every rank must set the same."""
-        self.cfg = dataclasses.replace(self.cfg, tau_e=V.evidence_temperature(value))
+        self.cfg = dataclasses.replace(self.cfg, tau_e=checks.evidence_temperature(value))
 
     def iter_rows(self, chunk_rows: int = 65536):
         """(global ids, rows) of the rows this process owns, a chunk at a time; across the
@@ -177,7 +177,7 @@ class DPSLoss(nn.Module):
     def targets(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Posterior-mean targets (float32) of rows ``index`` (global ids; a collective for a
         sharded bank), or of all rows this process holds."""
-        a = (self.alpha if index is None else self.store.rows(V.canonical_index(index))).float()
+        a = (self.alpha if index is None else self.store.rows(checks.canonical_index(index))).float()
         return a / a.sum(1, keepdim=True)
 
     @torch.no_grad()
@@ -185,7 +185,7 @@ class DPSLoss(nn.Module):
         """docs/method.md read-outs (mean, alpha0, entropy, expected_entropy,
         mutual_information, label_error = 1 - t[given label]) of rows ``index`` or of all
         rows this process holds, computed ``chunk_rows`` at a time."""
-        idx = self.store.held_ids() if index is None else V.canonical_index(index)
+        idx = self.store.held_ids() if index is None else checks.canonical_index(index)
         rows = self.alpha if index is None else self.store.rows(idx)
         lab = self.store.labels[idx.to(self.store.labels.device)]
         return posterior_readouts(rows, lab, chunk_rows=chunk_rows)

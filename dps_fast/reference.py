@@ -23,10 +23,10 @@ def init_prior(labels, num_classes: int, c: float = 100.0, eps: float = 1e-2,
     ``labels`` is an integer tensor [N], or a soft label matrix [N, C] (its
     argmax is used).
     """
-    from . import _validate as V
+    from . import _validate as checks
 
-    V.positive("c", c)
-    V.positive("eps", eps)
+    checks.positive("c", c)
+    checks.positive("eps", eps)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):

@@ -109,9 +109,9 @@ def _dps_ce_kernel(
                                       BLOCK_C)
         S += tl.sum(tl.where(amsk, a, 0.0), 1)
     if NORMALIZE:  # target a / S, whose mass is 1
-        inv_s = tl.where(ok, 1.0 / tl.where(ok, S, 1.0), 0.0)
+        target_scale = tl.where(ok, 1.0 / tl.where(ok, S, 1.0), 0.0)
     else:  # target a itself, of mass S
-        inv_s = tl.where(ok, 1.0, 0.0)
+        target_scale = tl.where(ok, 1.0, 0.0)
         mass = S
 
     # ---- pass 3: bank store, target, loss dot products, gradient
@@ -127,7 +127,7 @@ def _dps_ce_kernel(
                 tl.store(A + ids[:, None] * stride_a + cc[None, :], a_new.to(A.dtype.element_ty), mask=amsk)
             if POSTERIOR:
                 a = a_new
-        t = a * inv_s[:, None]
+        t = a * target_scale[:, None]
         for v in tl.static_range(V):
             sel = vcol[None, :] == v
             mv = tl.sum(tl.where(sel, m_all, 0.0), 1)

@@ -188,12 +188,12 @@ struct DpsStep {
       const float* exv = w.ex + v * C;
       const float* tb = w.tbase;
       TZ* gdst = grad ? grad + r * C : nullptr;
-      const Vec vit(inv_t), vis(1.0f / w.s[v]), vg(gscale), vhm(0.5f * w.m[v]), vmh(-0.5f);
+      const Vec vit(inv_t), vss(1.0f / w.s[v]), vg(gscale), vhm(0.5f * w.m[v]), vmh(-0.5f);
       // lse - <t, z> as log(s) + 2 sum_j t_j (m/2 - z_j/2) (see half_gap_loss)
       const float half_gap = accurate_sum(C, [=](int64_t j, int64_t k) {
         const Vec t = ldf(tb + j, k) * vit;
         const Vec zv = ldf(zf + j, k);
-        if (gdst) store_as<NT>((ldf(exv + j, k) * vis - t) * vg, gdst + j, k);
+        if (gdst) store_as<NT>((ldf(exv + j, k) * vss - t) * vg, gdst + j, k);
         return t * at::vec::fmadd(zv, vmh, vhm);
       });
       loss_rows[r] = half_gap_loss(1.0f, w.s[v], half_gap);
@@ -306,18 +306,18 @@ void soft_ce_kernel(const TZ* zp, const TT* tp, TZ* grad, float* loss_rows, int6
       const float mass = accurate_sum(C, [&](int64_t j, int64_t k) { return ld(tr + j, k); });
       const float inv_t = normalize ? 1.0f / mass : 1.0f;
       const float row_mass = normalize ? 1.0f : mass;
-      const float inv_s = row_mass / s;
+      const float softmax_scale = row_mass / s;
       float* gdst = nullptr;
       if (grad) {
         if constexpr (z_f32) gdst = reinterpret_cast<float*>(grad) + b * C;
         else gdst = ex;
       }
-      const Vec vit(inv_t), vis(inv_s), vg(gscale), vhm(0.5f * m), vmh(-0.5f);
+      const Vec vit(inv_t), vss(softmax_scale), vg(gscale), vhm(0.5f * m), vmh(-0.5f);
       const auto gap_and_grad = [=](auto nt) {
         return accurate_sum(C, [=](int64_t j, int64_t k) {
           const Vec t = ld(tr + j, k) * vit;
           const Vec zv = ldf(zf + j, k);
-          if (gdst) store_as<decltype(nt)::value>((ldf(ex + j, k) * vis - t) * vg, gdst + j, k);
+          if (gdst) store_as<decltype(nt)::value>((ldf(ex + j, k) * vss - t) * vg, gdst + j, k);
           return t * at::vec::fmadd(zv, vmh, vhm);
         });
       };

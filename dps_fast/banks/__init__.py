@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as V
+from .. import _validate as checks
 from ..reference import init_prior
 from .base import Bank, StepConfig, StepPlan
 from .dist_base import DistributedBank, padding_mask
@@ -35,11 +35,11 @@ def given_labels(labels, prior) -> torch.Tensor:
 def prior_rows(labels, num_classes, c, eps, dtype, prior, rows=slice(None)) -> torch.Tensor:
     """The prior of the rows ``rows`` only (a sharded bank never builds the others)."""
     if prior is not None:
-        V.floating("prior", prior)
+        checks.floating("prior", prior)
         if prior.dim() != 2:
             raise ValueError(f"prior must be a tensor [N, C], got {list(prior.shape)}")
         alpha = prior.detach()[rows].to(dtype).clone()
-        V.bank_values(alpha, "prior")
+        checks.bank_values(alpha, "prior")
         return alpha
     if labels is None or num_classes is None:
         raise ValueError("give labels and num_classes, or an explicit prior")
@@ -65,7 +65,7 @@ def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torc
     """Builds a bank of the given kind from labels (or an explicit prior)."""
     from .collective import Collective
 
-    if dtype not in V.FUSED_DTYPES + (torch.float64,):
+    if dtype not in checks.FUSED_DTYPES + (torch.float64,):
         raise TypeError(f"bank dtype must be float32, bfloat16, float16 or float64, got {dtype}")
     if prior is None and (labels is None or num_classes is None):
         raise ValueError("give labels and num_classes, or an explicit prior")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _dispatch
-from .. import _validate as V
+from .. import _validate as checks
 from ..ops._common import in_backward_recompute
 from ..ops.dps_cross_entropy import run as run_step
 
@@ -38,11 +38,11 @@ class StepConfig:
     validate: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "gamma", V.gamma_value(self.gamma))
-        object.__setattr__(self, "tau_e", V.evidence_temperature(self.tau_e))
-        V.target_name(self.target)
-        V.reduction_code(self.reduction)
-        V.backend_name(self.backend)
+        object.__setattr__(self, "gamma", checks.gamma_value(self.gamma))
+        object.__setattr__(self, "tau_e", checks.evidence_temperature(self.tau_e))
+        checks.target_name(self.target)
+        checks.reduction_code(self.reduction)
+        checks.backend_name(self.backend)
 
 
 @dataclass
@@ -88,19 +88,19 @@ class Bank:
     def check_local(self, logits, index, valid, cfg: StepConfig, extra_check=None):
         """Every check of one call that this process can do alone; raises on bad input.
         Returns (the index as int64 on the logits' device, the resolved backend)."""
-        v, b, c = V.logits_tensor(logits)
-        V.index_tensor(index, b)
+        v, b, c = checks.logits_tensor(logits)
+        checks.index_tensor(index, b)
         if c != self.num_classes:
             raise ValueError(f"the bank has {self.num_classes} classes but the logits have {c}")
-        V.same_device(logits=logits, index=index, valid=valid)
+        checks.same_device(logits=logits, index=index, valid=valid)
         if valid is not None:
-            V.valid_mask(valid, b)
-        idx = V.canonical_index(index)
+            checks.valid_mask(valid, b)
+        idx = checks.canonical_index(index)
         if cfg.validate and valid is None:
-            idx = V.checked_index(idx, self.num_samples)  # under torch.compile an op whose output is used
+            idx = checks.checked_index(idx, self.num_samples)  # under torch.compile an op whose output is used
         elif cfg.validate:
-            V.index_values(idx[valid], self.num_samples)  # duplicates only among the valid samples
-            V.index_range(idx, self.num_samples)
+            checks.index_values(idx[valid], self.num_samples)  # duplicates only among the valid samples
+            checks.index_range(idx, self.num_samples)
         name = _dispatch.resolve(cfg.backend, logits.device, (logits.dtype, self.dtype))
         if extra_check is not None:
             extra_check()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as V
+from .. import _validate as checks
 from .base import Bank, StepPlan
 
 
@@ -47,8 +47,8 @@ class HostBank(Bank):
         return rows.to(self.target_device, non_blocking=True)
 
     def prefetch(self, index: torch.Tensor) -> None:
-        idx = V.canonical_index(index).cpu()
-        V.index_values(idx, self.num_samples)
+        idx = checks.canonical_index(index).cpu()
+        checks.index_values(idx, self.num_samples)
         self._prefetched = (idx, self._gather(idx))
 
     def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:

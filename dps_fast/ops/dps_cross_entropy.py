@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch, _ops
-from .. import _validate as V
+from .. import _validate as checks
 from ._common import (compute_dtype, empty_loss, grad_buffer, in_backward_recompute, logsumexp, loss_shape,
                       needs_grad, reduce)
 
@@ -49,16 +49,16 @@ def reference(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", r
 
 def check(logits, index, alpha, gamma, tau_e, target, reduction, validate=True):
     """Returns (V, B, C, gamma, tau_e, posterior: bool, reduction code, int64 index)."""
-    v, b, c = V.logits_tensor(logits)
-    V.index_tensor(index, b)
-    V.bank(alpha, c)
-    V.same_device(logits=logits, index=index, alpha=alpha)
-    gamma = V.gamma_value(gamma)
-    tau_e = V.evidence_temperature(tau_e)
-    V.target_name(target)
-    red = V.reduction_code(reduction)
-    V.bank_storage(alpha, logits)
-    index = V.checked_index(index, alpha.shape[0]) if validate and b else V.canonical_index(index)
+    v, b, c = checks.logits_tensor(logits)
+    checks.index_tensor(index, b)
+    checks.bank(alpha, c)
+    checks.same_device(logits=logits, index=index, alpha=alpha)
+    gamma = checks.gamma_value(gamma)
+    tau_e = checks.evidence_temperature(tau_e)
+    checks.target_name(target)
+    red = checks.reduction_code(reduction)
+    checks.bank_storage(alpha, logits)
+    index = checks.checked_index(index, alpha.shape[0]) if validate and b else checks.canonical_index(index)
     return v, b, c, gamma, tau_e, target == "posterior", red, index
 
 
@@ -107,7 +107,7 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
 def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend=None, inplace_grad=False):
     """The step on checked arguments (``index`` int64; ``name`` the resolved backend): the
     banks call this after their own checks (dps_fast/banks/base.py)."""
-    red = V.REDUCTIONS[reduction]
+    red = checks.REDUCTIONS[reduction]
     if logits.shape[-2] == 0:
         return empty_loss(logits, red)
     if _ops.under_functorch(logits):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch, _ops
-from .. import _validate as V
+from .. import _validate as checks
 from ._common import compute_dtype, empty_loss, logsumexp, grad_buffer, loss_shape, needs_grad, reduce
 
 OP = "soft_ce_fwd"
@@ -33,12 +33,12 @@ def reference(logits, target, reduction="mean", normalize=False):
 
 
 def check(logits, target, reduction):
-    _, b, c = V.logits_tensor(logits, allow_views=False)
-    V.floating("target", target)
+    _, b, c = checks.logits_tensor(logits, allow_views=False)
+    checks.floating("target", target)
     if target.shape != logits.shape:
         raise ValueError(f"target must have the logits' shape {list(logits.shape)}, got {list(target.shape)}")
-    V.same_device(logits=logits, target=target)
-    return b, c, V.reduction_code(reduction)
+    checks.same_device(logits=logits, target=target)
+    return b, c, checks.reduction_code(reduction)
 
 
 def fake(logits, target, grad, normalize, reduction):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _dispatch, _ops
-from .. import _validate as V
+from .. import _validate as checks
 from ._common import compute_dtype, needs_grad
 
 OP = "supcon_fwd"
@@ -67,7 +67,7 @@ def reference(features, labels=None, tau=0.1, normalize=True, soft_targets=None)
 
 def check(features, labels, tau, soft_targets):
     """Returns (M, d, V, B) with V = 0 for flat [M, d] features."""
-    V.floating("features", features)
+    checks.floating("features", features)
     if features.dim() == 3:
         v, b, d = features.shape
         m = v * b
@@ -78,9 +78,9 @@ def check(features, labels, tau, soft_targets):
         raise ValueError(f"features must have shape [V, B, d] or [M, d], got {list(features.shape)}")
     if d < 1:
         raise ValueError("features must have at least one dimension (d >= 1)")
-    V.positive("tau", tau)
+    checks.positive("tau", tau)
     _check_positives(labels, soft_targets, v, b, m)
-    V.same_device(features=features, labels=labels, soft_targets=soft_targets)
+    checks.same_device(features=features, labels=labels, soft_targets=soft_targets)
     return m, d, v, b
 
 
@@ -88,14 +88,14 @@ def _check_positives(labels, soft_targets, v, b, m):
     if labels is not None and soft_targets is not None:
         raise ValueError("give labels or soft_targets, not both")
     if labels is not None:
-        V.tensor("labels", labels)
-        if labels.dtype not in V.INT_DTYPES:
+        checks.tensor("labels", labels)
+        if labels.dtype not in checks.INT_DTYPES:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if labels.dim() != 1 or labels.shape[0] not in (b, m):
             raise ValueError(f"labels must have shape [{b}] (one per sample) or [{m}] (one per row), "
                              f"got {list(labels.shape)}")
     elif soft_targets is not None:
-        V.floating("soft_targets", soft_targets)
+        checks.floating("soft_targets", soft_targets)
         if soft_targets.dim() != 2 or soft_targets.shape[0] not in (b, m):
             raise ValueError(f"soft_targets must have shape [{b}, K] or [{m}, K], got {list(soft_targets.shape)}")
     elif v == 0:
