@@ -133,7 +133,9 @@ def bad_inputs_raise_everywhere(crit, rank, world):
 def run_contract(kind, rank, world):
     crit = make_loss(kind, world)
     losses, targets, bank = training_steps(crit, rank, world)
-    res = {"losses": losses, "targets": targets, "bank": bank, "eval_read_only": eval_is_read_only(crit, rank, world)}
+    res = {"losses": losses, "targets": targets, "bank": bank,
+           "mean_label_error": crit.mean_label_error(chunk_rows=3),  # a collective: every rank, chunked
+           "eval_read_only": eval_is_read_only(crit, rank, world)}
     res["bad"] = bad_inputs_raise_everywhere(crit, rank, world)
     res["pad_bank"], _, _ = padding_applied_once(crit, rank, world)
     return res

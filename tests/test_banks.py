@@ -51,6 +51,9 @@ def test_bank_kind_keeps_the_contract(kind, world):
             torch.testing.assert_close(res["losses"][s], ref_losses[s][rank::world], equal_nan=True)
             torch.testing.assert_close(res["targets"][s], ref_targets[s][rank::world])
         torch.testing.assert_close(res["bank"], ref_bank, rtol=1e-6, atol=1e-6)
+        t = ref_bank.double() / ref_bank.double().sum(1, keepdim=True)
+        want = float((1 - t.gather(1, K.LABELS[:, None].long())[:, 0]).mean())
+        assert abs(res["mean_label_error"] - want) < 1e-9, (kind, rank, res["mean_label_error"], want)
         nan_rows = torch.isnan(res["losses"][1])
         assert int(nan_rows.sum()) == (1 if rank == 4 % world else 0), "NaN loss beyond the non-finite sample"
         assert res["eval_read_only"], f"{kind}: eval() changed the bank"

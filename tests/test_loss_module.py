@@ -103,3 +103,22 @@ def test_tau_e_can_be_set_between_steps_and_is_checked():
         with pytest.raises(ValueError, match="tau_e"):
             crit.tau_e = bad
     assert crit.tau_e == 0.5
+
+
+def test_adapt_tau_e_follows_the_mean_label_error():
+    """docs/results.md §5: tau_e = max(floor, 1 - k * mean label-error score of the bank)."""
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    crit = dps_fast.DPSLoss(labels, 3, c=4.0, eps=0.5, backend="reference")
+    bank = crit.full_bank().double()
+    t = bank / bank.sum(1, keepdim=True)
+    want = float((1 - t.gather(1, labels[:, None])[:, 0]).mean())
+    assert abs(crit.mean_label_error(chunk_rows=2) - want) < 1e-9
+    readout = dps_fast.posterior_readouts(crit.full_bank(), labels)["label_error"].mean()
+    assert abs(crit.mean_label_error() - float(readout)) < 1e-6
+    assert crit.adapt_tau_e(k=0.5) == pytest.approx(1 - 0.5 * want)
+    assert crit.tau_e == pytest.approx(1 - 0.5 * want)
+    assert crit.adapt_tau_e(k=100.0, floor=0.2) == 0.2
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="k must be positive"):
+            crit.adapt_tau_e(k=bad)
+    assert crit.tau_e == 0.2
