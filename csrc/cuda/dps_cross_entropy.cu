@@ -203,7 +203,7 @@ __device__ __forceinline__ void view_column(const Row& r, const CeArgs& p, int v
 // View v's loss mass * logsumexp - <t, z> = mass * log(s) + 2 * half gap (see view_column), from the
 // row group's sums. All threads call it.
 template <int TPR, typename Row>
-__device__ __forceinline__ void view_loss(const Row& r, const CeArgs& p, int v, float m, float s, float ks,
+__device__ __forceinline__ void view_loss(const Row& r, const CeArgs& p, int v, float s, float ks,
                                           float dot, float& row_total, float* smem) {
   const float d = group_sum<TPR>(dot, smem);
   const float l = r.ok ? mass_of(p, ks) * logf(s) + 2.f * d : NAN;
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
     DPS_FOR_VIEWS(v) view_column(r, p, v, j, t, 0.5f * m[v], s[v], ks, dot[v]);
   }
   float row_total = 0.f;
-  DPS_FOR_VIEWS(v) view_loss<TPR>(r, p, v, m[v], s[v], ks, dot[v], row_total, sh.smem);
+  DPS_FOR_VIEWS(v) view_loss<TPR>(r, p, v, s[v], ks, dot[v], row_total, sh.smem);
   if (p.reduce != 0) finish_reduction<TPR>(r, p, row_total, sh);
 }
 
@@ -314,22 +314,22 @@ __global__ void __launch_bounds__(kThreads) ce_kernel_many_views(CeArgs p) {
   float row_total = 0.f;
   for (int v0 = 0; v0 < p.V; v0 += VC) {
     const bool store = p.update && v0 + VC >= p.V;
-    float m[VC], s[VC], dot[VC];
+    float hm[VC], s[VC], dot[VC];  // hm: half the row max (see view_column)
 #pragma unroll
     for (int k = 0; k < VC; ++k) {
       const bool here = r.in_batch && v0 + k < p.V;
-      m[k] = here ? 0.5f * vm[(v0 + k) * B + r.row] : 0.f;  // m/2: see view_column
+      hm[k] = here ? 0.5f * vm[(v0 + k) * B + r.row] : 0.f;
       s[k] = here ? vs[(v0 + k) * B + r.row] : 1.f;
       dot[k] = 0.f;
     }
     for (int64_t j = r.lane; j < p.C && r.in_batch; j += TPR) {
       const float t = r.ok ? target_at(ar, j, p, evidence, ks, store) : 0.f;
 #pragma unroll
-      for (int k = 0; k < VC && v0 + k < p.V; ++k) view_column(r, p, v0 + k, j, t, m[k], s[k], ks, dot[k]);
+      for (int k = 0; k < VC && v0 + k < p.V; ++k) view_column(r, p, v0 + k, j, t, hm[k], s[k], ks, dot[k]);
     }
 #pragma unroll
     for (int k = 0; k < VC && v0 + k < p.V; ++k)
-      view_loss<TPR>(r, p, v0 + k, m[k], s[k], ks, dot[k], row_total, sh.smem);
+      view_loss<TPR>(r, p, v0 + k, s[k], ks, dot[k], row_total, sh.smem);
   }
   if (p.reduce != 0) finish_reduction<TPR>(r, p, row_total, sh);
 }

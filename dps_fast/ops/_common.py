@@ -32,6 +32,15 @@ def logsumexp(z: torch.Tensor) -> torch.Tensor:
     return m.squeeze(-1) + torch.log(torch.exp(z - m).sum(-1))
 
 
+def soft_target_loss(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sum_j t_j * lse(z) - <t, z>`` over the last dimension, formed as
+    ``2 sum_j t_j (lse/2 - z_j/2)``: terms >= 0 that cannot overflow for finite z, so the loss
+    overflows only where the exact loss does, never ``inf - inf`` (docs/method.md §9). The
+    kernels form it the same way."""
+    half_gap = 0.5 * logsumexp(z)[..., None] - 0.5 * z
+    return 2 * (t * half_gap).sum(-1)
+
+
 def loss_shape(logits: torch.Tensor, reduction: int):
     return tuple(logits.shape[:-1]) if reduction == REDUCTION_NONE else ()
 

@@ -7,8 +7,8 @@ import torch
 
 from .. import _dispatch, _ops
 from .. import _validate as checks
-from ._common import (compute_dtype, empty_loss, grad_buffer, in_backward_recompute, logsumexp, loss_shape,
-                      needs_grad, reduce)
+from ._common import (compute_dtype, empty_loss, grad_buffer, in_backward_recompute, loss_shape,
+                      needs_grad, reduce, soft_target_loss)
 
 OP = "dps_ce_fwd"
 __all__ = ["dps_cross_entropy"]
@@ -38,10 +38,7 @@ def reference(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", r
         t = a / a.sum(-1, keepdim=True)
         nan_pad = torch.where(bad, float("nan"), 0.0).to(cdt)[None, :, None]
     zz = z3 + nan_pad
-    # lse - <t, z> (sum t = 1) as 2 sum_j t_j (lse/2 - z_j/2): terms >= 0 that cannot overflow
-    # for finite z, so huge logits give the exact loss up to rounding, never inf - inf
-    half_gap = 0.5 * logsumexp(zz)[..., None] - 0.5 * zz
-    loss = 2 * (t.unsqueeze(0) * half_gap).sum(-1)  # [V, B]
+    loss = soft_target_loss(zz, t.unsqueeze(0))  # [V, B]
     if logits.dim() == 2:
         loss = loss[0]
     return reduce(loss, reduction)

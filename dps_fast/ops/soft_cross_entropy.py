@@ -7,7 +7,7 @@ import torch
 
 from .. import _dispatch, _ops
 from .. import _validate as checks
-from ._common import compute_dtype, empty_loss, logsumexp, grad_buffer, loss_shape, needs_grad, reduce
+from ._common import compute_dtype, empty_loss, grad_buffer, loss_shape, needs_grad, reduce, soft_target_loss
 
 OP = "soft_ce_fwd"
 __all__ = ["soft_cross_entropy"]
@@ -25,10 +25,7 @@ def reference(logits, target, reduction="mean", normalize=False):
     t = target.detach().to(cdt)
     if normalize:
         t = t / t.sum(-1, keepdim=True)
-    # s_b * lse - <t, z> as 2 * sum_j t_j (lse/2 - z_j/2): terms >= 0 that cannot overflow for
-    # finite z, so the loss overflows only where the exact loss does
-    half_gap = 0.5 * logsumexp(z)[..., None] - 0.5 * z
-    loss = 2 * (t * half_gap).sum(-1) + nan_pad  # a NaN row stays NaN where its t is all 0
+    loss = soft_target_loss(z, t) + nan_pad  # a NaN row stays NaN where its t is all 0
     return reduce(loss, reduction)
 
 
