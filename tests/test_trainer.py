@@ -207,7 +207,7 @@ def test_compare_table(tmp_path):
 def test_ddp_trainer_sharded_bank_and_resume_at_other_world(tmp_path):
     base = [sys.executable, "-m", "dps_fast.train", "--dataset", "digits", "--model", "mlp", "--width", "32",
             "--method", "dps", "--batch-size", "64", "--out", str(tmp_path), "--threads", "1", "--no-plots",
-            "--epochs", "3", "--bank", "sharded"]
+            "--epochs", "3", "--bank", "sharded", "--tau-e-adapt", "2"]
     r = subprocess.run(base + ["--nproc", "2", "--stop-after", "2"], capture_output=True,
                        text=True, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -215,13 +215,17 @@ def test_ddp_trainer_sharded_bank_and_resume_at_other_world(tmp_path):
     assert os.listdir(bank) == ["epoch-0002"]  # one folder per checkpoint; the older ones are gone
     assert sorted(os.listdir(bank / "epoch-0002")) == ["bank-index.json", "bank-rank0-of-2.safetensors",
                                                          "bank-rank1-of-2.safetensors"]
-    assert torch.load(tmp_path / "dps" / "checkpoint.pt", weights_only=True)["bank_dir"] == "bank/epoch-0002"
+    st = torch.load(tmp_path / "dps" / "checkpoint.pt", weights_only=True)
+    assert st["bank_dir"] == "bank/epoch-0002"
+    assert st["method_scalars"]["adapted_epoch"] == 1 and st["method_scalars"]["tau_e"] < 1.0  # the sharded bank's
     r = subprocess.run(base + ["--nproc", "3", "--resume"], capture_output=True, text=True, cwd=str(tmp_path),
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout
     final = json.loads((tmp_path / "dps" / "final.json").read_text())
     assert len(final["history"]) == 3 and [s["world"] for s in final["segments"]] == [2, 3]
+    assert final["history"][1]["tau_e"] == pytest.approx(st["method_scalars"]["tau_e"])
+    assert 0.1 <= final["history"][2]["tau_e"] < 1.0
     assert os.listdir(bank) == ["epoch-0003"]
     assert "bank-rank2-of-3.safetensors" in os.listdir(bank / "epoch-0003")
 

@@ -45,6 +45,7 @@ def npz(tmp_path, name="d.npz", n=60, classes=3, **over):
     (["--lr", "0"], "--lr 0.0: must lie in (0, inf)"),
     (["--lr", "nan"], "--lr nan: must lie in (0, inf)"),
     (["--gamma", "0"], "--gamma 0.0: must lie in (0, 1]"),
+    (["--tau-e-adapt", "-1"], "--tau-e-adapt -1.0: must lie in [0, inf)"),
     (["--momentum", "1"], "--momentum 1.0: must lie in [0, 1)"),
     (["--eval-every", "0"], "--eval-every 0: must lie in [1, inf)"),
     (["--device", "tpu9"], "--device 'tpu9' is not a device name; use cpu or cuda (cuda:N)"),

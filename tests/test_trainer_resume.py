@@ -85,6 +85,7 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     (["--epochs", "4"], "epochs: 2 -> 4"),
     (["--seed", "1"], "seed: 0 -> 1"),
     (["--gamma", "0.9"], "gamma: 0.95 -> 0.9"),
+    (["--tau-e-adapt", "2"], "tau_e_adapt: 0.0 -> 2.0"),
     (["--no-augment"], "augment: True -> False"),
 ])
 def test_resume_refuses_a_changed_setting_and_writes_nothing(done_run, capsys, change, diff):
@@ -181,11 +182,14 @@ def _interrupt_at_step(monkeypatch, step: int, times: int = 1):
     monkeypatch.setattr(Lp, "train_step", step_and_signal)
 
 
-def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--tau-e-adapt", "2"]], ids=["fixed-tau_e", "adaptive-tau_e"])
+def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path, capsys, monkeypatch, extra):
+    """With --tau-e-adapt, the resumed epoch must keep the tau_e it started with, not one
+    recomputed from the half-updated bank."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert cli(capsys, *BASE, "--epochs", "2", "--out", str(ref))[0] == 0
+    assert cli(capsys, *BASE, *extra, "--epochs", "2", "--out", str(ref))[0] == 0
     _interrupt_at_step(monkeypatch, 30)  # epoch 2 (23 steps an epoch), batch 7
-    argv = [*BASE, "--epochs", "2", "--out", str(cut)]
+    argv = [*BASE, *extra, "--epochs", "2", "--out", str(cut)]
     code, out, err = cli(capsys, *argv)
     assert code == 130
     assert (f"dps-train: [dps] interrupted after 7 batches into epoch 2 of 2; checkpoint saved: "
@@ -244,3 +248,32 @@ def test_compare_resumes_every_method(tmp_path, capsys):
 def test_resume_command():
     cmd = Rd.resume_command(["--out", "runs/a b", "--overwrite", "--lr", "0.1"])
     assert cmd.endswith("-m dps_fast.train --out 'runs/a b' --lr 0.1 --resume")
+
+
+def test_adaptive_tau_e_is_set_from_the_bank_each_epoch(tmp_path, capsys):
+    """--tau-e-adapt K: each epoch's tau_e is max(0.1, 1 - K * the bank's mean label-error
+    score at its start) (docs/results.md section 5); it is logged and checkpointed."""
+    from dps_fast.train import methods as Me
+
+    seen = []
+    real = Me.DPS.start_epoch
+
+    def spy(self, epoch):
+        expected = max(0.1, 1.0 - 2.0 * self.dps.mean_label_error()) if self.adapted_epoch != epoch else None
+        real(self, epoch)
+        seen.append((expected, self.dps.tau_e))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Me.DPS, "start_epoch", spy)
+    try:
+        code, out, err = cli(capsys, *BASE, "--tau-e-adapt", "2", "--epochs", "3", "--out", str(tmp_path))
+    finally:
+        mp.undo()
+    assert code == 0, err
+    assert len(seen) == 3 and all(e == pytest.approx(t) for e, t in seen)
+    assert seen[0][1] == pytest.approx(1.0, abs=0.05) and seen[2][1] < seen[0][1]  # 20% noise lowers it
+    hist = json.loads((tmp_path / "dps" / "final.json").read_text())["history"]
+    assert [h["tau_e"] for h in hist] == pytest.approx([t for _, t in seen])
+    assert f"tau_e {seen[2][1]:.3f}" in out
+    st = torch.load(tmp_path / "dps" / "checkpoint.pt", weights_only=True)
+    assert st["method_scalars"] == {"tau_e": pytest.approx(seen[2][1]), "adapted_epoch": 2}

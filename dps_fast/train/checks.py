@@ -17,7 +17,7 @@ RANGES = {
     "momentum": (0, 1, True, False), "weight_decay": (0, None, True, None), "train_subset": (0, None, True, None),
     "width": (0, None, True, None), "blocks": (1, None, True, None), "noise_rate": (0, 1, True, True),
     "c": (0, None, False, None), "eps": (0, None, False, None), "gamma": (0, 1, False, True),
-    "tau_e": (0, None, False, None), "con_weight": (0, None, True, None), "con_tau": (0, None, False, None),
+    "tau_e": (0, None, False, None), "tau_e_adapt": (0, None, True, None), "con_weight": (0, None, True, None), "con_tau": (0, None, False, None),
     "proj_dim": (1, None, True, None), "ls_eps": (0, 1, True, True), "pskd_alpha": (0, 1, True, True),
     "te_beta": (0, 1, True, False), "te_weight": (0, 1, True, True), "nproc": (1, None, True, None),
     "threads": (0, None, True, None), "eval_batch": (1, None, True, None), "eval_every": (1, None, True, None),

@@ -102,6 +102,9 @@ def _method_args(a) -> None:
     a("--eps", type=float, default=1e-2, help="dps: prior concentration on every other class")
     a("--gamma", type=float, default=0.95, help="dps: discount of old evidence, in (0, 1]")
     a("--tau-e", type=float, default=1.0, help="dps: temperature of the evidence softmax")
+    a("--tau-e-adapt", type=float, default=0.0, metavar="K",
+      help="dps: noise-adaptive evidence temperature: at the start of every epoch, tau_e = max(0.1, 1 - K * the "
+           "bank's mean label-error score) (docs/results.md section 5; K = 2 tested; 0 = off, --tau-e fixed)")
     a("--bank-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dps: bank storage type")
     a("--con-weight", type=float, default=0.5, help="dps+con: weight lambda of the contrastive term")
     a("--con-tau", type=float, default=0.1, help="dps+con: contrastive temperature")

@@ -172,6 +172,7 @@ def restore(r: Run, log) -> None:
         r.method.load_bank(os.path.join(r.out_dir, r.bank_subdir))  # saved with any world size
     else:
         r.method.load_state_dict(st["method"])
+    r.method.load_scalar_state(st.get("method_scalars", {}))
     r.gen.set_state(st["data_rng"])
     torch.set_rng_state(st["torch_rng"])
     if r.device.type == "cuda" and "cuda_rng" in st:
@@ -296,13 +297,16 @@ def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
     due = (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs
     res = evaluate(r.model, r.data, r.device, args.eval_batch)[0] if due else {}
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-           "lr": r.opt.param_groups[0]["lr"], "epoch_s": stats["epoch_s"], "img_per_s": stats["img_per_s"], **res}
+           "lr": r.opt.param_groups[0]["lr"], "epoch_s": stats["epoch_s"], "img_per_s": stats["img_per_s"],
+           **r.method.epoch_info(), **res}
     r.history.append(row)
     msg = (f"[{r.method_name}] epoch {epoch + 1:3d}/{args.epochs} loss {row['train_loss']:.4f} "
            f"train {100 * row['train_acc']:.1f}%")
     if res:
         msg += (f" | test acc {100 * res['accuracy']:.2f}% ECE {res['ece_pct']:.2f}% (15 bins) "
                 f"NLL {res['nll']:.4f}")
+    if "tau_e" in row:
+        msg += f" tau_e {row['tau_e']:.3f}"
     if "ood_auroc" in res:
         msg += f" OOD-AUROC {res['ood_auroc']:.4f}"
     log(msg + f" ({row['img_per_s']:.0f} img/s)")
@@ -344,6 +348,7 @@ def save_checkpoint(r: Run, epoch: int) -> None:
         return
     state = {"epoch": epoch, "config": r.cfg, "model": r.model.state_dict(), "optimizer": r.opt.state_dict(),
              "scheduler": r.sched.state_dict(), "method": {} if r.shared_bank else r.method.state_dict(),
+             "method_scalars": r.method.scalar_state(),
              "data_rng": r.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": r.history,
              "noisy_labels": r.data.labels, "noise_info": r.data.noise_info, "segments": r.segments}
     if r.partial is not None:

@@ -53,6 +53,18 @@ class Method:
     def load_state_dict(self, state: dict):
         pass
 
+    def scalar_state(self) -> dict:
+        """Numbers a checkpoint keeps beside the bank, whatever the bank kind (a distributed
+        bank is saved per rank, outside ``state_dict``)."""
+        return {}
+
+    def load_scalar_state(self, state: dict):
+        pass
+
+    def epoch_info(self) -> dict:
+        """Extra columns of this epoch's metrics row."""
+        return {}
+
 
 class CE(Method):
     name = "ce"
@@ -159,6 +171,27 @@ class DPS(Method):
                            contrastive_weight=c.get("con_weight", 0.5) if self.needs_features else 0.0,
                            con_tau=c.get("con_tau", 0.1), con_positives=c.get("con_positives", "hard"))
         self.distributed_bank = self.dps.store.kind in ("replicated", "sharded")
+        self.adapt_k = c.get("tau_e_adapt", 0.0)
+        self.adapted_epoch = -1  # the epoch whose tau_e has been set; kept in checkpoints
+
+    def start_epoch(self, epoch: int):
+        """With --tau-e-adapt K, sets tau_e from the bank once per epoch (docs/results.md section 5).
+        A run resumed mid-epoch keeps the tau_e its epoch started with (loaded from the
+        checkpoint), so the resumed run equals the uninterrupted one."""
+        super().start_epoch(epoch)
+        if self.adapt_k > 0 and self.adapted_epoch != epoch:
+            self.dps.adapt_tau_e(k=self.adapt_k)
+            self.adapted_epoch = epoch
+
+    def scalar_state(self) -> dict:
+        return {"tau_e": self.dps.tau_e, "adapted_epoch": self.adapted_epoch}
+
+    def load_scalar_state(self, state: dict):
+        if state:
+            self.dps.tau_e, self.adapted_epoch = state["tau_e"], state["adapted_epoch"]
+
+    def epoch_info(self) -> dict:
+        return {"tau_e": self.dps.tau_e} if self.adapt_k > 0 else {}
 
     def _bank_kind(self) -> str:
         bank, world = self.cfg.get("bank", "auto"), self.cfg.get("world", 1)
