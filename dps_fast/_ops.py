@@ -10,9 +10,9 @@ Each forward op computes the loss *and* the gradient of the loss in one pass
 mutates the bank, so it cannot carry an autograd formula itself (``torch.library``
 only differentiates functional ops). Instead the public API calls it on detached
 inputs and then ``dps_fast::attach_grad(loss, x, grad)``: a functional op that
-returns a copy of ``loss`` and whose backward is ``grad * grad_output``. The update
-therefore happens once per forward, in the forward graph, also under
-``torch.compile``; backward only scales.
+returns a copy of ``loss`` and whose backward is ``grad * grad_output`` (defined in C++,
+csrc/ops.cpp, with its autograd node). The update therefore happens once per forward, in
+the forward graph, also under ``torch.compile``; backward only scales.
 """
 from __future__ import annotations
 
@@ -55,76 +55,6 @@ def register_check_index() -> None:
     torch.library.impl("dps_fast::check_index", "CUDA", on_cuda)
 
 
-# --------------------------------------------------------------------------- attach_grad
-_lib = torch.library.Library("dps_fast", "FRAGMENT")
-_lib.define("attach_grad(Tensor loss, Tensor x, Tensor grad) -> Tensor")
-
-
-def _attach_grad_impl(loss, x, grad):
-    return loss.clone()
-
-
-_lib.impl("attach_grad", _attach_grad_impl, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("dps_fast::attach_grad")
-def _attach_grad_fake(loss, x, grad):
-    return torch.empty_like(loss)
-
-
-def _attach_grad_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[2])
-
-
-def scale_grad(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The backward of every fused loss: the forward's gradient times grad_output
-    (a scalar, or one value per row for reduction="none"). On CPU, an upstream
-    gradient of exactly 1 (``loss.backward()``) returns the buffer itself: autograd
-    then moves it into ``.grad`` without a copy (it clones when the graph is kept)."""
-    if g.dim():
-        g = g.reshape(g.shape + (1,) * (grad.dim() - g.dim()))
-        return (grad * g).to(grad.dtype)
-    if type(g) is torch.Tensor and g.device.type == "cpu" and g.item() == 1.0:
-        return grad
-    return (grad * g).to(grad.dtype)
-
-
-def no_double_backward() -> None:
-    """The fused backward returns a precomputed gradient buffer: it has no derivative of its
-    own. With create_graph=True (gradient penalties, Hessian-vector products) a second
-    derivative through it would be silently wrong, so it is an error instead."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("dps_fast: the fused backends have no second derivative (backward with "
-                           "create_graph=True, a gradient penalty, torch.func.hessian...); use backend='reference' "
-                           "for higher-order gradients")
-
-
-def _attach_grad_backward(ctx, grad_output):
-    no_double_backward()
-    (grad,) = ctx.saved_tensors
-    return None, scale_grad(grad, grad_output), None
-
-
-torch.library.register_autograd(
-    "dps_fast::attach_grad", _attach_grad_backward, setup_context=_attach_grad_setup
-)
-
-
-class _Attach(torch.autograd.Function):
-    """Eager twin of ``dps_fast::attach_grad`` (a Python autograd.Function costs a
-    fraction of a Python-implemented custom op's dispatch)."""
-
-    @staticmethod
-    def forward(ctx, loss, x, grad):
-        ctx.grad = grad
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        no_double_backward()
-        return None, scale_grad(ctx.grad, grad_output), None
-
-
 def under_functorch(x: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
@@ -143,7 +73,6 @@ def backend_for_functorch(name: str, backend, what: str) -> str:
 
 
 def attach_grad(loss: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``loss``, with ``d loss / d x = grad`` for autograd."""
-    if torch.compiler.is_compiling():
-        return torch.ops.dps_fast.attach_grad(loss, x, grad)
-    return _Attach.apply(loss, x, grad)
+    """``loss``, with ``d loss / d x = grad * grad_output`` for autograd (csrc/ops.cpp: a C++
+    autograd node, eager and compiled alike; a second derivative through it is an error)."""
+    return torch.ops.dps_fast.attach_grad(loss, x, grad)

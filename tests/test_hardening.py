@@ -24,6 +24,25 @@ def test_double_backward_is_an_error_not_a_wrong_number(case):
             torch.autograd.grad(loss, z, create_graph=True)
 
 
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+def test_backward_moves_the_gradient_buffer_unless_it_must_copy(case):
+    """loss.backward() with the graph freed hands the forward's gradient buffer to .grad (no
+    B x C copy); a kept graph or an upstream gradient other than 1 gets a new tensor, right."""
+    backend, device = case
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    dps_fast.dps_cross_entropy(x, torch.arange(6, device=device), _bank(device), backend=backend,
+                               inplace_grad=True).backward()
+    assert x.grad.data_ptr() == x.data_ptr() or device != "cpu"  # the buffer is x's own storage
+    for kw, scale in (({"retain_graph": True}, 1.0), ({"gradient": torch.tensor(3.0, device=device)}, 3.0)):
+        x = torch.randn(6, 5, device=device, requires_grad=True)
+        want = torch.autograd.grad(dps_fast.dps_cross_entropy(x, torch.arange(6, device=device), _bank(device),
+                                                              backend="reference"), x)[0]
+        dps_fast.dps_cross_entropy(x, torch.arange(6, device=device), _bank(device), backend=backend,
+                                   inplace_grad=True).backward(**kw)
+        assert x.grad.data_ptr() != x.data_ptr()
+        torch.testing.assert_close(x.grad, scale * want, rtol=1e-5, atol=1e-6)
+
+
 def test_reference_double_backward_is_exact():
     """The reference is the way to higher-order gradients: d2 l / dz2 = diag(p) - p p^T."""
     z = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)

@@ -75,6 +75,17 @@ int main() {
   auto out = supcon.call(f, std::optional<at::Tensor>(lab), std::optional<at::Tensor>(), 1.0, true, true);
   expect_near(std::get<0>(out).item<double>(), std::log(std::exp(1.0) + 2.0) - 1.0, 1e-6, "NT-Xent closed form");
 
+  // 5. attach_grad: the loss's value, with d loss / d x = grad * grad_output (the C++ autograd node).
+  auto attach = c10::Dispatcher::singleton()
+                    .findSchemaOrThrow("dps_fast::attach_grad", "")
+                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  at::Tensor x = at::zeros({2, 3}).set_requires_grad(true);
+  at::Tensor g = at::arange(6, at::kFloat).reshape({2, 3});
+  at::Tensor attached = attach.call(at::full({}, 0.5), x, g);
+  expect_near(attached.item<double>(), 0.5, 0.0, "attach_grad keeps the loss");
+  (attached * 3.0).backward();
+  expect_near(x.grad()[1][2].item<double>(), 15.0, 0.0, "attach_grad: grad * grad_output");
+
   if (failures == 0) std::printf("dps_fast C++ op tests: all passed\n");
   return failures == 0 ? 0 : 1;
 }
