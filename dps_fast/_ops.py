@@ -75,4 +75,4 @@ def backend_for_functorch(name: str, backend, what: str) -> str:
 def attach_grad(loss: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``loss``, with ``d loss / d x = grad * grad_output`` for autograd (csrc/ops.cpp: a C++
     autograd node, eager and compiled alike; a second derivative through it is an error)."""
-    return torch.ops.dps_fast.attach_grad(loss, x, grad)
+    return torch.ops.dps_fast.attach_grad.default(loss, x, grad)

@@ -129,7 +129,7 @@ def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, 
     need = needs_grad(logits)
     z = logits.detach()
     grad = grad_buffer(z, need, inplace_grad)
-    loss = _dispatch.ops(name).dps_ce_fwd(z, index, alpha, grad, gamma, tau_e, posterior, update, red)
+    loss = _dispatch.op(name, OP)(z, index, alpha, grad, gamma, tau_e, posterior, update, red)
     if need and inplace_grad:
         torch.autograd.graph.increment_version(logits)  # its storage now holds the gradient
     return _ops.attach_grad(loss, logits, grad) if need else loss

@@ -69,7 +69,7 @@ def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backen
     need = needs_grad(logits)
     z = logits.detach()
     grad = grad_buffer(z, need, inplace_grad)
-    loss = _dispatch.ops(name).soft_ce_fwd(z, target.detach(), grad, bool(normalize), red)
+    loss = _dispatch.op(name, OP)(z, target.detach(), grad, bool(normalize), red)
     if need and inplace_grad:
         torch.autograd.graph.increment_version(logits)  # its storage now holds the gradient
     return _ops.attach_grad(loss, logits, grad) if need else loss

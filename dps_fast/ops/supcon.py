@@ -133,7 +133,7 @@ def supcon_loss(features, labels=None, tau=0.1, normalize=True, soft_targets=Non
         return reference(features, labels, tau, normalize, soft_targets)
     f, lab, soft = rows(features, labels, soft_targets)
     need = needs_grad(features)
-    loss, grad = _dispatch.ops(name).supcon_fwd(
+    loss, grad = _dispatch.op(name, OP)(
         f.detach(), lab, None if soft is None else soft.detach(), tau, bool(normalize), need
     )
     return _ops.attach_grad(loss, features, grad.view(features.shape)) if need else loss

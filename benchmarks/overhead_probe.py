@@ -1,0 +1,101 @@
+"""Where the time of a small fused DPS call goes (issue #14, small shapes): the public
+call's forward, its backward, the raw op, the checks, and the autograd engine's fixed
+cost for one ``backward()`` through a one-node graph, against the hand-written step.
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
+        python benchmarks/overhead_probe.py --shapes 128x10 256x100
+
+Medians over ``--rounds`` rounds of ``--calls`` calls each, one thread, all in one process.
+Run it outside the repository root (or after ``make install``): it measures the installed
+package.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dps_fast
+from dps_fast.ops import dps_cross_entropy as step_module
+
+
+def per_call_us(fn, calls: int, rounds: int, setup=None) -> float:
+    """Median over rounds of the mean time per call; ``setup`` builds each round's inputs
+    outside the timed region."""
+    times = []
+    for _ in range(rounds + 1):  # the first round warms up
+        arg = setup(calls) if setup else None
+        t0 = time.perf_counter()
+        fn(arg)
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times[1:])
+
+
+def probe(b: int, c: int, n: int, calls: int, rounds: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    alpha = dps_fast.init_prior(torch.randint(0, c, (n,), generator=gen), c)
+    z = torch.randn(b, c, generator=gen).requires_grad_(True)
+    idx = torch.randperm(n, generator=gen)[:b]
+    zd, grad = z.detach(), torch.empty(b, c)
+
+    def loop(f):
+        return lambda _: [f() for _ in range(calls)]
+
+    def fused_loss():
+        return dps_fast.dps_cross_entropy(z, idx, alpha, backend="cpu")
+
+    def fused_step():
+        z.grad = None
+        fused_loss().backward()
+
+    def hand_step():
+        z.grad = None
+        with torch.no_grad():
+            rows = alpha.index_select(0, idx) * 0.95 + torch.softmax(z, -1)
+            alpha.index_copy_(0, idx, rows)
+            target = rows / rows.sum(-1, keepdim=True)
+        torch.nn.functional.cross_entropy(z, target).backward()
+
+    def backward_of(make):
+        """backward() alone: the losses are built outside the timed region."""
+        def run(losses):
+            for loss in losses:
+                z.grad = None
+                loss.backward()
+        return per_call_us(run, calls, rounds, setup=lambda k: [make() for _ in range(k)])
+
+    out = {"B": b, "C": c}
+    out["hand fwd+bwd"] = per_call_us(loop(hand_step), calls, rounds)
+    out["fused fwd+bwd"] = per_call_us(loop(fused_step), calls, rounds)
+    out["fused fwd"] = per_call_us(loop(fused_loss), calls, rounds)
+    out["fused bwd"] = backward_of(fused_loss)
+    out["engine floor: bwd of z.sum()"] = backward_of(lambda: z.sum())
+    out["checks"] = per_call_us(loop(lambda: step_module.check(z, idx, alpha, 0.95, 1.0, "posterior", "mean")),
+                                calls, rounds)
+    out["raw op (kernel + dispatch)"] = per_call_us(
+        loop(lambda: torch.ops.dps_fast.dps_ce_fwd(zd, idx, alpha, grad, 0.95, 1.0, True, True, 1)), calls, rounds)
+    out["attach_grad"] = per_call_us(loop(lambda: torch.ops.dps_fast.attach_grad(grad[0, 0], z, grad)),
+                                     calls, rounds)
+    out["hand / fused"] = out["hand fwd+bwd"] / out["fused fwd+bwd"]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["128x10", "256x100"])
+    p.add_argument("--n", type=int, default=50_000, help="bank rows")
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=25)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    for shape in a.shapes:
+        b, c = (int(x) for x in shape.split("x"))
+        r = probe(b, c, a.n, a.calls, a.rounds)
+        print(f"[{b}, {c}] " + ", ".join(f"{k} {v:.2f}x" if k == "hand / fused" else f"{k} {v:.1f} us"
+                                         for k, v in r.items() if k not in ("B", "C")))
+
+
+if __name__ == "__main__":
+    main()
