@@ -3,6 +3,7 @@
 // schemas from the dispatcher. This file opens the namespace and defines attach_grad, the
 // autograd glue every fused op shares (dps_fast/_ops.py explains why it is a separate op).
 #include <ATen/ATen.h>
+#include <ATen/SavedTensorHooks.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -27,9 +28,10 @@ bool plain_cpu(const at::Tensor& t) {
 // itself: autograd then moves it into .grad without a copy of B x C elements.
 at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& g) {
   if (g.dim() > 0) {
-    std::vector<int64_t> shape = g.sizes().vec();
-    shape.resize(grad.dim(), 1);
-    return (grad * g.reshape(shape)).to(grad.scalar_type());
+    TORCH_CHECK(g.dim() <= grad.dim(), "dps_fast: attach_grad: grad_output has more dimensions than the gradient");
+    at::Tensor per_row = g;  // unsqueeze, not sizes(): shapes may be symbolic under torch.compile
+    while (per_row.dim() < grad.dim()) per_row = per_row.unsqueeze(-1);
+    return (grad * per_row).to(grad.scalar_type());
   }
   if (plain_cpu(g) && g.item<double>() == 1.0) return grad;
   return (grad * g).to(grad.scalar_type());
@@ -40,7 +42,16 @@ at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& g) {
 struct AttachGrad : public torch::autograd::Function<AttachGrad> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& loss, const at::Tensor& x,
                             const at::Tensor& grad) {
-    ctx->save_for_backward({grad});  // the version check catches a grad buffer overwritten in place
+    // A saved variable is released before .grad is filled, so the buffer moves into .grad
+    // without a copy, and its version check catches an in-place overwrite. Under saved-tensor
+    // hooks (non-reentrant activation checkpointing, save_on_cpu) a saved variable would come
+    // back from the hook: for checkpointing, from a recomputation that reads the bank after
+    // this step wrote it (rounded, in a bf16 bank); the forward's own buffer is kept instead.
+    if (at::SavedTensorDefaultHooks::get_tls_state().stack.empty()) {
+      ctx->save_for_backward({grad});
+    } else {
+      ctx->saved_data["grad"] = grad;
+    }
     return loss.clone();
   }
 
@@ -50,8 +61,9 @@ struct AttachGrad : public torch::autograd::Function<AttachGrad> {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "dps_fast: the fused backends have no second derivative (backward with create_graph=True, a "
                 "gradient penalty, torch.func.hessian...); use backend='reference' for higher-order gradients");
-    auto saved = ctx->get_saved_variables();
-    return {at::Tensor(), scale_grad(saved[0], grad_outputs[0]), at::Tensor()};
+    const auto kept = ctx->saved_data.find("grad");
+    const at::Tensor grad = kept != ctx->saved_data.end() ? kept->second.toTensor() : ctx->get_saved_variables()[0];
+    return {at::Tensor(), scale_grad(grad, grad_outputs[0]), at::Tensor()};
   }
 };
 

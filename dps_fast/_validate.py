@@ -30,7 +30,7 @@ def positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not (value > 0.0) or math.isinf(value):
+    if not (0.0 < value < math.inf):  # comparisons, not math.isinf: they trace under torch.compile(dynamic=True)
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return value
 
