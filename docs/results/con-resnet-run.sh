@@ -11,8 +11,8 @@ run() { out=runs/con-resnet/seed$2; r=; [ -f $out/$1/checkpoint.pt ] && r=--resu
         [ -f $out/$1/final.json ] || nice -n 19 $T $base $r --method $1 --seed $2 --out $out \
         >> runs/con-resnet/$1-seed$2.log 2>&1; echo "$1 seed $2 done $(date -u +%H:%M)"; }
 mkdir -p runs/con-resnet
-# ce seed 0 is the memorisation check: CE's accuracy on the noisy training labels.
-(run ce 0; run dps 0; run dps+con 1; run dps 2) &
-(run dps+con 0; run dps 1; run dps+con 2) &
+# CE is the baseline and the memorisation check (its accuracy on the noisy training labels).
+(run ce 0; run dps 0; run dps+con 1; run dps 2; run ce 2) &
+(run dps+con 0; run dps 1; run dps+con 2; run ce 1) &
 wait
 .venv/bin/python tools/posthoc_temperature.py runs/con-resnet --out runs/con-resnet/temperature.json
