@@ -66,7 +66,7 @@ def probe(b: int, c: int, n: int, calls: int, rounds: int) -> dict:
                 loss.backward()
         return per_call_us(run, calls, rounds, setup=lambda k: [make() for _ in range(k)])
 
-    out = {"B": b, "C": c}
+    out = {}
     out["hand fwd+bwd"] = per_call_us(loop(hand_step), calls, rounds)
     out["fused fwd+bwd"] = per_call_us(loop(fused_step), calls, rounds)
     out["fused fwd"] = per_call_us(loop(fused_loss), calls, rounds)
@@ -94,7 +94,7 @@ def main():
         b, c = (int(x) for x in shape.split("x"))
         r = probe(b, c, a.n, a.calls, a.rounds)
         print(f"[{b}, {c}] " + ", ".join(f"{k} {v:.2f}x" if k == "hand / fused" else f"{k} {v:.1f} us"
-                                         for k, v in r.items() if k not in ("B", "C")))
+                                         for k, v in r.items()))
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def test_resume_command():
     assert cmd.endswith("-m dps_fast.train --out 'runs/a b' --lr 0.1 --resume")
 
 
-def test_adaptive_tau_e_is_set_from_the_bank_each_epoch(tmp_path, capsys):
+def test_adaptive_tau_e_is_set_from_the_bank_each_epoch(tmp_path, capsys, monkeypatch):
     """--tau-e-adapt K: each epoch's tau_e is max(0.1, 1 - K * the bank's mean label-error
     score at its start) (docs/results.md section 5); it is logged and checkpointed."""
     from dps_fast.train import methods as Me
@@ -263,12 +263,8 @@ def test_adaptive_tau_e_is_set_from_the_bank_each_epoch(tmp_path, capsys):
         real(self, epoch)
         seen.append((expected, self.dps.tau_e))
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(Me.DPS, "start_epoch", spy)
-    try:
-        code, out, err = cli(capsys, *BASE, "--tau-e-adapt", "2", "--epochs", "3", "--out", str(tmp_path))
-    finally:
-        mp.undo()
+    monkeypatch.setattr(Me.DPS, "start_epoch", spy)
+    code, out, err = cli(capsys, *BASE, "--tau-e-adapt", "2", "--epochs", "3", "--out", str(tmp_path))
     assert code == 0, err
     assert len(seen) == 3 and all(e == pytest.approx(t) for e, t in seen)
     assert seen[0][1] == pytest.approx(1.0, abs=0.05) and seen[2][1] < seen[0][1]  # 20% noise lowers it

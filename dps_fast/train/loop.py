@@ -296,17 +296,17 @@ def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
     args = r.args
     due = (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs
     res = evaluate(r.model, r.data, r.device, args.eval_batch)[0] if due else {}
+    info = r.method.epoch_info()
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
            "lr": r.opt.param_groups[0]["lr"], "epoch_s": stats["epoch_s"], "img_per_s": stats["img_per_s"],
-           **r.method.epoch_info(), **res}
+           **info, **res}
     r.history.append(row)
     msg = (f"[{r.method_name}] epoch {epoch + 1:3d}/{args.epochs} loss {row['train_loss']:.4f} "
            f"train {100 * row['train_acc']:.1f}%")
     if res:
         msg += (f" | test acc {100 * res['accuracy']:.2f}% ECE {res['ece_pct']:.2f}% (15 bins) "
                 f"NLL {res['nll']:.4f}")
-    if "tau_e" in row:
-        msg += f" tau_e {row['tau_e']:.3f}"
+    msg += "".join(f" {k} {v:.3f}" for k, v in info.items())
     if "ood_auroc" in res:
         msg += f" OOD-AUROC {res['ood_auroc']:.4f}"
     log(msg + f" ({row['img_per_s']:.0f} img/s)")
