@@ -1,11 +1,14 @@
 """Where the time of a small fused DPS call goes (issue #14, small shapes): the public
-call's forward, its backward, the raw op, the checks, and the autograd engine's fixed
-cost for one ``backward()`` through a one-node graph, against the hand-written step.
+call's forward, its backward, the eager op that runs the whole forward in C++
+(csrc/fast_path.cpp), the raw kernel op, the Python path's checks and forward, and the
+autograd engine's fixed cost for one ``backward()`` through a one-node graph, against the
+hand-written step.
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
         python benchmarks/overhead_probe.py --shapes 128x10 256x100
 
-Medians over ``--rounds`` rounds of ``--calls`` calls each, one thread, all in one process.
+Medians over ``--rounds`` rounds of ``--calls`` calls each, one thread, all in one process,
+the cases interleaved round by round.
 Run it outside the repository root (or after ``make install``): it measures the installed
 package.
 """
@@ -21,16 +24,33 @@ import dps_fast
 from dps_fast.ops import dps_cross_entropy as step_module
 
 
-def per_call_us(fn, calls: int, rounds: int, setup=None) -> float:
-    """Median over rounds of the mean time per call; ``setup`` builds each round's inputs
-    outside the timed region."""
-    times = []
-    for _ in range(rounds + 1):  # the first round warms up
-        arg = setup(calls) if setup else None
-        t0 = time.perf_counter()
-        fn(arg)
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(times[1:])
+def interleaved_us(cases: dict, calls: int, rounds: int) -> dict:
+    """Median over rounds of the mean time per call of each case. Every round times every
+    case once, in turn, so that the VM's drift (2x between minutes) hits them all alike.
+    A case is ``fn`` or ``(fn, setup)``: ``setup(calls)`` builds the round's input outside
+    the timed region and ``fn`` gets it."""
+    times = {name: [] for name in cases}
+    for r in range(rounds + 1):  # the first round warms up
+        for name, case in cases.items():
+            fn, setup = case if isinstance(case, tuple) else (case, None)
+            arg = setup(calls) if setup else None
+            t0 = time.perf_counter()
+            fn(arg)
+            if r:
+                times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def python_path(fn):
+    """``fn`` with the eager fast path switched off: the call goes through the Python checks."""
+    def run():
+        saved = dps_fast._dispatch.eager_op
+        dps_fast._dispatch.eager_op = lambda *args: None
+        try:
+            return fn()
+        finally:
+            dps_fast._dispatch.eager_op = saved
+    return run
 
 
 def probe(b: int, c: int, n: int, calls: int, rounds: int) -> dict:
@@ -64,20 +84,23 @@ def probe(b: int, c: int, n: int, calls: int, rounds: int) -> dict:
             for loss in losses:
                 z.grad = None
                 loss.backward()
-        return per_call_us(run, calls, rounds, setup=lambda k: [make() for _ in range(k)])
+        return run, lambda k: [make() for _ in range(k)]
 
-    out = {}
-    out["hand fwd+bwd"] = per_call_us(loop(hand_step), calls, rounds)
-    out["fused fwd+bwd"] = per_call_us(loop(fused_step), calls, rounds)
-    out["fused fwd"] = per_call_us(loop(fused_loss), calls, rounds)
-    out["fused bwd"] = backward_of(fused_loss)
-    out["engine floor: bwd of z.sum()"] = backward_of(lambda: z.sum())
-    out["checks"] = per_call_us(loop(lambda: step_module.check(z, idx, alpha, 0.95, 1.0, "posterior", "mean")),
-                                calls, rounds)
-    out["raw op (kernel + dispatch)"] = per_call_us(
-        loop(lambda: torch.ops.dps_fast.dps_ce_fwd(zd, idx, alpha, grad, 0.95, 1.0, True, True, 1)), calls, rounds)
-    out["attach_grad"] = per_call_us(loop(lambda: torch.ops.dps_fast.attach_grad(grad[0, 0], z, grad)),
-                                     calls, rounds)
+    eager = torch.ops.dps_fast.dps_ce_eager.default
+    out = interleaved_us({
+        "hand fwd+bwd": loop(hand_step),
+        "fused fwd+bwd": loop(fused_step),
+        "fused fwd": loop(fused_loss),
+        "fused bwd": backward_of(fused_loss),
+        "engine floor: bwd of z.sum()": backward_of(lambda: z.sum()),
+        "eager op (whole fwd in C++)": loop(lambda: eager(z, idx, alpha, 0.95, 1.0, "posterior", "mean", True, True,
+                                                          None)),
+        "Python-path fwd": loop(python_path(fused_loss)),
+        "Python-path checks": loop(lambda: step_module.check(z, idx, alpha, 0.95, 1.0, "posterior", "mean")),
+        "raw op (kernel + dispatch)": loop(
+            lambda: torch.ops.dps_fast.dps_ce_fwd.default(zd, idx, alpha, grad, 0.95, 1.0, True, True, 1)),
+        "attach_grad": loop(lambda: torch.ops.dps_fast.attach_grad.default(grad[0, 0], z, grad)),
+    }, calls, rounds)
     out["hand / fused"] = out["hand fwd+bwd"] / out["fused fwd+bwd"]
     return out
 
@@ -86,8 +109,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["128x10", "256x100"])
     p.add_argument("--n", type=int, default=50_000, help="bank rows")
-    p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=31)
     a = p.parse_args()
     torch.set_num_threads(1)
     for shape in a.shapes:

@@ -193,3 +193,22 @@ def op(name: str, op_name: str):
         if not torch.compiler.is_compiling():  # no global-dict writes inside a traced region
             _overloads[key] = found
     return found
+
+
+_EAGER_BACKENDS = (None, "auto", "cpu")
+
+
+def eager_op(op_name: str, x, backend):
+    """The C++ op ``op_name`` that runs a whole public call on CPU tensors (the eager fast
+    path, docs/contributing.md), or None where the call takes the Python path: the C++ ops
+    are not loaded, ``x`` is not a CPU tensor, another backend is named, or the call is
+    traced (torch.compile), transformed (torch.func) or re-run inside backward (activation
+    checkpointing). The op itself declines whatever else it does not take on."""
+    if backend not in _EAGER_BACKENDS or not isinstance(x, torch.Tensor) or not x.is_cpu:
+        return None
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1 or \
+            torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    if _state.get("cpu", "not loaded") is not None:
+        return None
+    return op("cpu", op_name)

@@ -167,3 +167,131 @@ def test_any_number_of_views(case, v):
         rule_check(lk, le, lx, torch.float32, f"loss ({red})")
         rule_check(gk, ge, gx, torch.float32, f"grad ({red})")
         rule_check(ak, ae, ax, torch.float32, f"bank ({red})")
+
+
+# ---------------------------------------------------------------- the eager fast path
+# dps_cross_entropy runs plain CPU calls as one C++ op (csrc/fast_path.cpp), which either
+# takes a call on or declines it (NotImplementedError, before touching anything) to the
+# Python path. Same kernel, same autograd node: the results must be bit-identical.
+HAS_CPU = ("cpu", "cpu") in FUSED
+EAGER = "dps_ce_eager"
+
+
+def python_path_only(monkeypatch):
+    monkeypatch.setattr(dps_fast._dispatch, "eager_op", lambda *args: None)
+
+
+def eager_call(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean", update=True,
+               validate=True, backend=None):
+    return torch.ops.dps_fast.dps_ce_eager.default(logits, index, alpha, gamma, tau_e, target, reduction, update,
+                                                   validate, backend)
+
+
+FAST_CASES = [  # (V, B, C, logits dtype, bank dtype, keyword arguments)
+    (1, 128, 10, torch.float32, torch.float32, {}),
+    (1, 7, 1, torch.float32, torch.float32, dict(reduction="sum")),
+    (3, 13, 37, torch.float32, torch.float32, dict(reduction="none", tau_e=2.0)),
+    (1, 33, 100, torch.bfloat16, torch.float32, dict(target="prior")),
+    (2, 9, 19, torch.float32, torch.bfloat16, dict(update=False, gamma=1)),
+    (1, 20, 8, torch.float16, torch.float16, dict(validate=False, tau_e=3)),
+]
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+@pytest.mark.parametrize("case", FAST_CASES, ids=lambda c: f"V{c[0]}-B{c[1]}-C{c[2]}-{c[3]}-{c[4]}-{c[5]}")
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_eager_fast_path_is_bit_identical_to_the_python_path(monkeypatch, case, strided):
+    v, b, c, zdt, adt, kw = case
+    gen = torch.Generator().manual_seed(b * c)
+    n = 3 * b
+    shape = (v, b, c) if v > 1 else (b, c)
+    z = (torch.randn(*shape[:-1], 2 * c, generator=gen) * 3)[..., ::2] if strided else \
+        torch.randn(*shape, generator=gen) * 3
+    z = z.to(zdt)
+    idx = torch.randperm(n, generator=gen)[:b].to(torch.int32 if strided else torch.int64)
+    wide = dps_fast.init_prior(torch.randint(0, c, (n,), generator=gen), c, c=5.0).repeat(1, 2).to(adt)
+    alpha = wide[:, :c] if strided else wide[:, :c].contiguous()  # a column slice: rows of stride 2C
+    g = torch.rand(shape[:-1], generator=gen) + 0.5 if kw.get("reduction") == "none" else torch.tensor(0.7)
+
+    eager_call(z, idx, alpha.clone(), **kw)  # the op takes these calls on: it raises if it declines
+
+    def run(bank):
+        x = z.clone().requires_grad_(True)
+        loss = dps_fast.dps_cross_entropy(x, idx, bank, **kw)
+        loss.backward(g)
+        return loss.detach(), x.grad, bank
+
+    fast = run(alpha.clone())
+    python_path_only(monkeypatch)
+    slow = run(alpha.clone())
+    for what, got, want in zip(("loss", "grad", "bank"), fast, slow):
+        assert got.dtype == want.dtype and got.shape == want.shape, what
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), what
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+def test_eager_fast_path_without_autograd(monkeypatch):
+    """No gradient wanted (no_grad, or logits without requires_grad): no graph, same loss."""
+    z = torch.randn(6, 4, requires_grad=True)
+    idx = torch.tensor([5, 0, 3, 1, 2, 4])
+    alpha = dps_fast.init_prior(torch.arange(6) % 4, 4)
+    with torch.no_grad():
+        loss = dps_fast.dps_cross_entropy(z, idx, alpha.clone())
+    assert loss.grad_fn is None and not loss.requires_grad
+    python_path_only(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(loss, dps_fast.dps_cross_entropy(z, idx, alpha.clone()))
+
+
+def _declined_or_raised(call, bank):
+    before = bank.clone()
+    with pytest.raises((NotImplementedError, IndexError, ValueError)) as info:
+        call()
+    assert torch.equal(bank, before), "the bank changed before the error"
+    return info.type
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+def test_eager_op_declines_what_the_python_path_refuses_or_handles():
+    """Everything test_validation.py's BAD_DPS refuses, and what the Python path handles
+    itself (float64, empty batch, odd banks, another backend), the op declines untouched.
+    Index errors raise with the Python path's messages (dps_fast::check_index)."""
+    from test_validation import BAD_DPS
+
+    alpha = dps_fast.init_prior(torch.randint(0, 5, (20,)), 5)
+    z, idx = torch.randn(4, 5), torch.tensor([0, 3, 7, 19])
+    for what, changes, exc, _ in BAD_DPS:
+        kw = {**dict(logits=z, index=idx, alpha=alpha), **changes}
+        if not all(isinstance(kw[k], torch.Tensor) for k in ("logits", "index", "alpha")):
+            continue  # the Python guard (plain_arguments) keeps these off the op
+        bank = kw["alpha"]
+        got = _declined_or_raised(lambda: eager_call(**kw), bank)
+        assert got is NotImplementedError or got is exc, what
+    handled = {
+        "float64 logits": dict(logits=z.double()),
+        "float64 bank": dict(alpha=alpha.double()),
+        "empty batch": dict(logits=z[:0], index=idx[:0]),
+        "no views": dict(logits=z[None][:0]),
+        "bool index": dict(index=torch.ones(4, dtype=torch.bool)),
+        "expanded bank": dict(alpha=torch.ones(1, 5).expand(20, 5)),
+        "overlapping rows": dict(alpha=torch.ones(30).as_strided((20, 5), (1, 1))),
+        "bank sharing the logits": dict(alpha=z),
+        "named backend": dict(backend="reference"),
+        "nan gamma": dict(gamma=float("nan")),
+        "tiny tau_e": dict(tau_e=1e-39),
+        "sparse logits": dict(logits=z.to_sparse()),
+    }
+    for what, changes in handled.items():
+        kw = {**dict(logits=z, index=idx, alpha=alpha), **changes}
+        assert _declined_or_raised(lambda: eager_call(**kw), kw["alpha"]) is NotImplementedError, what
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+def test_eager_op_follows_the_backend_environment_variable(monkeypatch):
+    alpha = dps_fast.init_prior(torch.randint(0, 5, (20,)), 5)
+    z, idx = torch.randn(4, 5), torch.tensor([0, 3, 7, 19])
+    monkeypatch.setenv("DPS_FAST_BACKEND", "reference")
+    assert _declined_or_raised(lambda: eager_call(z, idx, alpha), alpha) is NotImplementedError
+    eager_call(z, idx, alpha, backend="cpu")  # a named backend overrides the environment
+    monkeypatch.setenv("DPS_FAST_BACKEND", "cpu")
+    eager_call(z, idx, alpha)

@@ -38,9 +38,9 @@ void finish_loss(at::Tensor& loss, const std::vector<float>& rows, int64_t reduc
   }
   double s = sum_double(rows.data(), static_cast<int64_t>(rows.size()));
   if (reduction == kReductionMean) s /= static_cast<double>(rows.size());
-  // a double beyond the float range is inf in float32 (fill_ would refuse the conversion)
+  // a double beyond the float range is inf in float32 (a plain cast would be undefined)
   const double fmax = std::numeric_limits<float>::max();
-  loss.fill_(s > fmax ? INFINITY : s < -fmax ? -INFINITY : s);
+  *loss.mutable_data_ptr<float>() = s > fmax ? INFINITY : s < -fmax ? -INFINITY : static_cast<float>(s);
 }
 
 // A row's loss mass * lse - <t, z> (mass = sum_j t_j; 1 for the DPS step) from the half gap

@@ -8,14 +8,13 @@
 #include <limits>
 #include <vector>
 
+#include "validate.h"
+
 namespace dps_fast {
 namespace cpu {
-namespace {
 
-at::Tensor check_index_cpu(const at::Tensor& index, int64_t n) {
-  auto idx = index.to(at::kLong).contiguous();
-  if (idx.is_same(index)) idx = idx.clone();
-  const int64_t* p = idx.data_ptr<int64_t>();
+void check_index_values(const at::Tensor& idx, int64_t n) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
   const int64_t b = idx.numel();
   int64_t bad = 0, first_bad = 0;
   for (int64_t i = 0; i < b; ++i) {
@@ -25,7 +24,7 @@ at::Tensor check_index_cpu(const at::Tensor& index, int64_t n) {
   }
   TORCH_CHECK_INDEX(bad == 0, "index ", first_bad, " is out of range for a bank of ", n, " rows (", bad,
                     " id(s) outside [0, ", n, "))");
-  if (b < 2) return idx;
+  if (b < 2) return;
   int64_t dup = std::numeric_limits<int64_t>::max();
   if (n / 64 <= 8 * b + 1024) {  // a bitmap no larger than a few copies of the index
     std::vector<uint64_t> seen(static_cast<size_t>(n / 64 + 1), 0);
@@ -48,6 +47,14 @@ at::Tensor check_index_cpu(const at::Tensor& index, int64_t n) {
   TORCH_CHECK_VALUE(dup == std::numeric_limits<int64_t>::max(), "index contains duplicate id ", dup,
                     "; ids in one call must be distinct (feed several views of one sample as logits of shape "
                     "[V, B, C])");
+}
+
+namespace {
+
+at::Tensor check_index_cpu(const at::Tensor& index, int64_t n) {
+  auto idx = index.to(at::kLong).contiguous();
+  if (idx.is_same(index)) idx = idx.clone();
+  check_index_values(idx, n);
   return idx;
 }
 

@@ -86,6 +86,32 @@ int main() {
   (attached * 3.0).backward();
   expect_near(x.grad()[1][2].item<double>(), 15.0, 0.0, "attach_grad: grad * grad_output");
 
+  // 6. The eager fast path (csrc/fast_path.cpp): the step of case 1 through the whole-call op
+  // gives the same loss and gradient; a float64 call is declined with the bank untouched.
+  auto eager = c10::Dispatcher::singleton()
+                   .findSchemaOrThrow("dps_fast::dps_ce_eager", "")
+                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, double, double,
+                                     c10::string_view, c10::string_view, bool, bool,
+                                     std::optional<c10::string_view>)>();
+  at::Tensor bank6 = before.clone();
+  at::Tensor z6 = at::zeros({1, 3}).set_requires_grad(true);
+  at::Tensor l6 = eager.call(z6, index, bank6, gamma, 1.0, "posterior", "sum", true, true, std::nullopt);
+  expect_near(l6.item<double>(), std::log(3.0), 1e-6, "eager op: loss = log C for zero logits");
+  l6.backward();
+  expect_near(z6.grad()[0][0].item<double>(), 1.0 / 3 - a0 / s, 1e-6, "eager op: grad = softmax - target");
+  at::Tensor bank64 = before.to(at::kDouble), copy64 = bank64.clone();
+  bool declined = false;
+  try {
+    eager.call(at::zeros({1, 3}, at::kDouble), index, bank64, gamma, 1.0, "posterior", "sum", true, true,
+               std::nullopt);
+  } catch (const c10::NotImplementedError&) {
+    declined = true;
+  }
+  if (!declined || !at::equal(bank64, copy64)) {
+    std::printf("FAIL eager op must decline float64, bank untouched\n");
+    ++failures;
+  }
+
   if (failures == 0) std::printf("dps_fast C++ op tests: all passed\n");
   return failures == 0 ? 0 : 1;
 }

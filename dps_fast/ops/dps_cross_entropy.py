@@ -11,6 +11,7 @@ from ._common import (compute_dtype, empty_loss, grad_buffer, in_backward_recomp
                       needs_grad, reduce, soft_target_loss)
 
 OP = "dps_ce_fwd"
+EAGER_OP = "dps_ce_eager"  # the whole call in C++, for plain CPU tensors (csrc/fast_path.cpp)
 __all__ = ["dps_cross_entropy"]
 
 
@@ -95,10 +96,29 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
         inplace_grad: write the gradient into ``logits``' storage instead of a new
             buffer (saves memory; eager only; ``logits`` must not be needed afterwards).
     """
+    eager = _dispatch.eager_op(EAGER_OP, logits, backend)
+    if eager is not None and not inplace_grad and plain_arguments(index, alpha, gamma, tau_e, target, reduction,
+                                                                  update, validate):
+        try:
+            return eager(logits, index, alpha, float(gamma), float(tau_e), target, reduction, update, validate,
+                         backend)
+        except NotImplementedError:
+            pass  # declined, before touching anything: the Python path runs the call or explains the error
     v, b, c, gamma, tau_e, posterior, red, index = check(logits, index, alpha, gamma, tau_e, target, reduction,
                                                          validate)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, alpha.dtype))
     return run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend, inplace_grad)
+
+
+_REAL = (float, int)
+
+
+def plain_arguments(index, alpha, gamma, tau_e, target, reduction, update, validate) -> bool:
+    """The argument types the eager op's schema takes as they are: anything else takes the
+    Python path, whose checks name the problem."""
+    return (isinstance(index, torch.Tensor) and isinstance(alpha, torch.Tensor) and type(gamma) in _REAL
+            and type(tau_e) in _REAL and type(target) is str and type(reduction) is str
+            and type(update) is bool and type(validate) is bool)
 
 
 def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend=None, inplace_grad=False):

@@ -1,0 +1,112 @@
+// The eager fast path of dps_fast.dps_cross_entropy on CPU tensors (docs/contributing.md,
+// "The eager fast path"): the whole public call as one op, so that a small step pays one
+// Python-to-C++ crossing instead of a dozen. It runs the same kernel (dps_fast::dps_ce_fwd)
+// and the same autograd node (attach_grad) as the Python path, so results are bit-identical.
+//
+// It only *accepts* calls: anything it does not take on (float64, an empty batch, a view of
+// another layout, bad input of any kind) it declines with NotImplementedError before
+// touching anything, and the Python path (dps_fast/ops/dps_cross_entropy.py) then runs the
+// call or raises the one error message for it (dps_fast/_validate.py). The index check is
+// the exception: it raises with the Python path's messages (csrc/cpu/validate.cpp).
+//
+// Measured on the 2-core VM (benchmarks/overhead_probe.py, [128, 10], 2026-11-30): the Python
+// path's forward cost ~70 us, of which the kernel ~10.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <limits>
+
+#include "cpu/validate.h"
+#include "ops.h"
+
+namespace dps_fast {
+namespace {
+
+#define DPS_ACCEPT(cond, what) TORCH_CHECK_NOT_IMPLEMENTED(cond, "dps_fast: the eager fast path declines ", what)
+
+bool fused_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+bool index_dtype(at::ScalarType t) {
+  return t == at::kLong || t == at::kInt || t == at::kShort || t == at::kChar || t == at::kByte;
+}
+
+bool plain_strided_cpu(const at::Tensor& t) { return plain_cpu(t) && t.layout() == at::kStrided; }
+
+// The backend the call asks for: the argument, else DPS_FAST_BACKEND (read with getenv, ~50 ns,
+// where Python's os.environ.get costs ~2 us), as dps_fast/_dispatch.py::resolve reads them.
+bool asks_for_cpu(const std::optional<c10::string_view>& backend) {
+  if (backend.has_value()) return *backend == "auto" || *backend == "cpu";
+  const char* env = std::getenv("DPS_FAST_BACKEND");
+  if (env == nullptr || *env == '\0') return true;
+  const c10::string_view name(env);
+  return name == "auto" || name == "cpu";
+}
+
+// The tensor checks of dps_fast/ops/dps_cross_entropy.py::check, as a filter.
+void accept_tensors(const at::Tensor& logits, const at::Tensor& index, const at::Tensor& alpha) {
+  DPS_ACCEPT(plain_strided_cpu(logits) && plain_strided_cpu(index) && plain_strided_cpu(alpha),
+             "tensors that are not plain strided CPU tensors");
+  DPS_ACCEPT(fused_dtype(logits.scalar_type()) && fused_dtype(alpha.scalar_type()), "dtypes without a fused kernel");
+  DPS_ACCEPT(logits.dim() == 2 || (logits.dim() == 3 && logits.size(0) >= 1), "logits of another shape");
+  const int64_t b = logits.size(-2), c = logits.size(-1);
+  DPS_ACCEPT(b >= 1 && c >= 1, "an empty batch");
+  DPS_ACCEPT(index_dtype(index.scalar_type()) && index.dim() == 1 && index.size(0) == b, "this index");
+  DPS_ACCEPT(alpha.dim() == 2 && alpha.size(1) == c && (c == 1 || alpha.stride(1) == 1), "this bank shape");
+  // the bank is written in place: rows must own their memory and share none with the logits
+  const bool rows_overlap = alpha.size(0) > 1 && alpha.stride(0) < c;
+  DPS_ACCEPT(!rows_overlap && at::has_internal_overlap(alpha) != at::MemOverlap::Yes, "an overlapping bank");
+  DPS_ACCEPT(alpha.numel() == 0 || alpha.storage().data() != logits.storage().data(), "a bank sharing the logits");
+}
+
+int64_t reduction_code(c10::string_view reduction) {
+  if (reduction == "none") return 0;
+  if (reduction == "mean") return 1;
+  DPS_ACCEPT(reduction == "sum", "this reduction");
+  return 2;
+}
+
+at::Tensor dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::Tensor& alpha, double gamma,
+                        double tau_e, c10::string_view target, c10::string_view reduction, bool update,
+                        bool validate, std::optional<c10::string_view> backend) {
+  DPS_ACCEPT(asks_for_cpu(backend), "another backend");
+  accept_tensors(logits, index, alpha);
+  DPS_ACCEPT(gamma > 0.0 && gamma <= 1.0, "this gamma");
+  // 1 / tau_e must be a finite float32 (dps_fast/_validate.py::evidence_temperature)
+  DPS_ACCEPT(tau_e >= 1.0 / std::numeric_limits<float>::max() && tau_e < std::numeric_limits<double>::infinity(),
+             "this tau_e");
+  DPS_ACCEPT(target == "posterior" || target == "prior", "this target");
+  const int64_t red = reduction_code(reduction);
+
+  static auto step = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("dps_fast::dps_ce_fwd", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, double,
+                                           double, bool, bool, int64_t)>();
+  const bool need_grad = logits.requires_grad() && at::GradMode::is_enabled();
+  at::Tensor loss, grad;
+  {
+    // straight to the CPU kernels: no autograd key for ops on detached inputs
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::Tensor idx = index.to(at::kLong).contiguous();
+    // index errors raise here, before any write, with the messages of _validate.index_values
+    if (validate) cpu::check_index_values(idx, alpha.size(0));
+    const at::Tensor z = logits.detach();
+    grad = need_grad ? at::empty_like(z, at::MemoryFormat::Contiguous) : at::empty({0}, z.options());
+    loss = step.call(z, idx, alpha, grad, gamma, tau_e, target == "posterior", update, red);
+  }
+  return need_grad ? attach_grad(loss, logits, grad) : loss;
+}
+
+}  // namespace
+}  // namespace dps_fast
+
+TORCH_LIBRARY_FRAGMENT(dps_fast, m) {
+  // Eager only (it reads data on the host): the Python path runs under torch.compile and torch.func.
+  m.def(
+      "dps_ce_eager(Tensor logits, Tensor index, Tensor(a!) alpha, float gamma, float tau_e, str target, "
+      "str reduction, bool update, bool validate, str? backend) -> Tensor",
+      &dps_fast::dps_ce_eager);
+}

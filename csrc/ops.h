@@ -1,0 +1,15 @@
+// What csrc/ops.cpp shares with the other translation units of the op library.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace dps_fast {
+
+// True for a tensor whose data may be read on the host: a CPU tensor that is not a
+// FakeTensor/functional/functorch wrapper (torch.compile tracing, torch.func).
+bool plain_cpu(const at::Tensor& t);
+
+// `loss`, with d loss / d x = grad * grad_output for autograd (the op dps_fast::attach_grad
+// in eager mode; csrc/ops.cpp).
+at::Tensor attach_grad(const at::Tensor& loss, const at::Tensor& x, const at::Tensor& grad);
+
+}  // namespace dps_fast
