@@ -15,6 +15,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -26,6 +27,7 @@
 namespace dps_fast {
 namespace {
 
+// The message starts as dps_fast/_dispatch.py::EAGER_DECLINES says: only that is a decline.
 #define DPS_ACCEPT(cond, what) TORCH_CHECK_NOT_IMPLEMENTED(cond, "dps_fast: the eager fast path declines ", what)
 
 bool fused_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
@@ -38,6 +40,8 @@ bool plain_strided_cpu(const at::Tensor& t) { return plain_cpu(t) && t.layout() 
 
 // The backend the call asks for: the argument, else DPS_FAST_BACKEND (read with getenv, ~50 ns,
 // where Python's os.environ.get costs ~2 us), as dps_fast/_dispatch.py::resolve reads them.
+// (os.environ writes through to the C environment; glibc never frees an old environment
+// array, so a concurrent setenv cannot pull it from under getenv.)
 bool asks_for_cpu(const std::optional<c10::string_view>& backend) {
   if (backend.has_value()) return *backend == "auto" || *backend == "cpu";
   const char* env = std::getenv("DPS_FAST_BACKEND");
@@ -51,6 +55,8 @@ void accept_tensors(const at::Tensor& logits, const at::Tensor& index, const at:
   DPS_ACCEPT(plain_strided_cpu(logits) && plain_strided_cpu(index) && plain_strided_cpu(alpha),
              "tensors that are not plain strided CPU tensors");
   DPS_ACCEPT(fused_dtype(logits.scalar_type()) && fused_dtype(alpha.scalar_type()), "dtypes without a fused kernel");
+  // (the Python path gives such a loss autograd's warning-only grad_fn)
+  DPS_ACCEPT(!alpha.requires_grad(), "a bank that requires grad");
   DPS_ACCEPT(logits.dim() == 2 || (logits.dim() == 3 && logits.size(0) >= 1), "logits of another shape");
   const int64_t b = logits.size(-2), c = logits.size(-1);
   DPS_ACCEPT(b >= 1 && c >= 1, "an empty batch");
@@ -73,6 +79,9 @@ at::Tensor dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::T
                         double tau_e, c10::string_view target, c10::string_view reduction, bool update,
                         bool validate, std::optional<c10::string_view> backend) {
   DPS_ACCEPT(asks_for_cpu(backend), "another backend");
+  // a dispatch mode sees the ops a call runs: selective activation checkpointing replays the
+  // Python path's list in backward, FlopCounterMode and debug modes report it; keep it the same
+  DPS_ACCEPT(!c10::impl::dispatch_mode_enabled(), "calls under a torch dispatch mode");
   accept_tensors(logits, index, alpha);
   DPS_ACCEPT(gamma > 0.0 && gamma <= 1.0, "this gamma");
   // 1 / tau_e must be a finite float32 (dps_fast/_validate.py::evidence_temperature)

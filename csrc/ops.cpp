@@ -16,7 +16,9 @@ bool plain_cpu(const at::Tensor& t) {
                                                  c10::DispatchKey::Functionalize,
                                                  c10::DispatchKey::FuncTorchBatched,
                                                  c10::DispatchKey::FuncTorchGradWrapper});
-  return t.device().is_cpu() && !t.key_set().has_any(wrappers);
+  // lazy views (negated, conjugated, the zero tensor) and nested tensors hold other data than they show
+  return t.device().is_cpu() && !t.key_set().has_any(wrappers) && !t.is_neg() && !t.is_conj() &&
+         !t._is_zerotensor() && !t.is_nested();
 }
 
 namespace {

@@ -4,8 +4,9 @@
 
 namespace dps_fast {
 
-// True for a tensor whose data may be read on the host: a CPU tensor that is not a
-// FakeTensor/functional/functorch wrapper (torch.compile tracing, torch.func).
+// True for a tensor whose data may be read on the host as it is: a CPU tensor that is not a
+// FakeTensor/functional/functorch wrapper (torch.compile tracing, torch.func), a lazy
+// negated/conjugated view, the zero tensor or a nested tensor.
 bool plain_cpu(const at::Tensor& t);
 
 // `loss`, with d loss / d x = grad * grad_output for autograd (the op dps_fast::attach_grad

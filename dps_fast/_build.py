@@ -50,7 +50,7 @@ def source_files(root: str, cuda: bool, python_module: bool) -> list[str]:
     ``module.cpp`` only makes the library importable as the Python module
     ``dps_fast._C``; the JIT build loads a plain shared library instead.
     """
-    names = ["ops.cpp", "fast_path.cpp"] + (["module.cpp"] if python_module else [])
+    names = [n for n in _glob(root, "*.cpp") if n != "module.cpp"] + (["module.cpp"] if python_module else [])
     names += _glob(root, "cpu/*.cpp")
     if cuda:
         names += _glob(root, "cuda/*.cpp") + _glob(root, "cuda/*.cu")

@@ -196,18 +196,25 @@ def op(name: str, op_name: str):
 
 
 _EAGER_BACKENDS = (None, "auto", "cpu")
+# How an eager op's NotImplementedError starts when it declines a call (csrc/fast_path.cpp)
+EAGER_DECLINES = "dps_fast: the eager fast path declines"
 
 
 def eager_op(op_name: str, x, backend):
     """The C++ op ``op_name`` that runs a whole public call on CPU tensors (the eager fast
     path, docs/contributing.md), or None where the call takes the Python path: the C++ ops
-    are not loaded, ``x`` is not a CPU tensor, another backend is named, or the call is
-    traced (torch.compile), transformed (torch.func) or re-run inside backward (activation
-    checkpointing). The op itself declines whatever else it does not take on."""
+    are not loaded, ``x`` is not a CPU tensor, another backend is named, the call is traced
+    (torch.compile), transformed (torch.func) or re-run inside backward (activation
+    checkpointing), or a torch function/dispatch mode is active. The op itself declines
+    whatever else it does not take on (:data:`EAGER_DECLINES`)."""
     if backend not in _EAGER_BACKENDS or not isinstance(x, torch.Tensor) or not x.is_cpu:
         return None
     if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1 or \
             torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    # a torch function mode would see the eager op in place of the Python path's calls
+    # (the op declines under a dispatch mode itself)
+    if torch._C._is_torch_function_mode_enabled():
         return None
     if _state.get("cpu", "not loaded") is not None:
         return None

@@ -48,3 +48,27 @@ def rule_check(got, eager, exact, out_dtype, what, extra_ulps=1.0, scale=None):
 def seed():
     torch.manual_seed(1234)
     return 1234
+
+
+# The eager fast path (csrc/fast_path.cpp) in tests: switch it off, or count what it takes on.
+def python_path_only(monkeypatch):
+    monkeypatch.setattr(dps_fast._dispatch, "eager_op", lambda *args: None)
+
+
+def eager_spy(monkeypatch):
+    """Counts the calls that the eager op takes on (declines are not counted)."""
+    taken = []
+    real = dps_fast._dispatch.eager_op
+
+    def spy(*args):
+        op = real(*args)
+        if op is None:
+            return None
+
+        def run(*call_args):
+            out = op(*call_args)
+            taken.append(1)
+            return out
+        return run
+    monkeypatch.setattr(dps_fast._dispatch, "eager_op", spy)
+    return taken

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dps_fast
-from _helpers import FUSED, case_id, rule_check
+from _helpers import FUSED, case_id, eager_spy, python_path_only, rule_check
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BANK_DTYPES = [torch.float32, torch.bfloat16]
@@ -177,10 +177,6 @@ HAS_CPU = ("cpu", "cpu") in FUSED
 EAGER = "dps_ce_eager"
 
 
-def python_path_only(monkeypatch):
-    monkeypatch.setattr(dps_fast._dispatch, "eager_op", lambda *args: None)
-
-
 def eager_call(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean", update=True,
                validate=True, backend=None):
     return torch.ops.dps_fast.dps_ce_eager.default(logits, index, alpha, gamma, tau_e, target, reduction, update,
@@ -205,25 +201,28 @@ def test_eager_fast_path_is_bit_identical_to_the_python_path(monkeypatch, case, 
     gen = torch.Generator().manual_seed(b * c)
     n = 3 * b
     shape = (v, b, c) if v > 1 else (b, c)
-    z = (torch.randn(*shape[:-1], 2 * c, generator=gen) * 3)[..., ::2] if strided else \
-        torch.randn(*shape, generator=gen) * 3
-    z = z.to(zdt)
+    # strided: every other logit of a wider tensor, a column slice of a wider bank (rows of stride 2C)
+    z_wide = (torch.randn(*shape[:-1], 2 * c if strided else c, generator=gen) * 3).to(zdt)
     idx = torch.randperm(n, generator=gen)[:b].to(torch.int32 if strided else torch.int64)
-    wide = dps_fast.init_prior(torch.randint(0, c, (n,), generator=gen), c, c=5.0).repeat(1, 2).to(adt)
-    alpha = wide[:, :c] if strided else wide[:, :c].contiguous()  # a column slice: rows of stride 2C
+    a_wide = dps_fast.init_prior(torch.randint(0, c, (n,), generator=gen), c, c=5.0).repeat(1, 2).to(adt)
+    if not strided:
+        a_wide = a_wide[:, :c].contiguous()
     g = torch.rand(shape[:-1], generator=gen) + 0.5 if kw.get("reduction") == "none" else torch.tensor(0.7)
 
-    eager_call(z, idx, alpha.clone(), **kw)  # the op takes these calls on: it raises if it declines
-
-    def run(bank):
-        x = z.clone().requires_grad_(True)
-        loss = dps_fast.dps_cross_entropy(x, idx, bank, **kw)
+    def run():
+        leaf = z_wide.clone().requires_grad_(True)
+        bank = a_wide.clone()
+        x, alpha = (leaf[..., ::2], bank[:, :c]) if strided else (leaf, bank)
+        assert x.is_contiguous() != strided and alpha.is_contiguous() != strided
+        loss = dps_fast.dps_cross_entropy(x, idx, alpha, **kw)
         loss.backward(g)
-        return loss.detach(), x.grad, bank
+        return loss.detach(), leaf.grad, bank
 
-    fast = run(alpha.clone())
+    taken = eager_spy(monkeypatch)
+    fast = run()
+    assert len(taken) == 1, "the eager op did not take the call on"
     python_path_only(monkeypatch)
-    slow = run(alpha.clone())
+    slow = run()
     for what, got, want in zip(("loss", "grad", "bank"), fast, slow):
         assert got.dtype == want.dtype and got.shape == want.shape, what
         assert torch.equal(got.nan_to_num(), want.nan_to_num()), what
@@ -280,6 +279,8 @@ def test_eager_op_declines_what_the_python_path_refuses_or_handles():
         "nan gamma": dict(gamma=float("nan")),
         "tiny tau_e": dict(tau_e=1e-39),
         "sparse logits": dict(logits=z.to_sparse()),
+        "bank that requires grad": dict(alpha=alpha.clone().requires_grad_(True)),
+        "negated view": dict(logits=torch._neg_view(-z)),
     }
     for what, changes in handled.items():
         kw = {**dict(logits=z, index=idx, alpha=alpha), **changes}
@@ -295,3 +296,76 @@ def test_eager_op_follows_the_backend_environment_variable(monkeypatch):
     eager_call(z, idx, alpha, backend="cpu")  # a named backend overrides the environment
     monkeypatch.setenv("DPS_FAST_BACKEND", "cpu")
     eager_call(z, idx, alpha)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+def test_eager_op_declines_under_a_dispatch_mode(monkeypatch):
+    """A mode must see the Python path's ops (selective checkpointing replays them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    alpha = dps_fast.init_prior(torch.randint(0, 5, (20,)), 5)
+    z, idx = torch.randn(4, 5, requires_grad=True), torch.tensor([0, 3, 7, 19])
+    lists = []
+    for path in ("eager", "python"):
+        if path == "python":
+            python_path_only(monkeypatch)
+        seen = []
+        with Seen():
+            dps_fast.dps_cross_entropy(z, idx, alpha)
+        lists.append(seen)
+    assert lists[0] == lists[1] and any("dps_ce_fwd" in op for op in lists[0])
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+@pytest.mark.parametrize("selective", [False, True], ids=["checkpoint", "selective-checkpoint"])
+def test_checkpointed_step_updates_once_and_matches(selective):
+    """Activation checkpointing that recomputes the step in backward (early_stop=False; a
+    selective policy replays the forward's ops): the bank is updated once, and the gradient
+    is that of the uncheckpointed step."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=gen)
+    lin = torch.nn.Linear(8, 5)
+    idx = torch.tensor([4, 0, 9, 2, 7, 5])
+    w = torch.rand(6, generator=gen) + 0.5
+    prior = dps_fast.init_prior(torch.arange(12) % 5, 5)
+
+    def f(inp, alpha):
+        return (dps_fast.dps_cross_entropy(lin(inp), idx, alpha, reduction="none") * w).sum()
+
+    def grads(use_checkpoint):
+        lin.zero_grad()
+        alpha = prior.clone()
+        if not use_checkpoint:
+            f(x, alpha).backward()
+        else:
+            kw = dict(early_stop=False)
+            if selective:
+                kw = dict(context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                       [torch.ops.aten.mm.default]))
+            checkpoint(f, x, alpha, use_reentrant=False, **kw).backward()
+        return lin.weight.grad.clone(), alpha
+
+    g_plain, a_plain = grads(False)
+    g_ckpt, a_ckpt = grads(True)
+    assert torch.equal(a_ckpt, a_plain)
+    torch.testing.assert_close(g_ckpt, g_plain, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+def test_arguments_the_schema_would_misread_take_the_python_path():
+    alpha = dps_fast.init_prior(torch.randint(0, 5, (20,)), 5)
+    idx = torch.tensor([0, 3, 7, 19])
+    with pytest.raises(TypeError, match="floating-point"):  # the logits are checked first
+        dps_fast.dps_cross_entropy(torch.ones(4, 5, dtype=torch.long), idx, alpha, gamma=10 ** 400)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        dps_fast.dps_cross_entropy(torch.randn(4, 5), idx, alpha, reduction="\ud800")
+

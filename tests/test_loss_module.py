@@ -6,6 +6,7 @@ import torch
 
 import dps_fast
 from dps_fast import reference as R
+from _helpers import eager_spy, python_path_only
 
 
 def test_state_dict_roundtrip_and_to():
@@ -38,6 +39,37 @@ def test_train_updates_eval_does_not_and_matches_functional():
     before = m.alpha.clone()
     m(z, idx)
     assert torch.equal(m.alpha, before)
+
+
+@pytest.mark.skipif("cpu" not in dps_fast.available_backends(), reason="the C++ ops are not built")
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+def test_local_bank_eager_fast_path_matches_the_python_path(monkeypatch, bank_dtype):
+    """DPSLoss on a local CPU bank runs its step through the eager fast path (csrc/fast_path.cpp):
+    the same losses, gradients and bank, bit for bit, in train and eval mode; a padded batch
+    (valid mask) takes the bank's own path."""
+    labels = torch.randint(0, 7, (40,), generator=torch.Generator().manual_seed(1))
+    z = torch.randn(3, 16, 7, generator=torch.Generator().manual_seed(2)) * 2
+    idx = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:16]
+
+    def run():
+        m = dps_fast.DPSLoss(labels, 7, bank_dtype=bank_dtype, tau_e=2.0, reduction="sum")
+        out = []
+        for mode in ("train", "eval", "train"):
+            m.train(mode == "train")
+            x = z.clone().requires_grad_(True)
+            loss = m(x, idx)
+            loss.backward()
+            out += [loss.detach(), x.grad]
+        m(z[0], idx, valid=torch.arange(16) % 5 != 0)
+        return out + [m.alpha.clone()]
+
+    taken = eager_spy(monkeypatch)
+    fast = run()
+    assert len(taken) == 3, "the local bank's steps did not take the eager fast path"
+    python_path_only(monkeypatch)
+    slow = run()
+    for k, (got, want) in enumerate(zip(fast, slow)):
+        assert torch.equal(got, want), k
 
 
 def test_bf16_bank_and_targets_and_posterior():

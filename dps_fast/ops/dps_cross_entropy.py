@@ -96,29 +96,41 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
         inplace_grad: write the gradient into ``logits``' storage instead of a new
             buffer (saves memory; eager only; ``logits`` must not be needed afterwards).
     """
-    eager = _dispatch.eager_op(EAGER_OP, logits, backend)
-    if eager is not None and not inplace_grad and plain_arguments(index, alpha, gamma, tau_e, target, reduction,
-                                                                  update, validate):
-        try:
-            return eager(logits, index, alpha, float(gamma), float(tau_e), target, reduction, update, validate,
-                         backend)
-        except NotImplementedError:
-            pass  # declined, before touching anything: the Python path runs the call or explains the error
+    loss = None if inplace_grad else eager_step(logits, index, alpha, gamma, tau_e, target, reduction, update,
+                                                validate, backend)
+    if loss is not None:
+        return loss
     v, b, c, gamma, tau_e, posterior, red, index = check(logits, index, alpha, gamma, tau_e, target, reduction,
                                                          validate)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, alpha.dtype))
     return run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend, inplace_grad)
 
 
-_REAL = (float, int)
+def eager_step(logits, index, alpha, gamma, tau_e, target, reduction, update, validate, backend):
+    """The step as one C++ op (the eager fast path, csrc/fast_path.cpp), or None where that
+    does not apply or the op declines, untouched: the caller then takes its Python path, which
+    runs the call or raises the one error message for it."""
+    eager = _dispatch.eager_op(EAGER_OP, logits, backend)
+    if eager is None or not plain_arguments(index, alpha, gamma, tau_e, target, reduction, update, validate):
+        return None
+    try:
+        return eager(logits, index, alpha, gamma, tau_e, target, reduction, update, validate, backend)
+    except NotImplementedError as e:
+        if not str(e).startswith(_dispatch.EAGER_DECLINES):
+            raise
+        return None
 
 
 def plain_arguments(index, alpha, gamma, tau_e, target, reduction, update, validate) -> bool:
-    """The argument types the eager op's schema takes as they are: anything else takes the
-    Python path, whose checks name the problem."""
-    return (isinstance(index, torch.Tensor) and isinstance(alpha, torch.Tensor) and type(gamma) in _REAL
-            and type(tau_e) in _REAL and type(target) is str and type(reduction) is str
+    """Arguments the eager op's schema takes as they are (tensors, floats or small ints, known
+    names, bools): anything else takes the Python path, whose checks name the problem."""
+    return (isinstance(index, torch.Tensor) and isinstance(alpha, torch.Tensor) and plain_real(gamma)
+            and plain_real(tau_e) and target in checks.TARGETS and reduction in checks.REDUCTIONS
             and type(update) is bool and type(validate) is bool)
+
+
+def plain_real(x) -> bool:
+    return type(x) is float or (type(x) is int and -2 ** 53 <= x <= 2 ** 53)
 
 
 def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend=None, inplace_grad=False):
