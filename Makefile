@@ -137,6 +137,7 @@ bench: install
 	$(VENV)/bin/pytest benchmarks -p no:cacheprovider --benchmark-enable --benchmark-only -q \
 	  -o addopts="" --benchmark-json=benchmarks/results/pytest-benchmark-cpu.json
 	$(PY) benchmarks/summarize.py benchmarks/results
+	cd benchmarks && ../$(PY) bandwidth_probe.py --out results/bandwidth-probe.json
 
 clean:
 	rm -rf build dist *.egg-info runs
