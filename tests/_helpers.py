@@ -20,6 +20,7 @@ def fused_cases():
 
 
 FUSED = fused_cases()
+HAS_CPU = ("cpu", "cpu") in FUSED  # the C++ ops are built and loaded
 ALL_BACKENDS = [("reference", "cpu")] + FUSED
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dps_fast
-from _helpers import FUSED, case_id, eager_spy, python_path_only, rule_check
+from _helpers import FUSED, HAS_CPU, case_id, eager_spy, python_path_only, rule_check
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BANK_DTYPES = [torch.float32, torch.bfloat16]
@@ -173,8 +173,6 @@ def test_any_number_of_views(case, v):
 # dps_cross_entropy runs plain CPU calls as one C++ op (csrc/fast_path.cpp), which either
 # takes a call on or declines it (NotImplementedError, before touching anything) to the
 # Python path. Same kernel, same autograd node: the results must be bit-identical.
-HAS_CPU = ("cpu", "cpu") in FUSED
-EAGER = "dps_ce_eager"
 
 
 def eager_call(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean", update=True,
@@ -254,7 +252,7 @@ def _declined_or_raised(call, bank):
 def test_eager_op_declines_what_the_python_path_refuses_or_handles():
     """Everything test_validation.py's BAD_DPS refuses, and what the Python path handles
     itself (float64, empty batch, odd banks, another backend), the op declines untouched.
-    Index errors raise with the Python path's messages (dps_fast::check_index)."""
+    Index errors raise with the Python path's messages (csrc/cpu/validate.cpp)."""
     from test_validation import BAD_DPS
 
     alpha = dps_fast.init_prior(torch.randint(0, 5, (20,)), 5)
@@ -368,4 +366,3 @@ def test_arguments_the_schema_would_misread_take_the_python_path():
         dps_fast.dps_cross_entropy(torch.ones(4, 5, dtype=torch.long), idx, alpha, gamma=10 ** 400)
     with pytest.raises(ValueError, match="reduction must be one of"):
         dps_fast.dps_cross_entropy(torch.randn(4, 5), idx, alpha, reduction="\ud800")
-

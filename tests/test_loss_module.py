@@ -6,7 +6,7 @@ import torch
 
 import dps_fast
 from dps_fast import reference as R
-from _helpers import eager_spy, python_path_only
+from _helpers import HAS_CPU, eager_spy, python_path_only
 
 
 def test_state_dict_roundtrip_and_to():
@@ -41,7 +41,7 @@ def test_train_updates_eval_does_not_and_matches_functional():
     assert torch.equal(m.alpha, before)
 
 
-@pytest.mark.skipif("cpu" not in dps_fast.available_backends(), reason="the C++ ops are not built")
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
 def test_local_bank_eager_fast_path_matches_the_python_path(monkeypatch, bank_dtype):
     """DPSLoss on a local CPU bank runs its step through the eager fast path (csrc/fast_path.cpp):
