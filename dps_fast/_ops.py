@@ -61,15 +61,26 @@ def under_functorch(x: torch.Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
+def has_tangent(x: torch.Tensor) -> bool:
+    """x carries a forward-mode tangent (a dual tensor of torch.autograd.forward_ad), which a
+    fused kernel would drop."""
+    if torch.compiler.is_compiling():
+        return False
+    forward_ad = torch.autograd.forward_ad
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None
+
+
 def backend_for_functorch(name: str, backend, what: str) -> str:
-    """torch.func transforms (grad, vmap, jacrev, ...) cannot see inside a fused kernel: the
-    automatic choice falls back to the reference, an explicit fused backend is an error."""
+    """torch.func transforms (grad, vmap, jacrev, ...) and forward-mode AD cannot see inside a
+    fused kernel: the automatic choice falls back to the reference, an explicit fused backend
+    is an error."""
     if name == "reference":
         return name
     if backend in (None, "auto"):
         return "reference"
-    raise RuntimeError(f"dps_fast: {what} under a torch.func transform (grad, vmap, jacrev, ...) runs only on "
-                       f"the reference backend, not {name!r}; use backend=None or 'reference'")
+    raise RuntimeError(f"dps_fast: {what} under a torch.func transform (grad, vmap, jacrev, ...) or forward-mode "
+                       f"AD (dual tensors) runs only on the reference backend, not {name!r}; use backend=None or "
+                       f"'reference'")
 
 
 def attach_grad(loss: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,34 @@ def test_backward_moves_the_gradient_buffer_unless_it_must_copy(case):
         torch.testing.assert_close(x.grad, scale * want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ALL_BACKENDS, ids=case_id)
+def test_forward_mode_ad_is_exact_or_an_error(case):
+    """A dual tensor (torch.autograd.forward_ad) carries a tangent that a fused kernel would
+    drop: the automatic choice takes the reference, whose tangent is <d loss / d z, v>; a
+    named fused backend is an error raised before the bank is written."""
+    import torch.autograd.forward_ad as fwad
+
+    backend, device = case
+    z, v = torch.randn(4, 5, device=device), torch.randn(4, 5, device=device)
+    idx, t = torch.arange(4, device=device), torch.softmax(torch.randn(4, 5, device=device), -1)
+    calls = {"dps": lambda x, bank, be: dps_fast.dps_cross_entropy(x, idx, bank, backend=be),
+             "soft_ce": lambda x, bank, be: dps_fast.soft_cross_entropy(x, t, backend=be)}
+    for what, call in calls.items():
+        zz = z.clone().requires_grad_(True)
+        call(zz, _bank(device), "reference").backward()
+        want = (zz.grad * v).sum()
+        for be in (None, backend):
+            bank = _bank(device)
+            with fwad.dual_level():
+                x = fwad.make_dual(z, v)
+                if be in (None, "reference"):
+                    torch.testing.assert_close(fwad.unpack_dual(call(x, bank, be)).tangent, want, msg=what)
+                    continue
+                with pytest.raises(RuntimeError, match="forward-mode AD"):
+                    call(x, bank, be)
+                assert torch.equal(bank, _bank(device)), what
+
+
 def test_reference_double_backward_is_exact():
     """The reference is the way to higher-order gradients: d2 l / dz2 = diag(p) - p p^T."""
     z = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)

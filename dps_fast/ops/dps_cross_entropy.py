@@ -145,6 +145,8 @@ def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, 
                                "transforms (grad, vmap, ...) forbid; call it outside the transform, or with "
                                "update=False")
         name = _ops.backend_for_functorch(name, backend, "dps_cross_entropy")
+    if _ops.has_tangent(logits):
+        name = _ops.backend_for_functorch(name, backend, "dps_cross_entropy")
     if update and in_backward_recompute():
         # Activation checkpointing re-runs this forward inside backward: the bank
         # already holds this call's posterior, so read it instead of updating twice.
