@@ -138,6 +138,7 @@ bench: install
 	  -o addopts="" --benchmark-json=benchmarks/results/pytest-benchmark-cpu.json
 	$(PY) benchmarks/summarize.py benchmarks/results
 	cd benchmarks && ../$(PY) bandwidth_probe.py --out results/bandwidth-probe.json
+	cd benchmarks && ../$(PY) overhead_probe.py --threads 2 --out results/overhead-probe.json
 
 clean:
 	rm -rf build dist *.egg-info runs

@@ -7,21 +7,30 @@ hand-written step.
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
         python benchmarks/overhead_probe.py --shapes 128x10 256x100
 
-Medians over ``--rounds`` rounds of ``--calls`` calls each, one thread, all in one process,
-the cases interleaved round by round.
+Medians over ``--rounds`` rounds of ``--calls`` calls each, one thread (``--threads``), all in
+one process, the cases interleaved round by round. ``make bench`` runs it with the benchmarks'
+2 threads and keeps benchmarks/results/overhead-probe.json: the small-shape ratio against
+the hand-written step, measured side by side (pytest-benchmark times each provider in its
+own block of single calls, which the VM's drift moves by up to 2x).
 Run it outside the repository root (or after ``make install``): it measures the installed
 package.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-import dps_fast
-from dps_fast.ops import dps_cross_entropy as step_module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dps_fast  # noqa: E402
+from common import environment  # noqa: E402
+from dps_fast.ops import dps_cross_entropy as step_module  # noqa: E402
 
 
 def interleaved_us(cases: dict, calls: int, rounds: int) -> dict:
@@ -99,7 +108,7 @@ def probe(b: int, c: int, n: int, calls: int, rounds: int) -> dict:
         "Python-path checks": loop(lambda: step_module.check(z, idx, alpha, 0.95, 1.0, "posterior", "mean")),
         "raw op (kernel + dispatch)": loop(
             lambda: torch.ops.dps_fast.dps_ce_fwd.default(zd, idx, alpha, grad, 0.95, 1.0, True, True, 1)),
-        "attach_grad": loop(lambda: torch.ops.dps_fast.attach_grad.default(grad[0, 0], z, grad)),
+        "attach_grad op (the Python path's node)": loop(lambda: torch.ops.dps_fast.attach_grad.default(grad[0, 0], z, grad)),
     }, calls, rounds)
     out["hand / fused"] = out["hand fwd+bwd"] / out["fused fwd+bwd"]
     return out
@@ -111,13 +120,21 @@ def main():
     p.add_argument("--n", type=int, default=50_000, help="bank rows")
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--rounds", type=int, default=31)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
+    results = {}
     for shape in a.shapes:
         b, c = (int(x) for x in shape.split("x"))
         r = probe(b, c, a.n, a.calls, a.rounds)
+        results[shape] = r
         print(f"[{b}, {c}] " + ", ".join(f"{k} {v:.2f}x" if k == "hand / fused" else f"{k} {v:.1f} us"
                                          for k, v in r.items()))
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump({"us_per_call_medians": results, "calls": a.calls, "rounds": a.rounds, "N": a.n,
+                       "environment": environment()}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ void accept_tensors(const at::Tensor& logits, const at::Tensor& index, const at:
   DPS_ACCEPT(fused_dtype(logits.scalar_type()) && fused_dtype(alpha.scalar_type()), "dtypes without a fused kernel");
   // (the Python path gives such a loss autograd's warning-only grad_fn)
   DPS_ACCEPT(!alpha.requires_grad(), "a bank that requires grad");
+  // (the Python path sends dual tensors to the reference, or says why it cannot)
+  DPS_ACCEPT(!logits._fw_grad(/*level=*/0).defined(), "forward-mode AD (dual tensors)");
   DPS_ACCEPT(logits.dim() == 2 || (logits.dim() == 3 && logits.size(0) >= 1), "logits of another shape");
   const int64_t b = logits.size(-2), c = logits.size(-1);
   DPS_ACCEPT(b >= 1 && c >= 1, "an empty batch");
@@ -106,7 +108,7 @@ at::Tensor dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::T
     grad = need_grad ? at::empty_like(z, at::MemoryFormat::Contiguous) : at::empty({0}, z.options());
     loss = step.call(z, idx, alpha, grad, gamma, tau_e, target == "posterior", update, red);
   }
-  return need_grad ? attach_grad(loss, logits, grad) : loss;
+  return need_grad ? attach_grad_to_new(std::move(loss), logits, grad) : loss;
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/SavedTensorHooks.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -41,6 +42,14 @@ at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& g) {
   return (grad * g).to(grad.scalar_type());
 }
 
+// The saved gradient has no derivative of its own: a second derivative through it
+// (create_graph=True) would be silently wrong, so it is an error.
+void check_first_order() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "dps_fast: the fused backends have no second derivative (backward with create_graph=True, a "
+              "gradient penalty, torch.func.hessian...); use backend='reference' for higher-order gradients");
+}
+
 // A C++ autograd node: a Python autograd.Function cost about 25 us forward and 30 us
 // backward per call at [128, 10] (2-core VM, 2026-11-30), several times the kernel.
 struct AttachGrad : public torch::autograd::Function<AttachGrad> {
@@ -60,16 +69,64 @@ struct AttachGrad : public torch::autograd::Function<AttachGrad> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // The saved gradient has no derivative of its own: a second derivative through it
-    // (create_graph=True) would be silently wrong, so it is an error.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "dps_fast: the fused backends have no second derivative (backward with create_graph=True, a "
-                "gradient penalty, torch.func.hessian...); use backend='reference' for higher-order gradients");
+    check_first_order();
     const auto kept = ctx->saved_data.find("grad");
     const at::Tensor grad = kept != ctx->saved_data.end() ? kept->second.toTensor() : ctx->get_saved_variables()[0];
     return {at::Tensor(), scale_grad(grad, grad_outputs[0]), at::Tensor()};
   }
 };
+
+// The same backward as a bare autograd Node, for the eager fast path (csrc/fast_path.cpp),
+// which attaches it to the loss it has just made. AttachGrad's context, saved-variable and
+// output-wrapping machinery and its copy of the loss cost about 10 us of a ~30 us forward at
+// [128, 10] (2-core VM, benchmarks/overhead_probe.py, 2026-11-30). What the bare node gives
+// up: compiled autograd cannot trace it (it says so; dps_fast/_dispatch.py::eager_op
+// declines while compiled autograd is on), and forward-mode AD (fast_path.cpp declines).
+struct AttachGradBackward : public torch::autograd::Node {
+  // The buffer is the step's own (the fast path never takes inplace_grad) and nothing else
+  // holds it, so there is no version to check; it is kept as AttachGrad keeps it under
+  // saved-tensor hooks.
+  explicit AttachGradBackward(at::Tensor grad) : grad_(std::move(grad)) {}
+
+  std::string name() const override { return "dps_fast::AttachGradBackward"; }
+
+  // The engine calls this after apply() unless the graph is kept: the buffer is then held
+  // only by the gradient apply() returned, and autograd moves it into .grad without a copy.
+  void release_variables() override { grad_.reset(); }
+
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs&) const override {
+    TORCH_CHECK_NOT_IMPLEMENTED(false,
+                                "dps_fast: compiled autograd cannot trace a loss computed by the eager fast path; "
+                                "compute the loss with compiled autograd already enabled, or under torch.compile");
+  }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    check_first_order();
+    TORCH_CHECK(grad_.defined(),
+                "Trying to backward through the graph a second time (or directly access saved tensors after they "
+                "have already been freed). Saved intermediate values of the graph are freed when you call "
+                ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the "
+                "graph a second time or if you need to access saved tensors after calling backward.");
+    torch::autograd::variable_list out(1);
+    if (grads[0].defined() && should_compute_output(0)) out[0] = scale_grad(grad_, grads[0]);
+    return out;
+  }
+
+  at::Tensor grad_;
+};
+
+// A new node, held the way this torch holds autograd nodes: an intrusive_ptr in torch 2.13,
+// a shared_ptr (with deleteNode, found by argument-dependent lookup) in 2.11, which the CUDA
+// image runs.
+template <typename N>
+auto make_node(at::Tensor grad) {
+  using NodePtr = std::decay_t<decltype(std::declval<const at::TensorBase&>().grad_fn())>;
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<N>(new N(std::move(grad)), [](N* p) { deleteNode(p); });
+  } else {
+    return c10::make_intrusive<N>(std::move(grad));
+  }
+}
 
 at::Tensor attach_grad_value(const at::Tensor& loss, const at::Tensor& x, const at::Tensor& grad) {
   return loss.clone();
@@ -79,6 +136,13 @@ at::Tensor attach_grad_value(const at::Tensor& loss, const at::Tensor& x, const 
 
 at::Tensor attach_grad(const at::Tensor& loss, const at::Tensor& x, const at::Tensor& grad) {
   return AttachGrad::apply(loss, x, grad);
+}
+
+at::Tensor attach_grad_to_new(at::Tensor loss, const at::Tensor& x, const at::Tensor& grad) {
+  auto node = make_node<AttachGradBackward>(grad);
+  node->set_next_edges(torch::autograd::collect_next_edges(x));
+  torch::autograd::set_history(loss, node);
+  return loss;
 }
 
 }  // namespace dps_fast

@@ -13,4 +13,8 @@ bool plain_cpu(const at::Tensor& t);
 // in eager mode; csrc/ops.cpp).
 at::Tensor attach_grad(const at::Tensor& loss, const at::Tensor& x, const at::Tensor& grad);
 
+// The same for a `loss` the caller has just made, holds alone and computed from x without
+// autograd (x requires grad; grad mode is on): `loss` itself, not a copy (eager only).
+at::Tensor attach_grad_to_new(at::Tensor loss, const at::Tensor& x, const at::Tensor& grad);
+
 }  // namespace dps_fast

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 
 import torch
@@ -205,7 +206,7 @@ def eager_op(op_name: str, x, backend):
     path, docs/contributing.md), or None where the call takes the Python path: the C++ ops
     are not loaded, ``x`` is not a CPU tensor, another backend is named, the call is traced
     (torch.compile), transformed (torch.func) or re-run inside backward (activation
-    checkpointing), or a torch function/dispatch mode is active. The op itself declines
+    checkpointing), compiled autograd is on, or a torch function/dispatch mode is active. The op itself declines
     whatever else it does not take on (:data:`EAGER_DECLINES`)."""
     if backend not in _EAGER_BACKENDS or not isinstance(x, torch.Tensor) or not x.is_cpu:
         return None
@@ -215,6 +216,10 @@ def eager_op(op_name: str, x, backend):
     # a torch function mode would see the eager op in place of the Python path's calls
     # (the op declines under a dispatch mode itself)
     if torch._C._is_torch_function_mode_enabled():
+        return None
+    # the fast path's autograd node cannot be traced by compiled autograd (csrc/ops.cpp)
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    if compiled_autograd is not None and compiled_autograd.compiled_autograd_enabled:
         return None
     if _state.get("cpu", "not loaded") is not None:
         return None

@@ -320,6 +320,52 @@ def test_eager_op_declines_under_a_dispatch_mode(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+def test_eager_fast_path_autograd_node(monkeypatch):
+    """The fast path's own autograd node (csrc/ops.cpp, AttachGradBackward): a kept graph, an
+    upstream gradient, the graph freed after backward, no second derivative."""
+    z, idx = torch.randn(6, 5), torch.tensor([5, 0, 3, 1, 2, 4])
+    alpha = dps_fast.init_prior(torch.arange(6) % 5, 5)
+    taken = eager_spy(monkeypatch)
+    x = z.clone().requires_grad_(True)
+    loss = dps_fast.dps_cross_entropy(x, idx, alpha.clone())
+    assert len(taken) == 1 and loss.grad_fn.name() == "dps_fast::AttachGradBackward"
+    loss.backward(torch.tensor(3.0), retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, first * (4 / 3))
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(dps_fast.dps_cross_entropy(x, idx, alpha.clone()), x, create_graph=True)
+    python_path_only(monkeypatch)
+    y = z.clone().requires_grad_(True)
+    dps_fast.dps_cross_entropy(y, idx, alpha.clone()).backward(torch.tensor(3.0))
+    assert torch.equal(first, y.grad)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+def test_eager_fast_path_and_compiled_autograd(monkeypatch):
+    """Compiled autograd cannot trace the fast path's node: a loss computed while it is on
+    takes the Python path (and backward matches); one computed before it is turned on
+    fails in backward with a message that says so."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    z, idx = torch.randn(6, 5), torch.tensor([5, 0, 3, 1, 2, 4])
+    alpha = dps_fast.init_prior(torch.arange(6) % 5, 5)
+    taken = eager_spy(monkeypatch)
+    x = z.clone().requires_grad_(True)
+    dps_fast.dps_cross_entropy(x, idx, alpha.clone()).backward()
+    with compiled_autograd._enable(lambda graph: graph):
+        y = z.clone().requires_grad_(True)
+        dps_fast.dps_cross_entropy(y, idx, alpha.clone()).backward()
+    assert len(taken) == 1, "the fast path took a call under compiled autograd"
+    torch.testing.assert_close(y.grad, x.grad)
+    loss = dps_fast.dps_cross_entropy(z.clone().requires_grad_(True), idx, alpha.clone())
+    with pytest.raises(NotImplementedError, match="compiled autograd cannot trace"):
+        with compiled_autograd._enable(lambda graph: graph):
+            loss.backward()
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
 @pytest.mark.parametrize("selective", [False, True], ids=["checkpoint", "selective-checkpoint"])
 def test_checkpointed_step_updates_once_and_matches(selective):
     """Activation checkpointing that recomputes the step in backward (early_stop=False; a

@@ -78,6 +78,14 @@ inline void stf(const Vec& v, float* p, int64_t cnt) {
   else v.store(p, cnt);
 }
 #endif
+// v with the lanes from cnt on set to 0, inlined (Vec::set is an out-of-line call with a switch)
+DPS_INLINE Vec keep_lanes(const Vec& v, int64_t cnt) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_and_ps(v, _mm256_castsi256_ps(tail_mask(cnt))));
+#else
+  return Vec::set(Vec(0.f), v, cnt);
+#endif
+}
 // Stores the cnt <= kW lanes of v as T at p, rounding to nearest even like
 // Tensor.to. NT: a streaming (non-temporal) store for a full vector, which the
 // caller guarantees to be aligned (32 bytes for float, 16 for 16-bit types).
@@ -153,7 +161,7 @@ DPS_INLINE float accurate_sum(int64_t n, const VF& vf) {
   }
   Vec rest(0.f);
   for (; j + kW <= n; j += kW) rest = rest + vf(j, kW);
-  if (j < n) rest = rest + Vec::set(Vec(0.f), vf(j, n - j), n - j);
+  if (j < n) rest = rest + keep_lanes(vf(j, n - j), n - j);
   return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, total + rest);
 }
 
