@@ -1,7 +1,8 @@
 // The eager fast path of dps_fast.dps_cross_entropy on CPU tensors (docs/contributing.md,
 // "The eager fast path"): the whole public call as one op, so that a small step pays one
 // Python-to-C++ crossing instead of a dozen. It runs the same kernel (dps_fast::dps_ce_fwd)
-// and the same autograd node (attach_grad) as the Python path, so results are bit-identical.
+// and the same backward formula (ops.cpp, scale_grad) as the Python path, so results are
+// bit-identical; its autograd node is a bare one (ops.cpp, AttachGradBackward).
 //
 // It only *accepts* calls: anything it does not take on (float64, an empty batch, a view of
 // another layout, bad input of any kind) it declines with NotImplementedError before

@@ -83,16 +83,21 @@ struct AttachGrad : public torch::autograd::Function<AttachGrad> {
 // up: compiled autograd cannot trace it (it says so; dps_fast/_dispatch.py::eager_op
 // declines while compiled autograd is on), and forward-mode AD (fast_path.cpp declines).
 struct AttachGradBackward : public torch::autograd::Node {
-  // The buffer is the step's own (the fast path never takes inplace_grad) and nothing else
-  // holds it, so there is no version to check; it is kept as AttachGrad keeps it under
-  // saved-tensor hooks.
-  explicit AttachGradBackward(at::Tensor grad) : grad_(std::move(grad)) {}
+  // The buffer is kept as it is, as AttachGrad keeps it under saved-tensor hooks, with the
+  // version check a saved variable would make: with retain_graph, autograd.grad hands the
+  // buffer itself to the caller (and to tensor hooks), who may change it in place.
+  explicit AttachGradBackward(at::Tensor grad) : grad_(std::move(grad)), version_(grad_._version()) {}
 
   std::string name() const override { return "dps_fast::AttachGradBackward"; }
 
   // The engine calls this after apply() unless the graph is kept: the buffer is then held
   // only by the gradient apply() returned, and autograd moves it into .grad without a copy.
-  void release_variables() override { grad_.reset(); }
+  // (The lock: two threads may run backward through one graph, note [Thread Safety on
+  // Autograd Node] in torch/csrc/autograd/node.h.)
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    grad_.reset();
+  }
 
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs&) const override {
     TORCH_CHECK_NOT_IMPLEMENTED(false,
@@ -102,17 +107,29 @@ struct AttachGradBackward : public torch::autograd::Node {
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     check_first_order();
-    TORCH_CHECK(grad_.defined(),
+    at::Tensor grad;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      grad = grad_;
+    }
+    TORCH_CHECK(grad.defined(),
                 "Trying to backward through the graph a second time (or directly access saved tensors after they "
                 "have already been freed). Saved intermediate values of the graph are freed when you call "
                 ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the "
                 "graph a second time or if you need to access saved tensors after calling backward.");
+    TORCH_CHECK(grad._version() == version_,
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                "the gradient buffer of a dps_fast loss is at version ", grad._version(), "; expected version ",
+                version_, " instead (it was handed out by an earlier backward with retain_graph=True)");
     torch::autograd::variable_list out(1);
-    if (grads[0].defined() && should_compute_output(0)) out[0] = scale_grad(grad_, grads[0]);
+    if (!should_compute_output(0)) return out;
+    // an undefined upstream gradient counts as zeros, as in AttachGrad (materialize_grads)
+    out[0] = scale_grad(grad, grads[0].defined() ? grads[0] : input_metadata(0).zeros_like());
     return out;
   }
 
   at::Tensor grad_;
+  int64_t version_;
 };
 
 // A new node, held the way this torch holds autograd nodes: an intrusive_ptr in torch 2.13,

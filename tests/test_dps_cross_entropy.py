@@ -322,7 +322,8 @@ def test_eager_op_declines_under_a_dispatch_mode(monkeypatch):
 @pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
 def test_eager_fast_path_autograd_node(monkeypatch):
     """The fast path's own autograd node (csrc/ops.cpp, AttachGradBackward): a kept graph, an
-    upstream gradient, the graph freed after backward, no second derivative."""
+    upstream gradient, the graph freed after backward, a handed-out buffer changed in place,
+    no second derivative."""
     z, idx = torch.randn(6, 5), torch.tensor([5, 0, 3, 1, 2, 4])
     alpha = dps_fast.init_prior(torch.arange(6) % 5, 5)
     taken = eager_spy(monkeypatch)
@@ -335,6 +336,13 @@ def test_eager_fast_path_autograd_node(monkeypatch):
     torch.testing.assert_close(x.grad, first * (4 / 3))
     with pytest.raises(RuntimeError, match="a second time"):
         loss.backward()
+    # with the graph kept, autograd.grad hands out the buffer itself: changed in place, it
+    # must not feed the next backward
+    loss = dps_fast.dps_cross_entropy(x, idx, alpha.clone())
+    (handed,) = torch.autograd.grad(loss, x, retain_graph=True)
+    handed.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(dps_fast.dps_cross_entropy(x, idx, alpha.clone()), x, create_graph=True)
     python_path_only(monkeypatch)
