@@ -1,7 +1,8 @@
 // The dps_fast op library. Each fused op defines its schema once, next to its CPU kernel
 // (csrc/cpu/<op>.cpp, TORCH_LIBRARY_FRAGMENT); Python and the Triton kernels read the
 // schemas from the dispatcher. This file opens the namespace and defines attach_grad, the
-// autograd glue every fused op shares (dps_fast/_ops.py explains why it is a separate op).
+// autograd glue every fused op shares (dps_fast/_ops.py explains why it is a separate op),
+// and the bare autograd node of the eager fast path (csrc/fast_path.cpp), with one backward.
 #include <ATen/ATen.h>
 #include <ATen/SavedTensorHooks.h>
 #include <torch/csrc/autograd/custom_function.h>
