@@ -108,7 +108,8 @@ def probe(b: int, c: int, n: int, calls: int, rounds: int) -> dict:
         "Python-path checks": loop(lambda: step_module.check(z, idx, alpha, 0.95, 1.0, "posterior", "mean")),
         "raw op (kernel + dispatch)": loop(
             lambda: torch.ops.dps_fast.dps_ce_fwd.default(zd, idx, alpha, grad, 0.95, 1.0, True, True, 1)),
-        "attach_grad op (the Python path's node)": loop(lambda: torch.ops.dps_fast.attach_grad.default(grad[0, 0], z, grad)),
+        "attach_grad op (the Python path's node)": loop(
+            lambda: torch.ops.dps_fast.attach_grad.default(grad[0, 0], z, grad)),
     }, calls, rounds)
     out["hand / fused"] = out["hand fwd+bwd"] / out["fused fwd+bwd"]
     return out

@@ -61,7 +61,7 @@ def under_functorch(x: torch.Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
-def has_tangent(x: torch.Tensor) -> bool:
+def _has_tangent(x: torch.Tensor) -> bool:
     """x carries a forward-mode tangent (a dual tensor of torch.autograd.forward_ad), which a
     fused kernel would drop."""
     if torch.compiler.is_compiling():
@@ -70,11 +70,11 @@ def has_tangent(x: torch.Tensor) -> bool:
     return forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None
 
 
-def backend_for_functorch(name: str, backend, what: str) -> str:
-    """torch.func transforms (grad, vmap, jacrev, ...) and forward-mode AD cannot see inside a
-    fused kernel: the automatic choice falls back to the reference, an explicit fused backend
-    is an error."""
-    if name == "reference":
+def backend_for_autodiff(x: torch.Tensor, name: str, backend, what: str) -> str:
+    """The backend for input ``x``: torch.func transforms (grad, vmap, jacrev, ...) and
+    forward-mode AD cannot see inside a fused kernel, so under them the automatic choice
+    falls back to the reference and an explicit fused backend is an error."""
+    if name == "reference" or not (under_functorch(x) or _has_tangent(x)):
         return name
     if backend in (None, "auto"):
         return "reference"

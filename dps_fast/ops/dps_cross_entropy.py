@@ -139,14 +139,11 @@ def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, 
     red = checks.REDUCTIONS[reduction]
     if logits.shape[-2] == 0:
         return empty_loss(logits, red)
-    if _ops.under_functorch(logits):
-        if update:
-            raise RuntimeError("dps_fast: dps_cross_entropy(update=True) writes the bank, which torch.func "
-                               "transforms (grad, vmap, ...) forbid; call it outside the transform, or with "
-                               "update=False")
-        name = _ops.backend_for_functorch(name, backend, "dps_cross_entropy")
-    if _ops.has_tangent(logits):
-        name = _ops.backend_for_functorch(name, backend, "dps_cross_entropy")
+    if update and _ops.under_functorch(logits):
+        raise RuntimeError("dps_fast: dps_cross_entropy(update=True) writes the bank, which torch.func "
+                           "transforms (grad, vmap, ...) forbid; call it outside the transform, or with "
+                           "update=False")
+    name = _ops.backend_for_autodiff(logits, name, backend, "dps_cross_entropy")
     if update and in_backward_recompute():
         # Activation checkpointing re-runs this forward inside backward: the bank
         # already holds this call's posterior, so read it instead of updating twice.

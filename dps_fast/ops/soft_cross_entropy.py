@@ -62,8 +62,7 @@ def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backen
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, target.dtype))
     if b == 0:
         return empty_loss(logits, red)
-    if _ops.under_functorch(logits) or _ops.has_tangent(logits):
-        name = _ops.backend_for_functorch(name, backend, "soft_cross_entropy")
+    name = _ops.backend_for_autodiff(logits, name, backend, "soft_cross_entropy")
     if name == "reference":
         return reference(logits, target, reduction, normalize)
     need = needs_grad(logits)

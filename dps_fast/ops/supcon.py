@@ -127,8 +127,7 @@ def supcon_loss(features, labels=None, tau=0.1, normalize=True, soft_targets=Non
     tau = float(tau)
     dtypes = (features.dtype,) + ((soft_targets.dtype,) if soft_targets is not None else ())
     name = _dispatch.resolve(backend, features.device, dtypes)
-    if _ops.under_functorch(features) or _ops.has_tangent(features):
-        name = _ops.backend_for_functorch(name, backend, "supcon_loss")
+    name = _ops.backend_for_autodiff(features, name, backend, "supcon_loss")
     if name == "reference" or m < 2:
         return reference(features, labels, tau, normalize, soft_targets)
     f, lab, soft = rows(features, labels, soft_targets)
