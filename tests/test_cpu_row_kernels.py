@@ -1,6 +1,8 @@
 """The fused CPU DPS kernel's fast paths, bit for bit: its exp against ATen's exp_u20,
 the streaming-store path against ordinary stores, one large batch against many small
-ones on one or two threads; and the non-finite policy applies to non-finite logits only."""
+ones on one or two threads; and the non-finite policy applies to non-finite logits only.
+The small-C path (eight rows per tile) against the fp64 reference, lane by lane."""
+import itertools
 import os
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 import dps_fast
 from dps_fast import _dispatch
+from _helpers import rule_check
 
 pytestmark = pytest.mark.skipif(not _dispatch.available("cpu", "cpu"), reason="C++ extension not built")
 
@@ -121,3 +124,62 @@ def test_finite_logits_whose_sum_overflows_are_not_treated_as_non_finite():
     assert torch.isfinite(loss).all() and torch.isfinite(ref).all()
     torch.testing.assert_close(alpha, a_ref)
     assert not torch.equal(alpha[0], dps_fast.init_prior(torch.tensor([3]), c)[0])
+
+
+SMALL_C = 16  # kSmallC in csrc/cpu/dps_cross_entropy.cpp
+FMAX = torch.finfo(torch.float32).max
+
+
+def _tile_problem(b, c, seed):
+    """[b, c] logits whose rows 2-6 (where b allows) are bad or extreme: a NaN, a -inf, a +inf
+    logit, an out-of-range id, and finite logits of +-FLT_MAX; the ids leave bank rows untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 3 * b + 5
+    alpha = dps_fast.init_prior(torch.randint(0, c, (n,), generator=gen), c, c=5.0, eps=0.05)
+    alpha += torch.rand(n, c, generator=gen)
+    z = torch.randn(b, c, generator=gen) * 3
+    idx = torch.randperm(n, generator=gen)[:b]
+    rows = {2: (c // 2, float("nan")), 3: (0, float("-inf")), 4: (c - 1, float("inf")), 6: (0, FMAX)}
+    for row, (col, value) in rows.items():
+        if row < b:
+            z[row, col] = value
+    if b > 6 and c > 1:
+        z[6, -1] = -FMAX
+    if b > 5:
+        idx[5] = n + 7
+    return z, idx, alpha
+
+
+def _public_step(z, idx, alpha, backend, upstream, **kw):
+    x = z.clone().requires_grad_(True)
+    a = alpha.clone()
+    loss = dps_fast.dps_cross_entropy(x, idx, a, reduction="none", backend=backend, validate=False, **kw)
+    loss.backward(upstream)
+    return loss.detach(), x.grad, a
+
+
+@pytest.mark.parametrize("c", range(1, SMALL_C + 2))
+def test_small_c_tiles_match_the_reference_lane_by_lane(c):
+    """C <= 16 (float32, one view) runs eight rows per tile, one row per lane (SmallCStep; C = 17
+    takes the row path): every row against the fp64 reference by the tolerance rule, in batches
+    that end inside a tile, with bad rows inside a tile (docs/method.md §9) and all modes."""
+    modes = [dict(tau_e=1.0, target="posterior", update=True), dict(tau_e=2.0, target="prior", update=True),
+             dict(tau_e=0.5, target="posterior", update=False)]
+    for b, kw in itertools.product((1, 8, 9, 23), modes):
+        z, idx, alpha = _tile_problem(b, c, seed=100 * c + b)
+        upstream = torch.rand(b, generator=torch.Generator().manual_seed(b)) + 0.5
+        lk, gk, ak = _public_step(z, idx, alpha, "cpu", upstream, gamma=0.9, **kw)
+        le, ge, ae = _public_step(z, idx, alpha, "reference", upstream, gamma=0.9, **kw)
+        lx, gx, ax = _public_step(z.double(), idx, alpha.double(), "reference", upstream.double(), gamma=0.9, **kw)
+        what = f"B={b} {kw}"
+        for r in range(b):  # a row's loss is a difference of terms up to 2 max|z|
+            scale = 2 * float(z[r].double().abs().nan_to_num(0, 0, 0).max()) + 10
+            rule_check(lk[r], le[r], lx[r], torch.float32, f"loss row {r}, {what}", scale=scale)
+            rule_check(gk[r], ge[r], gx[r], torch.float32, f"grad row {r}, {what}")
+        rule_check(ak, ae, ax, torch.float32, f"bank, {what}")
+        assert torch.equal(ak, ae) or kw["update"], "a read-only step wrote the bank"
+        written = torch.zeros(alpha.shape[0], dtype=torch.bool)
+        good = [r for r in range(b) if r not in (2, 3, 4, 5)]
+        written[idx[good]] = kw["update"]
+        assert torch.equal(ak[~written], alpha[~written]), f"a bank row that must stay was written, {what}"
+        assert (ak[written] != alpha[written]).any(1).all(), f"a row was not updated, {what}"

@@ -239,6 +239,122 @@ struct DpsStep {
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX2)
+// The DPS step for C <= 16 classes (float32 logits and bank, one view), eight rows at a time,
+// one row per lane: the rows' logits and bank rows are transposed into one Vec per class
+// (row_kernels.h, load_tile), so every operation serves eight rows, and transposed back for
+// the stores. The same formulas as DpsStep, element by element; only the order of the sums
+// over the classes differs (four interleaved chains). Why: DpsStep's cost per row is a chain of
+// dependent reductions (max, sum of exp, bank sum, loss), ~100 ns whatever C <= 16 (measured
+// with 1 thread on the 2-core VM, 2026-11-30, benchmarks/kernel_probe.py); here the eight rows
+// of a tile run those chains side by side.
+constexpr int64_t kSmallC = kTileCols;
+
+struct SmallCStep {
+  const float* z;
+  const int64_t* idx;
+  float* alpha;
+  float* grad;  // nullptr: no gradient wanted
+  float* loss_rows;
+  int64_t B, C, N, a_stride;
+  float gamma, inv_tau, gscale;
+  bool temper, posterior, update;
+
+  float* bank_row(int64_t b) const { return idx[b] >= 0 && idx[b] < N ? alpha + idx[b] * a_stride : nullptr; }
+
+  void operator()(int64_t b0, int64_t b1) const {
+    for (int64_t b = b0; b < b1; b += kW) tile(b, std::min<int64_t>(kW, b1 - b));
+  }
+
+  // Rows [b, b + n), n <= 8.
+  void tile(int64_t b, int64_t n) const {
+    const float* zr[kW] = {};
+    float* ar[kW] = {};
+    float* gr[kW] = {};
+    int present = 0;  // bit i: row b + i exists and has a bank row
+    for (int64_t i = 0; i < n; ++i) {
+      zr[i] = z + (b + i) * C;
+      ar[i] = bank_row(b + i);
+      gr[i] = grad ? grad + (b + i) * C : nullptr;
+      if (ar[i]) present |= 1 << i;
+      if (b + kW + i < B) {  // the next tile's bank row
+        if (const float* next = bank_row(b + kW + i)) prefetch_span(reinterpret_cast<const char*>(next), C * 4);
+      }
+    }
+    __m256 zc[kSmallC], ex[kSmallC], et[kSmallC], a[kSmallC];
+    load_tile(zr, C, zc);
+    load_tile(ar, C, a);
+    // sweeps A and B: max, min, softmax numerators (DpsStep::views)
+    Vec m(zc[0]), mn(zc[0]);
+    for (int64_t j = 1; j < C; ++j) m = max_nonan(m, Vec(zc[j])), mn = min_nonan(mn, Vec(zc[j]));
+    const Vec neg = Vec(0.f) - m;
+    for (int64_t j = 0; j < C; ++j) ex[j] = exp_nonpos(Vec(zc[j]) + neg);
+    const Vec s = lane_sum(ex, C);
+    Vec se = s;
+    if (temper) {
+      const Vec vk(inv_tau);
+      for (int64_t j = 0; j < C; ++j) et[j] = exp_nonpos((Vec(zc[j]) + neg) * vk);
+      se = lane_sum(et, C);
+    }
+    const __m256* evid = temper ? et : ex;
+    const int no_neg_inf = _mm256_movemask_ps(_mm256_cmp_ps(mn, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ));
+    const int good = present & finite_lanes(m) & finite_lanes(s) & no_neg_inf;
+    // sweep C: the bank rows (DpsStep::bank_sweep); t holds the target row before normalisation
+    const Vec kv = Vec(1.f) / se, g(gamma);
+    __m256* t = et;  // the tempered numerators are not needed past here
+    for (int64_t j = 0; j < C; ++j) {
+      const Vec a_new = at::vec::fmadd(Vec(a[j]), g, Vec(evid[j]) * kv);
+      t[j] = posterior ? a_new : Vec(a[j]);
+      a[j] = a_new;
+    }
+    if (update) {
+      float* keep[kW] = {};
+      for (int64_t i = 0; i < n; ++i) keep[i] = good >> i & 1 ? ar[i] : nullptr;
+      store_tile(a, C, keep);
+    }
+    // sweep D: loss and gradient (DpsStep::outputs)
+    const Vec inv_t = Vec(1.f) / lane_sum(t, C), vss = Vec(1.f) / s, vg(gscale);
+    const Vec vhm = m * Vec(0.5f), vmh(-0.5f);
+    const Vec bad = Vec(_mm256_castsi256_ps(_mm256_cmpeq_epi32(
+        _mm256_and_si256(_mm256_set1_epi32(good), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)),
+        _mm256_setzero_si256())));
+    const Vec nan(std::numeric_limits<float>::quiet_NaN());
+    for (int64_t j = 0; j < C; ++j) {
+      const Vec tj = Vec(t[j]) * inv_t;
+      ex[j] = Vec::blendv((Vec(ex[j]) * vss - tj) * vg, nan, bad);  // the gradient
+      t[j] = tj * at::vec::fmadd(Vec(zc[j]), vmh, vhm);
+    }
+    if (grad) store_tile(ex, C, gr);
+    float sv[kW], gap[kW];
+    s.store(sv);
+    lane_sum(t, C).store(gap);
+    for (int64_t i = 0; i < n; ++i)
+      loss_rows[b + i] = good >> i & 1 ? half_gap_loss(1.0f, sv[i], gap[i]) : std::numeric_limits<float>::quiet_NaN();
+  }
+};
+#endif
+
+// Runs the step with SmallCStep where it applies (AVX2, float32 logits and bank, one view,
+// C <= 16); false where DpsStep runs it.
+template <typename TZ, typename TA>
+bool small_c_step(const at::Tensor& z, const at::Tensor& idx, at::Tensor& alpha, TZ* grad,
+                  std::vector<float>& rows, int64_t V, int64_t C, double gamma, double tau_e, float gscale,
+                  bool posterior, bool update) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<TZ, float> && std::is_same_v<TA, float>) {
+    if (V != 1 || C > kSmallC) return false;
+    const int64_t B = z.size(-2);
+    SmallCStep step{z.data_ptr<float>(), idx.data_ptr<int64_t>(), alpha.data_ptr<float>(), grad, rows.data(),
+                    B, C, alpha.size(0), alpha.stride(0), static_cast<float>(gamma),
+                    1.0f / static_cast<float>(tau_e), gscale, static_cast<float>(tau_e) != 1.0f, posterior, update};
+    // whole tiles per task
+    at::parallel_for(0, B, (grain_rows(C) + kW - 1) / kW * kW, step);
+    return true;
+  }
+#endif
+  return false;
+}
+
 at::Tensor dps_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& index, at::Tensor& alpha,
                           at::Tensor& grad, double gamma, double tau_e, bool posterior, bool update,
                           int64_t reduction) {
@@ -261,6 +377,7 @@ at::Tensor dps_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& index, at:
         TORCH_CHECK_TYPE(false, "dps_fast: the fused CPU kernel takes float32/bfloat16/float16");
       } else {
         using TA = scalar_t;
+        if (small_c_step<TZ, TA>(z, idx, alpha, g, rows, V, C, gamma, tau_e, gscale, posterior, update)) return;
         DpsStep<TZ, TA> step{z.data_ptr<TZ>(), idx.data_ptr<int64_t>(), alpha.data_ptr<TA>(), g, rows.data(),
                              V, B, C, alpha.size(0), alpha.stride(0), static_cast<float>(gamma),
                              1.0f / static_cast<float>(tau_e), gscale, static_cast<float>(tau_e) != 1.0f,

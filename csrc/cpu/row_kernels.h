@@ -67,9 +67,22 @@ inline __m256i tail_mask(int64_t cnt) {
 DPS_INLINE Vec ldf(const float* p, int64_t cnt) {
   return cnt == kW ? Vec::loadu(p) : Vec(_mm256_maskload_ps(p, tail_mask(cnt)));
 }
+// A tail goes out in 4-, 2- and 1-float pieces: AMD's masked store (vmaskmovps) is microcoded,
+// and at C = 10 the small-C step's masked stores took ~15% of its time (perf, 2026-11-30).
 DPS_INLINE void stf(const Vec& v, float* p, int64_t cnt) {
-  if (cnt == kW) v.store(p);
-  else _mm256_maskstore_ps(p, tail_mask(cnt), __m256(v));
+  if (cnt == kW) return v.store(p);
+  __m128 part = _mm256_castps256_ps128(v);
+  if (cnt & 4) {
+    _mm_storeu_ps(p, part);
+    part = _mm256_extractf128_ps(v, 1);
+    p += 4;
+  }
+  if (cnt & 2) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(p), part);
+    part = _mm_movehl_ps(part, part);
+    p += 2;
+  }
+  if (cnt & 1) _mm_store_ss(p, part);
 }
 #else
 inline Vec ldf(const float* p, int64_t cnt) { return cnt == kW ? Vec::loadu(p) : Vec::loadu(p, cnt); }
@@ -297,6 +310,69 @@ DPS_INLINE void row_max_min(const float* x, int64_t n, float& mx, float& mn) {
 inline float row_dot(const float* a, const float* b, int64_t n) {
   return accurate_sum(n, [&](int64_t j, int64_t k) { return ldf(a + j, k) * ldf(b + j, k); });
 }
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Lane-per-row tiles (the small-C DPS step): up to 8 rows of up to 16 floats as one vector
+// per column, lane i holding row i. A missing row (nullptr) reads as zeros and is not written.
+// Tiles are arrays of plain __m256: an array of Vec would be zeroed by Vec's constructor
+// (rep stos), which took ~40% of the step at C = 8 (perf, 2026-11-30).
+constexpr int64_t kTileCols = 2 * kW;
+
+// r[0..8) = the transpose of the 8 x 8 block r[0..8) (unpack, shuffle, swap 128-bit halves).
+DPS_INLINE void transpose8x8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// cols[j] = lanes rows[i][j] for j < C <= kTileCols (zero lanes for missing rows).
+DPS_INLINE void load_tile(const float* const rows[kW], int64_t C, __m256 cols[kTileCols]) {
+  for (int64_t h = 0; h < C; h += kW) {
+    const int64_t cnt = std::min<int64_t>(kW, C - h);
+    __m256 r[kW];
+    for (int64_t i = 0; i < kW; ++i) r[i] = rows[i] ? __m256(ldf(rows[i] + h, cnt)) : _mm256_setzero_ps();
+    transpose8x8(r);
+    for (int64_t k = 0; k < kW; ++k) cols[h + k] = r[k];  // a fixed count: no memcpy call
+  }
+}
+
+// rows[i][j] = lane i of cols[j] for j < C, for the rows that are not nullptr.
+DPS_INLINE void store_tile(const __m256 cols[kTileCols], int64_t C, float* const rows[kW]) {
+  for (int64_t h = 0; h < C; h += kW) {
+    const int64_t cnt = std::min<int64_t>(kW, C - h);
+    __m256 r[kW];
+    for (int64_t k = 0; k < kW; ++k) r[k] = k < cnt ? cols[h + k] : _mm256_setzero_ps();
+    transpose8x8(r);
+    for (int64_t i = 0; i < kW; ++i)
+      if (rows[i]) stf(Vec(r[i]), rows[i] + h, cnt);
+  }
+}
+
+// sum_j v[j] over n vectors, lane-wise, in four interleaved chains (one per j % 4).
+DPS_INLINE Vec lane_sum(const __m256* v, int64_t n) {
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t j = 0; j < n; ++j) a[j % 4] = _mm256_add_ps(a[j % 4], v[j]);
+  return Vec(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+}
+
+// Lanes where x is finite, as a bit mask (bit i: lane i); NaN is not finite.
+DPS_INLINE int finite_lanes(const Vec& x) {
+  const __m256 abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  return _mm256_movemask_ps(_mm256_cmp_ps(abs, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
+}
+#endif
 
 // Rows per parallel task so that each task touches about 8k elements. Measured with 2
 // threads on the 2-core VM (2026-11-30, DPS fwd+bwd, medians of 30 interleaved rounds): at
