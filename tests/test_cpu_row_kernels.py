@@ -4,6 +4,9 @@ ones on one or two threads; and the non-finite policy applies to non-finite logi
 The small-C path (eight rows per tile) against the fp64 reference, lane by lane."""
 import itertools
 import os
+import platform
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -183,3 +186,14 @@ def test_small_c_tiles_match_the_reference_lane_by_lane(c):
         written[idx[good]] = kw["update"]
         assert torch.equal(ak[~written], alpha[~written]), f"a bank row that must stay was written, {what}"
         assert (ak[written] != alpha[written]).any(1).all(), f"a row was not updated, {what}"
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() != "x86_64",
+                    reason="needs binutils' objdump on x86-64")
+def test_the_bank_row_prefetches_are_in_the_build():
+    """GCC deletes a loop whose body is only __builtin_prefetch calls (-ffinite-loops): the
+    kernels' prefetches vanished that way once, silently (csrc/cpu/row_kernels.h, prefetch_line)."""
+    import dps_fast._C as ext
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", ext.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    assert listing.count("prefetcht1") >= 4, "no bank-row prefetch instructions in dps_fast._C"

@@ -194,16 +194,29 @@ inline float exp_row(const float* x, float* out, int64_t n, float shift, float s
   });
 }
 
-// Prefetches `lines` cache lines from p on, for writing soon, into L2 (and L1).
+// Prefetches `lines` cache lines from p on into L2 (prefetcht1). An asm statement, not
+// __builtin_prefetch: GCC (12, -O2 and up, -ffinite-loops) deletes a loop whose body is
+// only __builtin_prefetch calls, so every prefetch of a variable number of lines vanished
+// from the build (no prefetch instruction in _C.so until 2026-11-30; tested in
+// tests/test_cpu_row_kernels.py).
+DPS_INLINE void prefetch_line(const char* p) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("prefetcht1 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 1, 2);
+#endif
+}
 DPS_INLINE void prefetch_lines(const char* p, int64_t lines) {
-  for (int64_t i = 0; i < lines; ++i) __builtin_prefetch(p + 64 * i, 1, 2);
+  for (int64_t i = 0; i < lines; ++i) prefetch_line(p + 64 * i);
 }
 
 // Starts fetching [p, p + bytes) from DRAM. A short span is prefetched line by line;
 // a longer one only by its first lines in each 4 KiB page: the L2 hardware streamer,
-// which stops at page boundaries, then fetches the rest of the page by itself. (On
-// the 2-core EPYC VM this beat prefetching every line, which holds the core's few
-// L1 miss buffers for a DRAM latency each, by ~8% of the DPS step.)
+// which stops at page boundaries, then fetches the rest of the page by itself. Measured
+// with the prefetches in the build (2026-11-30, benchmarks/kernel_probe.py --time, [4096,
+// 1000], 100k-row bank, 2 threads, medians of 3 runs taken in turn): no prefetch 6.0 ms,
+// every line 4 rows ahead 5.5 ms, this 5.1 ms. (An ~8% gain quoted here before was
+// measured while GCC had deleted the prefetches: noise.)
 inline void prefetch_span(const char* p, int64_t bytes) {
   constexpr int64_t kLines = 4, kPage = 4096;
   const int64_t lines = (reinterpret_cast<uintptr_t>(p) % 64 + bytes + 63) / 64;
