@@ -244,10 +244,13 @@ struct DpsStep {
 // one row per lane: the rows' logits and bank rows are transposed into one Vec per class
 // (row_kernels.h, load_tile), so every operation serves eight rows, and transposed back for
 // the stores. The same formulas as DpsStep, element by element; only the order of the sums
-// over the classes differs (four interleaved chains). Why: DpsStep's cost per row is a chain of
-// dependent reductions (max, sum of exp, bank sum, loss), ~100 ns whatever C <= 16 (measured
-// with 1 thread on the 2-core VM, 2026-11-30, benchmarks/kernel_probe.py); here the eight rows
-// of a tile run those chains side by side.
+// over the classes differs (four interleaved chains), and duplicated ids (an error unless
+// validate=False) within a tile all read the old row, the last one's update winning, where
+// DpsStep applies them in turn. No streaming stores (DpsStep's, for steps over 32 MiB): the
+// values are the same. Why: DpsStep's cost per row is a chain of dependent reductions (max,
+// sum of exp, bank sum, loss) that a short row cannot hide; here the eight rows of a tile
+// run those chains side by side. Measured (benchmarks/kernel_probe.py --time --b 8192 --n 50000
+// --threads 1, 2026-11-30, two runs): C = 16 here 59-60 ns per row, C = 17 on DpsStep 92-156.
 constexpr int64_t kSmallC = kTileCols;
 // Bank rows are prefetched this many tiles ahead. At [8192, 10] with fresh random ids
 // (1 thread, 2026-11-30, medians of 25 interleaved rounds), 0 -> 1 -> 2 -> 4 tiles took
@@ -352,13 +355,15 @@ bool small_c_step(const at::Tensor& z, const at::Tensor& idx, at::Tensor& alpha,
                   bool posterior, bool update) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<TZ, float> && std::is_same_v<TA, float>) {
-    if (V != 1 || C > kSmallC) return false;
+    if (V != 1 || C < 1 || C > kSmallC) return false;
     const int64_t B = z.size(-2);
     SmallCStep step{z.data_ptr<float>(), idx.data_ptr<int64_t>(), alpha.data_ptr<float>(), grad, rows.data(),
                     B, C, alpha.size(0), alpha.stride(0), static_cast<float>(gamma),
                     1.0f / static_cast<float>(tau_e), gscale, static_cast<float>(tau_e) != 1.0f, posterior, update};
-    // whole tiles per task
-    at::parallel_for(0, B, (grain_rows(C) + kW - 1) / kW * kW, step);
+    // whole tiles per task (at::parallel_for splits a range into equal parts, not at grain multiples)
+    const int64_t tiles = (B + kW - 1) / kW;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(C) / kW),
+                     [&](int64_t t0, int64_t t1) { step(t0 * kW, std::min(B, t1 * kW)); });
     return true;
   }
 #endif

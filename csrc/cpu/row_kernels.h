@@ -195,15 +195,15 @@ inline float exp_row(const float* x, float* out, int64_t n, float shift, float s
 }
 
 // Prefetches `lines` cache lines from p on into L2 (prefetcht1). An asm statement, not
-// __builtin_prefetch: GCC (12, -O2 and up, -ffinite-loops) deletes a loop whose body is
-// only __builtin_prefetch calls, so every prefetch of a variable number of lines vanished
-// from the build (no prefetch instruction in _C.so until 2026-11-30; tested in
-// tests/test_cpu_row_kernels.py).
+// __builtin_prefetch: GCC 12 at -O3 dropped every loop of __builtin_prefetch calls over a
+// variable number of lines, so _C.so held no prefetch instruction until 2026-11-30 (seen
+// with objdump; with -fno-finite-loops the loops stayed, so that flag is the likely cause).
+// tests/test_cpu_row_kernels.py checks the build holds them.
 DPS_INLINE void prefetch_line(const char* p) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   asm volatile("prefetcht1 %0" : : "m"(*p));
 #else
-  __builtin_prefetch(p, 1, 2);
+  __builtin_prefetch(p, 0, 2);
 #endif
 }
 DPS_INLINE void prefetch_lines(const char* p, int64_t lines) {
@@ -217,7 +217,7 @@ DPS_INLINE void prefetch_lines(const char* p, int64_t lines) {
 // 1000], 100k-row bank, 2 threads, medians of 3 runs taken in turn): no prefetch 6.0 ms,
 // every line 4 rows ahead 5.5 ms, this 5.1 ms. (An ~8% gain quoted here before was
 // measured while GCC had deleted the prefetches: noise.)
-inline void prefetch_span(const char* p, int64_t bytes) {
+DPS_INLINE void prefetch_span(const char* p, int64_t bytes) {
   constexpr int64_t kLines = 4, kPage = 4096;
   const int64_t lines = (reinterpret_cast<uintptr_t>(p) % 64 + bytes + 63) / 64;
   if (lines <= 2 * kLines) return prefetch_lines(p, lines);
