@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rounding import to_dtype
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -124,7 +126,7 @@ def _dps_ce_kernel(
         if POSTERIOR or UPDATE:
             a_new = gamma * a + _evidence(Z, rows, cc, amsk, m_all, se_all, vcol, B, C, inv_tau_e, V, ROWS, BLOCK_C)
             if UPDATE:
-                tl.store(A + ids[:, None] * stride_a + cc[None, :], a_new.to(A.dtype.element_ty), mask=amsk)
+                tl.store(A + ids[:, None] * stride_a + cc[None, :], to_dtype(a_new, A.dtype.element_ty), mask=amsk)
             if POSTERIOR:
                 a = a_new
         t = a * target_scale[:, None]
@@ -145,7 +147,7 @@ def _dps_ce_kernel(
                     g = tl.where(ok[:, None], (p - t) * gscale, float("nan"))
                 else:
                     g = tl.where(ok[:, None], (mass[:, None] * p - t) * gscale, float("nan"))
-                tl.store(G + zoff, g.to(G.dtype.element_ty), mask=zmsk)
+                tl.store(G + zoff, to_dtype(g, G.dtype.element_ty), mask=zmsk)
 
     # ---- loss per view and row: mass * logsumexp - <t, z> = mass * log(s) + 2 * half gap
     log_s = tl.log(tl.where(s_all > 0, s_all, 1.0))

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rounding import to_dtype
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -108,7 +110,7 @@ def _supcon_bwd_kernel(F, LAB, T, LSE, COEF, INVW, DF, M, D, K, inv_tau,
         p_ji = tl.where(valid, tl.exp(s - lse_j[None, :]), 0.0)
         g = c_i[:, None] * (p_ij - w * iw_i[:, None]) + c_j[None, :] * (p_ji - w * iw_j[None, :])
         acc += tl.dot(g, fj, input_precision="ieee")
-    tl.store(DF + ri[:, None] * D + dd[None, :], acc * inv_tau, mask=mi[:, None] & dmask)
+    tl.store(DF + ri[:, None] * D + dd[None, :], to_dtype(acc * inv_tau, DF.dtype.element_ty), mask=mi[:, None] & dmask)
 
 
 def _dchunk(block_d: int) -> int:

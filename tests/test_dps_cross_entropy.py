@@ -420,3 +420,22 @@ def test_arguments_the_schema_would_misread_take_the_python_path():
         dps_fast.dps_cross_entropy(torch.ones(4, 5, dtype=torch.long), idx, alpha, gamma=10 ** 400)
     with pytest.raises(ValueError, match="reduction must be one of"):
         dps_fast.dps_cross_entropy(torch.randn(4, 5), idx, alpha, reduction="\ud800")
+
+
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_16_bit_bank_is_the_float32_update_rounded_to_nearest_even(case, dtype):
+    """Every backend stores a 16-bit bank row as the float32 update rounded to nearest even,
+    bit for bit as Tensor.to: the same step on a float32 copy of the bank, then rounded. (The
+    Triton interpreter rounds to bfloat16 toward zero by itself; kernels/_rounding.py.)
+    C = 37: one CPU path for both bank dtypes (C <= 16 with a float32 bank takes another)."""
+    backend, device = case
+    gen = torch.Generator().manual_seed(3)
+    alpha = (dps_fast.init_prior(torch.randint(0, 37, (90,), generator=gen), 37, c=5.0, eps=0.05)
+             + torch.rand(90, 37, generator=gen)).to(dtype)
+    z = torch.randn(50, 37, generator=gen) * 3
+    idx = torch.randperm(90, generator=gen)[:50]
+    a16, a32 = alpha.clone().to(device), alpha.float().to(device)
+    for bank in (a16, a32):
+        dps_fast.dps_cross_entropy(z.to(device), idx.to(device), bank, gamma=0.9, backend=backend)
+    assert torch.equal(a16.cpu().view(torch.int16), a32.cpu().to(dtype).view(torch.int16))
