@@ -1,6 +1,7 @@
 """Where the time of a small fused DPS call goes (issue #14, small shapes): the public
 call's forward, its backward, the eager op that runs the whole forward in C++
-(csrc/fast_path.cpp), the raw kernel op, the Python path's checks and forward, and the
+(csrc/fast_path.cpp) through torch.ops and through its CPython binding (csrc/module.cpp),
+the raw kernel op, the Python path's checks and forward, and the
 autograd engine's fixed cost for one ``backward()`` through a one-node graph, against the
 hand-written step.
 
@@ -96,14 +97,17 @@ def probe(b: int, c: int, n: int, calls: int, rounds: int) -> dict:
         return run, lambda k: [make() for _ in range(k)]
 
     eager = torch.ops.dps_fast.dps_ce_eager.default
+    binding = dps_fast._dispatch._eager_bindings.get("dps_ce_eager")  # csrc/module.cpp
     out = interleaved_us({
         "hand fwd+bwd": loop(hand_step),
         "fused fwd+bwd": loop(fused_step),
         "fused fwd": loop(fused_loss),
         "fused bwd": backward_of(fused_loss),
         "engine floor: bwd of z.sum()": backward_of(lambda: z.sum()),
-        "eager op (whole fwd in C++)": loop(lambda: eager(z, idx, alpha, 0.95, 1.0, "posterior", "mean", True, True,
-                                                          None)),
+        "eager op via torch.ops (whole fwd in C++)": loop(
+            lambda: eager(z, idx, alpha, 0.95, 1.0, "posterior", "mean", True, True, None)),
+        **({"eager op via its binding (dps_fast._C)": loop(
+            lambda: binding(z, idx, alpha, 0.95, 1.0, "posterior", "mean", True, True, None))} if binding else {}),
         "Python-path fwd": loop(python_path(fused_loss)),
         "Python-path checks": loop(lambda: step_module.check(z, idx, alpha, 0.95, 1.0, "posterior", "mean")),
         "raw op (kernel + dispatch)": loop(

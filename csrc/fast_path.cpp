@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "cpu/validate.h"
+#include "fast_path.h"
 #include "ops.h"
 
 namespace dps_fast {
@@ -113,6 +114,18 @@ at::Tensor dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::T
 }
 
 }  // namespace
+
+at::Tensor call_dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::Tensor& alpha, double gamma,
+                             double tau_e, c10::string_view target, c10::string_view reduction, bool update,
+                             bool validate, std::optional<c10::string_view> backend) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dps_fast::dps_ce_eager", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, double, double,
+                                         c10::string_view, c10::string_view, bool, bool,
+                                         std::optional<c10::string_view>)>();
+  return op.call(logits, index, alpha, gamma, tau_e, target, reduction, update, validate, backend);
+}
+
 }  // namespace dps_fast
 
 TORCH_LIBRARY_FRAGMENT(dps_fast, m) {

@@ -1,10 +1,12 @@
 """Fused DPS step (every available backend) against the reference, by the tolerance rule."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
 import dps_fast
+from dps_fast import _dispatch
 from _helpers import FUSED, HAS_CPU, case_id, eager_spy, python_path_only, rule_check
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -175,10 +177,20 @@ def test_any_number_of_views(case, v):
 # Python path. Same kernel, same autograd node: the results must be bit-identical.
 
 
+# The op has two entries: torch.ops, and the CPython binding of the prebuilt dps_fast._C
+# (csrc/module.cpp), which dps_fast prefers. Absent under the first-import build and make sanitize.
+BINDING = _dispatch._eager_bindings.get("dps_ce_eager")
+ENTRIES = ["torch.ops", pytest.param("binding", marks=pytest.mark.skipif(
+    BINDING is None, reason="dps_fast._C has no binding here (first-import build, or make sanitize's stub)"))]
+
+
+def eager_entry(entry):
+    return BINDING if entry == "binding" else torch.ops.dps_fast.dps_ce_eager.default
+
+
 def eager_call(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean", update=True,
-               validate=True, backend=None):
-    return torch.ops.dps_fast.dps_ce_eager.default(logits, index, alpha, gamma, tau_e, target, reduction, update,
-                                                   validate, backend)
+               validate=True, backend=None, entry="torch.ops"):
+    return eager_entry(entry)(logits, index, alpha, gamma, tau_e, target, reduction, update, validate, backend)
 
 
 FAST_CASES = [  # (V, B, C, logits dtype, bank dtype, keyword arguments)
@@ -249,7 +261,8 @@ def _declined_or_raised(call, bank):
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
-def test_eager_op_declines_what_the_python_path_refuses_or_handles():
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_eager_op_declines_what_the_python_path_refuses_or_handles(entry):
     """Everything test_validation.py's BAD_DPS refuses, and what the Python path handles
     itself (float64, empty batch, odd banks, another backend), the op declines untouched.
     Index errors raise with the Python path's messages (csrc/cpu/validate.cpp)."""
@@ -262,7 +275,7 @@ def test_eager_op_declines_what_the_python_path_refuses_or_handles():
         if not all(isinstance(kw[k], torch.Tensor) for k in ("logits", "index", "alpha")):
             continue  # the Python guard (plain_arguments) keeps these off the op
         bank = kw["alpha"]
-        got = _declined_or_raised(lambda: eager_call(**kw), bank)
+        got = _declined_or_raised(lambda: eager_call(**kw, entry=entry), bank)
         assert got is NotImplementedError or got is exc, what
     handled = {
         "float64 logits": dict(logits=z.double()),
@@ -282,18 +295,78 @@ def test_eager_op_declines_what_the_python_path_refuses_or_handles():
     }
     for what, changes in handled.items():
         kw = {**dict(logits=z, index=idx, alpha=alpha), **changes}
-        assert _declined_or_raised(lambda: eager_call(**kw), kw["alpha"]) is NotImplementedError, what
+        assert _declined_or_raised(lambda: eager_call(**kw, entry=entry), kw["alpha"]) is NotImplementedError, what
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
-def test_eager_op_follows_the_backend_environment_variable(monkeypatch):
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_eager_op_follows_the_backend_environment_variable(monkeypatch, entry):
     alpha = dps_fast.init_prior(torch.randint(0, 5, (20,)), 5)
     z, idx = torch.randn(4, 5), torch.tensor([0, 3, 7, 19])
     monkeypatch.setenv("DPS_FAST_BACKEND", "reference")
-    assert _declined_or_raised(lambda: eager_call(z, idx, alpha), alpha) is NotImplementedError
-    eager_call(z, idx, alpha, backend="cpu")  # a named backend overrides the environment
+    assert _declined_or_raised(lambda: eager_call(z, idx, alpha, entry=entry), alpha) is NotImplementedError
+    eager_call(z, idx, alpha, backend="cpu", entry=entry)  # a named backend overrides the environment
     monkeypatch.setenv("DPS_FAST_BACKEND", "cpu")
-    eager_call(z, idx, alpha)
+    eager_call(z, idx, alpha, entry=entry)
+
+
+@pytest.mark.skipif(BINDING is None, reason="dps_fast._C has no binding here")
+def test_the_binding_is_the_op_called_without_torch_ops(monkeypatch):
+    """dps_fast calls the binding where the prebuilt module has it; it runs the same op
+    through the dispatcher (the profiler names it), bit for bit, and raises the same errors."""
+    assert _dispatch.eager_op("dps_ce_eager", torch.randn(2, 3), None) is BINDING
+    gen = torch.Generator().manual_seed(3)
+    z, idx = torch.randn(2, 9, 17, generator=gen), torch.randperm(40, generator=gen)[:9]
+    bank = dps_fast.init_prior(torch.randint(0, 17, (40,), generator=gen), 17)
+    outs = {}
+    for entry in ("torch.ops", "binding"):
+        leaf, alpha = z.clone().requires_grad_(True), bank.clone()
+        with torch.profiler.profile() as prof:
+            loss = eager_call(leaf, idx, alpha, 0.9, 2, "prior", "none", True, True, "cpu", entry=entry)
+        assert "dps_fast::dps_ce_eager" in {e.name for e in prof.events()}, entry
+        loss.backward(torch.rand(2, 9, generator=torch.Generator().manual_seed(5)))
+        outs[entry] = (loss.detach(), leaf.grad, alpha)
+    for got, want in zip(outs["binding"], outs["torch.ops"]):
+        assert torch.equal(got, want)
+    for entry in ("torch.ops", "binding"):
+        with pytest.raises(IndexError, match="index 40 is out of range for a bank of 40 rows"):
+            eager_call(z[0, :2], torch.tensor([1, 40]), bank, entry=entry)
+
+
+@pytest.mark.skipif(BINDING is None, reason="dps_fast._C has no binding here")
+def test_the_binding_declines_what_torch_ops_would_treat_otherwise():
+    """Arguments the binding cannot take as torch.ops would (a tensor subclass, whose
+    __torch_function__ torch.ops honours; numbers, flags and names of other types) are
+    declined untouched, so the Python path runs them; a wrong count is a TypeError."""
+    class Traced(torch.Tensor):
+        pass
+
+    alpha = dps_fast.init_prior(torch.randint(0, 5, (20,)), 5)
+    z, idx = torch.randn(4, 5), torch.tensor([0, 3, 7, 19])
+    odd = {"subclass logits": dict(logits=z.as_subclass(Traced)), "subclass index": dict(index=idx.as_subclass(Traced)),
+           "subclass bank": dict(alpha=alpha.clone().as_subclass(Traced)), "list index": dict(index=[0, 3, 7, 19]),
+           "bool gamma": dict(gamma=True), "numpy gamma": dict(gamma=np.float64(0.9)),
+           "int beyond 2**53": dict(tau_e=2 ** 60), "int flag": dict(update=1), "bytes target": dict(target=b"prior"),
+           "bytes backend": dict(backend=b"cpu")}
+    for what, changes in odd.items():
+        kw = {**dict(logits=z, index=idx, alpha=alpha), **changes}
+        before = kw["alpha"].clone()
+        with pytest.raises(NotImplementedError, match=_dispatch.EAGER_DECLINES):
+            eager_call(**kw, entry="binding")
+        assert torch.equal(kw["alpha"], before), what
+    with pytest.raises(TypeError, match="takes 10 positional arguments"):
+        BINDING(z, idx, alpha)
+    # a subclass's __torch_function__ still sees the public call, through the Python path
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    loss = dps_fast.dps_cross_entropy(z.as_subclass(Logged), idx, alpha.clone())
+    assert type(loss) is Logged and any("dps_ce_fwd" in f for f in seen), "__torch_function__ was bypassed"
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
