@@ -107,6 +107,11 @@ x, t = torch.randn(64, 10), torch.softmax(torch.randn(64, 10), -1)
 got = dps_fast.soft_cross_entropy(x, t, backend="cpu")
 torch.testing.assert_close(got, dps_fast.soft_cross_entropy(x, t, backend="reference"))
 print("fused cpu matches the reference:", float(got))
+assert "dps_ce_eager" in dps_fast._dispatch._eager_bindings, "dps_fast._C's binding of the eager op is missing"
+z, idx, prior = torch.randn(8, 10), torch.arange(8), dps_fast.init_prior(torch.arange(8) % 10, 10)
+step = dps_fast.dps_cross_entropy(z, idx, prior.clone())
+torch.testing.assert_close(step, dps_fast.dps_cross_entropy(z, idx, prior.clone(), backend="reference"))
+print("the eager op through dps_fast._C matches the reference:", float(step))
 endef
 export INSTALL_CHECK_PY
 

@@ -47,8 +47,9 @@ def cxx_flags(machine: str | None = None) -> list[str]:
 def source_files(root: str, cuda: bool, python_module: bool) -> list[str]:
     """The translation units under ``root`` (the csrc folder), in a stable order.
 
-    ``module.cpp`` only makes the library importable as the Python module
-    ``dps_fast._C``; the JIT build loads a plain shared library instead.
+    ``module.cpp`` makes the library importable as a Python module (``dps_fast._C``) with
+    the CPython bindings of the eager ops; the JIT build takes it too where ``root`` has it,
+    and imports the library it built under that name (:func:`jit_module`).
     """
     names = [n for n in _glob(root, "*.cpp") if n != "module.cpp"] + (["module.cpp"] if python_module else [])
     names += _glob(root, "cpu/*.cpp")
@@ -135,13 +136,14 @@ def _ninja_on_path():
 def build_settings(torch, root: str, cuda: bool) -> dict:
     """Everything that decides the binary; its hash names the cache folder."""
     settings = {
-        "sources": source_files(root, cuda, python_module=False),
+        "sources": source_files(root, cuda, python_module=os.path.isfile(os.path.join(root, "module.cpp"))),
         "cflags": cxx_flags() + ([CUDA_DEFINE] if cuda else []),
         "ldflags": list(LINK_FLAGS),
         "cuda_cflags": list(NVCC_FLAGS) if cuda else [],
         "arch": (os.environ.get("TORCH_CUDA_ARCH_LIST") or _visible_arch_list(torch)) if cuda else "",
     }
     h = hashlib.sha256()
+    h.update(repr([os.path.relpath(p, root) for p in settings["sources"]]).encode())
     for key in ("cflags", "ldflags", "cuda_cflags", "arch"):
         h.update(repr(settings[key]).encode())
     h.update(repr((torch.__version__, torch.version.cuda, sys.implementation.cache_tag,
@@ -196,8 +198,20 @@ def load_jit() -> str | None:
                 f"a writable folder, or compile at install time with `pip install --no-build-isolation .`)")
 
 
+def jit_module():
+    """The library of the first-import build imported as the module ``dps_fast._C`` (its
+    CPython bindings, csrc/module.cpp), or None (not built here, or its sources lack them)."""
+    return _notes.get("module")
+
+
 def _build_and_load(torch, root: str, cuda: bool) -> None:
     settings = build_settings(torch, root, cuda)
+    _load_or_build(torch, settings)
+    if any(os.path.basename(p) == "module.cpp" for p in settings["sources"]):
+        _notes["module"] = _import_as_module(os.path.join(settings["dir"], LIBRARY_NAME + ".so"))
+
+
+def _load_or_build(torch, settings: dict) -> None:
     folder = settings["dir"]
     built, library = os.path.join(folder, "built"), os.path.join(folder, LIBRARY_NAME + ".so")
     if os.path.exists(built):
@@ -217,6 +231,21 @@ def _build_and_load(torch, root: str, cuda: bool) -> None:
         _raise_if_failed_meanwhile(folder, waiting_since)
         _compile(settings)  # torch's load() also loads the library
         open(built, "w").close()
+
+
+def _import_as_module(library: str):
+    """The loaded library as a Python module: its init function is PyInit__C, so the name
+    must end in ``_C``. The ops are registered already (the library is loaded); a module
+    that does not import only costs the bindings, and torch.ops serves instead."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location("dps_fast._C", library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (ImportError, OSError):
+        return None
 
 
 @contextlib.contextmanager

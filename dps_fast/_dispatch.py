@@ -33,7 +33,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 _state: dict = {}
-_eager_bindings: dict = {}  # op name -> dps_fast._C function (_bindings_of_prebuilt)
+_eager_bindings: dict = {}  # op name -> dps_fast._C function (_bindings_of)
 
 
 def _cpu_ext() -> str | None:
@@ -50,7 +50,9 @@ def _cpu_ext() -> str | None:
             _state["cpu"] += f" (the prebuilt dps_fast._C did not load either: {prebuilt})"
         if _state["cpu"] is not None:
             _warn_once(f"dps_fast: using the reference backend on CPU because {_state['cpu']}")
-        _eager_bindings.update(_bindings_of_prebuilt() if prebuilt is None else {})
+        if _state["cpu"] is None:
+            module = sys.modules.get(f"{__package__}._C") if prebuilt is None else _build.jit_module()
+            _eager_bindings.update(_bindings_of(module))
     return _state["cpu"]
 
 
@@ -229,10 +231,9 @@ def eager_op(op_name: str, x, backend):
     return found if found is not None else op("cpu", op_name)
 
 
-def _bindings_of_prebuilt() -> dict:
-    """The eager ops that the prebuilt dps_fast._C binds as plain CPython functions
-    (csrc/module.cpp): the same ops, called without torch.ops' boxed argument parsing
-    (~7 of a ~22 us forward at [128, 10]). The first-import build loads a plain library and
-    ``make sanitize`` a stub module: there, none, and torch.ops serves."""
-    module = sys.modules.get(f"{__package__}._C")
+def _bindings_of(module) -> dict:
+    """The eager ops that ``module`` (dps_fast._C, prebuilt or first-import built) binds as
+    plain CPython functions (csrc/module.cpp): the same ops, called without torch.ops' boxed
+    argument parsing (~7 of a ~22 us forward at [128, 10]). ``make sanitize`` loads a stub
+    module: there, none, and torch.ops serves."""
     return {name: getattr(module, name) for name in ("dps_ce_eager",) if hasattr(module, name)}

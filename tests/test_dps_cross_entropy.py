@@ -177,11 +177,11 @@ def test_any_number_of_views(case, v):
 # Python path. Same kernel, same autograd node: the results must be bit-identical.
 
 
-# The op has two entries: torch.ops, and the CPython binding of the prebuilt dps_fast._C
-# (csrc/module.cpp), which dps_fast prefers. Absent under the first-import build and make sanitize.
+# The op has two entries: torch.ops, and the CPython binding of dps_fast._C (csrc/module.cpp,
+# prebuilt or built on first import), which dps_fast prefers. make sanitize loads a stub instead.
 BINDING = _dispatch._eager_bindings.get("dps_ce_eager")
 ENTRIES = ["torch.ops", pytest.param("binding", marks=pytest.mark.skipif(
-    BINDING is None, reason="dps_fast._C has no binding here (first-import build, or make sanitize's stub)"))]
+    BINDING is None, reason="dps_fast._C has no binding here (make sanitize's stub)"))]
 
 
 def eager_entry(entry):
@@ -312,7 +312,7 @@ def test_eager_op_follows_the_backend_environment_variable(monkeypatch, entry):
 
 @pytest.mark.skipif(BINDING is None, reason="dps_fast._C has no binding here")
 def test_the_binding_is_the_op_called_without_torch_ops(monkeypatch):
-    """dps_fast calls the binding where the prebuilt module has it; it runs the same op
+    """dps_fast calls the binding where dps_fast._C has it; it runs the same op
     through the dispatcher (the profiler names it), bit for bit, and raises the same errors."""
     assert _dispatch.eager_op("dps_ce_eager", torch.randn(2, 3), None) is BINDING
     gen = torch.Generator().manual_seed(3)

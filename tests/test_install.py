@@ -108,21 +108,33 @@ TORCH_LIBRARY(dps_fast_jit_test, m) {
 }
 """
 
+# A module.cpp in the sources: the JIT build imports its library as the module dps_fast._C too.
+TINY_MODULE = """
+#include <Python.h>
+static PyObject* answer(PyObject*, PyObject*) { return PyLong_FromLong(42); }
+static PyMethodDef methods[] = {{"answer", answer, METH_NOARGS, nullptr}, {nullptr, nullptr, 0, nullptr}};
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&def);
+}
+"""
+
 BUILD_TINY = """
 import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("b", {build_py!r})
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
 b._build_and_load(torch, {root!r}, cuda=False)
-print(torch.ops.dps_fast_jit_test.twice(torch.arange(3.0)).tolist())
+print(torch.ops.dps_fast_jit_test.twice(torch.arange(3.0)).tolist(), b.jit_module().answer())
 """
 
 
 def test_first_import_build_is_shared_and_cached(tmp_path):
     """Two processes start the same build: one compiles, the other waits and loads it;
-    a third only loads it from the cache."""
+    a third only loads it from the cache. Each gets the ops and the Python module."""
     root = tmp_path / "csrc"
     (root / "cpu").mkdir(parents=True)
     (root / "ops.cpp").write_text(TINY_OP)
+    (root / "module.cpp").write_text(TINY_MODULE)
     code = BUILD_TINY.format(build_py=BUILD_PY, root=str(root))
     env = {**os.environ, "DPS_FAST_CACHE_DIR": str(tmp_path / "cache"), "MAX_JOBS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -130,11 +142,11 @@ def test_first_import_build_is_shared_and_cached(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
-        assert out.strip() == "[0.0, 2.0, 4.0]"
+        assert out.strip() == "[0.0, 2.0, 4.0] 42"
     assert sum("compiling" in err for _, err in outs) == 1, [err for _, err in outs]
     again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
                            timeout=300)
-    assert again.returncode == 0 and again.stdout.strip() == "[0.0, 2.0, 4.0]", again.stderr
+    assert again.returncode == 0 and again.stdout.strip() == "[0.0, 2.0, 4.0] 42", again.stderr
     assert "compiling" not in again.stderr
     assert len(glob.glob(str(tmp_path / "cache" / "*" / "built"))) == 1
 
@@ -212,7 +224,8 @@ def test_cuda_build_settings_and_reasons(tmp_path, monkeypatch):
     root = _build.sources_root()
     cpu, cuda = (_build.build_settings(torch, root, cuda=c) for c in (False, True))
     cu = [os.path.relpath(s, root) for s in cuda["sources"]]
-    assert "cuda/dps_cross_entropy_glue.cpp" in cu and "cuda/dps_cross_entropy.cu" in cu and "module.cpp" not in cu
+    assert "cuda/dps_cross_entropy_glue.cpp" in cu and "cuda/dps_cross_entropy.cu" in cu
+    assert "module.cpp" in cu  # the CPython bindings: the JIT build imports its library as dps_fast._C
     assert not [s for s in cpu["sources"] if "cuda" in s]
     assert _build.CUDA_DEFINE in cuda["cflags"] and _build.CUDA_DEFINE not in cpu["cflags"]
     assert cuda["cuda_cflags"] == _build.NVCC_FLAGS and cpu["cuda_cflags"] == []
