@@ -207,7 +207,7 @@ def jit_module():
 def _build_and_load(torch, root: str, cuda: bool) -> None:
     settings = build_settings(torch, root, cuda)
     _load_or_build(torch, settings)
-    if any(os.path.basename(p) == "module.cpp" for p in settings["sources"]):
+    if os.path.join(root, "module.cpp") in settings["sources"]:
         _notes["module"] = _import_as_module(os.path.join(settings["dir"], LIBRARY_NAME + ".so"))
 
 
