@@ -29,9 +29,6 @@
 namespace dps_fast {
 namespace {
 
-// The message starts as dps_fast/_dispatch.py::EAGER_DECLINES says: only that is a decline.
-#define DPS_ACCEPT(cond, what) TORCH_CHECK_NOT_IMPLEMENTED(cond, "dps_fast: the eager fast path declines ", what)
-
 bool fused_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
 bool index_dtype(at::ScalarType t) {

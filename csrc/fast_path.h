@@ -6,6 +6,10 @@
 
 #include <optional>
 
+// Declines a call unless `cond`: a NotImplementedError whose message starts as
+// dps_fast/_dispatch.py::EAGER_DECLINES says (only that is a decline), raised before any write.
+#define DPS_ACCEPT(cond, what) TORCH_CHECK_NOT_IMPLEMENTED(cond, "dps_fast: the eager fast path declines ", what)
+
 namespace dps_fast {
 
 // The op dps_fast::dps_ce_eager (csrc/fast_path.cpp), called through the dispatcher as

@@ -18,32 +18,30 @@
 
 namespace {
 
-constexpr const char* kDeclines = "dps_fast: the eager fast path declines ";
-
 const at::Tensor& tensor_arg(PyObject* obj) {
-  TORCH_CHECK_NOT_IMPLEMENTED(THPVariable_CheckExact(obj), kDeclines, "arguments that are not plain tensors");
+  DPS_ACCEPT(THPVariable_CheckExact(obj), "arguments that are not plain tensors");
   return THPVariable_Unpack(obj);
 }
 
 // A float, or an int that a double holds exactly (dps_fast/ops/dps_cross_entropy.py::plain_real).
 double real_arg(PyObject* obj) {
   if (PyFloat_CheckExact(obj)) return PyFloat_AS_DOUBLE(obj);
-  TORCH_CHECK_NOT_IMPLEMENTED(PyLong_CheckExact(obj), kDeclines, "this number type");
+  DPS_ACCEPT(PyLong_CheckExact(obj), "this number type");
   int overflow = 0;
   const long long value = PyLong_AsLongLongAndOverflow(obj, &overflow);
   constexpr long long kExact = 1LL << 53;
-  TORCH_CHECK_NOT_IMPLEMENTED(overflow == 0 && value >= -kExact && value <= kExact, kDeclines, "this number");
+  DPS_ACCEPT(overflow == 0 && value >= -kExact && value <= kExact, "this number");
   return static_cast<double>(value);
 }
 
 bool bool_arg(PyObject* obj) {
-  TORCH_CHECK_NOT_IMPLEMENTED(PyBool_Check(obj), kDeclines, "flags that are not bools");
+  DPS_ACCEPT(PyBool_Check(obj), "flags that are not bools");
   return obj == Py_True;
 }
 
 // A view of a str's UTF-8, valid while the caller holds the object.
 c10::string_view str_arg(PyObject* obj) {
-  TORCH_CHECK_NOT_IMPLEMENTED(PyUnicode_Check(obj), kDeclines, "names that are not str");
+  DPS_ACCEPT(PyUnicode_Check(obj), "names that are not str");
   Py_ssize_t size = 0;
   const char* data = PyUnicode_AsUTF8AndSize(obj, &size);
   if (data == nullptr) throw python_error();

@@ -50,7 +50,7 @@ def _cpu_ext() -> str | None:
             _state["cpu"] += f" (the prebuilt dps_fast._C did not load either: {prebuilt})"
         if _state["cpu"] is not None:
             _warn_once(f"dps_fast: using the reference backend on CPU because {_state['cpu']}")
-        if _state["cpu"] is None:
+        else:
             module = sys.modules.get(f"{__package__}._C") if prebuilt is None else _build.jit_module()
             _eager_bindings.update(_bindings_of(module))
     return _state["cpu"]

@@ -311,7 +311,7 @@ def test_eager_op_follows_the_backend_environment_variable(monkeypatch, entry):
 
 
 @pytest.mark.skipif(BINDING is None, reason="dps_fast._C has no binding here")
-def test_the_binding_is_the_op_called_without_torch_ops(monkeypatch):
+def test_the_binding_is_the_op_called_without_torch_ops():
     """dps_fast calls the binding where dps_fast._C has it; it runs the same op
     through the dispatcher (the profiler names it), bit for bit, and raises the same errors."""
     assert _dispatch.eager_op("dps_ce_eager", torch.randn(2, 3), None) is BINDING
