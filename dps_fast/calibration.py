@@ -25,6 +25,22 @@ import math
 import torch
 
 T_MIN, T_MAX = 0.05, 20.0
+# The fit's own resolution, relative in T. Near its minimum the objective is flat to
+# second order, so two float64 evaluations that differ only by rounding (eps ~ 2.2e-16)
+# cannot order points closer than about sqrt(eps) = 1.5e-8 in log T (Numerical Recipes,
+# section 10.1): a golden-section search stops there whatever its iteration count. The
+# same fit on targets that differ only by rounding (rows scaled, then normalised) was
+# seen 9.5e-9 apart on one x86-64 machine and agreeing on another. We quote 10x
+# sqrt(eps), plus what is left of the bracket after ``iters`` steps.
+FIT_RTOL = 10 * math.sqrt(torch.finfo(torch.float64).eps)
+
+
+def fit_resolution(grid: int = 200, iters: int = 40) -> float:
+    """How close two ``fit_temperature`` results on the same problem can be expected to
+    agree, relative in T: the bracket left after ``iters`` golden-section steps on a
+    ``grid``-point log grid, plus the float64 limit ``FIT_RTOL``."""
+    width = 2 * (math.log(T_MAX) - math.log(T_MIN)) / grid * ((math.sqrt(5) - 1) / 2) ** iters
+    return math.expm1(width) + FIT_RTOL
 
 
 def _check_logits(logits) -> torch.Tensor:
