@@ -4,14 +4,30 @@ For banks that do not fit next to the model on the device (ImageNet-21k: 14M x 2
 Each step gathers the batch's rows on the host and copies them to the device, the fused
 step runs there, and the updated rows go back with a non-blocking copy that overlaps the
 backward pass; they are written into the bank at the start of the next step (or at
-``flush()``). ``prefetch(next_index)`` starts the next batch's gather early; rows that the
-pending write-back touches are re-read, so a prefetch is never stale."""
+``flush()``). ``prefetch(next_index)`` starts the next batch's gather early.
+
+A prefetch is never stale: it remembers the bank's version counter when it was gathered.
+The write-back (``flush()``, whoever triggers it: the next step, ``.alpha``, ``targets()``)
+re-reads the prefetched rows it touches and moves the remembered version on; any other
+write into the bank (``load_state_dict``, an in-place edit of ``.alpha``) leaves the
+versions apart, and the step then gathers its rows anew. (A write that bypasses PyTorch's
+version counter, e.g. through a numpy view of the bank, is not seen: call ``prefetch``
+again after one.)"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .. import _validate as checks
 from .base import Bank, StepPlan
+
+
+@dataclass
+class _Prefetch:
+    index: torch.Tensor  # int64 ids on the host
+    rows: torch.Tensor   # their rows on the step's device
+    version: int         # the host bank's version counter that ``rows`` reflect
 
 
 class HostBank(Bank):
@@ -24,7 +40,7 @@ class HostBank(Bank):
         self._rows = alpha.cpu().pin_memory() if self.pinned else alpha.cpu()
         self.labels = labels.cpu()
         self._pending = None     # (index on the host, host rows, copy-done event)
-        self._prefetched = None  # (index on the host, device rows)
+        self._prefetched = None  # _Prefetch: index on the host, device rows, bank version
 
     @property
     def storage(self) -> torch.Tensor:
@@ -32,13 +48,30 @@ class HostBank(Bank):
         return self._rows
 
     def flush(self) -> None:
-        """Writes the pending write-back into the host bank."""
+        """Writes the pending write-back into the host bank, and re-reads the rows of a
+        prefetch that it touches."""
         if self._pending is not None:
             idx, buf, ev = self._pending
             if ev is not None:
                 ev.synchronize()
+            current = self._prefetch_is_current()
             self._rows.index_copy_(0, idx, buf)
             self._pending = None
+            if current:
+                self._refresh_prefetch(idx)
+
+    def _prefetch_is_current(self) -> bool:
+        """True if no write reached the bank since the prefetch gathered its rows."""
+        pre = self._prefetched
+        return pre is not None and pre.version == self._rows._version
+
+    def _refresh_prefetch(self, written: torch.Tensor) -> None:
+        """The write-back of ``written`` ids just landed: re-read those of the prefetch."""
+        pre = self._prefetched
+        stale = torch.isin(pre.index, written)
+        if bool(stale.any()):
+            pre.rows[stale.to(pre.rows.device)] = self._gather(pre.index[stale])
+        pre.version = self._rows._version
 
     def _gather(self, idx_cpu: torch.Tensor) -> torch.Tensor:
         rows = self._rows.index_select(0, idx_cpu)
@@ -49,7 +82,7 @@ class HostBank(Bank):
     def prefetch(self, index: torch.Tensor) -> None:
         idx = checks.canonical_index(index).cpu()
         checks.index_values(idx, self.num_samples)
-        self._prefetched = (idx, self._gather(idx))
+        self._prefetched = _Prefetch(idx, self._gather(idx), self._rows._version)
 
     def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
         idx, name = self.check_local(logits, index, valid, cfg, extra_check)
@@ -57,18 +90,14 @@ class HostBank(Bank):
 
     def fetch(self, plan):
         idx = plan.extra["host_index"]
-        pending = self._pending[0] if self._pending is not None else None
         self.flush()
-        pre, self._prefetched = self._prefetched, None
-        if pre is not None and torch.equal(pre[0], idx):
-            rows = pre[1]
-            if pending is not None:
-                stale = torch.isin(idx, pending)
-                if bool(stale.any()):
-                    rows = rows.clone()
-                    rows[stale.to(rows.device)] = self._gather(idx[stale])
+        if not self._prefetch_is_current():
+            self._prefetched = None  # the bank changed since the prefetch by another way than flush()
+        pre = self._prefetched
+        if pre is not None and torch.equal(pre.index, idx):
+            rows, self._prefetched = pre.rows, None
         else:
-            rows = self._gather(idx)
+            rows = self._gather(idx)  # a prefetch of another batch stays for its own step
         rows = rows.to(plan.device)
         return rows, torch.arange(rows.shape[0], device=rows.device)
 
