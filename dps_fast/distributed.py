@@ -49,14 +49,17 @@ class DistributedDPSLoss(DPSLoss):
 
     @property
     def mode(self) -> str:
+        """The bank kind in use: "replicated" or "sharded"."""
         return self.store.kind
 
     @property
     def world(self) -> int:
+        """The number of ranks sharing the bank."""
         return self.store.world
 
     @property
     def rank(self) -> int:
+        """This process's rank in the bank's process group."""
         return self.store.rank
 
     @property

@@ -135,18 +135,22 @@ class DPSLoss(nn.Module):
 
     @property
     def num_samples(self) -> int:
+        """N, the number of training samples (bank rows)."""
         return self.store.num_samples
 
     @property
     def num_classes(self) -> int:
+        """C, the number of classes."""
         return self.store.num_classes
 
     @property
     def gamma(self) -> float:
+        """The evidence discount gamma of the step (docs/method.md §2)."""
         return self.cfg.gamma
 
     @property
     def tau_e(self) -> float:
+        """The evidence temperature of the following steps; settable between steps."""
         return self.cfg.tau_e
 
     @tau_e.setter
@@ -188,10 +192,12 @@ class DPSLoss(nn.Module):
 
     @property
     def world(self) -> int:
+        """The number of processes sharing the bank (1 unless distributed)."""
         return getattr(self.store, "world", 1)
 
     @property
     def group(self):
+        """The bank's process group (None unless distributed)."""
         comm = getattr(self.store, "comm", None)
         return comm.group if comm is not None else None
 
@@ -246,11 +252,14 @@ class HostDPSLoss(DPSLoss):
         super().__init__(labels, num_classes, bank="host", **kw)
 
     def prefetch(self, index: torch.Tensor) -> None:
+        """Gathers the rows of the next batch's ``index`` to the device ahead of its step."""
         self.store.prefetch(index)
 
     def flush(self) -> None:
+        """Writes the pending write-back of the last step into the host bank."""
         self.store.flush()
 
     @property
     def bank(self) -> torch.Tensor:
+        """The whole bank [N, C] in pinned host memory."""
         return self.store.storage
