@@ -283,38 +283,23 @@ def _score_pass(source, labels, score, chunk_rows, prior_params):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     src = _Source(source, labels, prior_params)
     parts, stats, bad = [], None, 0
-    for ids, rows in src.iter_rows(_chunk_rows(src, source, chunk_rows)):
+    for ids, rows in src.iter_rows(chunk_rows):
         given = src.given(ids)
         s, sugg = label_issue_scores(rows, given, score)
-        rate, seen = _rate_stats(rows, given, src.params)
-        st = torch.cat([torch.tensor([float(len(ids))], dtype=torch.float64, device=s.device), rate.to(s.device)])
+        st = torch.cat([torch.tensor([float(len(ids))], dtype=torch.float64, device=s.device),
+                        _rate_stats(rows, given, src.params)])
         stats = st if stats is None else stats + st
         bad += int((~torch.isfinite(s)).sum())
-        parts.append((ids, s, sugg, given, seen))
+        parts.append((ids, s, sugg, given))
     device = parts[0][1].device if parts else src.labels.device
     stats = torch.zeros(4, dtype=torch.float64, device=device) if stats is None else stats
     comm = _Comm(src.world, src.group)
     stats = comm.sum_(torch.cat([stats, torch.tensor([float(bad)], dtype=torch.float64, device=device)]))
     if stats[4] > 0:  # raised on every rank together, never a hang
         raise ValueError(f"{int(stats[4])} bank rows give non-finite scores (a corrupted bank?)")
-    cat = (lambda i, dt: torch.cat([p[i].to(device) for p in parts]) if parts else torch.zeros(0, dtype=dt,
-                                                                                              device=device))
-    seen = cat(4, torch.bool) if src.params is not None else None
+    cat = (lambda i, dt: torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, dtype=dt, device=device))
     return (cat(0, torch.int64), cat(1, torch.float32), cat(2, torch.int64), cat(3, torch.int64), stats[:4],
-            comm, seen)
-
-
-# Scratch of one chunk of the scoring pass, in bytes: about 32 bytes an entry (float32 scores,
-# float64 evidence). 65,536 rows a chunk were 2 GB at C = 1000. FILLME
-SCORE_SCRATCH_BYTES = 256 * 2 ** 20
-
-
-def _chunk_rows(src, source, chunk_rows: int) -> int:
-    """``chunk_rows``, capped so that a chunk's scratch stays within SCORE_SCRATCH_BYTES at any C."""
-    n_cls = src.num_classes or getattr(source, "num_classes", None)
-    if not isinstance(n_cls, int) or n_cls < 1:
-        return chunk_rows
-    return min(chunk_rows, max(1, SCORE_SCRATCH_BYTES // (32 * n_cls)))
+            comm)
 
 
 _NO_PRIOR = ("estimating the noise rate needs the bank's label prior (c, eps, gamma) to tell the model's "
@@ -370,7 +355,6 @@ class LabelIssues:
     selection: str
     num_samples: int
     estimated_rate: float | None = None
-    num_visited: int | None = None  # rows with evidence (known with the prior); only these are flagged
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -397,8 +381,8 @@ class LabelIssues:
     def summary(self) -> dict:
         """The selection in a JSON-ready dict: score, selection, counts, rates and cutoff."""
         return {"score": self.score, "selection": self.selection, "num_issues": len(self),
-                "num_samples": self.num_samples, "num_visited": self.num_visited, "rate": self.rate,
-                "estimated_rate": self.estimated_rate, "cutoff": self.cutoff}
+                "num_samples": self.num_samples, "rate": self.rate, "estimated_rate": self.estimated_rate,
+                "cutoff": self.cutoff}
 
 
 def find_label_issues(source, labels=None, *, score: str = DEFAULT_SCORE, threshold: float | None = None,
@@ -433,22 +417,18 @@ def find_label_issues(source, labels=None, *, score: str = DEFAULT_SCORE, thresh
         raise ValueError(f"max_issues must be a non-negative int, got {max_issues!r}")
     if threshold is None and rate is None:
         _require_params(source, prior_params)
-    ids, scores, sugg, given, stats, comm, seen = _score_pass(source, labels, score, chunk_rows, prior_params)
+    ids, scores, sugg, given, stats, comm = _score_pass(source, labels, score, chunk_rows, prior_params)
     n = int(stats[0])
-    eligible = n
-    if seen is not None:  # a row never visited has no evidence about its label: never flagged
-        ids, scores, sugg, given = ids[seen], scores[seen], sugg[seen], given[seen]
-        eligible = int(stats[1])
     est = None
     if threshold is not None:
         above = torch.tensor([int((scores > float(threshold)).sum())], dtype=torch.int64, device=scores.device)
         k, how = int(comm.sum_(above)), "threshold"
     elif rate is not None:
         k, how = int(round(float(rate) * n)), "rate"
-    else:  # estimated over the visited rows, so applied to them
+    else:
         est = _rate_from_stats(stats, rate_estimate)
-        k, how = int(round(est * eligible)), "estimated rate"
-    k = min(k, eligible, max_issues if max_issues is not None else n)
+        k, how = int(round(est * n)), "estimated rate"
+    k = min(k, n, max_issues if max_issues is not None else n)
     keys = _rank_keys(scores, ids)
     sel = keys >= _kth_largest_key(keys, k, comm) if k > 0 else torch.zeros_like(keys, dtype=torch.bool)
     rows = torch.stack([ids[sel].double(), scores[sel].double(), sugg[sel].double(), given[sel].double()], 1)
@@ -457,13 +437,13 @@ def find_label_issues(source, labels=None, *, score: str = DEFAULT_SCORE, thresh
     order = torch.argsort(_rank_keys(rows[:, 1].float(), got_ids), descending=True)
     rows = rows[order]
     return LabelIssues(rows[:, 0].long(), rows[:, 1].float(), rows[:, 3].long(), rows[:, 2].long(), score,
-                       how, n, est, None if seen is None else eligible)
+                       how, n, est)
 
 
 def all_scores(source, labels=None, score: str = DEFAULT_SCORE, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """The scores of all N rows, in sample order, on every rank (for evaluation, e.g.
     AUROC against a known flip mask; a sharded source sends 12 bytes a row, never a bank row)."""
-    ids, scores, _, _, stats, comm, _ = _score_pass(source, labels, score, chunk_rows, None)
+    ids, scores, _, _, stats, comm = _score_pass(source, labels, score, chunk_rows, None)
     rows = comm.gather_rows(torch.stack([ids.double(), scores.double()], 1))
     out = torch.empty(int(stats[0]), dtype=torch.float32, device=rows.device)
     out[rows[:, 0].long()] = rows[:, 1].float()
