@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 SCORES = ("label_error", "margin", "evidence")
-DEFAULT_SCORE = "margin"  # ties label_error on symmetric noise, better on class-dependent noise (docs/results/label-issues.md)
+DEFAULT_SCORE = "margin"  # ties label_error on symmetric noise, better on class-dependent noise (results/label-issues.md)
 RATE_ESTIMATES = ("argmax", "expected")
 DEFAULT_RATE_ESTIMATE = "argmax"
 DEFAULT_CHUNK_ROWS = 65536

@@ -2,7 +2,7 @@
 
     nice -n 19 .venv/bin/python tools/label_issue_bench.py train --out runs/label-issues
     .venv/bin/python tools/label_issue_bench.py analyse --out runs/label-issues \\
-        --doc docs/results/label-issues.md
+        --doc results/label-issues.md
 
 ``train`` runs every training the comparison needs, one at a time on one thread,
 and saves what each produced under ``<out>/<setting>/s<seed>/<job>.pt``; a job whose

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The contrastive term, one more try (docs/results.md section 6): augmented views, a wider ResNet,
-# a longer schedule, 40% symmetric noise. From the repository root: bash docs/results/con-resnet-run.sh
+# a longer schedule, 40% symmetric noise. From the repository root: bash results/con-resnet-run.sh
 # (results in runs/con-resnet; resumable: every run continues from its checkpoint). Two streams of one
 # thread each, balanced by cost (a DPS+con step runs two views, about twice a DPS step).
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The finalists of the MLP search (docs/results.md section 5), 3 seeds. From the repository root:
-#   bash docs/results/calib-finalists-run.sh; .venv/bin/python tools/calib_search.py --table runs/calib
+#   bash results/calib-finalists-run.sh; .venv/bin/python tools/calib_search.py --table runs/calib
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
 P="nice -n 19 .venv/bin/python tools/calib_search.py --out runs/calib"
 for seed in 0 1 2; do

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The MLP search of docs/results.md section 5 (issue #15). Run from the repository root:
-#   bash docs/results/calib-search-run.sh            # results in runs/calib (resumable: done runs are skipped)
+#   bash results/calib-search-run.sh            # results in runs/calib (resumable: done runs are skipped)
 #   .venv/bin/python tools/calib_search.py --table runs/calib
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
 P="nice -n 19 .venv/bin/python tools/calib_search.py --out runs/calib"

@@ -1,6 +1,6 @@
 #!/bin/bash
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
-# run from the repository root: bash docs/results/con-mlp-run.sh (results in runs/con-mlp)
+# run from the repository root: bash results/con-mlp-run.sh (results in runs/con-mlp)
 T=${DPS_TRAIN:-$PWD/.venv/bin/dps-train}  # the installed console script
 mkdir -p runs/con-mlp && cd runs/con-mlp
 base="--dataset fashion-mnist --model mlp --train-subset 5000 --epochs 50 --eval-every 50 --threads 1 --no-plots --no-progress --noise sym --noise-rate 0.4"
