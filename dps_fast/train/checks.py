@@ -4,7 +4,9 @@ Each failed check raises :class:`UsageError` naming the argument, the value and 
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import torch
 
@@ -22,8 +24,12 @@ RANGES = {
     "proj_dim": (1, None, True, None), "ls_eps": (0, 1, True, True), "pskd_alpha": (0, 1, True, True),
     "te_beta": (0, 1, True, False), "te_weight": (0, 1, True, True), "nproc": (1, None, True, None),
     "threads": (0, None, True, None), "eval_batch": (1, None, True, None), "eval_every": (1, None, True, None),
-    "stop_after": (0, None, True, None),
+    "stop_after": (0, None, True, None), "workers": (0, None, True, None), "image_size": (8, None, True, None),
 }
+BUILT_IN_MODELS = ("mlp", "cnn", "resnet")
+# (package imported, pip name, why it is needed)
+HINTS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "PIL": "pillow", "torchvision": "torchvision",
+         "timm": "timm"}
 
 
 def _flag(name: str) -> str:
@@ -93,10 +99,56 @@ def check_run_flags(args) -> None:
                          f"of --epochs epochs after that many; 0 = do not pause)")
 
 
+def importable(module: str) -> bool:
+    """Whether ``import module`` would find it, without importing it (a module set to None in
+    sys.modules, as tests do to simulate its absence, counts as missing)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
+def needed_packages(args) -> list:
+    """[(module, what needs it)] for the run these arguments describe."""
+    need = []
+    if args.dataset == "digits" or args.train_subset or args.ood == "digits":
+        need.append(("sklearn", f"--dataset {args.dataset}" if args.dataset == "digits" else "--train-subset"))
+    if args.plots:
+        need.append(("matplotlib", "the plots (reliability.png, curves.png)"))
+    if args.dataset.startswith("imagefolder:"):
+        need += [("PIL", "--dataset imagefolder:ROOT"), ("torchvision", "--dataset imagefolder:ROOT")]
+    lib = args.model.split(":", 1)[0] if ":" in args.model else None
+    if lib in ("torchvision", "timm"):
+        need.append((lib, f"--model {args.model}"))
+    return need
+
+
+def check_dependencies(args) -> None:
+    """Every optional package the run needs, before anything starts: one line with the install command."""
+    for module, why in needed_packages(args):
+        if not importable(module):
+            extra = "; or pass --no-plots" if module == "matplotlib" else ""
+            raise UsageError(f"{why} needs the package {HINTS[module]}, which is not installed "
+                             f"(pip install {HINTS[module]}){extra}")
+
+
+def check_model_name(args) -> None:
+    lib, colon, name = args.model.partition(":")
+    if not colon and args.model not in BUILT_IN_MODELS:
+        raise UsageError(f"--model {args.model!r}: choose {', '.join(BUILT_IN_MODELS)}, torchvision:NAME or "
+                         f"timm:NAME")
+    if colon and (lib not in ("torchvision", "timm") or not name):
+        raise UsageError(f"--model {args.model!r}: give torchvision:NAME or timm:NAME (e.g. torchvision:resnet50)")
+    if args.cifar_stem and lib != "torchvision":
+        raise UsageError("--cifar-stem changes a torchvision ResNet's first layers; use it with "
+                         "--model torchvision:resnet18 (or another torchvision ResNet)")
+
+
 def check_args(args) -> None:
     """Every argument, before anything is read or written."""
     for name in RANGES:
         check_range(name, getattr(args, name))
+    check_model_name(args)
+    check_dependencies(args)
     check_noise(args)
     check_device(args)
     check_backend(args)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -17,9 +19,11 @@ from .checks import check_args
 from .errors import Interrupted, RunError, UsageError
 from .experiment import ExperimentData
 from .files import json_dump
+from .experiment import model_from_args
 from .loop import run, run_config
 from .methods import METHODS
 from .noise import KINDS
+from .presets import PRESETS, dry_run_text, expand, preset_name
 from .rundir import check_data, clear_for_overwrite, plan_runs, resume_command
 
 DEMO = dict(dataset="digits", model="mlp", compare="ce,dps", epochs=40, batch_size=64, lr=0.05,
@@ -68,7 +72,14 @@ def _data_args(a) -> None:
     a("--demo", action="store_true", help="the `make demo` preset: digits, MLP, ce vs dps, 40 epochs "
       "(explicit arguments override it)")
     a("--dataset", default="digits", help="digits | fashion-mnist | mnist-5k | npz:PATH (arrays x, y, optional "
-      "x_test, y_test)")
+      "x_test, y_test) | imagefolder:ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*) | cifar10:DIR | cifar100:DIR "
+      "(the python pickle batches); the last three stream from disk through --workers")
+    a("--workers", type=int, default=2, help="DataLoader worker processes that decode and augment streamed images")
+    a("--image-size", type=int, default=224, help="imagefolder: training crop and evaluation centre crop, pixels")
+    a("--bad-images", default="refuse", choices=["refuse", "skip"], help="unreadable or truncated images: refuse "
+      "to start (listing them) or train without them (the count is printed)")
+    a("--check-images", default="full", choices=["full", "header", "off"], help="imagefolder: before training, "
+      "decode every image (full), read its header (header), or trust the files (off)")
     a("--data-root", default=None, help="folder of the fashion-mnist IDX files (default: %(default)s = "
       "$DPS_FAST_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
     a("--train-subset", type=int, default=0, help="stratified training subset size (0 = all)")
@@ -80,7 +91,10 @@ def _data_args(a) -> None:
 
 
 def _model_args(a) -> None:
-    a("--model", default="mlp", choices=["mlp", "cnn", "resnet"], help="network")
+    a("--model", default="mlp", help="mlp | cnn | resnet (small, built in) | torchvision:NAME (e.g. resnet50, "
+      "densenet121; needs torchvision) | timm:NAME (needs timm); random initialisation, classes from the data")
+    a("--cifar-stem", action="store_true", help="torchvision ResNets on 32x32 images: a 3x3 stride-1 first "
+      "convolution and no max-pool")
     a("--width", type=int, default=0, help="model width (0 = the model's default: 256 mlp, 32 cnn, 16 resnet)")
     a("--blocks", type=int, default=2, help="residual blocks per stage (resnet)")
     a("--method", default="dps", choices=METHODS, help="training method (see 'methods' below)")
@@ -95,6 +109,10 @@ def _model_args(a) -> None:
     a("--augment", action=argparse.BooleanOptionalAction, default=True,
       help="random crop (pad 2, or 1 for 8x8) and, where label-preserving, horizontal flip")
     a("--seed", type=int, default=0, help="seed of the model initialisation, data order and augmentation")
+    a("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision: autocast of the network "
+      "(fp16 adds a gradient scaler); the DPS loss always works in float32")
+    a("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    a("--compile", action="store_true", help="torch.compile the training forward")
 
 
 def _method_args(a) -> None:
@@ -137,6 +155,11 @@ def _run_args(a) -> None:
     a("--eval-every", type=int, default=1, help="evaluate on the test (and OOD) set every K epochs and at the end")
     a("--label-issues", action="store_true", help="DPS methods: write label_issues.csv (likely label errors, "
       "ranked) and, with injected noise, their precision/recall/F1/AUROC into final.json")
+    a("--export-soft-labels", action="store_true", help="DPS methods: write the bank's posterior means as "
+      "soft_labels.safetensors (DPSLoss.export_soft_labels; row k = training sample k, see train_rows.csv)")
+    a("--preset", default=None, choices=sorted(PRESETS), help="the paper's protocols as flags (given flags "
+      "override them); see --dry-run")
+    a("--dry-run", action="store_true", help="print the flags (of --preset) and the full command, then exit")
     a("--debug", action="store_true", help="show the Python traceback of an error")
 
 
@@ -155,6 +178,7 @@ def parser_defaults() -> dict:
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv = expand(argv)  # the preset's flags first: the command's own flags win
     args = build_parser().parse_args(argv)
     if args.demo:
         explicit = {k.lstrip("-").split("=")[0].replace("-", "_") for k in argv if k.startswith("--")}
@@ -267,12 +291,34 @@ def run_all(args, methods, data, plans) -> dict:
     return results
 
 
+def noise_note(info: dict, num_classes: int) -> str | None:
+    """--noise sym redraws the label from all classes, the true one included: fewer labels end up wrong."""
+    if info["kind"] != "sym":
+        return None
+    expected = info["rate"] * (1 - 1 / num_classes)
+    return (f"--noise sym {info['rate']:g} redraws {100 * info['rate']:.0f}% of the labels uniformly from all "
+            f"{num_classes} classes, the true one included, so about {100 * expected:.1f}% end up wrong; realised: "
+            f"{100 * info['realised']:.1f}% wrong labels (--noise sym-exclusive makes exactly "
+            f"{100 * info['rate']:.0f}% wrong)")
+
+
 def print_header(args, data) -> None:
     print(f"dps-train: {data.name}, {len(data.labels)} train / {len(data.y_test)} test images "
           f"{data.image_shape}, {data.num_classes} classes; noise {data.noise_info}; OOD {data.ood_name}"
-          + (f"; {args.nproc} processes, bank {args.bank}" if args.nproc > 1 else ""))
+          + (f"; {args.nproc} processes, bank {args.bank}" if args.nproc > 1 else "")
+          + (f"; {args.workers} data workers" if data.streamed else ""))
     if data.ood_note:
         print(f"note: {data.ood_note}")
+    note = noise_note(data.noise_info, data.num_classes)
+    if note:
+        print(f"note: {note}")
+    skipped = data.stream.skipped if data.streamed else []
+    if skipped:
+        print(f"note: skipped {len(skipped)} unreadable image(s) (--bad-images skip): "
+              + "; ".join(f"{p} ({why})" for p, why in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if data.test_row_ids is not None:
+        print(f"note: {args.dataset} has no x_test: {len(data.y_test)} rows (a stratified 20%) are held out for "
+              f"testing; every id the run reports is the row of the .npz file (data_split.json lists both parts)")
     print("config: " + json.dumps({k: v for k, v in sorted(vars(args).items())}))
 
 
@@ -299,6 +345,22 @@ def report(args, data, methods, results, wall: float, argv) -> None:
         print(f"\npaused (--stop-after): {', '.join(paused)}; continue with:\n  {resume_command(argv)}")
 
 
+def check_model(args, data) -> None:
+    """A torchvision / timm model is built once before training: an unknown name, or images it
+    cannot take, are errors now rather than after the data workers start."""
+    if ":" not in args.model:
+        return
+    model_from_args(args, data)
+    if data.image_shape[0] != 3:
+        raise UsageError(f"--model {args.model} takes RGB images; {data.name} has {data.image_shape[0]} channel(s) "
+                         f"(use --model mlp, cnn or resnet)")
+
+
+def _sigterm(signum, frame):
+    """SIGTERM (a scheduler's stop, `kill`) is treated as Ctrl-C: save, then print the resume command."""
+    raise KeyboardInterrupt
+
+
 def train(args, argv, state: dict) -> int:
     check_args(args)
     if args.threads:
@@ -308,6 +370,7 @@ def train(args, argv, state: dict) -> int:
     plans = plan_runs(args, methods, configs, parser_defaults())
     t0 = time.perf_counter()
     data = ExperimentData(args)
+    check_model(args, data)
     check_data(plans, data.digest, args.out)
     print_header(args, data)
     clear_for_overwrite(args, plans)
@@ -322,7 +385,12 @@ def main(argv=None) -> int:
     """The console script: user errors are one line on stderr and exit 2 (--debug: the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)  # argparse reports its own errors as 'dps-train: error: ...', exit 2
+    if args.dry_run:
+        print(dry_run_text(preset_name(argv), argv))
+        return 0
     state = {"training": False}
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
     try:
         return train(args, argv, state)
     except Interrupted as e:
@@ -339,6 +407,9 @@ def main(argv=None) -> int:
             raise
         print(f"dps-train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     flip: bool = False  # horizontal flips are label-preserving
+    # npz without x_test: the file's row of each training / held-out sample (None: the rows are 0..N-1)
+    train_rows: torch.Tensor | None = None
+    test_rows: torch.Tensor | None = None
 
     @property
     def image_shape(self):
@@ -264,7 +267,7 @@ def _split_npz(src: str, x: torch.Tensor, y: np.ndarray, c: int, seed: int):
                          f"20% of {len(y)} is {int(np.ceil(0.2 * len(y)))}); add x_test and y_test")
     tr, te = _stratified_split(y, 0.2, seed)
     yt = torch.from_numpy(y)
-    return x[tr], x[te], yt[tr], yt[te]
+    return x[tr], x[te], yt[tr], yt[te], torch.from_numpy(tr), torch.from_numpy(te)
 
 
 def load_npz(path: str, seed: int = 0) -> Dataset:
@@ -276,7 +279,7 @@ def load_npz(path: str, seed: int = 0) -> Dataset:
     _check_images(src, "x", a["x"])
     y = _check_labels(src, "y", a["y"])
     _check_lengths(src, a["x"], y, "x", "y")
-    yt = None
+    yt, rows = None, (None, None)
     if "x_test" in a:
         _check_images(src, "x_test", a["x_test"])
         yt = _check_labels(src, "y_test", a["y_test"])
@@ -284,13 +287,13 @@ def load_npz(path: str, seed: int = 0) -> Dataset:
     c = check_classes(src, y, yt)
     x = _as_images(a["x"])
     if yt is None:
-        x, xt, y_tr, y_te = _split_npz(src, x, y, c, seed)
+        x, xt, y_tr, y_te, *rows = _split_npz(src, x, y, c, seed)
     else:
         xt, y_tr, y_te = _as_images(a["x_test"]), torch.from_numpy(y), torch.from_numpy(yt)
         if xt.shape[1:] != x.shape[1:]:
             raise UsageError(f"{src}: x_test images are {tuple(xt.shape[1:])} but x images are "
                              f"{tuple(x.shape[1:])}; both must have the same shape")
-    return Dataset(f"npz:{os.path.basename(path)}", x, y_tr, xt, y_te, c)
+    return Dataset(f"npz:{os.path.basename(path)}", x, y_tr, xt, y_te, c, train_rows=rows[0], test_rows=rows[1])
 
 
 def load_dataset(name: str, root: str | None = None, seed: int = 0) -> Dataset:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -16,10 +17,21 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def finite_or_null(obj):
+    """obj with every NaN / inf float replaced by None: JSON has no NaN (most parsers reject it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def json_dump(obj, path: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(finite_or_null(obj), f, indent=2, sort_keys=True, allow_nan=False)
     os.replace(tmp, path)
 
 

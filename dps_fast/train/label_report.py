@@ -9,10 +9,31 @@ where it lives); only the lead rank writes.
 """
 from __future__ import annotations
 
+import csv
 import os
 
 
 from .. import label_issues as L
+
+
+def write_issues_csv(issues, path: str, data) -> None:
+    """LabelIssues.to_csv, with 'index' the user's own id of the sample: its .npz row when the
+    trainer split or subset the data (then 'sample' is the trainer's position), its file for
+    an ImageFolder set."""
+    rows = data.row_ids
+    files = data.train_set.files if data.streamed and data.train_set.files is not None else None
+    if rows is None and files is None:
+        issues.to_csv(path)
+        return
+    head = ["index", "given_label", "suggested_label", "score", "rank"]
+    head += (["sample"] if rows is not None else []) + (["path"] if files is not None else [])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for k, (i, g, s, sc) in enumerate(zip(issues.indices.tolist(), issues.given_labels.tolist(),
+                                              issues.suggested_labels.tolist(), issues.scores.tolist()), 1):
+            row = [int(rows[i]) if rows is not None else i, g, s, f"{sc:.6g}", k]
+            w.writerow(row + ([i] if rows is not None else []) + ([files[i]] if files is not None else []))
 
 
 def write_label_issues(r, log) -> dict | None:
@@ -31,7 +52,7 @@ def write_label_issues(r, log) -> dict | None:
     scores = L.all_scores(dps, labels) if noisy else None
     if not r.lead:
         return None
-    issues.to_csv(os.path.join(r.out_dir, "label_issues.csv"))
+    write_issues_csv(issues, os.path.join(r.out_dir, "label_issues.csv"), r.data)
     out = issues.summary()
     if noisy:
         flipped = (r.data.labels != r.data.clean_labels).cpu()

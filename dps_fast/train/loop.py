@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Loader, augment
+from .images import StreamLoader, draw_seed
 from .errors import Interrupted, RunError, UsageError
 from .experiment import ExperimentData, evaluate, model_from_args
 from .files import atomic_save, json_dump, state_digest
@@ -36,7 +37,8 @@ from .label_report import write_label_issues
 from .methods import build_method
 from .models import ProjectionHead
 from .plots import save_plots
-from .timing import loss_overhead, no_timing
+from .speed import Speed, compiled, prepare_model
+from .timing import StepClock, format_duration, loss_overhead, no_timing
 
 
 class TrainNet(torch.nn.Module):
@@ -77,6 +79,12 @@ class Run:
     segments: list = field(default_factory=list)  # the parts of the run: where and how each computed
     partial: dict | None = None  # a stopped epoch's progress (mid-epoch checkpoint)
     bank_subdir: str | None = None  # the per-rank bank folder of the last checkpoint
+    speed: Speed | None = None
+    clock: StepClock | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.data.streamed
 
     @property
     def lead(self) -> bool:
@@ -134,7 +142,7 @@ def build_run(args, method_name: str, data: ExperimentData, rank: int = 0, world
     os.makedirs(out_dir, exist_ok=True)
     cfg = run_config(args, method_name, world, data.digest)
     torch.manual_seed(args.seed)
-    model = model_from_args(args, data).to(device)
+    model = prepare_model(model_from_args(args, data).to(device), args)
     method = build_method(method_name, data.labels, data.num_classes, args.epochs, cfg, device)
     proj = ProjectionHead(model.feature_dim, args.proj_dim).to(device) if method.needs_features else None
     net = TrainNet(model, proj)
@@ -144,9 +152,13 @@ def build_run(args, method_name: str, data: ExperimentData, rank: int = 0, world
     opt = make_optimizer(args, params)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
     gen = torch.Generator().manual_seed(args.seed + 1)  # data order and augmentation
-    loader = Loader(data.x_train, data.labels, args.batch_size, device, shuffle=True)
-    return Run(args, method_name, data, rank, world, device, out_dir, cfg, model, proj, net, method, opt, sched,
-               gen, loader)
+    if data.streamed:
+        data.train_set.views = method.views
+        loader = StreamLoader(data.train_set, args.batch_size, device, args.workers)
+    else:
+        loader = Loader(data.x_train, data.labels, args.batch_size, device, shuffle=True)
+    return Run(args, method_name, data, rank, world, device, out_dir, cfg, model, proj, compiled(net, args),
+               method, opt, sched, gen, loader, speed=Speed(args, device), clock=StepClock(device))
 
 
 def load_weights(r: Run, st: dict) -> None:
@@ -173,6 +185,7 @@ def restore(r: Run, log) -> None:
     else:
         r.method.load_state_dict(st["method"])
     r.method.load_scalar_state(st.get("method_scalars", {}))
+    r.speed.load_state_dict(st.get("grad_scaler", {}))
     r.gen.set_state(st["data_rng"])
     torch.set_rng_state(st["torch_rng"])
     if r.device.type == "cuda" and "cuda_rng" in st:
@@ -189,11 +202,27 @@ def write_run_start(r: Run) -> None:
         return
     json_dump({**r.cfg, "noise_info": r.data.noise_info, "n_train": len(r.data.labels)},
               os.path.join(r.out_dir, "config.json"))
+    write_data_split(r)
+
+
+def write_data_split(r: Run) -> None:
+    """data_split.json: the user's row (npz) or index (streamed set) of each training sample,
+    and the held-out rows, when the trainer chose them (npz without x_test, --train-subset)."""
+    d = r.data
+    if d.row_ids is None and d.test_row_ids is None:
+        return
+    split = {"dataset": r.args.dataset, "note": "training sample k (the bank's row k, label_issues.csv's "
+             "'sample', noisy_labels.pt's entry k, soft_labels' row k) is row train_rows[k] of the data"}
+    split["train_rows"] = (d.row_ids if d.row_ids is not None else torch.arange(len(d.labels))).tolist()
+    if d.test_row_ids is not None:
+        split["test_rows"] = d.test_row_ids.tolist()
+    json_dump(split, os.path.join(r.out_dir, "data_split.json"))
 
 
 def write_noisy_labels(r: Run) -> None:
     if r.data.noise_info["kind"] != "none" and r.lead:
-        torch.save({"noisy": r.data.labels, "clean": r.data.clean_labels, "info": r.data.noise_info},
+        rows = {"rows": r.data.row_ids} if r.data.row_ids is not None else {}
+        torch.save({"noisy": r.data.labels, "clean": r.data.clean_labels, "info": r.data.noise_info, **rows},
                    os.path.join(r.out_dir, "noisy_labels.pt"))
 
 
@@ -211,19 +240,38 @@ def distributed_epoch(gen: torch.Generator, n: int, world: int, rank: int, batch
         yield local[k:k + batch].to(device), valid[k:k + batch].to(device)
 
 
+def stream_batches(r: Run, resume: dict | None):
+    """epoch_batches of a streamed data set: the order and the augmentation seed come from
+    the run's generator (or the stopped epoch's record), the pixels from the workers."""
+    if r.world > 1:
+        local_batch = max(1, r.args.batch_size // r.world)
+        parts = list(distributed_epoch(r.gen, len(r.data.labels), r.world, r.rank, local_batch, "cpu"))
+        seed = draw_seed(r.gen) if r.args.augment else 0
+        xs = r.loader.index_batches([i for i, _ in parts], seed)
+        return ((x, y, i, v.to(r.device)) for (x, y, i), (_, v) in zip(xs, parts)), len(parts), None, seed
+    order = resume["order"] if resume else r.loader.order(r.gen)
+    seed = resume["aug_seed"] if resume else (draw_seed(r.gen) if r.args.augment else 0)
+    start = resume["done"] if resume else 0
+    batches = ((x, y, i, None) for x, y, i in r.loader.batches(order, start, seed))
+    return batches, len(r.loader), order, seed
+
+
 def epoch_batches(r: Run, resume: dict | None):
     """(x, y, index, valid) batches of one epoch from ``resume['done']`` on (a stopped
-    epoch, one process only), how many the epoch has, and its sample order."""
+    epoch, one process only), how many the epoch has, its sample order and augmentation
+    seed (streamed data only)."""
+    if r.streamed:
+        return stream_batches(r, resume)
     if r.world > 1:
         local_batch = max(1, r.args.batch_size // r.world)
         x, y, n = r.loader.x, r.loader.y, len(r.data.labels)
         batches = ((x[i], y[i], i, v) for i, v in distributed_epoch(r.gen, n, r.world, r.rank, local_batch,
                                                                      r.device))
-        return batches, -(-(-(-n // r.world)) // local_batch), None
+        return batches, -(-(-(-n // r.world)) // local_batch), None, None
     order = resume["order"] if resume else r.loader.order(r.gen)
     start = resume["done"] if resume else 0
     batches = ((x, y, i, None) for x, y, i in r.loader.batches(order, start))
-    return batches, len(r.loader), order
+    return batches, len(r.loader), order, None
 
 
 def progress_bar(r: Run, batches, total: int, epoch: int, done: int = 0):
@@ -239,19 +287,31 @@ def progress_bar(r: Run, batches, total: int, epoch: int, done: int = 0):
     return bar, bar
 
 
+def step_views(r: Run, x) -> list:
+    """The batch's views: augmented here (in-memory data) or by the workers (streamed data:
+    [B, V, C, H, W] for V > 1 views)."""
+    if r.streamed:
+        return list(x.unbind(1)) if x.dim() == 5 else [x]
+    return [augment(x, r.crop_pad, r.data.flip, r.gen) if r.args.augment else x for _ in range(r.method.views)]
+
+
 def train_step(r: Run, x, y, idx, valid):
-    """One optimiser step; returns (loss value, logits of the first view)."""
-    views = [augment(x, r.crop_pad, r.data.flip, r.gen) if r.args.augment else x
-             for _ in range(r.method.views)]
-    logits, feats = r.net(torch.cat(views))
+    """One optimiser step; returns (loss value, logits of the first view). The clock times
+    the DPS loss's share of the step (its forward: bank gather, posterior update, target)."""
+    clock = r.clock.start()
+    with r.speed.autocast():
+        logits, feats = r.net(r.speed.prepare(torch.cat(step_views(r, x))))
+    logits, feats = logits.float(), (feats.float() if feats is not None else None)  # the loss works in float32
     if r.method.views > 1:
         logits = logits.view(r.method.views, len(y), -1)
         if feats is not None:
             feats = feats.view(r.method.views, len(y), -1)
+    clock.mark()
     loss = r.method.loss(logits, idx, y, feats, valid=valid)
+    clock.mark_loss()
     r.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    r.opt.step()
+    r.speed.backward_step(loss, r.opt)
+    clock.stop()
     return float(loss.detach()), (logits[0] if r.method.views > 1 else logits)
 
 
@@ -265,8 +325,9 @@ def train_epoch(r: Run, epoch: int, stop: "StopRequest | None" = None) -> dict |
     t0 = time.perf_counter() - (resume["elapsed"] if resume else 0.0)
     tot = resume["tot"].clone() if resume else torch.zeros(3, dtype=torch.float64)  # loss sum, hits, samples
     done = resume["done"] if resume else 0
-    batches, total, order = epoch_batches(r, resume)
+    batches, total, order, seed = epoch_batches(r, resume)
     batches, bar = progress_bar(r, batches, total, epoch, done)
+    r.clock.new_epoch()
     for x, y, idx, valid in batches:
         lv, first = train_step(r, x, y, idx, valid)
         if not math.isfinite(lv):
@@ -276,9 +337,11 @@ def train_epoch(r: Run, epoch: int, stop: "StopRequest | None" = None) -> dict |
         done += 1
         if bar is not None:
             bar.set_postfix(loss=f"{tot[0] / tot[2]:.4f}", img_s=f"{tot[2] / (time.perf_counter() - t0):.0f}")
+        if r.lead:
+            r.clock.maybe_eta(r, epoch, done, total)
         if stop is not None and stop.requested and done < total:
             r.partial = {"epoch": epoch, "done": done, "order": order, "tot": tot,
-                         "elapsed": time.perf_counter() - t0}
+                         "elapsed": time.perf_counter() - t0, "aug_seed": seed}
             return None
     if r.world > 1:
         import torch.distributed as dist
@@ -288,18 +351,18 @@ def train_epoch(r: Run, epoch: int, stop: "StopRequest | None" = None) -> dict |
     r.sched.step()
     dt = time.perf_counter() - t0
     return {"train_loss": float(tot[0]) / float(tot[2]), "train_acc": float(tot[1]) / float(tot[2]),
-            "epoch_s": dt, "img_per_s": float(tot[2]) / dt}
+            "epoch_s": dt, "img_per_s": float(tot[2]) / dt, "loss_share_pct": r.clock.loss_share_pct()}
 
 
 def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
     """Evaluates (every --eval-every epochs and at the end), logs and appends the epoch's row."""
     args = r.args
     due = (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs
-    res = evaluate(r.model, r.data, r.device, args.eval_batch)[0] if due else {}
+    res = evaluate(r.model, r.data, r.device, args.eval_batch, args.workers, r.speed)[0] if due else {}
     info = r.method.epoch_info()
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
            "lr": r.opt.param_groups[0]["lr"], "epoch_s": stats["epoch_s"], "img_per_s": stats["img_per_s"],
-           **info, **res}
+           "loss_share_pct": stats["loss_share_pct"], **info, **res}
     r.history.append(row)
     msg = (f"[{r.method_name}] epoch {epoch + 1:3d}/{args.epochs} loss {row['train_loss']:.4f} "
            f"train {100 * row['train_acc']:.1f}%")
@@ -309,7 +372,10 @@ def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
     msg += "".join(f" {k} {v:.3f}" for k, v in info.items())
     if "ood_auroc" in res:
         msg += f" OOD-AUROC {res['ood_auroc']:.4f}"
-    log(msg + f" ({row['img_per_s']:.0f} img/s)")
+    left = r.clock.run_eta(r.args.epochs - epoch - 1, stats["epoch_s"])
+    share = row["loss_share_pct"]
+    log(msg + f" ({row['img_per_s']:.0f} img/s" + (f", loss {share:.1f}% of the step" if share is not None else "")
+        + (f", run ETA {left})" if left else ")"))
     write_metrics_csv(r)
 
 
@@ -350,7 +416,8 @@ def save_checkpoint(r: Run, epoch: int) -> None:
              "scheduler": r.sched.state_dict(), "method": {} if r.shared_bank else r.method.state_dict(),
              "method_scalars": r.method.scalar_state(),
              "data_rng": r.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": r.history,
-             "noisy_labels": r.data.labels, "noise_info": r.data.noise_info, "segments": r.segments}
+             "noisy_labels": r.data.labels, "noise_info": r.data.noise_info, "segments": r.segments,
+             "grad_scaler": r.speed.state_dict()}
     if r.partial is not None:
         state["partial"] = r.partial
     if r.shared_bank:
@@ -364,6 +431,19 @@ def save_checkpoint(r: Run, epoch: int) -> None:
         drop_old_banks(r)
 
 
+def export_soft_labels(r: Run, log) -> dict | None:
+    """--export-soft-labels: the bank's posterior means through the public DPSLoss.export_soft_labels."""
+    dps = getattr(r.method, "dps", None)
+    if dps is None or r.world > 1:
+        why = "no posterior bank in this method" if dps is None else "a distributed bank (--nproc > 1)"
+        log(f"[{r.method_name}] --export-soft-labels: {why}, nothing written")
+        return None
+    path = os.path.join(r.out_dir, "soft_labels.safetensors")
+    info = dps.export_soft_labels(path, epoch=len(r.history))
+    log(f"[{r.method_name}] soft labels of {len(r.data.labels)} training samples -> {path}")
+    return {"path": "soft_labels.safetensors", "bytes": info["bytes"]}
+
+
 def finish(r: Run, log) -> dict:
     """Label issues (every rank), then final evaluation, loss timing, final.json and plots (lead rank only)."""
     label_issues = write_label_issues(r, log)
@@ -374,16 +454,19 @@ def finish(r: Run, log) -> dict:
         if not r.lead:
             return {}
     args = r.args
-    res, probs = evaluate(r.model, r.data, r.device, args.eval_batch)
+    res, probs = evaluate(r.model, r.data, r.device, args.eval_batch, args.workers, r.speed)
     timing = loss_overhead(r.method, r.model, r.proj, r.loader) if r.world == 1 else \
         no_timing(max(1, args.batch_size // r.world))
-    log(f"[{r.method_name}] loss part {timing['loss_ms']:.3f} ms vs plain CE {timing['ce_loss_ms']:.3f} ms "
-        f"per step of {timing['batch']}; a whole CE step {timing['ce_step_ms']:.2f} ms -> overhead "
-        f"{timing['overhead_pct_of_ce_step']:+.1f}% of a CE step")
+    if timing["loss_ms"] is not None:
+        log(f"[{r.method_name}] loss part {timing['loss_ms']:.3f} ms vs plain CE {timing['ce_loss_ms']:.3f} ms "
+            f"per step of {timing['batch']}; a whole CE step {timing['ce_step_ms']:.2f} ms -> overhead "
+            f"{timing['overhead_pct_of_ce_step']:+.1f}% of a CE step")
     final = {"method": r.method_name, "final": res, "history": r.history, "timing": timing,
              "noise": r.data.noise_info, "n_train": len(r.data.labels), "dataset": r.data.name,
              "ood": r.data.ood_name, "config": r.cfg, "segments": r.segments, "model_sha": state_digest(r.model),
              **({"label_issues": label_issues} if label_issues else {})}
+    if args.export_soft_labels:
+        final["soft_labels"] = export_soft_labels(r, log)
     json_dump(final, os.path.join(r.out_dir, "final.json"))
     if args.plots and r.history:
         save_plots(r.out_dir, r.history, probs, r.data.y_test, f"{r.method_name} on {r.data.name}")
@@ -394,24 +477,34 @@ class StopRequest:
     """Ctrl-C handling of a one-process run: the first SIGINT asks the loop to stop after
     the current batch and checkpoint; a second one raises KeyboardInterrupt at once."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)  # SIGTERM (a scheduler's stop, `kill`) is treated as Ctrl-C
+
     def __init__(self, enabled: bool, log=print):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested, self.log, self._old = False, log, None
+        self.requested, self.log, self._old = False, log, {}
 
     def __enter__(self):
         if self.enabled:
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        self.log("\ndps-train: stopping after this batch to save a checkpoint (Ctrl-C again to quit at once)")
+        for s in self.SIGNALS:
+            signal.signal(s, _raise_interrupt)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        self.log(f"\ndps-train: {name}: stopping after this batch to save a checkpoint (Ctrl-C again to quit at "
+                 f"once)")
 
     def __exit__(self, *exc):
         if self.enabled:
-            signal.signal(signal.SIGINT, self._old if self._old is not None else signal.default_int_handler)
+            for s, old in self._old.items():
+                signal.signal(s, old if old is not None else signal.default_int_handler)
         return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def stopped(r: Run, epoch: int, mid_epoch: bool) -> Interrupted:
@@ -440,6 +533,15 @@ def train_epochs(r: Run, log) -> bool:
     return True
 
 
+def log_plan(r: Run, log) -> None:
+    """The number of steps ahead, before a run starts (the ETA follows after ETA_STEPS steps)."""
+    n, world = len(r.data.labels), r.world
+    per_epoch = len(r.loader) if world == 1 else -(-(-(-n // world)) // max(1, r.args.batch_size // world))
+    epochs = r.args.epochs - r.start
+    log(f"[{r.method_name}] {epochs} epoch(s) x {per_epoch} steps of {r.args.batch_size} images = "
+        f"{epochs * per_epoch} steps")
+
+
 def run(args, method_name: str, data: ExperimentData, log=print, rank: int = 0, world: int = 1,
         plan: str = "fresh") -> dict | None:
     """Trains one method from scratch (plan 'fresh' / 'overwrite') or from its checkpoint
@@ -456,6 +558,7 @@ def run(args, method_name: str, data: ExperimentData, log=print, rank: int = 0, 
     else:
         write_run_start(r)
     write_noisy_labels(r)
+    log_plan(r, log)
     if not train_epochs(r, log):
         return None
     return finish(r, log)

@@ -26,19 +26,22 @@ from .errors import UsageError
 # Settings that change what is trained or what its results mean.
 RESULT_KEYS = ("method", "dataset", "train_subset", "ood", "model", "width", "blocks", "epochs", "batch_size",
                "optimizer", "lr", "momentum", "weight_decay", "augment", "seed", "noise", "noise_rate",
-               "noise_seed")
+               "noise_seed", "image_size", "cifar_stem", "amp")
 _DPS_KEYS = ("c", "eps", "gamma", "tau_e", "tau_e_adapt", "bank_dtype")
 METHOD_KEYS = {"ce": (), "ls": ("ls_eps",), "pskd": ("pskd_alpha",), "te": ("te_beta", "te_weight"),
                "dps": _DPS_KEYS, "dps+con": _DPS_KEYS + ("con_weight", "con_tau", "con_positives", "proj_dim")}
 # Settings of where and how it runs: free to change on resume.
 RUNTIME_KEYS = ("data_root", "backend", "nproc", "bank", "device", "threads", "out", "plots", "progress",
-                "eval_batch", "eval_every", "overwrite", "debug", "stop_after", "world", "label_issues")
-NOT_SAVED = ("compare", "demo", "resume")  # how the command was phrased, not the run
+                "eval_batch", "eval_every", "overwrite", "debug", "stop_after", "world", "label_issues",
+                # the augmentation of a sample is seeded by its index, not its worker; the data
+                # fingerprint covers the files that --bad-images / --check-images leave in
+                "workers", "bad_images", "check_images", "channels_last", "compile", "export_soft_labels")
+NOT_SAVED = ("compare", "demo", "resume", "preset", "dry_run")  # how the command was phrased, not the run
 DATA_KEY = "data_sha"
 
 # What the trainer writes into a run folder (--overwrite deletes exactly these).
 RUN_FILES = ("checkpoint.pt", "config.json", "metrics.csv", "final.json", "reliability.png", "curves.png",
-             "noisy_labels.pt", "label_issues.csv")
+             "noisy_labels.pt", "label_issues.csv", "soft_labels.safetensors", "data_split.json")
 
 
 def compared_keys(method: str) -> tuple:

@@ -65,5 +65,77 @@ def loss_overhead(method, model, proj, loader) -> dict:
 
 
 def no_timing(batch: int) -> dict:
-    nan = float("nan")
-    return {"loss_ms": nan, "ce_loss_ms": nan, "ce_step_ms": nan, "overhead_pct_of_ce_step": nan, "batch": batch}
+    """Not measured (--nproc > 1): null in final.json (NaN is not JSON)."""
+    return {"loss_ms": None, "ce_loss_ms": None, "ce_step_ms": None, "overhead_pct_of_ce_step": None,
+            "batch": batch}
+
+
+def format_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class StepClock:
+    """Times the training steps of a run: the DPS loss's share of the step per epoch, and
+    the ETA. On CUDA only every ``CUDA_EVERY``-th step is timed, with synchronisation
+    (synchronising every step would slow the run it measures)."""
+    CUDA_EVERY = 20
+    ETA_STEPS, WARMUP_STEPS = 200, 10  # the ETA is printed once, after this many steps of the invocation
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.every = self.CUDA_EVERY if self.cuda else 1
+        self.steps, self.on, self.t_warm, self.epoch_times = 0, False, None, []
+        self.new_epoch()
+
+    def new_epoch(self) -> None:
+        self.loss_s = self.step_s = 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self) -> "StepClock":
+        self.steps += 1
+        self.on = self.steps % self.every == 0
+        if self.on:
+            self.t0 = self._now()
+        return self
+
+    def mark(self) -> None:
+        if self.on:
+            self.t1 = self._now()
+
+    def mark_loss(self) -> None:
+        if self.on:
+            self.loss_s += self._now() - self.t1
+
+    def stop(self) -> None:
+        if self.on:
+            self.step_s += self._now() - self.t0
+        if self.steps == self.WARMUP_STEPS:
+            self.t_warm = time.perf_counter()
+
+    def loss_share_pct(self):
+        """Percent of the timed steps spent in the loss's forward (None: no step timed)."""
+        return 100 * self.loss_s / self.step_s if self.step_s > 0 else None
+
+    def maybe_eta(self, r, epoch: int, done: int, total: int) -> None:
+        """Once, after ETA_STEPS steps: the time per step and the ETAs of the epoch and the run."""
+        if self.steps != self.ETA_STEPS or self.t_warm is None:
+            return
+        per_step = (time.perf_counter() - self.t_warm) / (self.ETA_STEPS - self.WARMUP_STEPS)
+        left_epoch = (total - done) * per_step
+        left_run = left_epoch + (r.args.epochs - epoch - 1) * total * per_step
+        print(f"[{r.method_name}] {per_step * 1e3:.1f} ms/step ({r.args.batch_size / per_step:.0f} img/s) after "
+              f"{self.ETA_STEPS} steps: epoch {epoch + 1} ends in ~{format_duration(left_epoch)}, the run in "
+              f"~{format_duration(left_run)} (training steps; evaluation adds to it)", flush=True)
+
+    def run_eta(self, epochs_left: int, epoch_s: float) -> str:
+        self.epoch_times.append(epoch_s)
+        if epochs_left <= 0:
+            return ""
+        return "~" + format_duration(epochs_left * sum(self.epoch_times) / len(self.epoch_times))
