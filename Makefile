@@ -13,7 +13,7 @@ export MALLOC_TRIM_THRESHOLD_ := 1073741824
 export TRITON_INTERPRET ?= 1
 
 .PHONY: all install test pytest cpp-test cuda-check triton-aot-check install-check gpu-wheelhouse demo bench clean \
-	fuzz sanitize
+	fuzz sanitize docs
 
 all: test
 
@@ -35,6 +35,7 @@ test: install
 	$(MAKE) --no-print-directory cpp-test
 	$(MAKE) --no-print-directory cuda-check
 	$(MAKE) --no-print-directory triton-aot-check
+	$(DOCS)
 
 pytest: install
 	$(VENV)/bin/pytest
@@ -83,6 +84,14 @@ sanitize: install
 	  || { cat build/sanitize/report.* 2>/dev/null; exit 1; }; \
 	if ls build/sanitize/report.* >/dev/null 2>&1; then cat build/sanitize/report.*; exit 1; fi; \
 	echo "make sanitize: build $$((t1 - t0)) s, tests $$(($$(date +%s) - t1)) s, clean"
+
+# The documentation site (mkdocs.yml, docs/) into site/, offline, with --strict: fails on a
+# broken link or anchor, a page missing from the nav, an API name mkdocstrings cannot collect,
+# or a public name of dps_fast without a docstring (tools/check_docstrings.py, run first).
+# `make test` runs the same two commands after its other checks (about 15 s).
+DOCS = $(PY) tools/check_docstrings.py && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+docs: install
+	$(DOCS)
 
 # Compile-check every CUDA kernel for sm_90 with nvcc, when nvcc exists.
 cuda-check: install
@@ -146,4 +155,4 @@ bench: install
 	cd benchmarks && ../$(PY) overhead_probe.py --threads 2 --out results/overhead-probe.json
 
 clean:
-	rm -rf build dist *.egg-info runs
+	rm -rf build dist *.egg-info runs site
