@@ -67,12 +67,12 @@ def test_subset_and_distributed_sampler_keep_positions():
 
 def test_readme_quick_start_runs_as_written():
     text = open(README).read()
-    api = text[text.index("\n## API\n"):]
+    api = text[text.index("\n## Quick start\n"):]
     block = re.search(r"```python\n(.*?)```", api, re.S)[1]
     assert "WithIndex" in block and "crit.train()" in block and "crit.eval()" in block
     assert "MI" not in block.replace("mutual_information", "")  # the read-out's key is spelled out
     scope = {}
-    exec(compile(block, "README.md (API quick start)", "exec"), scope)
+    exec(compile(block, "README.md (quick start)", "exec"), scope)
     readouts, crit = scope["readouts"], scope["crit"]
     assert set(readouts) == {"mean", "alpha0", "entropy", "expected_entropy", "mutual_information", "label_error"}
     assert scope["suspects"].shape == (5,) and 0 <= float(scope["acc"]) <= 1
