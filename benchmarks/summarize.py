@@ -1,4 +1,4 @@
-"""Summarise a pytest-benchmark JSON (from `make bench`) into the README table.
+"""Summarise a pytest-benchmark JSON (from `make bench`) into the table of docs/performance.md.
 
     python benchmarks/summarize.py benchmarks/results
 

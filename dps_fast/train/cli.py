@@ -1,7 +1,7 @@
 """dps-train: train image classifiers with DPS and baselines on offline data.
 
 The examples, the methods and the run-folder rules are in ``dps-train --help``
-(``EPILOG`` below); README "Trainer: dps-train" says the same at more length.
+(``EPILOG`` below); docs/trainer.md says the same at more length.
 """
 from __future__ import annotations
 
