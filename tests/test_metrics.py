@@ -58,4 +58,93 @@ def test_metric_input_errors():
     with pytest.raises(TypeError, match="integer"):
         M.nll(torch.rand(2, 2), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="n_bins"):
-        M.ece(torch.rand(2, 2), torch.tensor([0, 1]), n_bins=0)
+        M.ece(torch.rand(2, 2).softmax(-1), torch.tensor([0, 1]), n_bins=0)
+
+
+PROB_FUNCTIONS = [M.ece, M.classwise_ece, M.nll, M.brier, M.accuracy, M.summary]
+
+
+@pytest.mark.parametrize("fn", PROB_FUNCTIONS, ids=lambda f: f.__name__)
+def test_logits_are_refused_not_scored(fn):
+    """ece(logits, labels) used to return 1.406; every metric now refuses non-probabilities."""
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 3.0, -2.0]])
+    with pytest.raises(ValueError, match=r"softmax"):
+        fn(logits, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("fn", PROB_FUNCTIONS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("case,message", [
+    ("half_row", r"row 2 sums to 0\.5"),
+    ("negative", r"row 1 has the negative entry -0\.2"),
+    ("nan", r"row 3 holds NaN"),
+    ("inf", r"row 0 holds NaN or inf"),
+])
+def test_rows_that_are_not_probabilities_are_refused(fn, case, message):
+    p = torch.softmax(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), -1)
+    if case == "half_row":
+        p[2] *= 0.5
+    elif case == "negative":
+        p[1] = torch.tensor([0.7, 0.5, -0.2, 0.0])  # sums to 1: only the sign is wrong
+    elif case == "nan":
+        p[3, 1] = float("nan")
+    else:
+        p[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=message):
+        fn(p, torch.tensor([0, 1, 2, 3, 0]))
+
+
+@pytest.mark.parametrize("fn", PROB_FUNCTIONS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_labels_outside_the_classes_are_refused(fn, bad):
+    p = torch.full((3, 4), 0.25)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        fn(p, torch.tensor([0, bad, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c", [2, 10, 1000])
+def test_probabilities_rounded_to_their_dtype_are_accepted(dtype, c):
+    """The tolerance follows the dtype and C: softmax output in any float dtype, and
+    float32 probabilities cast up to float64, pass; a row off by 10x the tolerance does not."""
+    g = torch.Generator().manual_seed(c)
+    logits = 4 * torch.randn(64, c, generator=g)
+    labels = torch.randint(0, c, (64,), generator=g)
+    p = torch.softmax(logits, -1).to(dtype) if dtype != torch.float64 else torch.softmax(logits, -1).double()
+    s = M.summary(p, labels)
+    assert 0 <= s["ece"] <= 1 and 0 <= s["accuracy"] <= 1
+    tol = M.row_sum_tolerance(dtype, c)
+    assert tol < 0.2  # loose enough for rounding, never so loose that a row of half the mass passes
+    bad = torch.softmax(logits.double(), -1)
+    bad[5] *= 1 + 10 * tol
+    with pytest.raises(ValueError, match="row 5 sums to"):
+        M.ece(bad, labels)
+
+
+def test_one_unit_convention_fractions_everywhere():
+    """summary() used to give ece_pct (percent) next to accuracy (a fraction); every value
+    of the library is now a fraction, under the name of the function that computes it."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(3 * torch.randn(500, 6, generator=g), -1)
+    y = torch.randint(0, 6, (500,), generator=g)
+    s = M.summary(p, y, n_bins=10)
+    assert set(s) == {"accuracy", "ece", "classwise_ece", "nll", "brier", "n_bins"}
+    assert s["ece"] == M.ece(p, y, 10) and s["classwise_ece"] == M.classwise_ece(p, y, 10)
+    assert s["accuracy"] == M.accuracy(p, y) and s["nll"] == M.nll(p, y) and s["brier"] == M.brier(p, y)
+    assert 0 < s["ece"] < 1 and 0 < s["classwise_ece"] < 1
+    # The trainer's run files (metrics.csv, final.json) keep ECE in percent, under *_pct keys.
+    from dps_fast.train.experiment import run_metrics
+
+    r = run_metrics(p, y)
+    assert list(r) == ["accuracy", "ece_pct", "classwise_ece_pct", "nll", "brier", "n_bins"]
+    assert r["ece_pct"] == 100 * M.ece(p, y) and r["classwise_ece_pct"] == 100 * M.classwise_ece(p, y)
+    assert r["accuracy"] == s["accuracy"]
+
+
+def test_ood_auroc_and_auroc_check_their_input():
+    p = torch.softmax(torch.randn(20, 3, generator=torch.Generator().manual_seed(5)), -1)
+    with pytest.raises(ValueError, match="probs_out must be class probabilities"):
+        M.ood_auroc(p, torch.randn(10, 3))  # logits for the OOD set
+    with pytest.raises(ValueError, match="same classes"):
+        M.ood_auroc(p, torch.full((4, 2), 0.5))
+    with pytest.raises(ValueError, match="NaN"):
+        M.auroc(torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([True, False, True]))

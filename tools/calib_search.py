@@ -226,7 +226,7 @@ def logits_of(model, x, batch=1024) -> torch.Tensor:
 
 def scores(z, y, t=1.0) -> dict:
     r = M.summary(torch.softmax(z / t, -1), y)
-    return {"T": t, "accuracy": 100 * r["accuracy"], "ece_pct": r["ece_pct"], "nll": r["nll"]}
+    return {"T": t, "accuracy": 100 * r["accuracy"], "ece_pct": 100 * r["ece"], "nll": r["nll"]}
 
 
 def temperatures(a, model, loss, data) -> dict:

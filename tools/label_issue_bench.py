@@ -121,7 +121,7 @@ def fit(args, data, rows: torch.Tensor, seed: int, loss_fn) -> tuple:
 
 def test_metrics(model, data) -> dict:
     s = M.summary(predict(model, data["x_test"]), data["y_test"])
-    return {"accuracy": s["accuracy"], "ece_pct": s["ece_pct"], "nll": s["nll"]}
+    return {"accuracy": s["accuracy"], "ece_pct": 100 * s["ece"], "nll": s["nll"]}
 
 
 def hard_ce(labels):

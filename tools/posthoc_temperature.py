@@ -38,7 +38,7 @@ def _logits(model, x, batch=1024):
 def _summary(logits, y, t=1.0):
     p = torch.softmax(logits / t, -1)
     r = M.summary(p, y)
-    return {"accuracy": r["accuracy"], "ece_pct": r["ece_pct"], "nll": r["nll"], "brier": r["brier"]}
+    return {"accuracy": r["accuracy"], "ece_pct": 100 * r["ece"], "nll": r["nll"], "brier": r["brier"]}
 
 
 def heldout_images(args, data, n_val: int):
