@@ -77,26 +77,24 @@ class DistributedDPSLoss(DPSLoss):
 
 
 def save_bank(loss: DistributedDPSLoss, folder: str) -> str:
-    """Writes this rank's rows to ``folder`` (one file per rank; a collective)."""
+    """Writes this rank's rows to ``folder`` (one file per rank), then rank 0 commits the save
+    with its manifest, ``bank-index.json`` (a collective; every file written atomically)."""
     return loss.store.save(folder)
 
 
 def load_bank(loss: DistributedDPSLoss, folder: str) -> None:
-    """Loads a bank saved with any world size, each rank reading only the rows it holds."""
+    """Loads a bank saved with any world size, each rank reading only the rows it holds. Every
+    file read is verified first (manifest, header, size, save id, checksum, values); a bad or
+    unfinished save raises ValueError / FileNotFoundError on every rank, the bank unchanged."""
     loss.store.load(folder)
 
 
 def read_full_bank(folder: str) -> torch.Tensor:
-    """The whole saved bank [N, C] in this process (offline tools; N*C memory)."""
-    import json
-    import os
-
-    with open(os.path.join(folder, SF.INDEX)) as f:
-        idx = json.load(f)
-    n, c = idx["num_samples"], idx["num_classes"]
-    dtype = SF.read_header(SF.shard_path(folder, 0, SF.saved_world(folder, n, c)))[1]
-    full = torch.empty(n, c, dtype=dtype)
-    SF.load_rows(folder, full, n, 0, 1, strided=False)
+    """The whole saved bank [N, C] in this process (offline tools; N*C memory), verified as
+    ``load_bank`` verifies it."""
+    doc = SF.read_manifest(folder)
+    full = torch.empty(doc["num_samples"], doc["num_classes"], dtype=SF.saved_dtype(doc))
+    SF.load_rows(folder, full, doc["num_samples"], 0, 1, strided=False)
     return full
 
 

@@ -12,7 +12,8 @@ from .._dispatch import BackendUnavailableError
 
 # torch >= 2.13 renames all_gather_into_tensor (2.11 has only the old name)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_ERRORS = {e.__name__: e for e in (IndexError, ValueError, TypeError, RuntimeError, BackendUnavailableError)}
+_ERRORS = {e.__name__: e for e in (IndexError, ValueError, TypeError, RuntimeError, BackendUnavailableError,
+                                     FileNotFoundError, OSError)}
 
 
 def require_process_group():

@@ -6,6 +6,7 @@ import os
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 
 from .base import Bank, StepPlan
 from .collective import Collective
@@ -71,21 +72,56 @@ class DistributedBank(Bank):
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str) -> str:
         """Writes this rank's rows (global ids rank, rank + W, ...) and, once every rank has
-        written, the index of the save. A collective."""
+        written, rank 0 commits the save with the manifest (shard_files). A collective; a
+        failure on any rank raises on every rank, and a save that did not commit never loads."""
         os.makedirs(folder, exist_ok=True)
+        save_id = self._on_rank0(SF.new_save_id)
         path = SF.shard_path(folder, self.rank, self.world)
-        SF.write_shard(path, self.strided_rows(), {"world": self.world, "rank": self.rank,
-                                                  "num_samples": self.num_samples, "num_classes": self.num_classes})
-        self.comm.barrier()
-        if self.rank == 0:
-            SF.save_index(folder, self.world, {"num_samples": self.num_samples, "num_classes": self.num_classes})
-        self.comm.barrier()
+        meta = {"save_id": save_id, "world": self.world, "rank": self.rank, "num_samples": self.num_samples,
+                "num_classes": self.num_classes}
+        entry, error = None, None
+        try:
+            entry = SF.write_shard(path, self.strided_rows(), meta)
+        except (OSError, ValueError) as e:
+            error = e
+        self.comm.agree(error, 0, self.device)
+        entries = [None] * self.world
+        dist.all_gather_object(entries, entry, group=self.comm.group)
+        self._on_rank0(lambda: self._commit(folder, save_id, entries))
         return path
+
+    def _commit(self, folder: str, save_id: str, entries: list) -> None:
+        SF.write_manifest(folder, save_id, self.num_samples, self.num_classes, self.storage.dtype, entries)
+        SF.drop_stale_shards(folder, self.world)
+
+    def _on_rank0(self, fn):
+        """``fn()`` on rank 0; every rank gets its result, or raises its exception."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except (OSError, ValueError) as e:
+                error = e
+        self.comm.agree(error, 0, self.device)
+        got = [None] * self.world
+        dist.all_gather_object(got, result, group=self.comm.group)
+        return got[0]
 
     def load(self, folder: str) -> None:
         """Fills this rank's storage from a save made at any world size (a shard reads only
-        the files that hold its rows)."""
-        SF.load_rows(folder, self.storage, self.num_samples, self.rank, self.world, strided=self.strided)
+        the files that hold its rows). Every rank verifies its files before any rank writes a
+        row; a failure on any rank raises the same error on every rank, the bank unchanged."""
+        doc, shards, error = None, [], None
+        try:
+            doc, shards = SF.open_save(folder, self.num_samples, self.num_classes, self.storage.dtype, self.rank,
+                                       self.world, self.strided)
+        except (OSError, ValueError) as e:
+            error = e
+        try:
+            self.comm.agree(error, 0, self.device)
+            SF.copy_rows(shards, doc["world"], self.storage, self.rank, self.world, self.strided)
+        finally:
+            SF.close_all(shards)
 
     def strided_rows(self) -> torch.Tensor:
         raise NotImplementedError

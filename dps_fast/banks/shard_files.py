@@ -3,9 +3,16 @@ small buffer, so a bank that does not fit on one rank can be saved and re-sharde
 
 Layout: rank r of a world of W writes the rows with global ids r, r + W, r + 2W, ... to
 ``bank-rank{r}-of-{W}.safetensors`` (the safetensors format: an 8-byte header length, a
-JSON header, the raw rows), and rank 0 then writes ``bank-index.json`` naming the world
-size of the last complete save. Loading with any world size reads, file by file and chunk
-by chunk, only the rows the loading rank holds.
+JSON header, the raw rows; the header's metadata carries the save id), and rank 0, once
+every rank has written, writes the manifest ``bank-index.json``: the save id, world, N, C,
+dtype, and each shard's rows, size and CRC-32. Every file is written atomically (a
+temporary file, fsync, rename, fsync of the folder), the manifest last: the manifest is
+the commit record of a save.
+
+A load verifies every file it reads before it writes any row (:func:`open_save`): the
+manifest, each header, the exact file size, the save id (a shard of another or an
+unfinished save is an error, never mixed in), the checksum and the values. The verified
+files stay open, so the rows copied are the bytes that were verified.
 """
 from __future__ import annotations
 
@@ -13,17 +20,65 @@ import glob
 import json
 import math
 import os
+import uuid
+import zlib
+from dataclasses import dataclass
 
 import torch
 
 CHUNK_BYTES = 32 * 2 ** 20
+FORMAT = "dps_fast.bank-shards/2"
+INDEX = "bank-index.json"  # the manifest
+_MAX_HEADER = 2 ** 24  # our headers are < 1 KB; a larger length is a damaged or foreign file
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _FROM_NAME = {v: k for k, v in _DTYPES.items()}
-INDEX = "bank-index.json"
+# saved dtype -> bank dtypes it loads into exactly (every value representable: no rounding)
+_EXACT_INTO = {"F32": (torch.float32, torch.float64), "F64": (torch.float64,),
+               "BF16": (torch.bfloat16, torch.float32, torch.float64),
+               "F16": (torch.float16, torch.float32, torch.float64)}
 
 
 def shard_path(folder: str, rank: int, world: int) -> str:
     return os.path.join(folder, f"bank-rank{rank}-of-{world}.safetensors")
+
+
+def manifest_path(folder: str) -> str:
+    return os.path.join(folder, INDEX)
+
+
+def new_save_id() -> str:
+    return uuid.uuid4().hex
+
+
+def expected_rows(num_samples: int, rank: int, world: int) -> int:
+    return len(range(rank, num_samples, world))
+
+
+# ---------------------------------------------------------------------------- writing
+def _fsync_dir(folder: str) -> None:
+    """Makes a rename durable: without it a crash can lose the new directory entry."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write_body) -> None:
+    """``write_body(f)`` into a temporary file, fsync, rename over ``path``, fsync the folder:
+    a reader sees the old file or the whole new one, never a part."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write_body(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _header(rows: torch.Tensor, meta: dict) -> bytes:
@@ -34,85 +89,279 @@ def _header(rows: torch.Tensor, meta: dict) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
-def write_shard(path: str, rows: torch.Tensor, meta: dict) -> None:
-    """Writes ``rows`` [n, C] (any device) atomically, ``CHUNK_BYTES`` at a time."""
+def write_shard(path: str, rows: torch.Tensor, meta: dict) -> dict:
+    """Writes ``rows`` [n, C] (any device) atomically, ``CHUNK_BYTES`` at a time. Returns the
+    shard's manifest entry (file name, rows, bytes, CRC-32 of the whole file)."""
     head = _header(rows, meta)
+    head = len(head).to_bytes(8, "little") + head
     step = max(1, CHUNK_BYTES // max(1, rows.shape[1] * rows.element_size()))
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
+    crc = [zlib.crc32(head), len(head)]
+
+    def body(f):
         f.write(head)
         for k in range(0, rows.shape[0], step):
-            f.write(rows[k:k + step].detach().cpu().contiguous().view(torch.uint8).numpy().data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+            chunk = rows[k:k + step].detach().cpu().contiguous().view(torch.uint8).numpy().data
+            f.write(chunk)
+            crc[0], crc[1] = zlib.crc32(chunk, crc[0]), crc[1] + chunk.nbytes
+
+    _atomic_write(path, body)
+    return {"file": os.path.basename(path), "rows": int(rows.shape[0]), "bytes": crc[1], "crc32": f"{crc[0]:08x}"}
 
 
-def read_header(path: str) -> tuple[dict, torch.dtype, list, int]:
-    """(metadata, dtype, shape, offset of the rows) of a shard file."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        h = json.loads(f.read(n))
-    b = h["bank"]
-    return h.get("__metadata__", {}), _FROM_NAME[b["dtype"]], b["shape"], 8 + n + b["data_offsets"][0]
+def write_manifest(folder: str, save_id: str, num_samples: int, num_classes: int, dtype: torch.dtype,
+                   shards: list[dict]) -> None:
+    """Rank 0, after every rank wrote its shard: commits the save."""
+    doc = {"format": FORMAT, "save_id": save_id, "world": len(shards), "num_samples": num_samples,
+           "num_classes": num_classes, "dtype": _DTYPES[dtype],
+           "shards": [{"rank": r, **s} for r, s in enumerate(shards)]}
+    _atomic_write(manifest_path(folder), lambda f: f.write(json.dumps(doc, indent=1).encode()))
 
 
-def stream_rows(path: str):
-    """Yields (first row, rows chunk) of a shard file; the chunk buffer is reused."""
-    _, dtype, (n, c), start = read_header(path)
-    step = max(1, CHUNK_BYTES // max(1, c * dtype.itemsize))
-    buf = torch.empty(min(step, max(n, 1)), c, dtype=dtype)
-    raw = buf.view(torch.uint8).numpy().reshape(-1)
-    with open(path, "rb") as f:
-        f.seek(start)
-        for k in range(0, n, step):
-            m = min(step, n - k)
-            view = memoryview(raw)[: m * c * dtype.itemsize]
-            if f.readinto(view) != len(view):
-                raise ValueError(f"{path} is truncated")
-            yield k, buf[:m]
-
-
-def save_index(folder: str, world: int, meta: dict) -> None:
-    """Rank 0, after every rank wrote its shard: names the complete save, drops stale shards."""
-    tmp = os.path.join(folder, INDEX + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"world": world, **meta}, f)
-    os.replace(tmp, os.path.join(folder, INDEX))
+def drop_stale_shards(folder: str, world: int) -> None:
+    """After the commit: shards of saves at other world sizes are no part of any save."""
     for p in glob.glob(os.path.join(folder, "bank-rank*-of-*.safetensors")):
         if not p.endswith(f"-of-{world}.safetensors"):
             os.remove(p)
 
 
-def saved_world(folder: str, num_samples: int, num_classes: int) -> int:
-    path = os.path.join(folder, INDEX)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no complete bank save in {folder} ({INDEX} is missing)")
-    with open(path) as f:
-        idx = json.load(f)
-    if (idx["num_samples"], idx["num_classes"]) != (num_samples, num_classes):
-        raise ValueError(f"the bank saved in {folder} is {idx['num_samples']} x {idx['num_classes']}, this loss "
-                         f"expects {num_samples} x {num_classes}")
-    world = int(idx["world"])
-    missing = [shard_path(folder, r, world) for r in range(world) if not os.path.exists(shard_path(folder, r, world))]
-    if missing:
-        raise FileNotFoundError(f"incomplete bank save in {folder}: missing {missing}")
-    return world
+# ---------------------------------------------------------------------------- verifying
+@dataclass
+class ShardFile:
+    """An open, verified shard: ``rows`` x ``classes`` values of ``dtype`` from byte ``start``."""
+    path: str
+    handle: object
+    rank: int
+    rows: int
+    classes: int
+    dtype: torch.dtype
+    start: int
 
 
-def load_rows(folder: str, storage: torch.Tensor, num_samples: int, rank: int, world: int, strided: bool) -> None:
-    """Fills ``storage`` from the save in ``folder``: rows rank, rank + world, ... (``strided``,
-    a shard) or all rows (a replica). Reads only the files that hold such rows."""
-    num_classes = storage.shape[1]
-    saved = saved_world(folder, num_samples, num_classes)
-    g = math.gcd(saved, world)
-    for r in range(saved):
-        if strided and r % g != rank % g:
-            continue  # no row of file r is held by this rank
-        for k, chunk in stream_rows(shard_path(folder, r, saved)):
-            ids = r + saved * torch.arange(k, k + chunk.shape[0])
+def _field(doc, key: str, kind: type, where: str):
+    v = doc.get(key) if isinstance(doc, dict) else None
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise ValueError(f"{where}: field {key!r} is missing or not {kind.__name__} (got {v!r})")
+    return v
+
+
+def _load_json(path: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is not a bank manifest (not valid JSON: {e})") from None
+
+
+def read_manifest(folder: str, num_samples: int | None = None, num_classes: int | None = None) -> dict:
+    """The checked manifest of the save in ``folder``; N and C must be the given ones (if given)."""
+    path = manifest_path(folder)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: no complete bank save in {folder} (a save that did not "
+                                f"finish, or not a bank folder)")
+    doc = _load_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{path} is not a bank manifest of format {FORMAT!r} (found {found!r}); saves of older "
+                         f"dps_fast versions carry no checksums and do not load")
+    for key, kind in (("save_id", str), ("world", int), ("num_samples", int), ("num_classes", int),
+                      ("dtype", str), ("shards", list)):
+        _field(doc, key, kind, path)
+    if doc["dtype"] not in _FROM_NAME:
+        raise ValueError(f"{path}: unknown dtype {doc['dtype']!r} (a bank is one of {sorted(_FROM_NAME)})")
+    got, want = (doc["num_samples"], doc["num_classes"]), (num_samples, num_classes)
+    if got != tuple(g if w is None else w for g, w in zip(got, want)):
+        raise ValueError(f"{path}: the saved bank is {got[0]} x {got[1]}, this loss expects {want[0]} x {want[1]}")
+    if doc["world"] < 1 or len(doc["shards"]) != doc["world"]:
+        raise ValueError(f"{path}: world {doc['world']} with {len(doc['shards'])} shard entries")
+    for r, entry in enumerate(doc["shards"]):
+        _check_entry(path, doc, r, entry)
+    return doc
+
+
+def _check_entry(path: str, doc: dict, r: int, entry) -> None:
+    where = f"{path}: shard entry {r}"
+    for key, kind in (("rank", int), ("file", str), ("rows", int), ("bytes", int), ("crc32", str)):
+        _field(entry, key, kind, where)
+    name = os.path.basename(shard_path("", r, doc["world"]))
+    if entry["rank"] != r or entry["file"] != name:  # files are never opened by a name read from disk
+        raise ValueError(f"{where} names {entry['file']!r} (rank {entry['rank']}), expected {name!r}")
+    want = expected_rows(doc["num_samples"], r, doc["world"])
+    if entry["rows"] != want:
+        raise ValueError(f"{where} lists {entry['rows']} rows; rank {r} of {doc['world']} holds {want} of "
+                         f"{doc['num_samples']} rows")
+
+
+def saved_dtype(doc: dict) -> torch.dtype:
+    return _FROM_NAME[doc["dtype"]]
+
+
+def _read_header(f, path: str, size: int) -> tuple[dict, dict, int]:
+    """(metadata, the 'bank' entry, offset of the first row) of an open shard file."""
+    if size < 8:
+        raise ValueError(f"{path} is truncated: {size} bytes, less than the 8-byte header length")
+    n = int.from_bytes(f.read(8), "little")
+    if n > min(size - 8, _MAX_HEADER):
+        raise ValueError(f"{path}: header length {n} does not fit the file ({size} bytes): truncated or not "
+                         f"a bank shard")
+    try:
+        h = json.loads(f.read(n))
+    except ValueError as e:
+        raise ValueError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(h, dict) or not isinstance(h.get("bank"), dict) or set(h) - {"__metadata__", "bank"}:
+        keys = sorted(h) if isinstance(h, dict) else type(h).__name__
+        raise ValueError(f"{path}: the header must hold one tensor 'bank' and metadata, found {keys}")
+    meta = h.get("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the header's __metadata__ is not a mapping")
+    return meta, h["bank"], 8 + n
+
+
+def read_header(path: str) -> tuple[dict, torch.dtype, list, int]:
+    """(metadata, dtype, shape, offset of the rows) of a shard file, unverified against any
+    manifest (offline inspection)."""
+    with open(path, "rb") as f:
+        meta, entry, start = _read_header(f, path, os.fstat(f.fileno()).st_size)
+    if entry.get("dtype") not in _FROM_NAME:
+        raise ValueError(f"{path}: unknown dtype {entry.get('dtype')!r} (a bank shard holds one of "
+                         f"{sorted(_FROM_NAME)})")
+    return meta, _FROM_NAME[entry["dtype"]], entry.get("shape"), start
+
+
+def _check_layout(path: str, entry: dict, start: int, size: int, rows: int, classes: int) -> torch.dtype:
+    """The dtype of a shard whose header describes [rows, classes] values filling the file exactly."""
+    name = entry.get("dtype")
+    if name not in _FROM_NAME:
+        raise ValueError(f"{path}: unknown dtype {name!r} (a bank shard holds one of {sorted(_FROM_NAME)})")
+    dtype = _FROM_NAME[name]
+    if entry.get("shape") != [rows, classes]:
+        raise ValueError(f"{path}: rows of shape {entry.get('shape')}, expected [{rows}, {classes}] (this "
+                         f"shard's rows of the saved bank, by the manifest)")
+    nbytes = rows * classes * dtype.itemsize
+    if entry.get("data_offsets") != [0, nbytes]:
+        raise ValueError(f"{path}: data_offsets {entry.get('data_offsets')}, expected [0, {nbytes}] for "
+                         f"[{rows}, {classes}] {name}")
+    if size != start + nbytes:
+        what = "truncated" if size < start + nbytes else f"{size - start - nbytes} trailing bytes"
+        raise ValueError(f"{path}: {size} bytes, its header describes {start + nbytes} ({what})")
+    return dtype
+
+
+def _check_meta(path: str, meta: dict, doc: dict, r: int, dtype_name: str) -> None:
+    """The shard belongs to the save the manifest commits, as its rank ``r``."""
+    if meta.get("save_id") != doc["save_id"]:
+        raise ValueError(f"{path} belongs to save {meta.get('save_id')!r}, but {INDEX} commits save "
+                         f"{doc['save_id']!r}: an interrupted save, or files of two saves mixed; save again")
+    want = {"world": str(doc["world"]), "rank": str(r), "num_samples": str(doc["num_samples"]),
+            "num_classes": str(doc["num_classes"])}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise ValueError(f"{path}: metadata {key}={meta.get(key)!r}, the manifest says {value!r}")
+    if dtype_name != doc["dtype"]:
+        raise ValueError(f"{path} holds {dtype_name} rows, the manifest says {doc['dtype']}")
+
+
+def stream_rows(shard: ShardFile):
+    """Yields (first row, rows chunk) of an open shard; the chunk buffer is reused."""
+    n, c, dtype = shard.rows, shard.classes, shard.dtype
+    step = max(1, CHUNK_BYTES // max(1, c * dtype.itemsize))
+    buf = torch.empty(min(step, max(n, 1)), c, dtype=dtype)
+    raw = buf.view(torch.uint8).numpy().reshape(-1)
+    shard.handle.seek(shard.start)
+    for k in range(0, n, step):
+        m = min(step, n - k)
+        view = memoryview(raw)[: m * c * dtype.itemsize]
+        if shard.handle.readinto(view) != len(view):
+            raise ValueError(f"{shard.path} is truncated (it changed while being read)")
+        yield k, buf[:m]
+
+
+def _verify_contents(shard: ShardFile, want_crc: str, saved_world: int) -> None:
+    """One streaming pass: the CRC-32 of the whole file, and every value finite and > 0."""
+    shard.handle.seek(0)
+    crc, bad = zlib.crc32(shard.handle.read(shard.start)), None
+    for k, chunk in stream_rows(shard):
+        crc = zlib.crc32(chunk.view(torch.uint8).numpy(), crc)
+        wrong = ~(torch.isfinite(chunk) & (chunk > 0))
+        if bad is None and bool(wrong.any()):
+            i, j = (int(x) for x in wrong.nonzero()[0])
+            bad = (shard.rank + saved_world * (k + i), j, float(chunk[i, j]))
+    if f"{crc:08x}" != want_crc:
+        raise ValueError(f"{shard.path}: checksum crc32 {crc:08x}, the manifest says {want_crc}: the file is "
+                         f"corrupted")
+    if bad is not None:
+        raise ValueError(f"{shard.path}: row {bad[0]} holds {bad[2]} in class {bad[1]}; a bank value must be "
+                         f"finite and > 0")
+
+
+def open_shard(folder: str, doc: dict, r: int) -> ShardFile:
+    """Opens and verifies shard ``r`` of the save ``doc`` commits; the caller closes it."""
+    path, entry = shard_path(folder, r, doc["world"]), doc["shards"][r]
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: {INDEX} commits save {doc['save_id']!r} of "
+                                f"{doc['world']} shards") from None
+    try:
+        size = os.fstat(f.fileno()).st_size
+        meta, header, start = _read_header(f, path, size)
+        dtype = _check_layout(path, header, start, size, entry["rows"], doc["num_classes"])
+        _check_meta(path, meta, doc, r, header["dtype"])
+        if size != entry["bytes"]:
+            raise ValueError(f"{path}: {size} bytes, the manifest says {entry['bytes']}")
+        shard = ShardFile(path, f, r, entry["rows"], doc["num_classes"], dtype, start)
+        _verify_contents(shard, entry["crc32"], doc["world"])
+        return shard
+    except BaseException:
+        f.close()
+        raise
+
+
+def files_to_read(saved_world: int, rank: int, world: int, strided: bool) -> list[int]:
+    """The saved shards holding rows of ``rank``: all for a replica; for a shard of a world of
+    ``world``, those whose ids r + saved_world*k can be = rank (mod world)."""
+    g = math.gcd(saved_world, world)
+    return [r for r in range(saved_world) if not strided or r % g == rank % g]
+
+
+def close_all(shards: list[ShardFile]) -> None:
+    for s in shards:
+        s.handle.close()
+
+
+def open_save(folder: str, num_samples: int, num_classes: int, dtype: torch.dtype, rank: int, world: int,
+              strided: bool) -> tuple[dict, list[ShardFile]]:
+    """Reads and verifies every file that ``rank`` needs; writes nothing. Raises ValueError or
+    FileNotFoundError naming the file and the problem. The returned shards are open."""
+    doc = read_manifest(folder, num_samples, num_classes)
+    if dtype not in _EXACT_INTO[doc["dtype"]]:
+        raise ValueError(f"{manifest_path(folder)}: the save holds {doc['dtype']} rows, this bank is {dtype}, "
+                         f"which would round them; create the loss with bank_dtype={saved_dtype(doc)}")
+    shards = []
+    try:
+        for r in files_to_read(doc["world"], rank, world, strided):
+            shards.append(open_shard(folder, doc, r))
+    except BaseException:
+        close_all(shards)
+        raise
+    return doc, shards
+
+
+def copy_rows(shards: list[ShardFile], saved_world: int, storage: torch.Tensor, rank: int, world: int,
+              strided: bool) -> None:
+    """Writes verified rows into ``storage``: rows rank, rank + world, ... (``strided``) or all."""
+    for s in shards:
+        for k, chunk in stream_rows(s):
+            ids = s.rank + saved_world * torch.arange(k, k + chunk.shape[0])
             if strided:
                 mine = ids % world == rank
                 ids, chunk = ids[mine] // world, chunk[mine]
             storage.index_copy_(0, ids.to(storage.device), chunk.to(storage.device, storage.dtype))
+
+
+def load_rows(folder: str, storage: torch.Tensor, num_samples: int, rank: int, world: int, strided: bool) -> None:
+    """One process: verifies, then fills ``storage`` (see :func:`open_save`, :func:`copy_rows`)."""
+    doc, shards = open_save(folder, num_samples, storage.shape[1], storage.dtype, rank, world, strided)
+    try:
+        copy_rows(shards, doc["world"], storage, rank, world, strided)
+    finally:
+        close_all(shards)
