@@ -138,6 +138,10 @@ def check_model_name(args) -> None:
                          f"timm:NAME")
     if colon and (lib not in ("torchvision", "timm") or not name):
         raise UsageError(f"--model {args.model!r}: give torchvision:NAME or timm:NAME (e.g. torchvision:resnet50)")
+    if lib == "torchvision" and importable("torchvision"):
+        from .vision import check_torchvision_name
+
+        check_torchvision_name(name)  # before any data is read
     if args.cifar_stem and lib != "torchvision":
         raise UsageError("--cifar-stem changes a torchvision ResNet's first layers; use it with "
                          "--model torchvision:resnet18 (or another torchvision ResNet)")

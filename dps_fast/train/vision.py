@@ -109,12 +109,8 @@ def cifar_stem(model: nn.Module, name: str) -> None:
     model.maxpool = nn.Identity()
 
 
-def torchvision_names() -> list:
-    tv = import_torchvision("--model torchvision:NAME")
-    return sorted(tv.models.list_models(module=tv.models))
-
-
-def build_torchvision(name: str, num_classes: int, cifar: bool) -> WrappedNet:
+def check_torchvision_name(name: str):
+    """The torchvision module, after checking that it has a classification model ``name``."""
     tv = import_torchvision(f"--model torchvision:{name}")
     names = tv.models.list_models(module=tv.models)
     if name not in names:
@@ -122,6 +118,11 @@ def build_torchvision(name: str, num_classes: int, cifar: bool) -> WrappedNet:
         raise UsageError(f"--model torchvision:{name}: torchvision {tv.__version__} has no classification model "
                          f"{name!r}" + (f" (close: {', '.join(close)})" if close else "")
                          + "; see torchvision.models.list_models()")
+    return tv
+
+
+def build_torchvision(name: str, num_classes: int, cifar: bool) -> WrappedNet:
+    tv = check_torchvision_name(name)
     kw = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
     model = tv.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     if cifar:
