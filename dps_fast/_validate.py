@@ -68,10 +68,41 @@ def valid_mask(valid, batch: int) -> None:
 
 def canonical_index(index: torch.Tensor) -> torch.Tensor:
     """The index as a contiguous int64 tensor (every backend reads int64 ids: a uint8 index
-    would be a boolean mask to PyTorch indexing, an int8 one would wrap)."""
+    would be a boolean mask to PyTorch indexing, an int8 one would wrap). A bool tensor is
+    refused: ``.to(int64)`` would silently read a mask as the ids 0 and 1. (Read-outs take
+    masks through :func:`readout_index`.)"""
+    if index.dtype == torch.bool:
+        raise TypeError("index must hold integer sample ids, got a bool tensor; a mask is not an index "
+                        "here: pass mask.nonzero().squeeze(1)")
     if index.dtype == torch.int64 and index.is_contiguous():
         return index
     return index.to(torch.int64).contiguous()
+
+
+def readout_index(index, n: int) -> torch.Tensor:
+    """The rows a read-out asks for, as int64 ids in [0, n): the one rule of every read-out
+    (``DPSLoss.targets`` / ``posterior``, ``SoftLabels.targets`` / ``prior``).
+
+    ``index``: integer ids [k] (any order, repeats allowed) or a bool mask [n] (read as the
+    ids of its True entries, in order); a tensor, list or array. A mask of another length,
+    ids outside [0, n) (negative ids are not wrapped) or another dtype raise."""
+    if not isinstance(index, torch.Tensor):
+        index = torch.as_tensor(index)
+    if index.dtype == torch.bool:
+        if index.dim() != 1 or index.shape[0] != n:
+            raise ValueError(f"a bool mask must have one entry per sample: got shape {list(index.shape)} "
+                             f"for {n} samples")
+        return index.nonzero().squeeze(1)
+    if index.numel() == 0:  # torch.as_tensor([]) is float32
+        return torch.zeros(0, dtype=torch.int64, device=index.device)
+    if index.is_floating_point() or index.is_complex():
+        raise TypeError(f"index must be integer sample ids or a bool mask, got dtype {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"index must be a 1-D tensor of ids (or a bool mask [{n}]), got shape "
+                         f"{list(index.shape)}")
+    idx = canonical_index(index)
+    index_range(idx, n)
+    return idx
 
 
 def gamma_value(gamma) -> float:

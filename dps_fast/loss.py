@@ -167,9 +167,11 @@ class DPSLoss(nn.Module):
 
         total, labels = None, self.given_labels
         for ids, rows in self.iter_rows(chunk_rows):
-            r = rows.double()
-            lab = labels[ids.to(labels.device)].to(r.device, torch.int64)
-            part = torch.stack([(1 - r.gather(1, lab[:, None])[:, 0] / r.sum(1)).sum(), r.new_tensor(len(ids))])
+            # the row sums accumulate in float64 without a float64 copy of the chunk (0.5 GB at
+            # 65,536 x 1000); the label's entry is exact in float64 whatever the bank dtype
+            lab = labels[ids.to(labels.device)].to(rows.device, torch.int64)
+            a_y = rows.gather(1, lab[:, None])[:, 0].double()
+            part = torch.stack([(1 - a_y / rows.sum(1, dtype=torch.float64)).sum(), a_y.new_tensor(len(ids))])
             total = part if total is None else total + part
         if total is None:
             total = torch.zeros(2, dtype=torch.float64, device=self.alpha.device)
@@ -207,17 +209,19 @@ class DPSLoss(nn.Module):
 
     @torch.no_grad()
     def targets(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Posterior-mean targets (float32) of rows ``index`` (global ids; a collective for a
-        sharded bank), or of all rows this process holds."""
-        a = (self.alpha if index is None else self.store.rows(checks.canonical_index(index))).float()
+        """Posterior-mean targets (float32) of rows ``index`` (global ids or a bool mask [N],
+        :func:`dps_fast._validate.readout_index`; a collective for a sharded bank), or of all
+        rows this process holds."""
+        a = (self.alpha if index is None else self.store.rows(checks.readout_index(index, self.num_samples))).float()
         return a / a.sum(1, keepdim=True)
 
     @torch.no_grad()
-    def posterior(self, index: torch.Tensor | None = None, chunk_rows: int = 65536) -> dict:
+    def posterior(self, index: torch.Tensor | None = None, chunk_rows: int | None = None) -> dict:
         """docs/method.md read-outs (mean, alpha0, entropy, expected_entropy,
-        mutual_information, label_error = 1 - t[given label]) of rows ``index`` or of all
-        rows this process holds, computed ``chunk_rows`` at a time."""
-        idx = self.store.held_ids() if index is None else checks.canonical_index(index)
+        mutual_information, label_error = 1 - t[given label]) of rows ``index`` (ids or a bool
+        mask [N], as :meth:`targets`) or of all rows this process holds, in chunks of bounded
+        scratch memory (:func:`dps_fast.functional.posterior_readouts`; ``chunk_rows`` caps them)."""
+        idx = self.store.held_ids() if index is None else checks.readout_index(index, self.num_samples)
         rows = self.alpha if index is None else self.store.rows(idx)
         lab = self.store.labels[idx.to(self.store.labels.device)]
         return posterior_readouts(rows, lab, chunk_rows=chunk_rows)

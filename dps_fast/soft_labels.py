@@ -35,6 +35,7 @@ import struct
 
 import torch
 
+from ._validate import readout_index
 from .label_issues import DEFAULT_CHUNK_ROWS, _Source
 from .metrics import row_sum_tolerance
 
@@ -422,7 +423,10 @@ class SoftLabels:
         self.given_labels = tensors["given_labels"].long() if "given_labels" in tensors else None
 
     def targets(self, index=None) -> torch.Tensor:
-        sel = (lambda t: t) if index is None else (lambda t: t[torch.as_tensor(index, dtype=torch.long)])
+        """Rows ``index`` (ids or a bool mask [N], the read-out rule of
+        :func:`dps_fast._validate.readout_index`), or all rows."""
+        ids = None if index is None else readout_index(index, self.num_samples).cpu()
+        sel = (lambda t: t) if ids is None else (lambda t: t[ids])
         if self.top_k is None:
             out = sel(self._t["targets"]).float()
         else:
@@ -437,7 +441,7 @@ class SoftLabels:
         top-k) are raised to it, as the Dirichlet needs every alpha > 0."""
         t = self.targets(index)
         if concentration is None:
-            mass = self.alpha0 if index is None else self.alpha0[torch.as_tensor(index, dtype=torch.long)]
+            mass = self.alpha0 if index is None else self.alpha0[readout_index(index, self.num_samples).cpu()]
             mass = mass[:, None]
         else:
             if not concentration > 0:

@@ -238,3 +238,85 @@ def test_sharded_source_matches_one_process_without_a_full_gather(kind, world):
         assert g["shapes"], "the sharded path made no collective"
         for shape in g["shapes"]:
             assert (len(shape) == 1 and shape[0] <= 1 << 16) or (len(shape) == 2 and shape[1] in (2, 4)), g["calls"]
+
+
+# ------------------------------------------------------------------ issue 23: the prior as the bank stores it
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def test_never_visited_rows_have_no_evidence_in_every_dtype():
+    """The stored eps rounds in 16 bits (bf16 0.01 -> 0.010009765625): against a float32 prior a
+    fresh bf16 bank looked like evidence against every label (estimated rate 1.0, all rows flagged)."""
+    labels = torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    for dtype in DTYPES:
+        for c, eps, gamma in ((100.0, 0.01, 0.95), (7.3, 0.0033, 0.9), (1.0, 1e-3, 1.0), (3.0, 0.3, 0.5)):
+            for kind in ("local", "host"):
+                loss = dps_fast.DPSLoss(labels, 3, c=c, eps=eps, gamma=gamma, bank_dtype=dtype, bank=kind)
+                assert torch.equal(L.evidence_rows(loss.alpha, labels, c, eps, gamma), torch.zeros(7, 3))
+                assert L.estimate_noise_rate(loss) == 0.0, (dtype, c, eps, kind)
+                res = L.find_label_issues(loss)
+                assert len(res) == 0 and res.num_visited == 0 and res.estimated_rate == 0.0, (dtype, c, eps)
+            bank = dps_fast.init_prior(labels, 3, c, eps, dtype=dtype)  # a bare tensor, prior given apart
+            params = {"c": c, "eps": eps, "gamma": gamma}
+            assert L.estimate_noise_rate(bank, labels, prior_params=params, method="expected") == 0.0
+
+
+def partly_visited_bank(dtype, n=200, c=4, visited=50, flipped=10, visits=30, seed=0):
+    """Rows 0..visited-1 trained towards their class; of them, the first ``flipped`` carry a
+    wrong label. The other rows are never visited."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, c, (n,), generator=g)
+    noisy = clean.clone()
+    noisy[:flipped] = (clean[:flipped] + 1) % c
+    loss = dps_fast.DPSLoss(noisy, c, **PRIOR, bank_dtype=dtype)
+    idx = torch.arange(visited)
+    for _ in range(visits):
+        loss(4.0 * torch.nn.functional.one_hot(clean[idx], c).float() + torch.randn(visited, c, generator=g), idx)
+    return loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_estimated_rate_is_applied_to_the_visited_rows(dtype):
+    """The rate is estimated over the visited rows (10 of 50): it selects 10 rows, not
+    round(0.2 * 200) = 40, and never a row without evidence."""
+    loss = partly_visited_bank(dtype)
+    res = L.find_label_issues(loss)
+    assert sorted(res.indices.tolist()) == list(range(10))
+    assert res.num_visited == 50 and res.estimated_rate == pytest.approx(0.2)
+    for kw in ({"rate": 0.5}, {"threshold": -2.0}):  # given selections skip the unvisited rows too
+        assert int(L.find_label_issues(loss, **kw).indices.max()) < 50
+
+
+def test_labels_of_another_length_name_both_lengths():
+    loss = partly_visited_bank(torch.float32, visits=1)
+    for n in (199, 201, 0):
+        for fn in (L.find_label_issues, L.estimate_noise_rate, L.all_scores):
+            with pytest.raises(ValueError, match=f"labels has {n} entries for a bank of 200 rows"):
+                fn(loss, labels=torch.zeros(n, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer class ids"):
+        L.find_label_issues(loss, labels=torch.ones(200, dtype=torch.bool), rate=0.1)
+
+
+@pytest.mark.parametrize("score", L.SCORES)
+def test_one_class_has_no_label_errors(score):
+    """C = 1: every label is right; the scores are 0 (finite), nothing is flagged."""
+    loss = dps_fast.DPSLoss(torch.zeros(5, dtype=torch.long), 1, **PRIOR)
+    loss(torch.randn(3, 1), torch.tensor([0, 2, 4]))
+    s, sugg = L.label_issue_scores(loss.alpha, loss.given_labels, score)
+    assert torch.equal(s, torch.zeros(5)) and torch.equal(sugg, torch.zeros(5, dtype=torch.long))
+    assert torch.equal(L.all_scores(loss, score=score), torch.zeros(5))
+    assert L.estimate_noise_rate(loss) == 0.0
+    assert len(L.find_label_issues(loss, score=score)) == 0
+    assert len(L.find_label_issues(loss, score=score, threshold=-1.0)) == 3  # the visited rows, score 0 > -1
+
+
+def test_huge_classes_score_in_chunks_bounded_in_bytes():
+    """At C = 2^20 a chunk of 65,536 rows would be 256 GB of float32 scratch: the pass caps the rows."""
+    n_cls = 1 << 20
+    assert L._chunk_rows(L._Source(torch.ones(3, n_cls), torch.zeros(3, dtype=torch.long)), None, 65536) * \
+        32 * n_cls <= L.SCORE_SCRATCH_BYTES
+    labels = torch.tensor([0, 5, n_cls - 1])
+    loss = dps_fast.DPSLoss(labels, n_cls, **PRIOR)
+    loss(torch.zeros(1, n_cls).index_fill_(1, torch.tensor([7]), 30.0), torch.tensor([1]))
+    res = L.find_label_issues(loss)
+    assert res.indices.tolist() == [1] and res.suggested_labels.tolist() == [7] and res.num_visited == 1
