@@ -115,7 +115,7 @@ def test_imagefolder_epoch_skips_the_corrupt_file(folder, tmp_path, capsys):
     assert "[dps] 1 epoch(s) x 2 steps of 6 images = 2 steps" in out
     f = final_of(tmp_path)
     assert f["n_train"] == 12 and f["history"][0]["img_per_s"] > 0
-    assert 0 <= f["history"][0]["loss_share_pct"] <= 100
+    assert 0 <= f["timing"]["loss_share_pct_by_epoch"]["1"] <= 100
     head = (tmp_path / "dps" / "label_issues.csv").read_text().splitlines()[0]
     assert head == "index,given_label,suggested_label,score,rank,path"  # ImageFolder issues name their files
 

@@ -362,7 +362,9 @@ def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
     info = r.method.epoch_info()
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
            "lr": r.opt.param_groups[0]["lr"], "epoch_s": stats["epoch_s"], "img_per_s": stats["img_per_s"],
-           "loss_share_pct": stats["loss_share_pct"], **info, **res}
+           **info, **res}
+    # a timing, like epoch_s, but kept out of the history (which resumed runs compare bit for bit)
+    r.clock.shares[epoch + 1] = stats["loss_share_pct"]
     r.history.append(row)
     msg = (f"[{r.method_name}] epoch {epoch + 1:3d}/{args.epochs} loss {row['train_loss']:.4f} "
            f"train {100 * row['train_acc']:.1f}%")
@@ -373,7 +375,7 @@ def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
     if "ood_auroc" in res:
         msg += f" OOD-AUROC {res['ood_auroc']:.4f}"
     left = r.clock.run_eta(r.args.epochs - epoch - 1, stats["epoch_s"])
-    share = row["loss_share_pct"]
+    share = stats["loss_share_pct"]
     log(msg + f" ({row['img_per_s']:.0f} img/s" + (f", loss {share:.1f}% of the step" if share is not None else "")
         + (f", run ETA {left})" if left else ")"))
     write_metrics_csv(r)
@@ -461,6 +463,7 @@ def finish(r: Run, log) -> dict:
         log(f"[{r.method_name}] loss part {timing['loss_ms']:.3f} ms vs plain CE {timing['ce_loss_ms']:.3f} ms "
             f"per step of {timing['batch']}; a whole CE step {timing['ce_step_ms']:.2f} ms -> overhead "
             f"{timing['overhead_pct_of_ce_step']:+.1f}% of a CE step")
+    timing["loss_share_pct_by_epoch"] = r.clock.shares  # this invocation's epochs (a resumed run: from there)
     final = {"method": r.method_name, "final": res, "history": r.history, "timing": timing,
              "noise": r.data.noise_info, "n_train": len(r.data.labels), "dataset": r.data.name,
              "ood": r.data.ood_name, "config": r.cfg, "segments": r.segments, "model_sha": state_digest(r.model),

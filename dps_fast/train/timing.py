@@ -88,6 +88,7 @@ class StepClock:
         self.cuda = torch.device(device).type == "cuda"
         self.every = self.CUDA_EVERY if self.cuda else 1
         self.steps, self.on, self.t_warm, self.epoch_times = 0, False, None, []
+        self.shares = {}  # epoch (1-based) -> the loss's share of the step, percent
         self.new_epoch()
 
     def new_epoch(self) -> None:
