@@ -31,7 +31,8 @@ def _load_outcome(crit, folder):
 
 def worker_saves(rank, world, store_dir, out_dir):
     """Saves a (17 x 4, two updates), b (17 x 4, other values), n15 (15 x 4), c5 (17 x 5) at
-    two ranks; then loads a copy of a whose rank-1 file has one flipped byte."""
+    two ranks; then loads a copy of a whose rank-1 file has one flipped byte, and one whose
+    rank-1 file is missing."""
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
     fulls = {}
     for name, n, c, seed in (("a", N, C, 0), ("b", N, C, 7), ("n15", 15, C, 0), ("c5", N, 5, 0)):
@@ -45,8 +46,12 @@ def worker_saves(rank, world, store_dir, out_dir):
         raw = bytearray(open(path, "rb").read())
         raw[-1] ^= 0x10
         open(path, "wb").write(bytes(raw))
+        gone = os.path.join(out_dir, "gone")
+        shutil.copytree(os.path.join(out_dir, "a"), gone)
+        os.remove(SF.shard_path(gone, 1, world))
     dist.barrier()
     res = _load_outcome(_loss(seed=3), bad)  # rank 0 reads only file 0, which is intact
+    res["missing"] = _load_outcome(_loss(seed=3), os.path.join(out_dir, "gone"))
     torch.save(res, os.path.join(out_dir, f"agree{rank}.pt"))
     if rank == 0:
         torch.save(fulls, os.path.join(out_dir, "fulls.pt"))

@@ -271,6 +271,9 @@ def test_every_rank_reaches_the_same_verdict(saves):
         assert res["outcome"].startswith("ValueError") and "checksum" in res["outcome"], res
         assert res["outcome"].endswith("(rank 1)"), res
         assert res["unchanged"]
+        missing = res["missing"]  # the error keeps its type on the rank that did not fail
+        assert missing["outcome"].startswith("FileNotFoundError") and "bank-rank1-of-2" in missing["outcome"], res
+        assert missing["outcome"].endswith("(rank 1)") and missing["unchanged"], res
 
 
 @pytest.mark.parametrize("mode", MODES)
