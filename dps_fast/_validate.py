@@ -35,14 +35,19 @@ def positive(name: str, value) -> float:
     return value
 
 
-# 1 / tau_e must be a finite float32 (the kernels multiply by it): tau_e >= 1 / FLT_MAX.
-_MIN_TAU_E = 1.0 / torch.finfo(torch.float32).max
+# The smallest tau_e every backend computes with: the kernels take tau_e as a float32 and
+# multiply by 1 / tau_e. Below FLT_MIN (2**-126) tau_e is subnormal in float32, so flushed to 0
+# under torch.set_flush_denormal(True), and near 1 / FLT_MAX its inverse rounds to inf; at
+# FLT_MIN both tau_e and 1 / tau_e (2**126) are normal float32 numbers. (csrc/fast_path.cpp
+# declines below it.)
+MIN_TAU_E = torch.finfo(torch.float32).tiny
 
 
 def evidence_temperature(tau_e) -> float:
     tau_e = positive("tau_e", tau_e)
-    if tau_e < _MIN_TAU_E:
-        raise ValueError(f"tau_e must be at least {_MIN_TAU_E:.3g} (1 / tau_e must be a finite float32), got {tau_e}")
+    if tau_e < MIN_TAU_E:
+        raise ValueError(f"tau_e must be at least {MIN_TAU_E:.8g} (the smallest normal float32, so that tau_e and "
+                         f"1 / tau_e are normal float32 numbers in every backend), got {tau_e}")
     return tau_e
 
 
@@ -206,10 +211,29 @@ def bank_values(alpha: torch.Tensor, what: str) -> None:
                          f"({int(bad.sum())} such entries); choose values that {alpha.dtype} can represent")
 
 
-def bank_storage(alpha: torch.Tensor, logits: torch.Tensor) -> None:
+def bank_values_as(rows, dtype: torch.dtype, what: str, chunk_elems: int = 1 << 20) -> None:
+    """:func:`bank_values` of ``rows`` [N, C] as they will be once converted to the bank dtype
+    ``dtype``, a block of rows at a time: the check's scratch memory is one block, not a bank
+    (a bank can fill most of the host). Used by construction, state_dict loads and conversions."""
+    floating(what, rows)
+    if rows.dim() != 2:
+        raise ValueError(f"{what} must have shape [N, C], got {list(rows.shape)}")
+    if rows.device.type == "meta":
+        raise ValueError(f"{what} is on the meta device: it holds no values to check")
+    step = max(1, int(chunk_elems) // max(1, rows.shape[1]))
+    for k in range(0, rows.shape[0], step):
+        block = rows[k:k + step].detach().to(dtype)
+        if block.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(block)  # one pass, no mask; NaN propagates into lo
+        if not (float(lo) > 0 and float(hi) < math.inf):
+            bank_values(block, what)  # raises, naming a bad value
+
+
+def bank_storage(alpha: torch.Tensor, logits: torch.Tensor, index: torch.Tensor | None = None) -> None:
     """The bank is written in place: each row must own its memory (no expanded, stride-0 or
-    self-overlapping views) and share none with the logits. (Storage is not visible to
-    torch.compile's tracer: checked in eager mode only.)"""
+    self-overlapping views) and share none with what the step reads (the logits, the index).
+    (Storage is not visible to torch.compile's tracer: checked in eager mode only.)"""
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(logits):
         return
     # _debug_has_internal_overlap answers 1 (overlap) or 2 (too hard to tell: any non-dense layout,
@@ -219,9 +243,41 @@ def bank_storage(alpha: torch.Tensor, logits: torch.Tensor) -> None:
     if rows_overlap or torch._debug_has_internal_overlap(alpha) == 1:
         raise ValueError("alpha must not be an expanded or self-overlapping view (its rows are written in "
                          "place); pass a tensor that owns its memory, e.g. alpha.contiguous()")
-    if alpha.numel() and logits.numel() and alpha.device == logits.device and \
-            alpha.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+    if shares_memory(alpha, logits):
         raise ValueError("alpha shares memory with the logits; the bank must be a separate tensor")
+    if index is not None and shares_memory(alpha, index):
+        raise ValueError("alpha shares memory with the index; the bank must be a separate tensor")
+
+
+def memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte] that ``t``'s elements occupy (strides are >= 0)."""
+    start = t.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a write to ``a`` may change ``b``: one storage, or overlapping address ranges
+    (two storages over one buffer: torch.from_numpy of two views of one array,
+    torch.frombuffer, DLPack). Address ranges, not elements: views that interleave without
+    touching (columns of one buffer) count as sharing, as one storage always did.
+    Eager mode only (csrc/fast_path.cpp::shares_memory is the C++ twin)."""
+    if not a.numel() or not b.numel() or a.device != b.device or a.device.type == "meta":
+        return False
+    if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
+        return True
+    (a0, a1), (b0, b1) = memory_span(a), memory_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def disjoint_from_logits(name: str, x: torch.Tensor, logits: torch.Tensor) -> None:
+    """With ``inplace_grad`` the gradient is written over the logits' memory while ``x`` is
+    still read: they must not overlap."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        return
+    if shares_memory(logits, x):
+        raise ValueError(f"{name} shares memory with the logits, which inplace_grad=True overwrites with the "
+                         f"gradient; pass a separate {name} or inplace_grad=False")
 
 
 def bank(alpha, num_classes: int) -> None:

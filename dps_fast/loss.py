@@ -33,8 +33,14 @@ class DPSLoss(nn.Module):
 
     The bank is module state but not a buffer: it is in ``state_dict()`` and moves with
     ``.to(device)``, and DDP's buffer broadcast never touches it. ``bank_dtype`` may be
-    float32, bfloat16 or float16. ``validate=False`` skips the host-side index checks of
-    the local bank (CUDA graphs); the kernels then skip out-of-range rows.
+    float32, bfloat16, float16 or float64; a module cast (``model.half()``,
+    ``.to(torch.bfloat16)``) moves the bank but keeps its dtype, in every bank kind (it is
+    state, like an optimizer's); :meth:`to_bank_dtype` converts it, checked.
+    ``load_state_dict`` verifies every saved tensor (shapes, dtypes, labels [N] in [0, C),
+    values finite and > 0 in the bank dtype) before it writes any, and reports a problem as
+    ``nn.Module`` reports a size mismatch (a RuntimeError, strict or not). ``validate=False``
+    skips the host-side index checks of the local bank (CUDA graphs); the kernels then skip
+    out-of-range rows.
     """
 
     def __init__(self, labels=None, num_classes: int | None = None, c: float = 100.0,
@@ -105,8 +111,17 @@ class DPSLoss(nn.Module):
 
     # ------------------------------------------------------------------ the bank as module state
     def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``, ...: the bank follows device moves but keeps its
+        dtype, in every bank kind (it is state, like an optimizer's; banks/state.py)."""
         super()._apply(fn, recurse)
         self.store.move(fn)
+        return self
+
+    def to_bank_dtype(self, dtype: torch.dtype) -> "DPSLoss":
+        """Converts the bank to ``dtype`` (float32, bfloat16, float16 or float64) after the check
+        of construction: every value finite and > 0 once converted, else a ValueError and the
+        bank unchanged. A collective for the distributed banks (every rank calls it)."""
+        self.store.convert(dtype)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -115,11 +130,17 @@ class DPSLoss(nn.Module):
             destination[prefix + k] = v
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        mine = {k: state_dict.pop(prefix + k) for k in self.store.state() if prefix + k in state_dict}
+        # the bank verifies every tensor before it writes any; a problem goes to ``errors``, so
+        # load_state_dict raises it (strict or not) and the bank and labels stay as they were.
+        # As for any module, absent keys are reported as missing (load_state_dict always passes
+        # strict=True here and applies the user's strict itself) and the present ones load;
+        # given_labels may be absent (checkpoints of older versions): the labels are then kept;
+        # labels without the rows are refused (they would mix two runs' states; banks/state.py).
+        keys = self.store.state().keys()
+        mine = {k: state_dict.pop(prefix + k) for k in keys if prefix + k in state_dict}
         if strict:
-            missing.extend(prefix + k for k in self.store.state() if k not in mine and k != "given_labels")
-        if mine:
-            self.store.load_state(mine, errors)
+            missing.extend(prefix + k for k in keys if k not in mine and k != "given_labels")
+        self.store.load_state(mine, errors)  # also when empty: a distributed bank's load is a collective
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # ------------------------------------------------------------------ read-outs

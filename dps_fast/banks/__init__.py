@@ -32,19 +32,23 @@ def given_labels(labels, prior) -> torch.Tensor:
     return (lab.argmax(1) if lab.is_floating_point() else lab).to(torch.int64)
 
 
-def prior_rows(labels, num_classes, c, eps, dtype, prior, rows=slice(None)) -> torch.Tensor:
-    """The prior of the rows ``rows`` only (a sharded bank never builds the others)."""
+def prior_rows(labels, num_classes, c, eps, dtype, prior, rows=slice(None), device=None,
+               pin: bool = False) -> torch.Tensor:
+    """The prior of the rows ``rows`` only (a sharded bank never builds the others), built on
+    ``device`` (default: the labels' or prior's) in memory for the result plus one block of
+    rows (``pin``: pinned host memory, for a host bank stepping on a GPU)."""
     if prior is not None:
         checks.floating("prior", prior)
         if prior.dim() != 2:
             raise ValueError(f"prior must be a tensor [N, C], got {list(prior.shape)}")
-        alpha = prior.detach()[rows].to(dtype).clone()
-        checks.bank_values(alpha, "prior")
-        return alpha
+        src = prior.detach()[rows]
+        checks.bank_values_as(src, dtype, "prior")  # as stored: 1e-8 is 0 in float16, 1e5 is inf
+        dev = src.device if device is None else device
+        return torch.empty(src.shape, dtype=dtype, device=dev, pin_memory=pin).copy_(src)
     if labels is None or num_classes is None:
         raise ValueError("give labels and num_classes, or an explicit prior")
     lab = torch.as_tensor(labels)
-    return init_prior(lab[rows], num_classes, c, eps, dtype=dtype)
+    return init_prior(lab[rows], num_classes, c, eps, dtype=dtype, device=device, pin_memory=pin)
 
 
 def resolve_kind(kind: str, num_samples: int, num_classes: int, dtype, shard_above_bytes: int) -> str:
@@ -73,15 +77,17 @@ def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torc
     c_count = prior.shape[1] if prior is not None else num_classes
     kind = resolve_kind(kind, n, c_count or 0, dtype, shard_above_bytes)
     dev = torch.device(device) if device is not None else None
-    if kind in ("local", "host"):
-        alpha = prior_rows(labels, num_classes, c, eps, dtype, prior)
-        lab = given_labels(labels, prior)
-        if kind == "host":
-            return HostBank(alpha, lab, device)
-        return LocalBank(alpha.to(dev) if dev else alpha, lab.to(alpha.device if dev is None else dev))
+    # every kind builds its rows where they will live, in one piece of memory (no copy after)
+    if kind == "host":
+        pin = dev is not None and dev.type == "cuda" and torch.cuda.is_available()
+        alpha = prior_rows(labels, num_classes, c, eps, dtype, prior, device="cpu", pin=pin)
+        return HostBank(alpha, given_labels(labels, prior), device)
+    if kind == "local":
+        alpha = prior_rows(labels, num_classes, c, eps, dtype, prior, device=dev)
+        return LocalBank(alpha, given_labels(labels, prior).to(alpha.device))
     comm = Collective(group, timeout_s)
     rows = slice(comm.rank, None, comm.world) if kind == "sharded" else slice(None)
-    alpha = prior_rows(labels, num_classes, c, eps, dtype, prior, rows).to(dev or "cpu")
+    alpha = prior_rows(labels, num_classes, c, eps, dtype, prior, rows, device=dev or "cpu")
     lab = given_labels(labels, prior).to(alpha.device)  # all N: label read-outs index them by global id
     if kind == "sharded":
         return ShardedBank(alpha, lab, n, comm)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from . import state as S
 from .base import Bank, StepPlan
 from .collective import Collective
 from . import shard_files as SF
@@ -128,25 +129,52 @@ class DistributedBank(Bank):
 
     # ------------------------------------------------------------------ module plumbing
     def move(self, fn):
-        self.storage, self.labels = fn(self.storage), fn(self.labels)
+        """Module casts move the rows and labels but keep their dtypes (banks/state.py)."""
+        self.storage, self.labels = S.keep_dtype(fn, self.storage), S.keep_dtype(fn, self.labels)
+
+    def convert(self, dtype):
+        """``DPSLoss.to_bank_dtype``, a collective: every rank checks its rows, the ranks
+        agree, then every rank converts (or every rank raises, no rank converted)."""
+        error = None
+        try:
+            S.check_conversion(self.storage, dtype)
+        except S.LOAD_ERRORS as e:
+            error = e
+        self.comm.agree(error, 0, self.device)
+        self.storage = self.storage.to(dtype, memory_format=torch.contiguous_format)
 
     def state(self):
-        return {"bank": self.storage, "bank_layout": self.layout()}
+        return {"bank": self.storage, "bank_layout": self.layout(), "given_labels": self.labels}
 
     def layout(self) -> torch.Tensor:
         raise NotImplementedError
 
     def load_state(self, state: dict, errors: list) -> None:
-        """Loads a state dict saved by a bank of the same layout (``layout()``)."""
-        if "bank" not in state:
+        """Loads a state dict saved by a bank of the same layout (``layout()``). A collective:
+        every rank verifies its state dict, the ranks agree, and either every rank writes or
+        every rank reports the lowest failing rank's problem (banks/state.py)."""
+        error, staged = None, None
+        try:
+            staged = self._verified(state)
+        except S.LOAD_ERRORS as e:
+            error = e
+        try:
+            self.comm.check_world()
+            self.comm.agree(error, 0, self.device)
+        except (*S.LOAD_ERRORS, RuntimeError) as e:
+            errors.append(str(e))
             return
-        want = self.layout().tolist()
-        got = state["bank_layout"].tolist() if "bank_layout" in state else want
-        if got != want:
-            errors.append(f"bank layout {got} does not match this process's {want}; use save_bank / load_bank "
-                          f"to re-shard")
-            return
-        self.storage.copy_(state["bank"])
+        S.write(staged, "bank", self.storage, self.labels)
+
+    def _verified(self, state: dict) -> dict:
+        if "bank" in state:
+            want = self.layout().tolist()
+            got = state["bank_layout"] if "bank_layout" in state else want
+            got = got.tolist() if isinstance(got, torch.Tensor) else got
+            if got != want:
+                raise ValueError(f"bank layout {got} does not match this process's {want}; use save_bank / "
+                                 f"load_bank to re-shard")
+        return S.verified(state, "bank", self.storage, self.labels, self.num_classes)
 
     def held_ids(self) -> torch.Tensor:
         raise NotImplementedError

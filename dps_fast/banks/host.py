@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _validate as checks
+from . import state as S
 from .base import Bank, StepPlan
 
 
@@ -120,18 +121,28 @@ class HostBank(Bank):
         return self.storage.clone()
 
     def move(self, fn):
-        """The bank stays on the host; moving the module moves where the step runs."""
+        """The bank stays on the host in its dtype (banks/state.py): moving the module moves
+        where the step runs; a cast (``.half()``) changes nothing here."""
         probe = fn(torch.empty(0))
         if probe.device.type != "meta":
             self.target_device = probe.device
             self.pinned = self.target_device.type == "cuda" and torch.cuda.is_available()
 
+    def convert(self, dtype):
+        """``DPSLoss.to_bank_dtype``: checked as at construction, then one copy (pinned as the
+        bank was); a prefetch holds rows of the old dtype and is dropped."""
+        self._rows = S.converted(self.storage, dtype, pin=self._rows.is_pinned())
+        self._prefetched = None
+
     def state(self):
-        return {"bank": self.storage}
+        return {"bank": self.storage, "given_labels": self.labels}
 
     def load_state(self, state, errors):
-        if "bank" in state:
-            if tuple(state["bank"].shape) != tuple(self._rows.shape):
-                errors.append(f"bank: saved shape {tuple(state['bank'].shape)}, this bank is {tuple(self._rows.shape)}")
-                return
-            self.storage.copy_(state["bank"])
+        """Verifies every tensor of ``state`` before writing any (banks/state.py); the write
+        goes through ``storage`` (the pending write-back lands first, then is overwritten)."""
+        try:
+            staged = S.verified(state, "bank", self._rows, self.labels, self.num_classes)
+        except S.LOAD_ERRORS as e:
+            errors.append(str(e))
+            return
+        S.write(staged, "bank", self.storage, self.labels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.dps_cross_entropy import eager_step
+from . import state as S
 from .base import Bank, StepPlan
 
 
@@ -55,16 +56,21 @@ class LocalBank(Bank):
         return self.storage.clone()
 
     def move(self, fn) -> None:
-        self.storage, self.labels = fn(self.storage), fn(self.labels)
+        """Module casts move the rows and labels but keep their dtypes (banks/state.py)."""
+        self.storage, self.labels = S.keep_dtype(fn, self.storage), S.keep_dtype(fn, self.labels)
+
+    def convert(self, dtype) -> None:
+        """``DPSLoss.to_bank_dtype``: checked as at construction, then one copy."""
+        self.storage = S.converted(self.storage, dtype)
 
     def state(self) -> dict:
         return {"alpha": self.storage, "given_labels": self.labels}
 
     def load_state(self, state: dict, errors: list) -> None:
-        a = state["alpha"]
-        if tuple(a.shape) != tuple(self.storage.shape):
-            errors.append(f"alpha: saved shape {tuple(a.shape)}, this bank is {tuple(self.storage.shape)}")
+        """Verifies every tensor of ``state`` before writing any (banks/state.py)."""
+        try:
+            staged = S.verified(state, "alpha", self.storage, self.labels, self.num_classes)
+        except S.LOAD_ERRORS as e:
+            errors.append(str(e))
             return
-        self.storage.copy_(a)
-        if "given_labels" in state:
-            self.labels.copy_(state["given_labels"])
+        S.write(staged, "alpha", self.storage, self.labels)
