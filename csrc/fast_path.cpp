@@ -19,8 +19,10 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <utility>
 
 #include "cpu/validate.h"
 #include "fast_path.h"
@@ -49,6 +51,25 @@ bool asks_for_cpu(const std::optional<c10::string_view>& backend) {
   return name == "auto" || name == "cpu";
 }
 
+// [first byte, one past the last byte] of t's elements (strides are >= 0):
+// dps_fast/_validate.py::memory_span.
+std::pair<uintptr_t, uintptr_t> memory_span(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto start = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {start, start + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+// dps_fast/_validate.py::shares_memory: one storage, or overlapping address ranges (two
+// storages over one buffer, e.g. torch.from_numpy of two views of one array).
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  if (a.storage().data() == b.storage().data()) return true;
+  const auto [a0, a1] = memory_span(a);
+  const auto [b0, b1] = memory_span(b);
+  return a0 < b1 && b0 < a1;
+}
+
 // The tensor checks of dps_fast/ops/dps_cross_entropy.py::check, as a filter.
 void accept_tensors(const at::Tensor& logits, const at::Tensor& index, const at::Tensor& alpha) {
   DPS_ACCEPT(plain_strided_cpu(logits) && plain_strided_cpu(index) && plain_strided_cpu(alpha),
@@ -63,10 +84,10 @@ void accept_tensors(const at::Tensor& logits, const at::Tensor& index, const at:
   DPS_ACCEPT(b >= 1 && c >= 1, "an empty batch");
   DPS_ACCEPT(index_dtype(index.scalar_type()) && index.dim() == 1 && index.size(0) == b, "this index");
   DPS_ACCEPT(alpha.dim() == 2 && alpha.size(1) == c && (c == 1 || alpha.stride(1) == 1), "this bank shape");
-  // the bank is written in place: rows must own their memory and share none with the logits
+  // the bank is written in place: rows must own their memory and share none with what the step reads
   const bool rows_overlap = alpha.size(0) > 1 && alpha.stride(0) < c;
   DPS_ACCEPT(!rows_overlap && at::has_internal_overlap(alpha) != at::MemOverlap::Yes, "an overlapping bank");
-  DPS_ACCEPT(alpha.numel() == 0 || alpha.storage().data() != logits.storage().data(), "a bank sharing the logits");
+  DPS_ACCEPT(!shares_memory(alpha, logits) && !shares_memory(alpha, index), "a bank sharing the logits or index");
 }
 
 int64_t reduction_code(c10::string_view reduction) {
@@ -85,8 +106,9 @@ at::Tensor dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::T
   DPS_ACCEPT(!c10::impl::dispatch_mode_enabled(), "calls under a torch dispatch mode");
   accept_tensors(logits, index, alpha);
   DPS_ACCEPT(gamma > 0.0 && gamma <= 1.0, "this gamma");
-  // 1 / tau_e must be a finite float32 (dps_fast/_validate.py::evidence_temperature)
-  DPS_ACCEPT(tau_e >= 1.0 / std::numeric_limits<float>::max() && tau_e < std::numeric_limits<double>::infinity(),
+  // tau_e and 1 / tau_e normal float32 numbers (dps_fast/_validate.py::evidence_temperature)
+  DPS_ACCEPT(tau_e >= static_cast<double>(std::numeric_limits<float>::min()) &&
+                 tau_e < std::numeric_limits<double>::infinity(),
              "this tau_e");
   DPS_ACCEPT(target == "posterior" || target == "prior", "this target");
   const int64_t red = reduction_code(reduction);

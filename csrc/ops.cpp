@@ -51,6 +51,16 @@ void check_first_order() {
               "gradient penalty, torch.func.hessian...); use backend='reference' for higher-order gradients");
 }
 
+// A gradient buffer kept outside autograd's saved variables gets the version check a saved
+// variable would make: with retain_graph, autograd.grad hands the buffer itself to the caller
+// (and to tensor hooks), who may change it in place before the next backward reads it.
+void check_buffer_version(const at::Tensor& grad, int64_t version) {
+  TORCH_CHECK(grad._version() == version,
+              "one of the variables needed for gradient computation has been modified by an inplace operation: "
+              "the gradient buffer of a dps_fast loss is at version ", grad._version(), "; expected version ",
+              version, " instead (it was handed out by an earlier backward with retain_graph=True)");
+}
+
 // A C++ autograd node: a Python autograd.Function cost about 25 us forward and 30 us
 // backward per call at [128, 10] (2-core VM, 2026-11-30), several times the kernel.
 struct AttachGrad : public torch::autograd::Function<AttachGrad> {
@@ -60,19 +70,26 @@ struct AttachGrad : public torch::autograd::Function<AttachGrad> {
     // without a copy, and its version check catches an in-place overwrite. Under saved-tensor
     // hooks (non-reentrant activation checkpointing, save_on_cpu) a saved variable would come
     // back from the hook: for checkpointing, from a recomputation that reads the bank after
-    // this step wrote it (rounded, in a bf16 bank); the forward's own buffer is kept instead.
+    // this step wrote it (rounded, in a bf16 bank); the forward's own buffer is kept instead,
+    // with its version, as AttachGradBackward keeps it.
     if (at::SavedTensorDefaultHooks::get_tls_state().stack.empty()) {
       ctx->save_for_backward({grad});
     } else {
       ctx->saved_data["grad"] = grad;
+      ctx->saved_data["version"] = grad._version();
     }
     return loss.clone();
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     check_first_order();
+    // Raises autograd's "backward through the graph a second time" once a backward without
+    // retain_graph has freed the graph: also when the buffer is kept outside the saved variables.
+    const variable_list saved = ctx->get_saved_variables();
     const auto kept = ctx->saved_data.find("grad");
-    const at::Tensor grad = kept != ctx->saved_data.end() ? kept->second.toTensor() : ctx->get_saved_variables()[0];
+    if (kept == ctx->saved_data.end()) return {at::Tensor(), scale_grad(saved[0], grad_outputs[0]), at::Tensor()};
+    const at::Tensor grad = kept->second.toTensor();
+    check_buffer_version(grad, ctx->saved_data.at("version").toInt());
     return {at::Tensor(), scale_grad(grad, grad_outputs[0]), at::Tensor()};
   }
 };
@@ -85,8 +102,7 @@ struct AttachGrad : public torch::autograd::Function<AttachGrad> {
 // declines while compiled autograd is on), and forward-mode AD (fast_path.cpp declines).
 struct AttachGradBackward : public torch::autograd::Node {
   // The buffer is kept as it is, as AttachGrad keeps it under saved-tensor hooks, with the
-  // version check a saved variable would make: with retain_graph, autograd.grad hands the
-  // buffer itself to the caller (and to tensor hooks), who may change it in place.
+  // version check a saved variable would make (check_buffer_version).
   explicit AttachGradBackward(at::Tensor grad) : grad_(std::move(grad)), version_(grad_._version()) {}
 
   std::string name() const override { return "dps_fast::AttachGradBackward"; }
@@ -118,10 +134,7 @@ struct AttachGradBackward : public torch::autograd::Node {
                 "have already been freed). Saved intermediate values of the graph are freed when you call "
                 ".backward() or autograd.grad(). Specify retain_graph=True if you need to backward through the "
                 "graph a second time or if you need to access saved tensors after calling backward.");
-    TORCH_CHECK(grad._version() == version_,
-                "one of the variables needed for gradient computation has been modified by an inplace operation: "
-                "the gradient buffer of a dps_fast loss is at version ", grad._version(), "; expected version ",
-                version_, " instead (it was handed out by an earlier backward with retain_graph=True)");
+    check_buffer_version(grad, version_);
     torch::autograd::variable_list out(1);
     if (!should_compute_output(0)) return out;
     // an undefined upstream gradient counts as zeros, as in AttachGrad (materialize_grads)

@@ -34,7 +34,8 @@ MODES = ("replicated", "sharded")
 class DistributedDPSLoss(DPSLoss):
     """``DPSLoss`` with a replicated or sharded bank; ``mode`` is "replicated", "sharded" or
     "auto" (sharded above ``shard_above_bytes``, default 256 MB). ``timeout_s`` bounds every
-    collective. Call ``loss(logits, index, valid=None)`` with global sample ids."""
+    collective. Call ``loss(logits, index, features=None, valid=None)``, in ``DPSLoss``'s
+    argument order, with global sample ids."""
 
     def __init__(self, labels=None, num_classes=None, mode: str = "auto", **kw):
         if mode not in MODES + ("auto",):
@@ -44,7 +45,9 @@ class DistributedDPSLoss(DPSLoss):
         if not isinstance(self.store, DistributedBank):  # auto in a world of one
             raise RuntimeError("DistributedDPSLoss needs a process group of 2 or more ranks; use DPSLoss")
 
-    def forward(self, logits, index, valid=None, features=None):
+    def forward(self, logits, index, features=None, valid=None):
+        """As :meth:`DPSLoss.forward`, in its argument order (``features`` before ``valid``), so
+        that positional arguments mean the same in both classes."""
         return super().forward(logits, index, features=features, valid=valid)
 
     @property

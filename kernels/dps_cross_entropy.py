@@ -234,6 +234,10 @@ def _launch(z, idx, a, grad, gamma, tau_e, posterior, update, reduction, normali
 
 
 def dps_ce_fwd(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction):
+    if update and logits.shape[-2] > 0:
+        # the bank is written in place, behind autograd's back: bump its version as an in-place
+        # op does (csrc/cpu/dps_cross_entropy.cpp::dps_ce_fwd_cpu; skips inference tensors)
+        torch.autograd.graph.increment_version(alpha)
     idx = index if index.dtype in (torch.int32, torch.int64) else index.to(torch.int64)
     return _launch(logits, idx.contiguous(), alpha, grad, gamma, tau_e, posterior, update, reduction, True)
 

@@ -94,6 +94,8 @@ def _run_ce(logits, index, a, grad, gamma, tau_e, posterior, update, reduction, 
 
 
 def dps_ce_fwd(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction):
+    if update and logits.shape[-2] > 0:
+        torch.autograd.graph.increment_version(alpha)  # the glue bumps the bank's version
     return _run_ce(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction, True)
 
 

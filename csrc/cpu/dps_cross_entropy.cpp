@@ -379,6 +379,9 @@ at::Tensor dps_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& index, at:
   check_grad_buffer(grad, logits);
   const int64_t C = logits.size(-1), B = logits.size(-2), V = logits.dim() == 3 ? logits.size(0) : 1;
   TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B, "dps_fast: index must be [B]");
+  // The bank is written in place, behind autograd's back: bump its version as an in-place op
+  // does, so that a backward needing the bank as it was refuses (the reference's index_put_).
+  if (update && B > 0 && !alpha.is_inference()) alpha.unsafeGetTensorImpl()->bump_version();
   auto z = logits.contiguous();
   auto idx = index.to(at::kLong).contiguous();
   auto loss = make_loss(logits, reduction);

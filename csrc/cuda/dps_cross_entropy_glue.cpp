@@ -81,6 +81,11 @@ at::Tensor run_ce(const at::Tensor& logits, const at::Tensor* index, at::Tensor&
 
 at::Tensor dps_ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& index, at::Tensor& alpha, at::Tensor& grad,
                            double gamma, double tau_e, bool posterior, bool update, int64_t reduction) {
+  // The bank is written in place, behind autograd's back: bump its version as an in-place op
+  // does (csrc/cpu/dps_cross_entropy.cpp::dps_ce_fwd_cpu).
+  if (update && logits.dim() >= 2 && logits.size(-2) > 0 && !alpha.is_inference()) {
+    alpha.unsafeGetTensorImpl()->bump_version();
+  }
   return run_ce(logits, &index, alpha, grad, gamma, tau_e, posterior, update, reduction, true);
 }
 

@@ -55,7 +55,7 @@ def check(logits, index, alpha, gamma, tau_e, target, reduction, validate=True):
     tau_e = checks.evidence_temperature(tau_e)
     checks.target_name(target)
     red = checks.reduction_code(reduction)
-    checks.bank_storage(alpha, logits)
+    checks.bank_storage(alpha, logits, index)
     index = checks.checked_index(index, alpha.shape[0]) if validate and b else checks.canonical_index(index)
     return v, b, c, gamma, tau_e, target == "posterior", red, index
 
@@ -102,6 +102,8 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
         return loss
     v, b, c, gamma, tau_e, posterior, red, index = check(logits, index, alpha, gamma, tau_e, target, reduction,
                                                          validate)
+    if inplace_grad:
+        checks.disjoint_from_logits("index", index, logits)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, alpha.dtype))
     return run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend, inplace_grad)
 

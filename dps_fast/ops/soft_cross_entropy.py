@@ -59,6 +59,8 @@ def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backen
     gradient flows into it).
     """
     b, c, red = check(logits, target, reduction)
+    if inplace_grad:
+        checks.disjoint_from_logits("target", target, logits)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, target.dtype))
     if b == 0:
         return empty_loss(logits, red)
