@@ -50,13 +50,14 @@ cpp-test: install
 
 # The property-based tests (tests/test_properties.py) under the hypothesis profile "fuzz":
 # random examples for FUZZ_SECONDS per test and backend (times the test's weight: about
-# 7.6 x FUZZ_SECONDS in all, 12 min at 90 s), niced. Failures are kept in .hypothesis/ and
+# 7.6 x FUZZ_SECONDS in all, 12 min at 90 s), then the bank-state machine
+# (tests/test_bank_state_machine.py: FUZZ_SECONDS per bank kind, 6 kinds), niced. Failures are kept in .hypothesis/ and
 # replayed first next time; build/fuzz-report.txt lists the examples each test passed.
 FUZZ_SECONDS ?= 90
 fuzz: install
 	@mkdir -p build; rm -f build/fuzz-report.txt; t0=$$(date +%s); \
 	DPS_FAST_HYPOTHESIS_PROFILE=fuzz DPS_FAST_FUZZ_SECONDS=$(FUZZ_SECONDS) \
-	  DPS_FAST_FUZZ_REPORT=$(abspath build/fuzz-report.txt) nice -n 19 $(VENV)/bin/pytest tests/test_properties.py; \
+	  DPS_FAST_FUZZ_REPORT=$(abspath build/fuzz-report.txt) nice -n 19 $(VENV)/bin/pytest tests/test_properties.py tests/test_bank_state_machine.py; \
 	rc=$$?; echo "make fuzz: $$(($$(date +%s) - t0)) s, pytest exit $$rc"; cat build/fuzz-report.txt; exit $$rc
 
 # The C++ ops built with AddressSanitizer + UndefinedBehaviorSanitizer (CMake, DPS_FAST_SANITIZE,
