@@ -45,13 +45,24 @@ def _rows(F, r, m, dd, D):
 
 
 @triton.jit
+def _s_tile(F, ri, mi, rj, mj, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DCHUNK: tl.constexpr):
+    """F_i F_j^T over the whole feature width, DCHUNK features at a time: with the whole
+    [BLOCK_M, D] row block held across the loop, ptxas (sm_90) spilled 0.4-2.5 kB per thread;
+    chunked, nothing."""
+    dk = tl.arange(0, DCHUNK)
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, DCHUNK):
+        s += tl.dot(_rows(F, ri, mi, d0 + dk, D), tl.trans(_rows(F, rj, mj, d0 + dk, D)), input_precision="ieee")
+    return s
+
+
+@triton.jit
 def _supcon_fwd_kernel(F, LAB, T, LSE, WSUM, WDOT, M, D, K, inv_tau,
                        HARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, DCHUNK: tl.constexpr):
     pid = tl.program_id(0)
     ri = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mi = ri < M
-    dk = tl.arange(0, DCHUNK)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     wsum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -59,14 +70,7 @@ def _supcon_fwd_kernel(F, LAB, T, LSE, WSUM, WDOT, M, D, K, inv_tau,
     for n0 in range(0, M, BLOCK_N):
         rj = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mj = rj < M
-        # S tile in chunks of DCHUNK features: with the whole [BLOCK_M, D] row block held
-        # across the loop, ptxas (sm_90) spilled 0.4-2.5 kB per thread; chunked, nothing
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, DCHUNK):
-            fi = _rows(F, ri, mi, d0 + dk, D)
-            fj = _rows(F, rj, mj, d0 + dk, D)
-            s += tl.dot(fi, tl.trans(fj), input_precision="ieee")
-        s = s * inv_tau
+        s = _s_tile(F, ri, mi, rj, mj, D, BLOCK_M, BLOCK_N, DCHUNK) * inv_tau
         valid = mi[:, None] & mj[None, :] & (ri[:, None] != rj[None, :])
         sm = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(sm, 1))
@@ -85,13 +89,18 @@ def _supcon_fwd_kernel(F, LAB, T, LSE, WSUM, WDOT, M, D, K, inv_tau,
 @triton.jit
 def _supcon_bwd_kernel(F, LAB, T, LSE, COEF, INVW, DF, M, D, K, inv_tau,
                        HARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, DCHUNK: tl.constexpr,
+                       SLICED: tl.constexpr):
+    """dF for rows [BLOCK_M] and features [BLOCK_D] (program (i, k): slice k of the feature
+    width, as the CUDA kernel's DSLICE). SLICED (D > BLOCK_D): each slice recomputes the S tile
+    over the whole width in DCHUNK steps; else f_i is held and S is one product."""
     pid = tl.program_id(0)
     ri = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mi = ri < M
-    dd = tl.arange(0, BLOCK_D)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = (dd < D)[None, :]
-    fi = _rows(F, ri, mi, dd, D)
+    if not SLICED:
+        fi = _rows(F, ri, mi, dd, D)
     lse_i = tl.load(LSE + ri, mask=mi, other=0.0)
     c_i = tl.load(COEF + ri, mask=mi, other=0.0)
     iw_i = tl.load(INVW + ri, mask=mi, other=0.0)
@@ -103,7 +112,10 @@ def _supcon_bwd_kernel(F, LAB, T, LSE, COEF, INVW, DF, M, D, K, inv_tau,
         lse_j = tl.load(LSE + rj, mask=mj, other=0.0)
         c_j = tl.load(COEF + rj, mask=mj, other=0.0)
         iw_j = tl.load(INVW + rj, mask=mj, other=0.0)
-        s = tl.dot(fi, tl.trans(fj), input_precision="ieee") * inv_tau
+        if SLICED:
+            s = _s_tile(F, ri, mi, rj, mj, D, BLOCK_M, BLOCK_N, DCHUNK) * inv_tau
+        else:
+            s = tl.dot(fi, tl.trans(fj), input_precision="ieee") * inv_tau
         valid = mi[:, None] & mj[None, :] & (ri[:, None] != rj[None, :])
         w = _weights(LAB, T, ri, rj, mi, mj, K, HARD, BLOCK_K)
         p_ij = tl.where(valid, tl.exp(s - lse_i[:, None]), 0.0)
@@ -114,30 +126,46 @@ def _supcon_bwd_kernel(F, LAB, T, LSE, COEF, INVW, DF, M, D, K, inv_tau,
 
 
 def _dchunk(block_d: int) -> int:
-    """Features per step of the forward's S-tile product (one step in the interpreter)."""
+    """Features per step of an S-tile product over the whole width (_s_tile; in the interpreter
+    one step per BLOCK_D)."""
     return block_d if _INTERPRET else min(32, block_d)
+
+
+BWD_DMAX = 256  # features per backward program; see _blocks
 
 
 def _blocks(m: int, d: int, k: int):
     """Backward tiles (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, warps). BLOCK_K is the class chunk
     of the soft weights. Sizes checked for spills by tools/triton_aot_check.py (sm_90)."""
-    bd = max(16, triton.next_power_of_2(d))
+    # BLOCK_D capped: at next_pow2(d) with no cap the backward needed 330 kB of shared memory
+    # at d = 1024 and 657 kB at d = 1025 (sm_90 has 227 kB): OutOfResources for any d > 512.
+    # Wider d runs ceil(d / BLOCK_D) slices. The interpreter keeps the same cap, so that the
+    # tests run the sliced kernel as the GPU does.
+    bd = max(16, min(triton.next_power_of_2(d), BWD_DMAX))
     if _INTERPRET:  # few, large programs; one class chunk
         bm = max(16, min(triton.next_power_of_2(m), 256))
         return bm, bm, bd, max(16, triton.next_power_of_2(max(k, 1))), 4
     bk = 32  # class chunk: 16 left ptxas at 128 registers with a 36-byte spill (k=10, sm_90)
-    # the backward keeps f_i and dF_i ([BLOCK_M, D] each) in registers across the loop
+    # the backward keeps f_i and dF_i ([BLOCK_M, BLOCK_D] each) in registers across the loop
     if bd <= 128:
         return 32, 64, bd, bk, 8
-    return 16, 32, bd, bk, 8
+    # BLOCK_D = 256, one slice or several. Compiled for sm_90 with the runtime's alignment
+    # specialisation, 16 x 32 x 8 warps (used before) spilled 4-12 bytes, and of 12 tilings only
+    # 16 x 16 x 8 warps spilled at none of d = 200, 256, 1024, 1025, 2048, 2100 (hard, k = 10):
+    # 80-126 registers, 2-3 programs per SM. (16 x 16 x 4 warps spilled 8 bytes at d = 1024;
+    # BLOCK_D = 128 also passed but doubles the slices, each recomputing the S tile.)
+    return 16, 16, bd, bk, 8
 
 
 def _fwd_blocks(m: int, d: int, k: int):
-    """Forward tiles: the forward streams D in chunks, so its tiles do not depend on D."""
+    """Forward tiles: the forward streams D in chunks, so its tiles do not depend on D. With the
+    runtime's alignment specialisation (sm_90) 32 x 64 x 8 warps, used before, spilled 48 bytes
+    with soft weights; of 8 tilings 16 x 32 x 4 warps was the one with no spill at d = 128 and
+    1025 (hard, k = 10, k = 1000) and the most programs per SM (4-5, 96-128 registers)."""
     bm, bn, bd, bk, warps = _blocks(m, d, k)
     if _INTERPRET:
         return bm, bn, bd, bk, warps
-    return 32, 64, bd, bk, 8
+    return 16, 32, bd, bk, 4
 
 
 def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
@@ -155,14 +183,14 @@ def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
     lab = labels.to(torch.int64).contiguous() if hard else f
     t = soft.float().contiguous() if not hard else f
     k = 1 if hard else t.shape[1]
-    fm, fn, bd, bk, fwarps = _fwd_blocks(m, d, k)
+    fm, fn, fbd, bk, fwarps = _fwd_blocks(m, d, k)
     lse = torch.empty(m, dtype=torch.float32, device=x.device)
     wsum = torch.empty_like(lse)
     wdot = torch.empty_like(lse)
     inv_tau = 1.0 / float(tau)
     _supcon_fwd_kernel[(triton.cdiv(m, fm),)](
-        f, lab, t, lse, wsum, wdot, m, d, k, inv_tau, HARD=hard, BLOCK_M=fm, BLOCK_N=fn, BLOCK_D=bd,
-        BLOCK_K=bk, DCHUNK=_dchunk(bd), num_warps=fwarps)
+        f, lab, t, lse, wsum, wdot, m, d, k, inv_tau, HARD=hard, BLOCK_M=fm, BLOCK_N=fn, BLOCK_D=fbd,
+        BLOCK_K=bk, DCHUNK=_dchunk(fbd), num_warps=fwarps)
     valid = wsum > 0
     n_valid = valid.sum().clamp_min(1).to(torch.float32)
     per = torch.where(valid, lse - wdot / torch.where(valid, wsum, 1.0), 0.0)
@@ -173,9 +201,10 @@ def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
     invw = torch.where(valid, 1.0 / torch.where(valid, wsum, 1.0), 0.0)
     df = torch.empty_like(f)
     bm, bn, bd, bk, warps = _blocks(m, d, k)
-    grid = (triton.cdiv(m, bm),)
+    grid = (triton.cdiv(m, bm), triton.cdiv(d, bd))
     _supcon_bwd_kernel[grid](f, lab, t, lse, coef, invw, df, m, d, k, inv_tau, HARD=hard, BLOCK_M=bm,
-                             BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, num_warps=warps)
+                             BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, DCHUNK=_dchunk(bd), SLICED=d > bd,
+                             num_warps=warps)
     if normalize:
         df = (df - f * (f * df).sum(1, keepdim=True)) / norm
     return loss, df.to(features.dtype)
@@ -189,7 +218,10 @@ def aot_cases():
     return [case(f"supcon {dr} {kind} d={d}", m, d, k, dr)
             for (kind, m, d, k) in (("hard", 65536, 128, 1), ("soft k=10", 8192, 128, 10),
                                     ("soft k=1000", 8192, 128, 1000), ("hard", 8192, 256, 1))
-            for dr in ("fwd", "bwd")]
+            for dr in ("fwd", "bwd")] + \
+        [case(f"supcon bwd {kind} d={d} (D slices)", 8192, d, k, "bwd")  # OutOfResources before
+         for (kind, d, k) in (("hard", 1024, 1), ("hard", 1025, 1), ("hard", 2100, 1), ("soft k=10", 1025, 10))] + \
+        [case("supcon fwd hard d=1025", 8192, 1025, 1, "fwd")]
 
 
 def aot_signature(case):
@@ -199,8 +231,8 @@ def aot_signature(case):
     types = dict(F="*fp32", LAB="*i64" if hard else "*fp32", T="*fp32", M="i32", D="i32", K="i32", inv_tau="fp32",
                  LSE="*fp32")
     types.update(dict(WSUM="*fp32", WDOT="*fp32") if fwd else dict(COEF="*fp32", INVW="*fp32", DF="*fp32"))
-    const = dict(HARD=hard, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk)
-    if fwd:
-        const["DCHUNK"] = _dchunk(bd)
+    const = dict(HARD=hard, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, DCHUNK=_dchunk(bd))
+    if not fwd:
+        const["SLICED"] = case["d"] > bd
     fn = _supcon_fwd_kernel if fwd else _supcon_bwd_kernel
     return fn, types, const, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)

@@ -7,9 +7,15 @@ says nothing about registers or spills. This check runs Triton's full pipeline
 wheel) for the configurations the GPU launchers actually pick, and reports
 registers, spills and shared memory per kernel from `ptxas -v`.
 
-    python tools/triton_aot_check.py [--json benchmarks/results/triton-aot-sm90.json]
+    python tools/triton_aot_check.py [--json benchmarks/results/triton-aot-sm90.json] [--only TEXT]
 
-Exit status 1 when any kernel fails to compile or spills.
+Each kernel is compiled with the runtime's alignment specialisation (the launcher marks every
+pointer, and every integer argument divisible by 16, `tt.divisibility = 16`; torch's
+allocations are 256-byte aligned), so the code checked is the code that runs. Besides each
+kernel module's aot_cases(), EXTRA_CASES adds shapes the review of issue 25 asked for.
+
+Exit status 1 when any kernel fails to compile, spills, or needs more shared memory than an
+sm_90 block may have (227 KB: Triton raises OutOfResources only at launch, on a GPU).
 """
 import argparse
 import json
@@ -24,6 +30,28 @@ from concurrent.futures import ProcessPoolExecutor
 os.environ["TRITON_INTERPRET"] = "0"  # the real compiler, and the launchers' GPU configs
 
 ARCH = 90
+SMEM_LIMIT = 232448  # bytes of shared memory one sm_90 block may opt into (227 KB)
+
+
+def _dps_case(name, b, c, v, **kw):
+    """A case in kernels/dps_cross_entropy.py's format (its aot_cases() defaults)."""
+    case = dict(name=name, shape=[v, b, c], z="fp32", bank="fp32", idx="i64", reduction=1, posterior=True,
+                update=True, temper=False, grad=True, soft=False, normalize=True)
+    case.update(kw)
+    return case
+
+
+# Issue 25's acceptance: V = 2 at C <= 100 and soft CE at C = 100 (the small-C configurations,
+# where the register counts are highest), kept here while that module is being changed. A case
+# with `known` is a defect found and handed on: reported, kept in the JSON with ok false, but
+# not failing the check (the kernel's rewrite, issue 25 items 1 and 6, is to remove it).
+_V2_SPILL = ("issue 25: the V = 2 small-C launch (ROWS x BLOCK_C = 16 x 128, 8 warps; 64 x 16, 4 warps) "
+             "spills 8-16 bytes on sm_90 (triton 3.8, 2026-12-07)")
+EXTRA_CASES = {"dps_fast.kernels.dps_cross_entropy": [
+    _dps_case("dps 2 views 65536x100 fp32 mean", 65536, 100, 2, known=_V2_SPILL),
+    _dps_case("dps 2 views 65536x10 fp32 mean", 65536, 10, 2, known=_V2_SPILL),
+    _dps_case("soft-ce 65536x100 fp32", 65536, 100, 1, soft=True),
+]}
 
 
 def all_cases():
@@ -35,8 +63,32 @@ def all_cases():
     out = []
     for m in sorted(pkgutil.iter_modules(K.__path__), key=lambda m: m.name):
         mod = importlib.import_module(f"dps_fast.kernels.{m.name}")
-        out += [dict(case, module=mod.__name__) for case in getattr(mod, "aot_cases", lambda: [])()]
+        cases = getattr(mod, "aot_cases", lambda: [])() + EXTRA_CASES.get(mod.__name__, [])
+        out += [dict(case, module=mod.__name__) for case in cases]
     return out
+
+
+def _int_values(case):
+    """The integer arguments' values at this case's shape (for the divisibility attribute)."""
+    if "shape" in case:  # the DPS / soft-CE kernel; the bank's row count N is left unmarked
+        _, b, c = case["shape"]
+        return dict(B=b, C=c, stride_a=c)
+    return dict(M=case.get("m"), D=case.get("d"), K=case.get("k"))
+
+
+def runtime_attrs(fn, sig, case):
+    """{(arg index,): [["tt.divisibility", 16]]} as the launcher makes them: every pointer (torch
+    allocations are 256-byte aligned) and every integer argument divisible by 16."""
+    if os.environ.get("DPS_AOT_NO_ALIGN") == "1":  # --no-align: as the reports before issue 25
+        return {}
+    ints = _int_values(case)
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        ty = sig[name]
+        aligned = ty.startswith("*") or (ty in ("i32", "i64") and ints.get(name) and ints[name] % 16 == 0)
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
 
 
 def _ptxas_stats(ptx: str):
@@ -71,21 +123,38 @@ def compile_case(case):
     if missing:
         return dict(case=case["name"], ok=False, error=f"no type or value for {missing}")
     try:
-        k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", ARCH, 32),
+        k = triton.compile(ASTSource(fn, sig, const, runtime_attrs(fn, sig, case)), target=GPUTarget("cuda", ARCH, 32),
                            options=dict(num_warps=cfg["num_warps"]))
     except Exception as e:  # noqa: BLE001 - reported, and the check fails
-        return dict(case=case["name"], ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+        return dict(case=case["name"], ok=False, known=case.get("known"), error=f"{type(e).__name__}: {str(e)[-2000:]}")
     stats = _ptxas_stats(k.asm["ptx"])
-    ok = bool(k.asm.get("cubin")) and stats["spill_store_bytes"] in (0, None)
-    return dict(case=case["name"], ok=ok, kernel=fn.__name__, config=cfg, shared_bytes=k.metadata.shared,
-                cubin_bytes=len(k.asm["cubin"]), compile_s=round(time.time() - t0, 1), **stats)
+    ok = bool(k.asm.get("cubin")) and stats["spill_store_bytes"] in (0, None) and k.metadata.shared <= SMEM_LIMIT
+    return dict(case=case["name"], ok=ok, known=case.get("known"), kernel=fn.__name__, config=cfg, shared_bytes=k.metadata.shared,
+                cubin_bytes=len(k.asm["cubin"]), compile_s=round(time.time() - t0, 1),
+                programs_per_sm=programs_per_sm(stats["registers"], cfg["num_warps"], k.metadata.shared), **stats)
+
+
+def programs_per_sm(registers, warps, shared):
+    """Resident programs per sm_90 SM, the least of: registers (64K per SM, allocated per warp
+    in units of 256), shared memory (228 KB per SM, 1 KB reserved per block), 64 warps, 32 blocks."""
+    if not registers:
+        return None
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // warps
+    by_smem = 233472 // (shared + 1024)
+    return min(by_regs, by_smem, 64 // warps, 32)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write the per-kernel report here")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--only", default=None, help="compile only the cases whose name contains this; --json then "
+                                                "updates those cases in the existing report")
+    p.add_argument("--no-align", action="store_true", help="compile without the alignment specialisation")
     a = p.parse_args()
+    if a.no_align:
+        os.environ["DPS_AOT_NO_ALIGN"] = "1"  # read in the worker processes
     try:
         import triton  # noqa: F401
         from triton.backends.nvidia.compiler import get_ptxas
@@ -95,23 +164,38 @@ def main():
         return 0
     t0 = time.time()
     with ProcessPoolExecutor(a.jobs) as ex:
-        results = list(ex.map(compile_case, all_cases()))
+        results = list(ex.map(compile_case, [c for c in all_cases() if not a.only or a.only in c["name"]]))
     bad = 0
     for r in results:
         if r["ok"]:
             print(f"  ok   {r['case']:<42} {r['kernel']:<20} regs {r['registers']:>3}  spill {r['spill_store_bytes']}B"
-                  f"  smem {r['shared_bytes']:>6}B  {r['config']}")
+                  f"  smem {r['shared_bytes']:>6}B  {r['programs_per_sm']}/SM  {r['config']}")
         else:
-            bad += 1
-            print(f"  FAIL {r['case']}: {r.get('error') or 'spills ' + str(r.get('spill_store_bytes'))}")
+            why = r.get("error") or f"spills {r.get('spill_store_bytes')} B, shared memory {r.get('shared_bytes')} B," \
+                f" regs {r.get('registers')}"
+            bad += not r.get("known")
+            print(f"  {'KNOWN' if r.get('known') else 'FAIL '} {r['case']}: {why}" +
+                  (f"\n         ({r['known']})" if r.get("known") else ""))
     import triton
-    print(f"triton {triton.__version__} AOT compile for sm_{ARCH}: {len(results) - bad}/{len(results)} kernels ok"
-          f" in {time.time() - t0:.0f} s")
+    known = sum(1 for r in results if not r["ok"] and r.get("known"))
+    print(f"triton {triton.__version__} AOT compile for sm_{ARCH}: {len(results) - bad - known}/{len(results)} kernels ok"
+          + (f", {known} known defect(s) reported" if known else "") + f" in {time.time() - t0:.0f} s")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(arch=f"sm_{ARCH}", triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
-                           results=results), f, indent=1)
+        write_report(a.json, results, triton.__version__, partial=bool(a.only))
     return 1 if bad else 0
+
+
+def write_report(path, results, version, partial):
+    """The per-kernel report; a partial run (--only) replaces its cases in the existing one."""
+    if partial and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("triton") == version:
+            fresh = {r["case"] for r in results}
+            results = [r for r in old["results"] if r["case"] not in fresh] + results
+    with open(path, "w") as f:
+        json.dump(dict(arch=f"sm_{ARCH}", triton=version, date=time.strftime("%Y-%m-%d"), results=results), f,
+                  indent=1)
 
 
 if __name__ == "__main__":
