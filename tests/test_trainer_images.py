@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from dps_fast.train import loop as Lp
 from dps_fast.train import presets as Ps
 from dps_fast.train.checks import importable
+from dps_fast.train.timing import StepClock
 
 from _trainer_helpers import cli, error_of, keep_threads  # noqa: F401 (keep_threads: autouse fixture)
 
@@ -106,13 +108,18 @@ def final_of(out, method="dps"):
 
 
 # ---------------------------------------------------------------- one epoch of each reader
-def test_imagefolder_epoch_skips_the_corrupt_file(folder, tmp_path, capsys):
+def test_imagefolder_epoch_skips_the_corrupt_file(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(StepClock, "WARMUP_STEPS", 1)  # the ETA line after 2 steps instead of 200
+    monkeypatch.setattr(StepClock, "ETA_STEPS", 2)
     code, out, err = cli(capsys, "--dataset", f"imagefolder:{folder}", "--image-size", "16", *RUN,
                          "--epochs", "1", "--bad-images", "skip", "--label-issues", "--out", str(tmp_path))
     assert code == 0, err
     assert f"note: skipped 1 unreadable image(s) (--bad-images skip): {folder}/train/cat/broken.jpg (" in out
     assert "12 train / 6 test images (3, 16, 16), 3 classes" in out
     assert "[dps] 1 epoch(s) x 2 steps of 6 images = 2 steps" in out
+    assert re.search(r"\[dps\] [0-9.]+ ms/step \([0-9]+ img/s\) after 2 steps: epoch 1 ends in ~0s, the run in "
+                     r"~0s \(training steps; evaluation adds to it\)", out), out
+    assert re.search(r"\([0-9]+ img/s, loss [0-9.]+% of the step\)", out), out
     f = final_of(tmp_path)
     assert f["n_train"] == 12 and f["history"][0]["img_per_s"] > 0
     assert 0 <= f["timing"]["loss_share_pct_by_epoch"]["1"] <= 100
@@ -123,13 +130,14 @@ def test_imagefolder_epoch_skips_the_corrupt_file(folder, tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
 def test_cifar_epoch(kind, tmp_path, capsys):
     root = write_cifar(tmp_path / kind, kind)
-    code, out, err = cli(capsys, "--dataset", f"{kind}:{root}", *RUN, "--batch-size", "16", "--epochs", "1",
-                         "--method", "ce",
+    amp = ["--amp", "bf16", "--channels-last"] if kind == "cifar10" else []  # autocast on the CPU too
+    code, out, err = cli(capsys, "--dataset", f"{kind}:{root}", *RUN, *amp, "--batch-size", "16", "--epochs", "1",
+                         "--method", "dps",
                          "--out", str(tmp_path / "r"))
     assert code == 0, err
     n_train, n_test, c = (30, 6, 10) if kind == "cifar10" else (30, 6, 100)
     assert f"{n_train} train / {n_test} test images (3, 32, 32), {c} classes" in out
-    assert final_of(tmp_path / "r", "ce")["final"]["accuracy"] >= 0
+    assert final_of(tmp_path / "r")["final"]["accuracy"] >= 0
 
 
 def test_cifar_stem_keeps_32x32_maps():

@@ -376,7 +376,7 @@ def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
         msg += f" OOD-AUROC {res['ood_auroc']:.4f}"
     left = r.clock.run_eta(r.args.epochs - epoch - 1, stats["epoch_s"])
     share = stats["loss_share_pct"]
-    log(msg + f" ({row['img_per_s']:.0f} img/s" + (f", loss {share:.1f}% of the step" if share is not None else "")
+    log(msg + f" ({row['img_per_s']:.0f} img/s" + (f", loss {share:.2f}% of the step" if share is not None else "")
         + (f", run ETA {left})" if left else ")"))
     write_metrics_csv(r)
 
