@@ -133,6 +133,27 @@ def test_bank_placement_must_match_on_resume(tmp_path, capsys):
         f"checkpoint.pt (one process); resume with the saved --nproc/--bank")
 
 
+@pytest.mark.parametrize("damage", ["nan", "labels"])
+def test_a_checkpoint_whose_bank_fails_its_checks_is_one_line_and_changes_nothing(tmp_path, capsys, damage):
+    """The bank loads first and verifies before it writes (docs/method.md §8.1): a NaN mass or a
+    label out of range is a one-line error naming the file, every file as it was."""
+    out = tmp_path / "r"
+    assert cli(capsys, *BASE, "--epochs", "2", "--stop-after", "1", "--out", str(out))[0] == 0
+    ckpt = out / "dps" / "checkpoint.pt"
+    st = torch.load(ckpt, weights_only=True)
+    if damage == "nan":
+        st["method"]["alpha"][3, 2] = float("nan")
+    else:
+        st["method"]["given_labels"][5] = 10  # digits: classes 0..9
+    torch.save(st, ckpt)
+    before = snapshot(out)
+    msg = error_of(capsys, *BASE, "--epochs", "2", "--out", str(out), "--resume")
+    assert msg.startswith(f"{ckpt}: the saved bank does not load (")
+    assert ("holds nan" if damage == "nan" else "label 10 is out of range for 10 classes") in msg
+    assert msg.endswith("; start a new run with --overwrite")
+    assert snapshot(out) == before
+
+
 def test_changed_data_is_refused(tmp_path, capsys):
     rng = np.random.default_rng(0)
     p = tmp_path / "d.npz"

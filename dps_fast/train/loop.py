@@ -173,17 +173,30 @@ def load_weights(r: Run, st: dict) -> None:
     r.sched.load_state_dict(st["scheduler"])
 
 
+def load_bank_state(r: Run, st: dict) -> None:
+    """The method's bank from the checkpoint (or, for a shared bank, its shard files). A bank
+    that fails the load's checks (non-finite or non-positive values, wrong shape, labels out of
+    range, a damaged shard) is a one-line error naming the file; nothing on disk changes."""
+    r.bank_subdir = st.get("bank_dir", "bank")
+    where = os.path.join(r.out_dir, r.bank_subdir) if r.shared_bank else r.ckpt_path
+    try:
+        if r.shared_bank:
+            r.method.load_bank(where)  # saved with any world size
+        else:
+            r.method.load_state_dict(st["method"])
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise UsageError(f"{where}: the saved bank does not load ({lines[-1] if lines else type(e).__name__}); "
+                         f"start a new run with --overwrite") from e
+
+
 def restore(r: Run, log) -> None:
     """Continues ``r`` from its checkpoint: weights, optimiser, schedule, bank, RNG states,
     and a stopped epoch's progress. The saved config is kept (plan_runs checked that every
     result-changing setting matches); only the runtime settings are this invocation's."""
     st = torch.load(r.ckpt_path, map_location=r.device, weights_only=True)
+    load_bank_state(r, st)  # first: the bank verifies everything before it writes (docs/method.md §8.1)
     load_weights(r, st)
-    r.bank_subdir = st.get("bank_dir", "bank")
-    if r.shared_bank:
-        r.method.load_bank(os.path.join(r.out_dir, r.bank_subdir))  # saved with any world size
-    else:
-        r.method.load_state_dict(st["method"])
     r.method.load_scalar_state(st.get("method_scalars", {}))
     r.speed.load_state_dict(st.get("grad_scaler", {}))
     r.gen.set_state(st["data_rng"])
