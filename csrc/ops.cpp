@@ -7,9 +7,12 @@
 #include <ATen/SavedTensorHooks.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include "ops.h"
+
+#include <atomic>
 
 namespace dps_fast {
 
@@ -28,19 +31,65 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// dps_fast::scale_unless_one_(grad, s): grad *= s unless s is exactly 1, decided where s lives.
+// The generic kernel (CPU, and CUDA without the CUDA kernels, e.g. a Triton-only install)
+// reads a CPU s in place; on another device it multiplies (no host synchronisation). The CUDA
+// kernel (csrc/cuda/attach_grad.cu) reads s on the device: every block returns at once when
+// s == 1, so loss.backward() moves no B x C pass and the CPU never waits.
+void scale_unless_one_generic(at::Tensor& grad, const at::Tensor& s) {
+  // (read in place: item() would be a dispatcher call, ~1 us of a ~100 us small step)
+  if (plain_cpu(s) && s.scalar_type() == at::kFloat && s.numel() == 1 && *s.const_data_ptr<float>() == 1.0f) return;
+  grad.mul_(s);
+}
+
+void scale_unless_one(at::Tensor& grad, const at::Tensor& s) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dps_fast::scale_unless_one_", "")
+                             .typed<void(at::Tensor&, const at::Tensor&)>();
+  op.call(grad, s);
+}
+
+// May backward scale the forward's buffer in place and hand it over? Only when autograd frees
+// the graph after this backward (no later backward reads the buffer; torch's engine keeps
+// the graph by default outside a backward) and on plain eager tensors (tracing wrappers,
+// fakes and functional tensors carry one of these keys).
+bool may_scale_in_place(const at::Tensor& grad, const at::Tensor& g) {
+  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                               c10::DispatchKey::Functionalize,
+                                               c10::DispatchKey::FuncTorchBatched,
+                                               c10::DispatchKey::FuncTorchGradWrapper});
+  return !torch::autograd::get_current_graph_task_keep_graph() && !grad.key_set().has_any(traced) &&
+         !g.key_set().has_any(traced) && !grad.is_inference() && grad.device() == g.device();
+}
+
 // The forward's gradient times grad_output (a scalar, or one value per loss entry for
-// reduction="none"). An upstream gradient of exactly 1 (loss.backward()) returns the buffer
-// itself: autograd then moves it into .grad without a copy of B x C elements.
-at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& g) {
+// reduction="none"). When the graph is freed after this backward (loss.backward()), the
+// buffer itself is scaled in place and handed over: autograd moves it into .grad without a
+// copy, and an upstream gradient of exactly 1 costs no pass at all, on the device too
+// (scale_unless_one). When the graph is kept, a new tensor (the buffer must stay as it was),
+// except for a CPU upstream gradient of exactly 1: the buffer itself, under the version
+// check, and `handed_out` (the node's) set: the caller holds it, so a later backward must
+// not scale it in place either.
+at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& g, bool& handed_out) {
+  at::Tensor factor = g;
   if (g.dim() > 0) {
     TORCH_CHECK(g.dim() <= grad.dim(), "dps_fast: attach_grad: grad_output has more dimensions than the gradient");
-    at::Tensor per_row = g;  // unsqueeze, not sizes(): shapes may be symbolic under torch.compile
-    while (per_row.dim() < grad.dim()) per_row = per_row.unsqueeze(-1);
-    return (grad * per_row).to(grad.scalar_type());
+    while (factor.dim() < grad.dim()) factor = factor.unsqueeze(-1);  // not sizes(): symbolic under compile
   }
-  // (read in place: item() would be a dispatcher call, ~1 us of a ~100 us small step)
-  if (plain_cpu(g) && g.scalar_type() == at::kFloat && *g.const_data_ptr<float>() == 1.0f) return grad;
-  return (grad * g).to(grad.scalar_type());
+  if (!handed_out && may_scale_in_place(grad, g)) {
+    at::Tensor out = grad;
+    if (g.dim() > 0) {
+      out.mul_(factor);
+    } else {
+      scale_unless_one(out, g);
+    }
+    return out;
+  }
+  if (g.dim() == 0 && plain_cpu(g) && g.scalar_type() == at::kFloat && *g.const_data_ptr<float>() == 1.0f) {
+    handed_out = true;
+    return grad;
+  }
+  return (grad * factor).to(grad.scalar_type());
 }
 
 // The saved gradient has no derivative of its own: a second derivative through it
@@ -87,10 +136,12 @@ struct AttachGrad : public torch::autograd::Function<AttachGrad> {
     // retain_graph has freed the graph: also when the buffer is kept outside the saved variables.
     const variable_list saved = ctx->get_saved_variables();
     const auto kept = ctx->saved_data.find("grad");
-    if (kept == ctx->saved_data.end()) return {at::Tensor(), scale_grad(saved[0], grad_outputs[0]), at::Tensor()};
-    const at::Tensor grad = kept->second.toTensor();
-    check_buffer_version(grad, ctx->saved_data.at("version").toInt());
-    return {at::Tensor(), scale_grad(grad, grad_outputs[0]), at::Tensor()};
+    at::Tensor grad = kept == ctx->saved_data.end() ? saved[0] : kept->second.toTensor();
+    if (kept != ctx->saved_data.end()) check_buffer_version(grad, ctx->saved_data.at("version").toInt());
+    bool handed_out = ctx->saved_data.count("handed_out") > 0;
+    at::Tensor out = scale_grad(grad, grad_outputs[0], handed_out);
+    if (handed_out) ctx->saved_data["handed_out"] = true;
+    return {at::Tensor(), out, at::Tensor()};
   }
 };
 
@@ -138,12 +189,15 @@ struct AttachGradBackward : public torch::autograd::Node {
     torch::autograd::variable_list out(1);
     if (!should_compute_output(0)) return out;
     // an undefined upstream gradient counts as zeros, as in AttachGrad (materialize_grads)
-    out[0] = scale_grad(grad, grads[0].defined() ? grads[0] : input_metadata(0).zeros_like());
+    bool handed_out = handed_out_.load();
+    out[0] = scale_grad(grad, grads[0].defined() ? grads[0] : input_metadata(0).zeros_like(), handed_out);
+    if (handed_out) handed_out_ = true;
     return out;
   }
 
   at::Tensor grad_;
   int64_t version_;
+  std::atomic<bool> handed_out_{false};  // scale_grad
 };
 
 // A new node, held the way this torch holds autograd nodes: an intrusive_ptr in torch 2.13,
@@ -185,10 +239,14 @@ TORCH_LIBRARY(dps_fast, m) {
   // A copy of `loss` whose gradient with respect to x is grad * grad_output: the fused
   // forwards compute d loss / d x with the loss, so backward only scales.
   m.def("attach_grad(Tensor loss, Tensor x, Tensor grad) -> Tensor");
+  // attach_grad's backward on a graph that is freed: grad *= scale unless scale == 1, decided
+  // on scale's device (csrc/ops.cpp::scale_grad). CUDA kernel: csrc/cuda/attach_grad.cu.
+  m.def("scale_unless_one_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dps_fast, CompositeExplicitAutograd, m) {
   m.impl("attach_grad", &dps_fast::attach_grad_value);
+  m.impl("scale_unless_one_", &dps_fast::scale_unless_one_generic);
 }
 
 TORCH_LIBRARY_IMPL(dps_fast, Autograd, m) {

@@ -17,7 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tools", "cuda_emulator")
 CUDA = os.path.join(ROOT, "csrc", "cuda")
-SOURCES = ["dps_cross_entropy.cu", "supcon.cu"]
+SOURCES = ["attach_grad.cu", "dps_cross_entropy.cu", "supcon.cu"]
 _LAUNCH = re.compile(r"(\w+(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lib = None
@@ -101,6 +101,18 @@ def dps_ce_fwd(logits, index, alpha, grad, gamma, tau_e, posterior, update, redu
 
 def soft_ce_fwd(logits, target, grad, normalize, reduction):
     return _run_ce(logits, None, target.contiguous(), grad, 0.0, 1.0, False, False, reduction, normalize)
+
+
+# ------------------------------------------------------------------ mirror of attach_grad_glue.cpp
+def scale_unless_one_(grad, s):
+    """grad *= s unless s == 1, by the CUDA kernel (csrc/cuda/attach_grad.cu); the glue's
+    other layouts multiply."""
+    if grad.dtype not in _DTYPES or not grad.is_contiguous() or s.numel() != 1 or s.dtype != torch.float32:
+        grad.mul_(s)
+        return
+    scale = s.reshape(1).contiguous()
+    _check(library().emu_scale_unless_one(_ptr(grad), ctypes.c_int64(grad.numel()), _DTYPES[grad.dtype],
+                                          _ptr(scale)), "scale kernel")
 
 
 # ------------------------------------------------------------------ mirror of supcon_glue.cpp

@@ -27,19 +27,21 @@ def test_double_backward_is_an_error_not_a_wrong_number(case):
 @pytest.mark.parametrize("case", FUSED, ids=case_id)
 def test_backward_moves_the_gradient_buffer_unless_it_must_copy(case):
     """loss.backward() with the graph freed hands the forward's gradient buffer to .grad (no
-    B x C copy); a kept graph or an upstream gradient other than 1 gets a new tensor, right."""
+    B x C copy), scaled in place for an upstream gradient other than 1; a kept graph gets a
+    new tensor (tests/test_attach_grad.py), right."""
     backend, device = case
     x = torch.randn(6, 5, device=device, requires_grad=True)
     dps_fast.dps_cross_entropy(x, torch.arange(6, device=device), _bank(device), backend=backend,
                                inplace_grad=True).backward()
     assert x.grad.data_ptr() == x.data_ptr() or device != "cpu"  # the buffer is x's own storage
-    for kw, scale in (({"retain_graph": True}, 1.0), ({"gradient": torch.tensor(3.0, device=device)}, 3.0)):
+    for kw, scale, moved in (({"retain_graph": True}, 1.0, False),
+                             ({"gradient": torch.tensor(3.0, device=device)}, 3.0, True)):
         x = torch.randn(6, 5, device=device, requires_grad=True)
         want = torch.autograd.grad(dps_fast.dps_cross_entropy(x, torch.arange(6, device=device), _bank(device),
                                                               backend="reference"), x)[0]
         dps_fast.dps_cross_entropy(x, torch.arange(6, device=device), _bank(device), backend=backend,
                                    inplace_grad=True).backward(**kw)
-        assert x.grad.data_ptr() != x.data_ptr()
+        assert (x.grad.data_ptr() == x.data_ptr()) == (moved and device == "cpu") or device != "cpu"
         torch.testing.assert_close(x.grad, scale * want, rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 // C entry points of the emulated CUDA kernels, for ctypes (tests/_cuda_emu.py mirrors the torch
 // glue of csrc/cuda/*_glue.cpp on top of them).
+#include "attach_grad.h"
 #include "dps_cross_entropy.h"
 #include "supcon.h"
 
@@ -38,6 +39,10 @@ int emu_launch_supcon(int grad, const float* f, const int64_t* labels, const flo
   p.f = f; p.labels = labels; p.soft = soft; p.lse = lse; p.wsum = wsum; p.wdot = wdot;
   p.coef = coef; p.invw = invw; p.df = df; p.M = M; p.D = D; p.K = K; p.inv_tau = inv_tau;
   return grad ? launch_supcon_grad(p, nullptr) : launch_supcon_stats(p, nullptr);
+}
+
+int emu_scale_unless_one(void* g, int64_t n, int dtype, const float* s) {
+  return launch_scale_unless_one(g, n, dtype, s, nullptr);
 }
 
 }  // extern "C"
