@@ -63,6 +63,33 @@ def expand(argv: list) -> list:
     return PRESETS.get(name, []) + argv if name else argv
 
 
+def _groups(tokens: list) -> list:
+    """tokens as [flag, its values...] groups (a value is a token after a flag that is not one)."""
+    out = []
+    for t in tokens:
+        if t.startswith("--") or not out:
+            out.append([t])
+        else:
+            out[-1].append(t)
+    return out
+
+
+def merged(preset: list, given: list) -> list:
+    """The command's flags: the preset's, each replaced in place by the same flag given on the
+    command line (which wins), then the other given flags."""
+    given_groups = _groups(given)
+    by_flag = {g[0].split("=", 1)[0]: g for g in given_groups}
+    out, used = [], set()
+    for g in _groups(preset):
+        flag = g[0].split("=", 1)[0]
+        out += by_flag.get(flag, g)
+        used.add(flag)
+    for g in given_groups:
+        if g[0].split("=", 1)[0] not in used:
+            out += g
+    return out
+
+
 def dry_run_text(name: str | None, argv: list) -> str:
     shown, skip = [], False  # the command without --dry-run and --preset: the flags themselves
     for a in argv:
@@ -73,4 +100,4 @@ def dry_run_text(name: str | None, argv: list) -> str:
         if not skip:
             shown.append(a)
     head = f"preset {name}: " + shlex.join(PRESETS[name]) + "\n" if name in PRESETS else ""
-    return head + "command: " + shlex.join(["dps-train", *PRESETS.get(name, []), *shown])
+    return head + "command: " + shlex.join(["dps-train", *merged(PRESETS.get(name, []), shown)])
