@@ -8,8 +8,9 @@ matrix in place of the bank, no update and no discount). One launch per call:
   so any C works (up to and beyond 128k classes) in float32 arithmetic;
 - pass 1 also counts the non-finite logits element by element (a running sum of the
   logits would overflow for finite |z| near the float32 maximum, docs/method.md §9);
-- pass 2 forms the target's row sum S, pass 3 recomputes the softmax, stores the
-  updated bank row, the gradient ``(mass * softmax - target) * scale`` and the loss
+- pass 1 also sums the bank row, which gives the target's row sum S without a pass of
+  its own (the evidence sums to 1: S = gamma * sum a + 1); pass 2 recomputes the softmax,
+  stores the updated bank row, the gradient ``(mass * softmax - target) * scale`` and the loss
   ``mass * logsumexp - <target, z>``: the target is ``a / S`` and ``mass = 1`` when
   normalising (the DPS step, always), else the target is ``a`` itself and ``mass = S``
   (PyTorch's soft-target cross-entropy for rows that do not sum to 1, docs/method.md §3);
@@ -66,10 +67,13 @@ def _dps_ce_kernel(
         ids = rows
     ok = rmask & (ids >= 0) & (ids < N)
 
-    # ---- pass 1: per view, online max and softmax normalisers
+    # ---- pass 1: per view, online max and softmax normalisers; with view 0, the bank row's sum
     m_all = tl.zeros([ROWS, VP], dtype=tl.float32)
     s_all = tl.zeros([ROWS, VP], dtype=tl.float32)
     se_all = tl.zeros([ROWS, VP], dtype=tl.float32)
+    # accumulated by column and summed after the loop: a per-trip tl.sum here crashed triton
+    # 3.8's TritonGPUOptimizeThreadLocality pass (sm_90) for the unnormalised soft CE
+    a_acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     for v in tl.static_range(V):
         m = tl.full([ROWS], float("-inf"), tl.float32)
         s = tl.zeros([ROWS], dtype=tl.float32)
@@ -80,6 +84,9 @@ def _dps_ce_kernel(
             cc = c0 + cols
             msk = rmask[:, None] & (cc < C)[None, :]
             z = tl.load(Z + base[:, None] + cc[None, :], mask=msk, other=0.0).to(tl.float32)
+            if v == 0:  # the bank row, read in the same column loop as the logits
+                amsk = ok[:, None] & (cc < C)[None, :]
+                a_acc += tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
             zm = tl.where(msk, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(zm, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -100,23 +107,20 @@ def _dps_ce_kernel(
         else:
             se_all = tl.where(sel, s[:, None], se_all)
 
-    # ---- pass 2: the target's row sum S = sum_j a_j
-    S = tl.zeros([ROWS], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + cols
-        amsk = ok[:, None] & (cc < C)[None, :]
-        a = tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
-        if POSTERIOR:
-            a = gamma * a + _evidence(Z, rows, cc, amsk, m_all, se_all, vcol, B, C, inv_tau_e, V, ROWS,
-                                      BLOCK_C)
-        S += tl.sum(tl.where(amsk, a, 0.0), 1)
+    # ---- the target's row sum S, from pass 1 (no pass of its own): the evidence, a mean of
+    # softmaxes, sums to 1, so the updated row sums to gamma * sum_j a_j + 1 (docs/method.md §2)
+    a_sum = tl.sum(a_acc, 1)
+    if POSTERIOR:
+        S = gamma * a_sum + 1.0
+    else:
+        S = a_sum
     if NORMALIZE:  # target a / S, whose mass is 1
         target_scale = tl.where(ok, 1.0 / tl.where(ok, S, 1.0), 0.0)
     else:  # target a itself, of mass S
         target_scale = tl.where(ok, 1.0, 0.0)
         mass = S
 
-    # ---- pass 3: bank store, target, loss dot products, gradient
+    # ---- pass 2: bank store, target, loss dot products, gradient
     dots = tl.zeros([ROWS, VP], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols

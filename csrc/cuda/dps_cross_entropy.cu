@@ -4,7 +4,8 @@
 // 256 threads packs 256 / TPR rows, so small C is not launch-bound and large C is
 // spread over a whole block. Three passes over the columns, float32 arithmetic:
 //   1. per view, online max and softmax normalisers (and a per-element finiteness check);
-//   2. the target's row sum S = sum_j a_j (a = the updated bank row, or the prior);
+//   2. the target's row sum S from the bank row alone (gamma * sum_j a_j + 1 for the updated
+//      row: the evidence sums to 1), no logits read;
 //   3. the bank store, the target, the loss dot products and the gradient.
 // mean / sum reductions finish in the same launch: every block writes a partial,
 // the last block (atomic ticket) adds them in block order and resets the ticket.
@@ -116,17 +117,16 @@ __device__ __forceinline__ ViewStats view_stats(const TZ* zr, int64_t C, bool in
   return r;
 }
 
-// Pass 2: the target's row sum S = sum_j a_j (a = the updated row when posterior). All threads call it.
-template <int TPR, typename TA, typename Evidence>
+// Pass 2: the target's row sum S from the bank row alone: the evidence, a mean of softmaxes,
+// sums to 1, so the updated row sums to gamma * sum_j a_j + 1 (docs/method.md §2), with no
+// re-read of the logits and no exp. All threads call it.
+template <int TPR, typename TA>
 __device__ __forceinline__ float target_row_sum(const TA* ar, int64_t C, int lane, bool ok, const CeArgs& p,
-                                                Evidence evidence, float* smem) {
+                                                float* smem) {
   float st = 0.f;
-  for (int64_t j = lane; j < C && ok; j += TPR) {
-    float aj = to_f32(ar[j]);
-    if (p.posterior) aj = p.gamma * aj + evidence(j);
-    st += aj;
-  }
-  return group_sum<TPR>(st, smem);
+  for (int64_t j = lane; j < C && ok; j += TPR) st += to_f32(ar[j]);
+  const float sum = group_sum<TPR>(st, smem);
+  return p.posterior ? p.gamma * sum + 1.f : sum;
 }
 
 // The target is a / S of mass 1 (normalize: the DPS step, always) or a itself, of mass S
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
   };
 
   // 2. the target's row sum S
-  const float ks = target_scale(p, target_row_sum<TPR>(ar, p.C, r.lane, r.ok, p, evidence, sh.smem));
+  const float ks = target_scale(p, target_row_sum<TPR>(ar, p.C, r.lane, r.ok, p, sh.smem));
 
   // 3. bank store, target, dots, gradient
   float dot[VMAX];
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel_many_views(CeArgs p) {
       e += __expf((to_f32(r.zrow(p, v)[j]) - vm[v * B + r.row]) * p.inv_tau_e) / vse[v * B + r.row];
     return e * inv_v;
   };
-  const float ks = target_scale(p, target_row_sum<TPR>(ar, p.C, r.lane, r.ok, p, evidence, sh.smem));
+  const float ks = target_scale(p, target_row_sum<TPR>(ar, p.C, r.lane, r.ok, p, sh.smem));
 
   float row_total = 0.f;
   for (int v0 = 0; v0 < p.V; v0 += VC) {
