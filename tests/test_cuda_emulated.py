@@ -39,9 +39,10 @@ def ref_dps(z, idx, alpha, red, g, target="posterior", gamma=0.9, tau_e=1.0):
     return loss.detach(), x.grad, a
 
 
-# C picks the threads per row (8 / 32 / 256); V > 8 takes the many-views kernel
+# C picks the threads per row (8 / 32 / 256); V picks the register views (1, 2, 4, 8); V > 8 takes
+# the many-views kernel
 DPS_CASES = [(c, b, v, zdt, adt) for c, b, v in [(1, 7, 1), (10, 37, 2), (100, 37, 1), (1000, 9, 3), (3000, 5, 2),
-                                                 (10, 37, 9), (1000, 5, 12), (3000, 3, 17)]
+                                                 (100, 11, 5), (10, 37, 9), (1000, 5, 12), (3000, 3, 17)]
              for zdt, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                               (torch.float16, torch.float32)]]
 

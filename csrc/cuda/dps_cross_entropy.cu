@@ -26,7 +26,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxViews = kCeRegisterViews;
-// Loops over the views are unrolled to VMAX (1, the common case, or kMaxViews) with a
+// Loops over the views are unrolled to VMAX (1, the common case, 2, 4 or kMaxViews) with a
 // uniform guard, so the per-view statistics (m, s, se, dot) are indexed by constants and
 // stay in registers (a runtime index put them in local memory: ptxas -v showed spills).
 // More views take ce_kernel_many_views, which keeps them in global scratch.
@@ -239,7 +239,7 @@ __device__ __forceinline__ void finish_reduction(const Row& r, const CeArgs& p, 
   }
 }
 
-// Up to VMAX (1 or kMaxViews) views: the per-view statistics stay in registers.
+// Up to VMAX (1, 2, 4 or kMaxViews) views: the per-view statistics stay in registers.
 template <typename TZ, typename TA, int TPR, int VMAX>
 __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
   __shared__ CeShared sh;
@@ -356,7 +356,11 @@ template <typename TZ, typename TA>
 cudaError_t launch_typed(const CeArgs& p, cudaStream_t stream) {
   const int64_t blocks = ce_num_blocks(p);
   if (blocks == 0) return cudaSuccess;
+  // VMAX sized to V: two views (the usual augmented pair) on the 8-view instantiation carried
+  // 8-entry statistics arrays and their guards for nothing.
   if (p.V == 1) launch_views<TZ, TA, 1>(p, blocks, stream);
+  else if (p.V == 2) launch_views<TZ, TA, 2>(p, blocks, stream);
+  else if (p.V <= 4) launch_views<TZ, TA, 4>(p, blocks, stream);
   else if (p.V <= kMaxViews) launch_views<TZ, TA, kMaxViews>(p, blocks, stream);
   else launch_many_views<TZ, TA>(p, blocks, stream);
   return cudaGetLastError();
