@@ -12,81 +12,50 @@ tensors' device and dtype, else the reference. The environment variable
 ``DPS_FAST_BACKEND`` sets the default. Asking explicitly for a backend that is not
 available raises :class:`BackendUnavailableError`; the automatic choice never
 fails over to anything but the (exact) reference, and says so once.
+
+What each backend takes and the automatic order per device are data
+(:data:`TABLE`, :data:`AUTO`); the extension itself is loaded by :mod:`dps_fast._extension`.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
-from . import _build
+from . import _build, _extension
 from ._validate import FUSED_DTYPES
-
-BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend is not available for these tensors on this machine."""
 
 
-_state: dict = {}
-_eager_bindings: dict = {}  # op name -> dps_fast._C function (_bindings_of)
+_state: dict = {}  # the Triton and CUDA probes' answers, and the warnings already given
+_eager_bindings = _extension.eager_bindings  # read by eager_op, on the hot path, as a module global
 
 
-def _cpu_ext() -> str | None:
-    """None if the C++ ops are loaded, else why not.
-
-    The prebuilt module dps_fast._C (``pip install --no-build-isolation .``) if present,
-    else the ops compiled on first import (:mod:`dps_fast._build`). A failure warns once,
-    here, with the same text the automatic backend choice would print.
-    """
-    if "cpu" not in _state:
-        prebuilt = _import_prebuilt()
-        _state["cpu"] = None if prebuilt is None else _build.load_jit()
-        if _state["cpu"] is not None and prebuilt != "absent":
-            _state["cpu"] += f" (the prebuilt dps_fast._C did not load either: {prebuilt})"
-        if _state["cpu"] is not None:
-            _warn_once(f"dps_fast: using the reference backend on CPU because {_state['cpu']}")
-        else:
-            module = sys.modules.get(f"{__package__}._C") if prebuilt is None else _build.jit_module()
-            _eager_bindings.update(_bindings_of(module))
-    return _state["cpu"]
-
-
-def _import_prebuilt() -> str | None:
-    """None if dps_fast._C imported, "absent" if it is not installed, else the error."""
-    try:  # import_module, not `from . import _C`: that would hide a missing module as a plain ImportError
-        importlib.import_module(f"{__package__}._C")
-        return None
-    except ModuleNotFoundError as e:
-        if e.name == f"{__package__}._C":
-            return "absent"
-        return f"{type(e).__name__}: {e}"
-    except Exception as e:  # noqa: BLE001 - e.g. built against another torch
-        return f"{type(e).__name__}: {e}"
-
-
-def _cuda_ext() -> str | None:
+def _cuda_probe(device: torch.device) -> str | None:
     if "cuda" not in _state:
-        why = _cpu_ext()
-        if why is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "dps_fast::dps_ce_fwd", "CUDA"
-        ):
+        why = _extension.load_error
+        if why is None and not torch._C._dispatch_has_kernel_for_dispatch_key("dps_fast::dps_ce_fwd", "CUDA"):
             why = "the C++ ops were built without CUDA kernels: " + (
                 _build.cuda_note() or "build against a CUDA torch with nvcc")
         _state["cuda"] = why
     return _state["cuda"]
 
 
-def _triton() -> str | None:
+def _triton_imported() -> str | None:
     if "triton" not in _state:
-        if _cpu_ext() is not None:  # the Triton ops copy their schemas from the C++ extension
-            _state["triton"] = f"the Triton kernels need the C++ extension's op schemas, and {_cpu_ext()}"
+        if _extension.load_error is not None:  # the Triton ops copy their schemas from the C++ extension
+            _state["triton"] = f"the Triton kernels need the C++ extension's op schemas, and {_extension.load_error}"
             return _state["triton"]
         try:
+            # Deferred, the one import here that is: Triton is optional and slow to import, and
+            # dps_fast.kernels registers its ops from the op modules, which dispatch through
+            # this module (tests/test_structure.py allows this one edge of the import graph).
             from . import kernels  # noqa: F401  (registers torch.ops.dps_fast_triton)
 
             _state["triton"] = None
@@ -95,8 +64,56 @@ def _triton() -> str | None:
     return _state["triton"]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _triton_probe(device: torch.device) -> str | None:
+    why = _triton_imported()
+    if why is None and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        why = "Triton runs on CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before import)"
+    elif why is None and device.type not in ("cpu", "cuda"):
+        why = f"Triton does not run on {device.type} tensors"
+    return why
+
+
+class Backend(NamedTuple):
+    name: str
+    device: str | None  # the one device type it takes (ValueError on others); None: its probe says
+    dtypes: tuple | None  # the tensor dtypes it takes (TypeError on others); None: any
+    probe: Callable[[torch.device], str | None]  # None where it runs on this machine, else why not
+
+
+# Every backend, in the order available_backends() lists them.
+TABLE = (
+    Backend("reference", None, None, lambda device: None),
+    Backend("cpu", "cpu", FUSED_DTYPES, lambda device: _extension.load_error),
+    Backend("triton", None, FUSED_DTYPES, _triton_probe),
+    Backend("cuda", "cuda", FUSED_DTYPES, _cuda_probe),
+)
+BACKENDS = tuple(b.name for b in TABLE)
+_BY_NAME = {b.name: b for b in TABLE}
+# The automatic choice: the first of these that takes the dtypes and runs here, else the
+# reference, with this warning (once) when one took the dtypes but did not run. Other
+# device types always take the reference.
+AUTO = {
+    "cpu": (("cpu",), "dps_fast: using the reference backend on CPU because {why}"),
+    "cuda": (("triton", "cuda"), "dps_fast: using the reference backend on CUDA: neither Triton nor the "
+                                 "CUDA extension is available"),
+}
+
+
+def _warn_once(msg: str, stacklevel: int = 4) -> None:
+    if not _state.get(("warned", msg)):
+        _state[("warned", msg)] = True
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+
+
+if _extension.load_error is not None:  # said at import, once: the automatic choice on CPU says no more
+    _warn_once(AUTO["cpu"][1].format(why=_extension.load_error))
+
+
+def backend_name(backend):
+    """``backend`` if it names a backend, None or "auto"; else ValueError."""
+    if backend is not None and backend != "auto" and backend not in _BY_NAME:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None for automatic")
+    return backend
 
 
 def available(name: str, device: torch.device | str = "cpu") -> bool:
@@ -107,10 +124,9 @@ def available(name: str, device: torch.device | str = "cpu") -> bool:
         return False
 
 
-def _warn_once(msg: str) -> None:
-    if not _state.get(("warned", msg)):
-        _state[("warned", msg)] = True
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+def available_backends(device="cpu") -> list[str]:
+    """Backends usable for float32 tensors on ``device``."""
+    return [b for b in BACKENDS if available(b, device)]
 
 
 _resolved: dict = {}
@@ -124,57 +140,48 @@ def resolve(backend, device: torch.device, dtypes) -> str:
     key = (backend, env, device, tuple(dtypes))
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve(backend, device, dtypes)
+        name = _resolved[key] = _resolve(backend_name(backend if backend is not None else env or "auto"),
+                                         device, dtypes)
     return name
 
 
-def _resolve(backend, device: torch.device, dtypes) -> str:
-    name = backend if backend is not None else os.environ.get("DPS_FAST_BACKEND") or "auto"
-    fused_ok = all(dt in FUSED_DTYPES for dt in dtypes)
+def _resolve(name: str, device: torch.device, dtypes) -> str:
+    """The checked choice for a known backend name or "auto" (a row of :data:`TABLE`)."""
     if name == "auto":
-        if not fused_ok:
-            return "reference"
-        if device.type == "cpu":
-            why = _cpu_ext()
-            if why is None:
-                return "cpu"
-            _warn_once(f"dps_fast: using the reference backend on CPU because {why}")
-            return "reference"
-        if device.type == "cuda":
-            if _triton() is None:
-                return "triton"
-            if _cuda_ext() is None:
-                return "cuda"
-            _warn_once("dps_fast: using the reference backend on CUDA: neither Triton nor the "
-                       "CUDA extension is available")
-        return "reference"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None for automatic")
-    if name == "reference":
-        return name
-    if not fused_ok:
-        bad = [dt for dt in dtypes if dt not in FUSED_DTYPES][0]
-        raise TypeError(
-            f"backend {name!r} takes float32, bfloat16 or float16 tensors, got {bad}; "
-            f"use backend='reference' for other dtypes"
-        )
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
-        why = _cpu_ext()
-    elif name == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
-        why = _cuda_ext()
-    else:  # triton
-        why = _triton()
-        if why is None and device.type == "cpu" and not _interpreting():
-            why = "Triton runs on CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before import)"
-        elif why is None and device.type not in ("cpu", "cuda"):
-            why = f"Triton does not run on {device.type} tensors"
+        return _auto(device, dtypes)
+    row = _BY_NAME[name]
+    bad = [dt for dt in dtypes if not _takes(row, (dt,))]
+    if bad:
+        raise TypeError(f"backend {name!r} takes {_dtype_names(row.dtypes)} tensors, got {bad[0]}; "
+                        f"use backend='reference' for other dtypes")
+    if row.device is not None and device.type != row.device:
+        raise ValueError(f"backend {name!r} needs {row.device.upper()} tensors, got tensors on {device}")
+    why = row.probe(device)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
     return name
+
+
+def _auto(device: torch.device, dtypes) -> str:
+    order, fallback_warning = AUTO.get(device.type, ((), ""))
+    whys = []
+    for row in (_BY_NAME[n] for n in order if _takes(_BY_NAME[n], dtypes)):
+        whys.append(row.probe(device))
+        if whys[-1] is None:
+            return row.name
+    if whys:
+        _warn_once(fallback_warning.format(why=whys[0]), stacklevel=5)  # the caller of resolve()
+    return "reference"
+
+
+def _takes(row: Backend, dtypes) -> bool:
+    return row.dtypes is None or all(dt in row.dtypes for dt in dtypes)
+
+
+def _dtype_names(dtypes) -> str:
+    """"float32, bfloat16 or float16": the names of ``dtypes``, as the errors say them."""
+    names = [str(dt).removeprefix("torch.") for dt in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 def ops(name: str):
@@ -225,15 +232,7 @@ def eager_op(op_name: str, x, backend):
     compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
     if compiled_autograd is not None and compiled_autograd.compiled_autograd_enabled:
         return None
-    if _state.get("cpu", "not loaded") is not None:
+    if _extension.load_error is not None:
         return None
     found = _eager_bindings.get(op_name)
     return found if found is not None else op("cpu", op_name)
-
-
-def _bindings_of(module) -> dict:
-    """The eager ops that ``module`` (dps_fast._C, prebuilt or first-import built) binds as
-    plain CPython functions (csrc/module.cpp): the same ops, called without torch.ops' boxed
-    argument parsing (~7 of a ~22 us forward at [128, 10]). ``make sanitize`` loads a stub
-    module: there, none, and torch.ops serves."""
-    return {name: getattr(module, name) for name in ("dps_ce_eager",) if hasattr(module, name)}

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from . import _extension
+
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 TARGETS = ("posterior", "prior")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,14 +57,6 @@ def target_name(target) -> str:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     return target
-
-
-def backend_name(backend):
-    from ._dispatch import BACKENDS
-
-    if backend is not None and backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None for automatic")
-    return backend
 
 
 def valid_mask(valid, batch: int) -> None:
@@ -151,7 +145,8 @@ def index_tensor(index, batch: int) -> None:
         )
 
 
-_fast_check = None
+# The C++ twin of index_values (dps_fast::check_index), or None where the extension is not loaded.
+_fast_check = _extension.check_index
 
 
 def index_values(index: torch.Tensor, n: int) -> None:

@@ -1,21 +1,23 @@
 """Public functional API: validate -> dispatch -> backend.
 
 The fused ops live one per module in :mod:`dps_fast.ops`; this module gathers their
-public functions with the bank helpers. Losses are returned in float32 (float64 for
-float64 inputs); gradients flow back in the logits' dtype.
+public functions with the bank helpers (:func:`init_prior`, the read-outs). Losses are
+returned in float32 (float64 for float64 inputs); gradients flow back in the logits' dtype.
 """
 from __future__ import annotations
 
 import torch
 
-from . import reference
-from .ops import PUBLIC
 from .ops._common import in_backward_recompute
+from .ops.dps_cross_entropy import dps_cross_entropy
+from .ops.soft_cross_entropy import soft_cross_entropy
+from .ops.supcon import supcon_loss
+from .prior import init_prior
 
-init_prior = reference.init_prior
-globals().update(PUBLIC)  # dps_cross_entropy, soft_cross_entropy, supcon_loss, ...
-
-__all__ = ["init_prior", "posterior_readouts", "readout_chunk_rows", "in_backward_recompute"] + sorted(PUBLIC)
+# the public function of every op module (dps_fast.ops.PUBLIC; tests/test_structure.py checks
+# that none is missing here or in dps_fast/__init__.py)
+__all__ = ["init_prior", "posterior_readouts", "readout_chunk_rows", "in_backward_recompute",
+           "dps_cross_entropy", "soft_cross_entropy", "supcon_loss"]
 
 
 # ---------------------------------------------------------------------------------- read-outs

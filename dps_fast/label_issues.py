@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .prior import init_prior
+
 SCORES = ("label_error", "margin", "evidence")
 DEFAULT_SCORE = "margin"  # ties label_error on symmetric noise, better on class-dependent noise (results/label-issues.md)
 RATE_ESTIMATES = ("argmax", "expected")
@@ -95,8 +97,6 @@ def _check_rows(rows: torch.Tensor, given: torch.Tensor) -> None:
 def stored_prior(dtype: torch.dtype, c: float, eps: float) -> tuple[float, float]:
     """(c, eps) as a bank of ``dtype`` stores them (init_prior's own fill: in bfloat16 eps =
     0.01 is stored as 0.010009765625), exact in float64."""
-    from .reference import init_prior
-
     p = init_prior(torch.zeros(1, dtype=torch.int64), 2, c, eps, dtype)
     return float(p[0, 0]), float(p[0, 1])
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import dps_fast
-from dps_fast import reference
+from dps_fast import prior
 
 N, C = 12, 5
 KINDS = ("local", "host", "replicated", "sharded")
@@ -224,7 +224,7 @@ def _one_piece(labels, num_classes, c, eps, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("n,num_classes", [(0, 3), (1, 1), (23, 1), (23, 7), (40, 13)])
 def test_init_prior_in_blocks_is_bit_identical_to_one_piece(monkeypatch, dtype, n, num_classes):
-    monkeypatch.setattr(reference, "_PRIOR_BLOCK_ELEMS", 20)  # blocks of 1 to 20 rows: many, and ragged
+    monkeypatch.setattr(prior, "_PRIOR_BLOCK_ELEMS", 20)  # blocks of 1 to 20 rows: many, and ragged
     labels = torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(n))
     got = dps_fast.init_prior(labels, num_classes, c=7.3, eps=0.013, dtype=dtype)
     want = _one_piece(labels, num_classes, 7.3, 0.013, dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as checks
-from ..reference import init_prior
+from ..prior import init_prior
 from .base import Bank, StepConfig, StepPlan
 from .dist_base import DistributedBank, padding_mask
 from .host import HostBank

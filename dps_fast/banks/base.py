@@ -42,7 +42,7 @@ class StepConfig:
         object.__setattr__(self, "tau_e", checks.evidence_temperature(self.tau_e))
         checks.target_name(self.target)
         checks.reduction_code(self.reduction)
-        checks.backend_name(self.backend)
+        _dispatch.backend_name(self.backend)
 
 
 @dataclass

@@ -6,7 +6,10 @@
 - ``fake``: the shape function for ``torch.compile``; ``opcheck_samples(device)``;
 - its public function(s), named in ``__all__``.
 
-Modules are found by name: adding ``ops/<op>.py`` registers it everywhere.
+Modules are found by name: adding ``ops/<op>.py`` registers its fake kernel, opcheck samples
+and Triton op. Its public function is imported by name in ``dps_fast/__init__.py`` and
+``dps_fast/functional.py`` (explicit, for editors; tests/test_structure.py checks against
+:data:`PUBLIC`).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """What every fused op's Python side shares: compute dtypes, reductions, the gradient
-buffer, and the policy for an empty batch (docs/method.md §9)."""
+buffer, the policy for an empty batch (docs/method.md §9), and the autograd glue (the
+fallback under torch.func, :func:`attach_grad`)."""
 from __future__ import annotations
 
 import torch
@@ -75,3 +76,38 @@ def grad_buffer(x: torch.Tensor, need: bool, inplace: bool) -> torch.Tensor:
             raise ValueError("inplace_grad=True needs contiguous logits")
         return x.detach()
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def under_functorch(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _has_tangent(x: torch.Tensor) -> bool:
+    """x carries a forward-mode tangent (a dual tensor of torch.autograd.forward_ad), which a
+    fused kernel would drop."""
+    if torch.compiler.is_compiling():
+        return False
+    forward_ad = torch.autograd.forward_ad
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None
+
+
+def backend_for_autodiff(x: torch.Tensor, name: str, backend, what: str) -> str:
+    """The backend for input ``x``: torch.func transforms (grad, vmap, jacrev, ...) and
+    forward-mode AD cannot see inside a fused kernel, so under them the automatic choice
+    falls back to the reference and an explicit fused backend is an error."""
+    if name == "reference" or not (under_functorch(x) or _has_tangent(x)):
+        return name
+    if backend in (None, "auto"):
+        return "reference"
+    raise RuntimeError(f"dps_fast: {what} under a torch.func transform (grad, vmap, jacrev, ...) or forward-mode "
+                       f"AD (dual tensors) runs only on the reference backend, not {name!r}; use backend=None or "
+                       f"'reference'")
+
+
+def attach_grad(loss: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``loss``, with ``d loss / d x = grad * grad_output`` for autograd (csrc/ops.cpp: a C++
+    autograd node, eager and compiled alike; a second derivative through it is an error).
+    Why it is an op of its own: dps_fast/_ops.py."""
+    return torch.ops.dps_fast.attach_grad.default(loss, x, grad)

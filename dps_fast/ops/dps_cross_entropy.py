@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _ops
+from .. import _dispatch
 from .. import _validate as checks
-from ._common import (compute_dtype, empty_loss, grad_buffer, in_backward_recompute, loss_shape,
-                      needs_grad, reduce, soft_target_loss)
+from ._common import (attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer,
+                      in_backward_recompute, loss_shape, needs_grad, reduce, soft_target_loss, under_functorch)
 
 OP = "dps_ce_fwd"
 EAGER_OP = "dps_ce_eager"  # the whole call in C++, for plain CPU tensors (csrc/fast_path.cpp)
@@ -141,11 +141,11 @@ def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, 
     red = checks.REDUCTIONS[reduction]
     if logits.shape[-2] == 0:
         return empty_loss(logits, red)
-    if update and _ops.under_functorch(logits):
+    if update and under_functorch(logits):
         raise RuntimeError("dps_fast: dps_cross_entropy(update=True) writes the bank, which torch.func "
                            "transforms (grad, vmap, ...) forbid; call it outside the transform, or with "
                            "update=False")
-    name = _ops.backend_for_autodiff(logits, name, backend, "dps_cross_entropy")
+    name = backend_for_autodiff(logits, name, backend, "dps_cross_entropy")
     if update and in_backward_recompute():
         # Activation checkpointing re-runs this forward inside backward: the bank
         # already holds this call's posterior, so read it instead of updating twice.
@@ -165,4 +165,4 @@ def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, 
     loss = _dispatch.op(name, OP)(z, index, alpha, grad, gamma, tau_e, posterior, update, red)
     if need and inplace_grad:
         torch.autograd.graph.increment_version(logits)  # its storage now holds the gradient
-    return _ops.attach_grad(loss, logits, grad) if need else loss
+    return attach_grad(loss, logits, grad) if need else loss

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _ops
+from .. import _dispatch
 from .. import _validate as checks
-from ._common import compute_dtype, empty_loss, grad_buffer, loss_shape, needs_grad, reduce, soft_target_loss
+from ._common import (attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer, loss_shape,
+                      needs_grad, reduce, soft_target_loss)
 
 OP = "soft_ce_fwd"
 __all__ = ["soft_cross_entropy"]
@@ -64,7 +65,7 @@ def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backen
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, target.dtype))
     if b == 0:
         return empty_loss(logits, red)
-    name = _ops.backend_for_autodiff(logits, name, backend, "soft_cross_entropy")
+    name = backend_for_autodiff(logits, name, backend, "soft_cross_entropy")
     if name == "reference":
         return reference(logits, target, reduction, normalize)
     need = needs_grad(logits)
@@ -73,4 +74,4 @@ def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backen
     loss = _dispatch.op(name, OP)(z, target.detach(), grad, bool(normalize), red)
     if need and inplace_grad:
         torch.autograd.graph.increment_version(logits)  # its storage now holds the gradient
-    return _ops.attach_grad(loss, logits, grad) if need else loss
+    return attach_grad(loss, logits, grad) if need else loss

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch, _ops
+from .. import _dispatch
 from .. import _validate as checks
-from ._common import compute_dtype, needs_grad
+from ._common import attach_grad, backend_for_autodiff, compute_dtype, needs_grad
 
 OP = "supcon_fwd"
 __all__ = ["supcon_loss"]
@@ -127,7 +127,7 @@ def supcon_loss(features, labels=None, tau=0.1, normalize=True, soft_targets=Non
     tau = float(tau)
     dtypes = (features.dtype,) + ((soft_targets.dtype,) if soft_targets is not None else ())
     name = _dispatch.resolve(backend, features.device, dtypes)
-    name = _ops.backend_for_autodiff(features, name, backend, "supcon_loss")
+    name = backend_for_autodiff(features, name, backend, "supcon_loss")
     if name == "reference" or m < 2:
         return reference(features, labels, tau, normalize, soft_targets)
     f, lab, soft = rows(features, labels, soft_targets)
@@ -135,4 +135,4 @@ def supcon_loss(features, labels=None, tau=0.1, normalize=True, soft_targets=Non
     loss, grad = _dispatch.op(name, OP)(
         f.detach(), lab, None if soft is None else soft.detach(), tau, bool(normalize), need
     )
-    return _ops.attach_grad(loss, features, grad.view(features.shape)) if need else loss
+    return attach_grad(loss, features, grad.view(features.shape)) if need else loss
