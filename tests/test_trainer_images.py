@@ -265,3 +265,12 @@ def test_preset_flags_are_overridable():
 
     a = parse_args(["--preset", "cifar100-resnet50", "--epochs", "7"])
     assert a.epochs == 7 and a.model == "torchvision:resnet50" and a.cifar_stem and a.lr == 0.1
+
+
+def test_method_doc_states_where_each_preset_value_comes_from():
+    """docs/method.md §11 carries the presets' source table as presets.py states it."""
+    table = Ps.__doc__[Ps.__doc__.index("| preset | value | source |"):].strip()
+    method = (ROOT / "docs" / "method.md").read_text()
+    assert table in method
+    for name in Ps.PRESETS:
+        assert name in table
