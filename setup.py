@@ -67,7 +67,6 @@ setup(
     version="0.1.0",
     description="Deep Probabilistic Supervision with fused CPU/Triton/CUDA kernels",
     packages=["dps_fast", "dps_fast.banks", "dps_fast.ops", "dps_fast.kernels", "dps_fast.train"],
-    package_dir={"dps_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

@@ -157,16 +157,23 @@ def index_values(index: torch.Tensor, n: int) -> None:
     if index.device.type == "cpu" and _fast_check is not None:
         _fast_check(index, n)
         return
-    idx = index_range(index, n)
-    if idx.numel() > 1:
-        s = torch.sort(idx).values
-        dup = s[1:] == s[:-1]
-        if bool(dup.any()):
-            first = int(s[1:][dup][0])
-            raise ValueError(
-                f"index contains duplicate id {first}; ids in one call must be distinct "
-                f"(feed several views of one sample as logits of shape [V, B, C])"
-            )
+    first = first_duplicate(index_range(index, n))
+    if first is not None:
+        raise ValueError(
+            f"index contains duplicate id {first}; ids in one call must be distinct "
+            f"(feed several views of one sample as logits of shape [V, B, C])"
+        )
+
+
+def first_duplicate(ids: torch.Tensor) -> int | None:
+    """The smallest id that occurs twice in ``ids``, or None: the one duplicate rule of a
+    call (index_values) and of a distributed step's global batch (banks/dist_base.py). The
+    C++ twin is dps_fast::check_index (csrc/cpu/validate.cpp)."""
+    if ids.numel() < 2:
+        return None
+    s = torch.sort(ids).values
+    dup = s[1:] == s[:-1]
+    return int(s[1:][dup][0]) if bool(dup.any()) else None
 
 
 def checked_index(index: torch.Tensor, n: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .banks.collective import collective_of
 from .prior import init_prior
 
 SCORES = ("label_error", "margin", "evidence")
@@ -136,7 +137,7 @@ class _Source:
     """Uniform view of a bank: iter_rows(chunk) -> (global ids, rows), labels, layout."""
 
     def __init__(self, source, labels=None, prior_params=None, require_labels=True):
-        self.world, self.group = int(getattr(source, "world", 1) or 1), getattr(source, "group", None)
+        self.source, self.world = source, int(getattr(source, "world", 1) or 1)
         self.params = _check_params(prior_params) if prior_params is not None else _dps_params(source)
         if isinstance(source, torch.Tensor):
             self._rows, self._iter = source, None
@@ -207,36 +208,6 @@ def _check_params(p) -> dict:
 
 
 # ---------------------------------------------------------------------------------- collectives
-class _Comm:
-    """The few collectives the sharded path needs (none when world == 1)."""
-
-    def __init__(self, world: int, group=None):
-        self.world, self.group = world, group
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, group=self.group)
-        return t
-
-    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenates every rank's [n_r, k] rows (n_r may differ), in rank order."""
-        if self.world == 1:
-            return t
-        import torch.distributed as dist
-
-        n = torch.tensor([t.shape[0]], device=t.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world)]
-        dist.all_gather(sizes, n, group=self.group)
-        most = max(int(s) for s in sizes)
-        pad = torch.zeros(most, t.shape[1], dtype=t.dtype, device=t.device)
-        pad[: t.shape[0]] = t
-        parts = [torch.empty_like(pad) for _ in range(self.world)]
-        dist.all_gather(parts, pad, group=self.group)
-        return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
-
-
 # ---------------------------------------------------------------------------------- ranking
 def _rank_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """int64 keys ordered like (score, -id): larger key = ranked earlier; unique per row,
@@ -246,7 +217,7 @@ def _rank_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return s * (1 << 32) + ((1 << 32) - 1 - ids.to(torch.int64))
 
 
-def _kth_largest_key(keys: torch.Tensor, k: int, comm: _Comm) -> int:
+def _kth_largest_key(keys: torch.Tensor, k: int, comm) -> int:
     """The k-th largest key over all ranks (1 <= k <= total): a radix select with one
     all-reduced histogram of 2^16 bins per 16-bit digit, most significant first."""
     u_digits = []
@@ -316,7 +287,7 @@ def _score_pass(source, labels, score, chunk_rows, prior_params):
         parts.append((ids, s, sugg, given, seen))
     device = parts[0][1].device if parts else src.labels.device
     stats = torch.zeros(4, dtype=torch.float64, device=device) if stats is None else stats
-    comm = _Comm(src.world, src.group)
+    comm = collective_of(src.source, src.world)
     stats = comm.sum_(torch.cat([stats, torch.tensor([float(bad)], dtype=torch.float64, device=device)]))
     if stats[4] > 0:  # raised on every rank together, never a hang
         raise ValueError(f"{int(stats[4])} bank rows give non-finite scores (a corrupted bank?)")

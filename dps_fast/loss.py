@@ -8,6 +8,7 @@ from torch import nn
 
 from . import _validate as checks
 from .banks import StepConfig, make_bank
+from .banks.collective import collective_of
 from .functional import posterior_readouts, supcon_loss
 
 CON_POSITIVES = ("hard", "soft", "views")
@@ -184,8 +185,6 @@ class DPSLoss(nn.Module):
     def mean_label_error(self, chunk_rows: int = 65536) -> float:
         """The mean over all N samples of the label-error score 1 - t_i[y_i] (docs/method.md §5),
         chunk by chunk; a collective (one all-reduce) for the distributed banks."""
-        from .label_issues import _Comm
-
         total, labels = None, self.given_labels
         for ids, rows in self.iter_rows(chunk_rows):
             # the row sums accumulate in float64 without a float64 copy of the chunk (0.5 GB at
@@ -196,7 +195,7 @@ class DPSLoss(nn.Module):
             total = part if total is None else total + part
         if total is None:
             total = torch.zeros(2, dtype=torch.float64, device=self.alpha.device)
-        total = _Comm(self.world, self.group).sum_(total)
+        total = collective_of(self, self.world).sum_(total)
         return float(total[0] / total[1])
 
     def adapt_tau_e(self, k: float = 2.0, floor: float = 0.1) -> float:

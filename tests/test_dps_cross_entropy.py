@@ -501,7 +501,7 @@ def test_arguments_the_schema_would_misread_take_the_python_path():
 def test_a_16_bit_bank_is_the_float32_update_rounded_to_nearest_even(case, dtype):
     """Every backend stores a 16-bit bank row as the float32 update rounded to nearest even,
     bit for bit as Tensor.to: the same step on a float32 copy of the bank, then rounded. (The
-    Triton interpreter rounds to bfloat16 toward zero by itself; kernels/_rounding.py.)
+    Triton interpreter rounds to bfloat16 toward zero by itself; dps_fast/kernels/_rounding.py.)
     C = 37: one CPU path for both bank dtypes (C <= 16 with a float32 bank takes another)."""
     backend, device = case
     gen = torch.Generator().manual_seed(3)

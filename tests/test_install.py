@@ -64,7 +64,7 @@ def test_build_environment_does_not_ask_for_torch():
 def test_isolated_wheel_is_pure_and_carries_the_sources(tmp_path):
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "build", "*.egg-info")
-    for name in ("dps_fast", "kernels", "csrc"):
+    for name in ("dps_fast", "csrc"):
         shutil.copytree(os.path.join(REPO, name), src / name, ignore=ignore)
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
         shutil.copy(os.path.join(REPO, name), src / name)

@@ -34,7 +34,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one sm_90 block may opt into (227 
 
 
 def _dps_case(name, b, c, v, **kw):
-    """A case in kernels/dps_cross_entropy.py's format (its aot_cases() defaults)."""
+    """A case in dps_fast/kernels/dps_cross_entropy.py's format (its aot_cases() defaults)."""
     case = dict(name=name, shape=[v, b, c], z="fp32", bank="fp32", idx="i64", reduction=1, posterior=True,
                 update=True, temper=False, grad=True, soft=False, normalize=True)
     case.update(kw)

@@ -90,3 +90,38 @@ class Collective:
 
     def barrier(self):
         dist.barrier(group=self.group)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduces ``t`` in place (the sum over the ranks), under the timeout."""
+        self._run(lambda: dist.all_reduce(t, group=self.group, async_op=True), t)
+        return t
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows ``t`` ([n_r, ...], n_r may differ), concatenated in rank order."""
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        counts = [int(c) for c in torch.cat(self.all_gather_rows(n, [1] * self.world))]
+        return torch.cat(self.all_gather_rows(t, counts))
+
+
+class LocalCollective:
+    """The collectives of one process (a local or host bank, a bank tensor): nothing to
+    exchange. The read-outs (label issues, mean_label_error) run the same code on both."""
+
+    world, rank, group = 1, 0, None
+
+    @staticmethod
+    def sum_(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @staticmethod
+    def gather_rows(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def collective_of(source, world: int):
+    """The collective a read-out of ``source`` (a DPSLoss or a bank-like object) runs on: its
+    distributed bank's own (the bank's timeout and process group), else one over its group."""
+    if world <= 1:
+        return LocalCollective()
+    comm = getattr(getattr(source, "store", None), "comm", None)
+    return comm if isinstance(comm, Collective) else Collective(getattr(source, "group", None))

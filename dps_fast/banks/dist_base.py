@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from .. import _validate as checks
 from . import state as S
 from .base import Bank, StepPlan
 from .collective import Collective
@@ -20,14 +21,6 @@ def padding_mask(dataset_len: int, world: int, rank: int, positions: torch.Tenso
     ``>= dataset_len`` repeat earlier samples. ``positions`` are the local positions
     (0, 1, ...) of the batch within this rank's epoch; returns True for real samples."""
     return positions * world + rank < dataset_len
-
-
-def first_duplicate(ids: torch.Tensor) -> int | None:
-    if ids.numel() < 2:
-        return None
-    s = torch.sort(ids).values
-    dup = s[1:] == s[:-1]
-    return int(s[1:][dup][0]) if bool(dup.any()) else None
 
 
 class DistributedBank(Bank):
@@ -64,7 +57,7 @@ class DistributedBank(Bank):
         codes = self.comm.all_gather_rows(code, counts)
         ids = [torch.where(c >= 0, c, -c - 1) for c in codes]
         oks = [c >= 0 for c in codes]
-        dup = first_duplicate(torch.cat([i[o] for i, o in zip(ids, oks)]))
+        dup = checks.first_duplicate(torch.cat([i[o] for i, o in zip(ids, oks)]))
         if dup is not None:  # every rank sees the same global batch, so every rank raises this
             raise ValueError(f"index contains duplicate id {dup} across ranks in one step; ids of one global "
                              f"step must be distinct among valid samples")

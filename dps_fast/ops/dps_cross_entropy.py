@@ -1,6 +1,6 @@
 """The fused DPS step (docs/method.md §2): reference, checks, fake kernel, opcheck samples
 and the public function, in one place. The kernels: csrc/cpu/dps_cross_entropy.cpp,
-kernels/dps_cross_entropy.py, csrc/cuda/dps_cross_entropy.cu."""
+dps_fast/kernels/dps_cross_entropy.py, csrc/cuda/dps_cross_entropy.cu."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """Soft-target cross-entropy (docs/method.md §3): reference, checks, fake kernel, opcheck
 samples and the public function. The kernels share the DPS step's files
-(csrc/cpu/dps_cross_entropy.cpp, kernels/dps_cross_entropy.py, csrc/cuda/dps_cross_entropy.cu)."""
+(csrc/cpu/dps_cross_entropy.cpp, dps_fast/kernels/dps_cross_entropy.py, csrc/cuda/dps_cross_entropy.cu)."""
 from __future__ import annotations
 
 import torch

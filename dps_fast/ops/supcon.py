@@ -1,6 +1,6 @@
 """Supervised contrastive loss / NT-Xent (docs/method.md §4): reference, checks, fake
 kernel, opcheck samples and the public function. The kernels: csrc/cpu/supcon.cpp,
-kernels/supcon.py, csrc/cuda/supcon.cu."""
+dps_fast/kernels/supcon.py, csrc/cuda/supcon.cu."""
 from __future__ import annotations
 
 import torch

@@ -5,7 +5,7 @@ Importing this package registers ``torch.ops.dps_fast_triton.<op>`` for every fu
 CPU tensors when Triton runs in its interpreter (``TRITON_INTERPRET=1`` set before import;
 that is how the kernels are tested on machines without a GPU). A kernel module here
 provides an op by defining a function named like it (``dps_ce_fwd``, ...); modules are
-found by name, so adding ``kernels/<op>.py`` is all a new op needs here.
+found by name, so adding ``dps_fast/kernels/<op>.py`` is all a new op needs here.
 """
 import importlib
 import os
