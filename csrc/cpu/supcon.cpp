@@ -22,151 +22,202 @@ int64_t strip_rows(int64_t M) {
   return std::max<int64_t>(16, std::min<int64_t>(M, budget / std::max<int64_t>(M, 1)));
 }
 
-std::tuple<at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& features,
-                                                  const std::optional<at::Tensor>& labels,
-                                                  const std::optional<at::Tensor>& soft, double tau,
-                                                  bool normalize, bool need_grad) {
+// The checked float32 inputs of one call: features (normalised if asked), and the positive
+// weights' source, hard labels (lp) or soft targets (w_src).
+struct SupconInputs {
+  at::Tensor x, norm, f, ft, lab, w_src, wt;
+  const int64_t* lp = nullptr;
+  int64_t M = 0, D = 0;
+  float inv_tau = 1.f;
+};
+
+SupconInputs supcon_inputs(const at::Tensor& features, const std::optional<at::Tensor>& labels,
+                           const std::optional<at::Tensor>& soft, double tau, bool normalize) {
   TORCH_CHECK_VALUE(features.dim() == 2, "dps_fast: supcon_fwd takes features [M, d]");
   TORCH_CHECK_VALUE(labels.has_value() != soft.has_value(),
                     "dps_fast: supcon_fwd needs exactly one of labels and soft");
   TORCH_CHECK_TYPE(features.scalar_type() != at::kDouble,
                    "dps_fast: the fused CPU kernel takes float32/bfloat16/float16");
-  const int64_t M = features.size(0), D = features.size(1);
-  const float inv_tau = static_cast<float>(1.0 / tau);
-
-  at::Tensor x = features.to(at::kFloat).contiguous();
-  at::Tensor norm;
-  at::Tensor f = x;
+  SupconInputs in;
+  in.M = features.size(0);
+  in.D = features.size(1);
+  in.inv_tau = static_cast<float>(1.0 / tau);
+  in.x = features.to(at::kFloat).contiguous();
+  in.f = in.x;
   if (normalize) {
-    norm = x.norm(2, 1, true).clamp_min(1e-12);  // as F.normalize
-    f = x / norm;
+    in.norm = in.x.norm(2, 1, true).clamp_min(1e-12);  // as F.normalize
+    in.f = in.x / in.norm;
   }
-  at::Tensor lab, w_src;
   if (labels.has_value()) {
-    lab = labels->to(at::kLong).contiguous();
-    TORCH_CHECK_VALUE(lab.numel() == M, "dps_fast: labels must be [M]");
+    in.lab = labels->to(at::kLong).contiguous();
+    TORCH_CHECK_VALUE(in.lab.numel() == in.M, "dps_fast: labels must be [M]");
+    in.lp = in.lab.data_ptr<int64_t>();
   } else {
-    w_src = soft->to(at::kFloat).contiguous();
-    TORCH_CHECK_VALUE(w_src.dim() == 2 && w_src.size(0) == M, "dps_fast: soft must be [M, K]");
+    in.w_src = soft->to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(in.w_src.dim() == 2 && in.w_src.size(0) == in.M, "dps_fast: soft must be [M, K]");
+    in.wt = in.w_src.t();
   }
-  const int64_t* lp = lab.defined() ? lab.data_ptr<int64_t>() : nullptr;
+  in.ft = in.f.t();
+  return in;
+}
 
-  std::vector<float> lse(M), wsum(M), wdot(M);
-  const int64_t R = strip_rows(M);
-  at::Tensor s_strip = at::empty({R, M}, x.options());
-  at::Tensor w_strip = lp ? at::Tensor() : at::empty({R, M}, x.options());
-  const at::Tensor ft = f.t();
-  const at::Tensor wt = lp ? at::Tensor() : w_src.t();
+// The strip buffers, reused by both passes: similarities s [R, M] and, for soft targets,
+// weights w [R, M]. `strip` forms rows i0 .. i0 + r1 of both by one GEMM each.
+struct Strips {
+  int64_t R;
+  at::Tensor s, w;
+  Strips(const SupconInputs& in) : R(strip_rows(in.M)) {
+    s = at::empty({R, in.M}, in.x.options());
+    if (!in.lp) w = at::empty({R, in.M}, in.x.options());
+  }
+  at::Tensor strip(const SupconInputs& in, int64_t i0, int64_t r1) {
+    auto sn = s.narrow(0, 0, r1);
+    at::mm_out(sn, in.f.narrow(0, i0, r1), in.ft);
+    if (!in.lp) {
+      auto wn = w.narrow(0, 0, r1);
+      at::mm_out(wn, in.w_src.narrow(0, i0, r1), in.wt);
+    }
+    return sn;
+  }
+  float* weights_of(const SupconInputs& in) { return in.lp ? nullptr : w.data_ptr<float>(); }
+};
 
-  // Fills w row r of the strip starting at i0 (hard labels: 0/1), diagonal zero.
-  auto weights = [&](int64_t i0, int64_t r, float* wrow) {
+// Weight row of sample i: hard labels 0/1 (into wrow), soft targets as the strip holds them;
+// the diagonal is zero either way.
+void fill_weights(const SupconInputs& in, int64_t i, float* wrow) {
+  if (in.lp) {
+    const int64_t li = in.lp[i];
+    for (int64_t j = 0; j < in.M; ++j) wrow[j] = in.lp[j] == li ? 1.f : 0.f;
+  }
+  wrow[i] = 0.f;
+}
+
+// Per-row statistics of the forward pass: logsumexp over j != i, the positive weight sum and
+// the weighted similarity.
+struct RowStats {
+  std::vector<float> lse, wsum, wdot;
+  explicit RowStats(int64_t M) : lse(M), wsum(M), wdot(M) {}
+};
+
+// Pass 1 over one strip's rows [a, b).
+void stats_rows(const SupconInputs& in, RowStats& st, int64_t i0, float* sp, float* wp, int64_t a, int64_t b) {
+  const int64_t M = in.M;
+  std::vector<float> tmp(M), wl(in.lp ? M : 0);
+  for (int64_t r = a; r < b; ++r) {
     const int64_t i = i0 + r;
-    if (lp) {
-      const int64_t li = lp[i];
-      for (int64_t j = 0; j < M; ++j) wrow[j] = lp[j] == li ? 1.f : 0.f;
-    }
-    wrow[i] = 0.f;
-  };
-
-  // Pass 1: per-row logsumexp over j != i, positive weight sum and weighted similarity.
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t r1 = std::min(R, M - i0);
-    auto s = s_strip.narrow(0, 0, r1);
-    at::mm_out(s, f.narrow(0, i0, r1), ft);
-    if (!lp) {
-      auto wn = w_strip.narrow(0, 0, r1);
-      at::mm_out(wn, w_src.narrow(0, i0, r1), wt);
-    }
-    float* sp = s.data_ptr<float>();
-    float* wp = lp ? nullptr : w_strip.data_ptr<float>();
-    at::parallel_for(0, r1, 1, [&](int64_t a, int64_t b) {
-      std::vector<float> tmp(M), wl(lp ? M : 0);
-      for (int64_t r = a; r < b; ++r) {
-        const int64_t i = i0 + r;
-        float* srow = sp + r * M;
-        float* wrow = lp ? wl.data() : wp + r * M;
-        weights(i0, r, wrow);
-        for (int64_t j = 0; j < M; ++j) srow[j] *= inv_tau;  // logits s / tau
-        const float sii = srow[i];
-        srow[i] = -std::numeric_limits<float>::infinity();
-        const float mx = row_max(srow, M);
-        const float z = exp_row(srow, tmp.data(), M, mx, 1.0f);
-        srow[i] = 0.f;
-        lse[i] = mx + std::log(z);
-        wsum[i] = row_sum(wrow, M);
-        wdot[i] = row_dot(wrow, srow, M);
-        srow[i] = sii;
-      }
-    });
+    float* srow = sp + r * M;
+    float* wrow = in.lp ? wl.data() : wp + r * M;
+    fill_weights(in, i, wrow);
+    for (int64_t j = 0; j < M; ++j) srow[j] *= in.inv_tau;  // logits s / tau
+    const float sii = srow[i];
+    srow[i] = -std::numeric_limits<float>::infinity();
+    const float mx = row_max(srow, M);
+    const float z = exp_row(srow, tmp.data(), M, mx, 1.0f);
+    srow[i] = 0.f;
+    st.lse[i] = mx + std::log(z);
+    st.wsum[i] = row_sum(wrow, M);
+    st.wdot[i] = row_dot(wrow, srow, M);
+    srow[i] = sii;
   }
+}
+
+RowStats row_stats(const SupconInputs& in, Strips& strips) {
+  RowStats st(in.M);
+  for (int64_t i0 = 0; i0 < in.M; i0 += strips.R) {
+    const int64_t r1 = std::min(strips.R, in.M - i0);
+    float* sp = strips.strip(in, i0, r1).data_ptr<float>();
+    float* wp = strips.weights_of(in);
+    at::parallel_for(0, r1, 1, [&](int64_t a, int64_t b) { stats_rows(in, st, i0, sp, wp, a, b); });
+  }
+  return st;
+}
+
+// The mean over anchors with a positive of lse_i - wdot_i / wsum_i, and their count.
+std::pair<double, int64_t> mean_loss(const RowStats& st) {
   double total = 0.0;
   int64_t n_valid = 0;
-  for (int64_t i = 0; i < M; ++i) {
-    if (wsum[i] > 0.f) {
-      total += static_cast<double>(lse[i]) - static_cast<double>(wdot[i]) / wsum[i];
+  for (size_t i = 0; i < st.lse.size(); ++i) {
+    if (st.wsum[i] > 0.f) {
+      total += static_cast<double>(st.lse[i]) - static_cast<double>(st.wdot[i]) / st.wsum[i];
       ++n_valid;
     }
   }
-  at::Tensor loss = at::empty({}, x.options());
-  loss.fill_(n_valid ? total / static_cast<double>(n_valid) : 0.0);
-  if (!need_grad) return {loss, features.new_empty({0})};
+  return {n_valid ? total / static_cast<double>(n_valid) : 0.0, n_valid};
+}
 
-  // Pass 2: dL/ds_ij = c_i (p_ij - w_ij / wsum_i) with c_i = valid_i / n_valid and
-  // p_ij = exp(s_ij - lse_i); dL/df_i = (1/tau) sum_j (G_ij + G_ji) f_j.
-  const float inv_nv = n_valid ? 1.0f / static_cast<float>(n_valid) : 0.f;
-  std::vector<float> coef(M), inv_ws(M);
-  for (int64_t i = 0; i < M; ++i) {
-    const bool valid = wsum[i] > 0.f;
-    coef[i] = valid ? inv_nv : 0.f;
-    inv_ws[i] = valid ? 1.0f / wsum[i] : 0.f;
-  }
-  at::Tensor df = at::empty({M, D}, x.options());
-  for (int64_t i0 = 0; i0 < M; i0 += R) {
-    const int64_t r1 = std::min(R, M - i0);
-    auto s = s_strip.narrow(0, 0, r1);
-    at::mm_out(s, f.narrow(0, i0, r1), ft);
-    if (!lp) {
-      auto wn = w_strip.narrow(0, 0, r1);
-      at::mm_out(wn, w_src.narrow(0, i0, r1), wt);
+// Pass 2 over one strip's rows [a, b): the strip row becomes (G_i. + G_.i) / tau, with
+// G_ij = c_i (p_ij - w_ij / wsum_i), c_i = valid_i / n_valid, p_ij = exp(s_ij - lse_i).
+// s_ij = s_ji and w_ij = w_ji: both G_ij and G_ji come from this strip row.
+void grad_rows(const SupconInputs& in, const RowStats& st, const std::vector<float>& coef,
+               const std::vector<float>& inv_ws, int64_t i0, float* sp, float* wp, int64_t a, int64_t b) {
+  const int64_t M = in.M;
+  const float inv_tau = in.inv_tau;
+  std::vector<float> wl(in.lp ? M : 0);
+  for (int64_t r = a; r < b; ++r) {
+    const int64_t i = i0 + r;
+    float* srow = sp + r * M;
+    float* wrow = in.lp ? wl.data() : wp + r * M;
+    fill_weights(in, i, wrow);
+    const float ci = coef[i], lsei = st.lse[i], wi = inv_ws[i];
+    const Vec vt(inv_tau), vci(ci), vl(lsei), vwi(wi);
+    int64_t j = 0;
+    for (; j + kW <= M; j += kW) {
+      const Vec sj = Vec::loadu(srow + j) * vt;
+      const Vec w = Vec::loadu(wrow + j);
+      const Vec gij = vci * ((sj - vl).exp() - w * vwi);
+      const Vec gji = Vec::loadu(coef.data() + j) *
+                      ((sj - Vec::loadu(st.lse.data() + j)).exp() - w * Vec::loadu(inv_ws.data() + j));
+      ((gij + gji) * vt).store(srow + j);
     }
+    for (; j < M; ++j) {
+      const float sj = srow[j] * inv_tau;
+      const float gij = ci * (std::exp(sj - lsei) - wrow[j] * wi);
+      const float gji = coef[j] * (std::exp(sj - st.lse[j]) - wrow[j] * inv_ws[j]);
+      srow[j] = (gij + gji) * inv_tau;
+    }
+    srow[i] = 0.f;
+  }
+}
+
+// dL/df_i = sum_j (G_ij + G_ji) f_j / tau, strip by strip (the strips recomputed), then
+// through the normalisation if any.
+at::Tensor supcon_grad(const SupconInputs& in, const RowStats& st, int64_t n_valid, Strips& strips) {
+  const float inv_nv = n_valid ? 1.0f / static_cast<float>(n_valid) : 0.f;
+  std::vector<float> coef(in.M), inv_ws(in.M);
+  for (int64_t i = 0; i < in.M; ++i) {
+    const bool valid = st.wsum[i] > 0.f;
+    coef[i] = valid ? inv_nv : 0.f;
+    inv_ws[i] = valid ? 1.0f / st.wsum[i] : 0.f;
+  }
+  at::Tensor df = at::empty({in.M, in.D}, in.x.options());
+  for (int64_t i0 = 0; i0 < in.M; i0 += strips.R) {
+    const int64_t r1 = std::min(strips.R, in.M - i0);
+    at::Tensor s = strips.strip(in, i0, r1);
     float* sp = s.data_ptr<float>();
-    float* wp = lp ? nullptr : w_strip.data_ptr<float>();
-    at::parallel_for(0, r1, 1, [&](int64_t a, int64_t b) {
-      std::vector<float> wl(lp ? M : 0);
-      for (int64_t r = a; r < b; ++r) {
-        const int64_t i = i0 + r;
-        float* srow = sp + r * M;
-        float* wrow = lp ? wl.data() : wp + r * M;
-        weights(i0, r, wrow);
-        const float ci = coef[i], lsei = lse[i], wi = inv_ws[i];
-        // s_ij = s_ji and w_ij = w_ji: both G_ij and G_ji come from this strip row
-        const Vec vt(inv_tau), vci(ci), vl(lsei), vwi(wi);
-        int64_t j = 0;
-        for (; j + kW <= M; j += kW) {
-          const Vec sj = Vec::loadu(srow + j) * vt;
-          const Vec w = Vec::loadu(wrow + j);
-          const Vec gij = vci * ((sj - vl).exp() - w * vwi);
-          const Vec gji = Vec::loadu(coef.data() + j) *
-                          ((sj - Vec::loadu(lse.data() + j)).exp() - w * Vec::loadu(inv_ws.data() + j));
-          ((gij + gji) * vt).store(srow + j);
-        }
-        for (; j < M; ++j) {
-          const float sj = srow[j] * inv_tau;
-          const float gij = ci * (std::exp(sj - lsei) - wrow[j] * wi);
-          const float gji = coef[j] * (std::exp(sj - lse[j]) - wrow[j] * inv_ws[j]);
-          srow[j] = (gij + gji) * inv_tau;
-        }
-        srow[i] = 0.f;
-      }
-    });
+    float* wp = strips.weights_of(in);
+    at::parallel_for(0, r1, 1, [&](int64_t a, int64_t b) { grad_rows(in, st, coef, inv_ws, i0, sp, wp, a, b); });
     auto dfn = df.narrow(0, i0, r1);
-    at::mm_out(dfn, s, f);
+    at::mm_out(dfn, s, in.f);
   }
-  if (normalize) {
+  if (in.norm.defined()) {
     // f = x / |x|: dx = (df - f * <f, df>) / |x|
-    df = (df - f * (f * df).sum(1, true)) / norm;
+    df = (df - in.f * (in.f * df).sum(1, true)) / in.norm;
   }
-  return {loss, df.to(features.scalar_type())};
+  return df;
+}
+
+std::tuple<at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& features,
+                                                  const std::optional<at::Tensor>& labels,
+                                                  const std::optional<at::Tensor>& soft, double tau,
+                                                  bool normalize, bool need_grad) {
+  const SupconInputs in = supcon_inputs(features, labels, soft, tau, normalize);
+  Strips strips(in);
+  const RowStats st = row_stats(in, strips);
+  const auto [mean, n_valid] = mean_loss(st);
+  at::Tensor loss = at::empty({}, in.x.options());
+  loss.fill_(mean);
+  if (!need_grad) return {loss, features.new_empty({0})};
+  return {loss, supcon_grad(in, st, n_valid, strips).to(features.scalar_type())};
 }
 
 }  // namespace
