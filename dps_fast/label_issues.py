@@ -399,6 +399,20 @@ class LabelIssues:
                 "estimated_rate": self.estimated_rate, "cutoff": self.cutoff}
 
 
+def _check_selection(threshold, rate, rate_estimate, max_issues) -> None:
+    """find_label_issues' selection arguments, checked on every rank alike before any collective."""
+    if threshold is not None and rate is not None:
+        raise ValueError("give either threshold or rate, not both")
+    if rate is not None and not (0.0 <= float(rate) <= 1.0):
+        raise ValueError(f"rate must lie in [0, 1], got {rate}")
+    if threshold is not None and not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    if rate_estimate not in RATE_ESTIMATES:
+        raise ValueError(f"rate_estimate must be one of {RATE_ESTIMATES}, got {rate_estimate!r}")
+    if max_issues is not None and (not isinstance(max_issues, int) or max_issues < 0):
+        raise ValueError(f"max_issues must be a non-negative int, got {max_issues!r}")
+
+
 def find_label_issues(source, labels=None, *, score: str = DEFAULT_SCORE, threshold: float | None = None,
                       rate: float | None = None, rate_estimate: str = DEFAULT_RATE_ESTIMATE,
                       max_issues: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -424,16 +438,7 @@ def find_label_issues(source, labels=None, *, score: str = DEFAULT_SCORE, thresh
     sharded source every rank returns the same result; the ranks exchange counts,
     at most four histograms of 65,536 bins and the selected rows, never bank rows.
     """
-    if threshold is not None and rate is not None:
-        raise ValueError("give either threshold or rate, not both")
-    if rate is not None and not (0.0 <= float(rate) <= 1.0):
-        raise ValueError(f"rate must lie in [0, 1], got {rate}")
-    if threshold is not None and not math.isfinite(float(threshold)):
-        raise ValueError(f"threshold must be finite, got {threshold}")
-    if rate_estimate not in RATE_ESTIMATES:
-        raise ValueError(f"rate_estimate must be one of {RATE_ESTIMATES}, got {rate_estimate!r}")
-    if max_issues is not None and (not isinstance(max_issues, int) or max_issues < 0):
-        raise ValueError(f"max_issues must be a non-negative int, got {max_issues!r}")
+    _check_selection(threshold, rate, rate_estimate, max_issues)
     if threshold is None and rate is None:
         _require_params(source, prior_params)
     ids, scores, sugg, given, stats, comm, seen = _score_pass(source, labels, score, chunk_rows, prior_params)
