@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .banks import DistributedBank, padding_mask
-from .banks import shard_files as SF
+from .banks import shard_files
 from .banks.collective import require_process_group
 from .loss import DPSLoss
 
@@ -95,9 +95,9 @@ def load_bank(loss: DistributedDPSLoss, folder: str) -> None:
 def read_full_bank(folder: str) -> torch.Tensor:
     """The whole saved bank [N, C] in this process (offline tools; N*C memory), verified as
     ``load_bank`` verifies it."""
-    doc = SF.read_manifest(folder)
-    full = torch.empty(doc["num_samples"], doc["num_classes"], dtype=SF.saved_dtype(doc))
-    SF.load_rows(folder, full, doc["num_samples"], 0, 1, strided=False)
+    doc = shard_files.read_manifest(folder)
+    full = torch.empty(doc["num_samples"], doc["num_classes"], dtype=shard_files.saved_dtype(doc))
+    shard_files.load_rows(folder, full, doc["num_samples"], 0, 1, strided=False)
     return full
 
 

@@ -101,7 +101,7 @@ struct DpsStep {
   TZ* grad;  // nullptr: no gradient wanted
   float* loss_rows;
   int64_t V, B, C, N, a_stride;
-  float gamma, inv_tau, gscale;
+  float gamma, inv_tau_e, gscale;
   bool temper, posterior, update, stream;
 
   // Per-thread float32 rows: ex [V*C] softmax numerators | ext [V*C] tempered ones
@@ -137,7 +137,7 @@ struct DpsStep {
       w.s[v] = exp_row_from_max(zf, w.ex + v * C, C, w.m[v], 1.0f);
       if (!std::isfinite(w.m[v]) || !std::isfinite(w.s[v]) || mn == -std::numeric_limits<float>::infinity())
         return false;
-      const float se = temper ? exp_row_from_max(zf, w.ext + v * C, C, w.m[v], inv_tau) : w.s[v];
+      const float se = temper ? exp_row_from_max(zf, w.ext + v * C, C, w.m[v], inv_tau_e) : w.s[v];
       w.kv[v] = 1.0f / (se * static_cast<float>(V));
     }
     return true;
@@ -264,7 +264,7 @@ struct SmallCStep {
   float* grad;  // nullptr: no gradient wanted
   float* loss_rows;
   int64_t B, C, N, a_stride;
-  float gamma, inv_tau, gscale;
+  float gamma, inv_tau_e, gscale;
   bool temper, posterior, update;
 
   float* bank_row(int64_t b) const { return idx[b] >= 0 && idx[b] < N ? alpha + idx[b] * a_stride : nullptr; }
@@ -307,7 +307,7 @@ struct SmallCStep {
     const Vec s = lane_sum(ex, C);
     Vec se = s;
     if (temper) {
-      const Vec vk(inv_tau);
+      const Vec vk(inv_tau_e);
       for (int64_t j = 0; j < C; ++j) et[j] = exp_nonpos((Vec(zc[j]) + neg) * vk);
       se = lane_sum(et, C);
     }

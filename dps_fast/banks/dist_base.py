@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate as checks
-from . import state as S
+from . import state as bank_state
 from .base import Bank, StepPlan
 from .collective import Collective
-from . import shard_files as SF
+from . import shard_files
 
 
 def padding_mask(dataset_len: int, world: int, rank: int, positions: torch.Tensor) -> torch.Tensor:
@@ -69,13 +69,13 @@ class DistributedBank(Bank):
         written, rank 0 commits the save with the manifest (shard_files). A collective; a
         failure on any rank raises on every rank, and a save that did not commit never loads."""
         os.makedirs(folder, exist_ok=True)
-        save_id = self._on_rank0(SF.new_save_id)
-        path = SF.shard_path(folder, self.rank, self.world)
+        save_id = self._on_rank0(shard_files.new_save_id)
+        path = shard_files.shard_path(folder, self.rank, self.world)
         meta = {"save_id": save_id, "world": self.world, "rank": self.rank, "num_samples": self.num_samples,
                 "num_classes": self.num_classes}
         entry, error = None, None
         try:
-            entry = SF.write_shard(path, self.strided_rows(), meta)
+            entry = shard_files.write_shard(path, self.strided_rows(), meta)
         except (OSError, ValueError) as e:
             error = e
         self.comm.agree(error, 0, self.device)
@@ -85,8 +85,8 @@ class DistributedBank(Bank):
         return path
 
     def _commit(self, folder: str, save_id: str, entries: list) -> None:
-        SF.write_manifest(folder, save_id, self.num_samples, self.num_classes, self.storage.dtype, entries)
-        SF.drop_stale_shards(folder, self.world)
+        shard_files.write_manifest(folder, save_id, self.num_samples, self.num_classes, self.storage.dtype, entries)
+        shard_files.drop_stale_shards(folder, self.world)
 
     def _on_rank0(self, fn):
         """``fn()`` on rank 0; every rank gets its result, or raises its exception."""
@@ -107,15 +107,15 @@ class DistributedBank(Bank):
         row; a failure on any rank raises the same error on every rank, the bank unchanged."""
         doc, shards, error = None, [], None
         try:
-            doc, shards = SF.open_save(folder, self.num_samples, self.num_classes, self.storage.dtype, self.rank,
+            doc, shards = shard_files.open_save(folder, self.num_samples, self.num_classes, self.storage.dtype, self.rank,
                                        self.world, self.strided)
         except (OSError, ValueError) as e:
             error = e
         try:
             self.comm.agree(error, 0, self.device)
-            SF.copy_rows(shards, doc["world"], self.storage, self.rank, self.world, self.strided)
+            shard_files.copy_rows(shards, doc["world"], self.storage, self.rank, self.world, self.strided)
         finally:
-            SF.close_all(shards)
+            shard_files.close_all(shards)
 
     def strided_rows(self) -> torch.Tensor:
         raise NotImplementedError
@@ -123,15 +123,15 @@ class DistributedBank(Bank):
     # ------------------------------------------------------------------ module plumbing
     def move(self, fn):
         """Module casts move the rows and labels but keep their dtypes (banks/state.py)."""
-        self.storage, self.labels = S.keep_dtype(fn, self.storage), S.keep_dtype(fn, self.labels)
+        self.storage, self.labels = bank_state.keep_dtype(fn, self.storage), bank_state.keep_dtype(fn, self.labels)
 
     def convert(self, dtype):
         """``DPSLoss.to_bank_dtype``, a collective: every rank checks its rows, the ranks
         agree, then every rank converts (or every rank raises, no rank converted)."""
         error = None
         try:
-            S.check_conversion(self.storage, dtype)
-        except S.LOAD_ERRORS as e:
+            bank_state.check_conversion(self.storage, dtype)
+        except bank_state.LOAD_ERRORS as e:
             error = e
         self.comm.agree(error, 0, self.device)
         self.storage = self.storage.to(dtype, memory_format=torch.contiguous_format)
@@ -149,15 +149,15 @@ class DistributedBank(Bank):
         error, staged = None, None
         try:
             staged = self._verified(state)
-        except S.LOAD_ERRORS as e:
+        except bank_state.LOAD_ERRORS as e:
             error = e
         try:
             self.comm.check_world()
             self.comm.agree(error, 0, self.device)
-        except (*S.LOAD_ERRORS, RuntimeError) as e:
+        except (*bank_state.LOAD_ERRORS, RuntimeError) as e:
             errors.append(str(e))
             return
-        S.write(staged, "bank", self.storage, self.labels)
+        bank_state.write(staged, "bank", self.storage, self.labels)
 
     def _verified(self, state: dict) -> dict:
         if "bank" in state:
@@ -167,7 +167,7 @@ class DistributedBank(Bank):
             if got != want:
                 raise ValueError(f"bank layout {got} does not match this process's {want}; use save_bank / "
                                  f"load_bank to re-shard")
-        return S.verified(state, "bank", self.storage, self.labels, self.num_classes)
+        return bank_state.verified(state, "bank", self.storage, self.labels, self.num_classes)
 
     def held_ids(self) -> torch.Tensor:
         raise NotImplementedError

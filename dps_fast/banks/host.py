@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _validate as checks
-from . import state as S
+from . import state as bank_state
 from .base import Bank, StepPlan
 
 
@@ -131,7 +131,7 @@ class HostBank(Bank):
     def convert(self, dtype):
         """``DPSLoss.to_bank_dtype``: checked as at construction, then one copy (pinned as the
         bank was); a prefetch holds rows of the old dtype and is dropped."""
-        self._rows = S.converted(self.storage, dtype, pin=self._rows.is_pinned())
+        self._rows = bank_state.converted(self.storage, dtype, pin=self._rows.is_pinned())
         self._prefetched = None
 
     def state(self):
@@ -141,8 +141,8 @@ class HostBank(Bank):
         """Verifies every tensor of ``state`` before writing any (banks/state.py); the write
         goes through ``storage`` (the pending write-back lands first, then is overwritten)."""
         try:
-            staged = S.verified(state, "bank", self._rows, self.labels, self.num_classes)
-        except S.LOAD_ERRORS as e:
+            staged = bank_state.verified(state, "bank", self._rows, self.labels, self.num_classes)
+        except bank_state.LOAD_ERRORS as e:
             errors.append(str(e))
             return
-        S.write(staged, "bank", self.storage, self.labels)
+        bank_state.write(staged, "bank", self.storage, self.labels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.dps_cross_entropy import eager_step
-from . import state as S
+from . import state as bank_state
 from .base import Bank, StepPlan
 
 
@@ -57,11 +57,11 @@ class LocalBank(Bank):
 
     def move(self, fn) -> None:
         """Module casts move the rows and labels but keep their dtypes (banks/state.py)."""
-        self.storage, self.labels = S.keep_dtype(fn, self.storage), S.keep_dtype(fn, self.labels)
+        self.storage, self.labels = bank_state.keep_dtype(fn, self.storage), bank_state.keep_dtype(fn, self.labels)
 
     def convert(self, dtype) -> None:
         """``DPSLoss.to_bank_dtype``: checked as at construction, then one copy."""
-        self.storage = S.converted(self.storage, dtype)
+        self.storage = bank_state.converted(self.storage, dtype)
 
     def state(self) -> dict:
         return {"alpha": self.storage, "given_labels": self.labels}
@@ -69,8 +69,8 @@ class LocalBank(Bank):
     def load_state(self, state: dict, errors: list) -> None:
         """Verifies every tensor of ``state`` before writing any (banks/state.py)."""
         try:
-            staged = S.verified(state, "alpha", self.storage, self.labels, self.num_classes)
-        except S.LOAD_ERRORS as e:
+            staged = bank_state.verified(state, "alpha", self.storage, self.labels, self.num_classes)
+        except bank_state.LOAD_ERRORS as e:
             errors.append(str(e))
             return
-        S.write(staged, "alpha", self.storage, self.labels)
+        bank_state.write(staged, "alpha", self.storage, self.labels)

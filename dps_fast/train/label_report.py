@@ -13,7 +13,7 @@ import csv
 import os
 
 
-from .. import label_issues as L
+from .. import label_issues
 
 
 def write_issues_csv(issues, path: str, data) -> None:
@@ -47,16 +47,16 @@ def write_label_issues(r, log) -> dict | None:
         return None
     labels = r.data.labels.to(r.device)
     prior = {"c": r.cfg.get("c", 100.0), "eps": r.cfg.get("eps", 1e-2), "gamma": r.cfg.get("gamma", 0.95)}
-    issues = L.find_label_issues(dps, labels, prior_params=prior)
+    issues = label_issues.find_label_issues(dps, labels, prior_params=prior)
     noisy = r.data.noise_info["kind"] != "none"
-    scores = L.all_scores(dps, labels) if noisy else None
+    scores = label_issues.all_scores(dps, labels) if noisy else None
     if not r.lead:
         return None
     write_issues_csv(issues, os.path.join(r.out_dir, "label_issues.csv"), r.data)
     out = issues.summary()
     if noisy:
         flipped = (r.data.labels != r.data.clean_labels).cpu()
-        out["against_flip_mask"] = L.detection_metrics(scores.cpu(), flipped, issues.indices.cpu())
+        out["against_flip_mask"] = label_issues.detection_metrics(scores.cpu(), flipped, issues.indices.cpu())
         out["realised_rate"] = float(flipped.double().mean())
     msg = (f"[{r.method_name}] label issues: {len(issues)} of {issues.num_samples} flagged "
            f"(estimated noise rate {issues.estimated_rate:.3f}) -> label_issues.csv")

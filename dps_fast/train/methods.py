@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import functional as DF
+from .. import functional
 from ..loss import DPSLoss
 
 METHODS = ("ce", "ls", "pskd", "te", "dps", "dps+con")
@@ -70,7 +70,7 @@ class CE(Method):
     name = "ce"
 
     def loss(self, logits, index, y, features=None, valid=None):
-        return DF.soft_cross_entropy(logits, self.onehot(y), backend=self.backend)
+        return functional.soft_cross_entropy(logits, self.onehot(y), backend=self.backend)
 
 
 class LabelSmoothing(Method):
@@ -79,7 +79,7 @@ class LabelSmoothing(Method):
     def loss(self, logits, index, y, features=None, valid=None):
         e = self.cfg.get("ls_eps", 0.1)
         t = self.onehot(y) * (1 - e) + e / self.num_classes
-        return DF.soft_cross_entropy(logits, t, backend=self.backend)
+        return functional.soft_cross_entropy(logits, t, backend=self.backend)
 
 
 class _BankMethod(Method):
@@ -115,7 +115,7 @@ class PSKD(_BankMethod):
             prev = self.bank[index]
             self.next_bank[index] = torch.softmax(logits.detach().float(), -1)
         t = (1 - a_t) * self.onehot(y) + a_t * prev
-        return DF.soft_cross_entropy(logits, t, backend=self.backend)
+        return functional.soft_cross_entropy(logits, t, backend=self.backend)
 
     def end_epoch(self):
         self.bank.copy_(self.next_bank)
@@ -148,7 +148,7 @@ class TemporalEnsembling(_BankMethod):
             zhat = z / (1 - beta ** self.steps[index])[:, None]
             zhat = zhat / zhat.sum(1, keepdim=True)
         t = (1 - w) * self.onehot(y) + w * zhat
-        return DF.soft_cross_entropy(logits, t, backend=self.backend)
+        return functional.soft_cross_entropy(logits, t, backend=self.backend)
 
     def state_dict(self):
         return {"bank": self.bank, "seen": self.seen, "steps": self.steps}

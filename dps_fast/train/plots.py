@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .. import metrics as M
+from .. import metrics
 
 N_BINS = 15
 
@@ -61,7 +61,7 @@ def save_reliability(out_dir: str, probs: torch.Tensor, labels: torch.Tensor, ti
                (("tab:gray", 0.85), ("tab:red", 0.45), ("tab:blue", 0.45))]
     legend = ["accuracy (n = images in bin)", "over-confident gap", "under-confident gap"]
     ax.legend(handles, legend, loc="upper left", fontsize=7)
-    ece = 100 * M.ece(probs, labels, N_BINS)
+    ece = 100 * metrics.ece(probs, labels, N_BINS)
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.08), title=f"{title}\nECE {ece:.2f}% ({N_BINS} bins)")
     axn.bar(centers, counts, width=w, edgecolor="k", color="tab:gray")
     axn.set(xlabel="confidence (top softmax probability)", ylabel="images (log)")
