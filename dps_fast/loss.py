@@ -10,6 +10,7 @@ from . import _validate as checks
 from .banks import StepConfig, make_bank
 from .banks.collective import collective_of
 from .functional import posterior_readouts, supcon_loss
+from .prior import prior_eps
 
 CON_POSITIVES = ("hard", "soft", "views")
 
@@ -37,7 +38,10 @@ class DPSLoss(nn.Module):
     float32, bfloat16, float16 or float64; a module cast (``model.half()``,
     ``.to(torch.bfloat16)``) moves the bank but keeps its dtype, in every bank kind (it is
     state, like an optimizer's); :meth:`to_bank_dtype` converts it, checked.
-    ``load_state_dict`` verifies every saved tensor (shapes, dtypes, labels [N] in [0, C),
+    The prior puts ``c`` on each label and ``eps`` on the other classes; by default ``eps =
+    off_label * c / (C - 1)`` with ``off_label = 9e-4`` (eps = 0.01 at C = 10, c = 100), so
+    the label keeps 99.9% of the initial target at any C; an explicit ``eps`` wins (a warning
+    when its off-label mass exceeds 10% of c). ``load_state_dict`` verifies every saved tensor (shapes, dtypes, labels [N] in [0, C),
     values finite and > 0 in the bank dtype) before it writes any, and reports a problem as
     ``nn.Module`` reports a size mismatch (a RuntimeError, strict or not). ``validate=False``
     skips the host-side index checks of the local bank (CUDA graphs); the kernels then skip
@@ -45,18 +49,22 @@ class DPSLoss(nn.Module):
     """
 
     def __init__(self, labels=None, num_classes: int | None = None, c: float = 100.0,
-                 eps: float = 1e-2, gamma: float = 0.95, tau_e: float = 1.0,
+                 eps: float | None = None, gamma: float = 0.95, tau_e: float = 1.0,
                  target: str = "posterior", reduction: str = "mean",
                  contrastive_weight: float = 0.0, con_tau: float = 0.1,
                  con_positives: str = "hard", bank_dtype: torch.dtype = torch.float32,
                  prior: torch.Tensor | None = None, backend: str | None = None, device=None,
                  bank: str = "local", validate: bool = True, group=None, timeout_s: float = 120.0,
-                 shard_above_bytes: int = 256 * 2 ** 20):
+                 shard_above_bytes: int = 256 * 2 ** 20, off_label: float | None = None):
         super().__init__()
         self.cfg = StepConfig(gamma, tau_e, target, reduction, backend, bool(validate))
         self._check_contrastive(contrastive_weight, con_positives, reduction)
         self.con_tau = checks.positive("con_tau", con_tau)
         self.contrastive_weight, self.con_positives = float(contrastive_weight), con_positives
+        if prior is None and isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1:
+            eps = prior_eps(num_classes, c, eps, off_label, warn=True)  # docs/method.md §1
+        elif eps is None:
+            eps = 1e-2  # unused: an explicit prior, or num_classes missing (make_bank says so)
         self.store = make_bank(bank, labels, num_classes, c, eps, bank_dtype, prior, device, group, timeout_s,
                                shard_above_bytes)
         # the prior's parameters (None for an explicit prior): label read-outs use them to

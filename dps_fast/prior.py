@@ -5,25 +5,61 @@ Below the banks and the oracle alike: every bank kind builds its rows with it
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _validate as checks
 
+# docs/method.md §1: the off-label prior mass eps * (C - 1) as a fraction of c. The default
+# gives eps = 0.01 at C = 10 with c = 100, the values the defaults were tuned at (exactly:
+# 9e-4 * 100 / 9 == 0.01 in float64), and keeps the label's share of the initial target at
+# 1 / (1 + 9e-4) = 99.9% at any C; a fixed eps = 0.01 gives 91% at C = 1000 and 31% at
+# C = 21,841.
+DEFAULT_OFF_LABEL = 9e-4
+# An explicit eps whose off-label mass exceeds this fraction of c warns (the label then starts
+# with less than 1 / 1.1 = 91% of the target).
+WARN_OFF_LABEL = 0.1
+
+
+def prior_eps(num_classes: int, c: float, eps: float | None = None, off_label: float | None = None,
+              warn: bool = False) -> float:
+    """eps of the prior: ``eps`` when given (an explicit value wins; ``warn``: a warning when
+    its off-label mass exceeds 10% of c), else ``off_label * c / (C - 1)`` (default off_label
+    9e-4): the off-label mass scales with C."""
+    checks.positive("c", c)
+    if eps is not None and off_label is not None:
+        raise ValueError("give eps or off_label (the off-label mass as a fraction of c), not both")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    others = max(num_classes - 1, 1)  # C = 1: no other class; eps is then never used
+    if eps is not None:
+        eps = checks.positive("eps", eps)
+        share = eps * (num_classes - 1) / c
+        if warn and share > WARN_OFF_LABEL:
+            warnings.warn(f"dps_fast: the prior's off-label mass eps * (C - 1) = {eps * (num_classes - 1):.4g} is "
+                          f"{share:.3g} of c = {c:g}: the initial target puts {100 / (1 + share):.0f}% on the label; "
+                          f"give off_label= (a fraction of c, default {DEFAULT_OFF_LABEL:g}) instead of eps to "
+                          f"scale eps with C (docs/method.md §1)", stacklevel=3)
+        return eps
+    share = DEFAULT_OFF_LABEL if off_label is None else checks.positive("off_label", off_label)
+    return share * c / others
+
 
 # --------------------------------------------------------------------------- docs/method.md §1
-def init_prior(labels, num_classes: int, c: float = 100.0, eps: float = 1e-2,
-               dtype: torch.dtype = torch.float32, device=None, pin_memory: bool = False) -> torch.Tensor:
+def init_prior(labels, num_classes: int, c: float = 100.0, eps: float | None = None,
+               dtype: torch.dtype = torch.float32, device=None, pin_memory: bool = False,
+               off_label: float | None = None) -> torch.Tensor:
     """Prior bank alpha [N, C]: c on the label, eps elsewhere.
 
     ``labels`` is an integer tensor [N], or a soft label matrix [N, C] (its
-    argmax is used). The bank is built in place, a block of rows at a time, so the
-    build needs memory for the result plus one block (``pin_memory``: in pinned
-    host memory, for the host bank).
+    argmax is used). ``eps`` defaults to ``off_label * c / (C - 1)`` (off_label, the
+    off-label mass as a fraction of c, default 9e-4: eps = 0.01 at C = 10, c = 100); an
+    explicit ``eps`` wins (:func:`prior_eps`). The bank is built in place, a block of rows
+    at a time, so the build needs memory for the result plus one block (``pin_memory``:
+    in pinned host memory, for the host bank).
     """
-    checks.positive("c", c)
-    checks.positive("eps", eps)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    eps = prior_eps(num_classes, c, eps, off_label)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError(f"bank dtype must be float32, bfloat16, float16 or float64, got {dtype}")
     labels = torch.as_tensor(labels)
