@@ -1,0 +1,159 @@
+"""The top-k bank (docs/method.md §12): each row keeps k class ids, their concentrations and one
+scalar ``rest``, the total concentration of the other C - k classes (spread evenly over them in
+the implied dense row). This module holds the format's prior, its densification and the
+reference step, the oracle that the fused kernels of issue 26 will be tested against; it
+computes in float32 (float64 when an input is float64) and follows the section literally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _validate as checks
+from .ops._common import reduce
+from .prior import prior_eps
+
+
+@dataclass
+class TopKRows:
+    """Rows of a top-k bank: ``ids`` [N, k] (int64 here; int16 / int32 in storage), ``vals``
+    [N, k] and ``rest`` [N]. The implied dense row is ``vals`` on ``ids`` and
+    ``rest / (C - k)`` on every other class."""
+
+    ids: torch.Tensor
+    vals: torch.Tensor
+    rest: torch.Tensor
+    num_classes: int
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+
+def check_k(k: int, num_classes: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < num_classes:
+        raise ValueError(f"top_k must be an int in [1, C - 1] = [1, {num_classes - 1}], got {k!r}")
+    return k
+
+
+def topk_prior(labels: torch.Tensor, num_classes: int, k: int, c: float = 100.0, eps: float | None = None,
+               off_label: float | None = None, dtype: torch.dtype = torch.float32) -> TopKRows:
+    """The exact prior in top-k form: the label at ``c``, the other k - 1 slots (the smallest
+    class ids other than the label) at ``eps``, and ``rest = eps * (C - k)``; its dense row is
+    :func:`dps_fast.init_prior`'s."""
+    k = check_k(k, num_classes)
+    eps = prior_eps(num_classes, c, eps, off_label)
+    labels = torch.as_tensor(labels).to(torch.int64)
+    n = labels.shape[0]
+    others = torch.arange(k - 1, device=labels.device).expand(n, k - 1)
+    others = others + (others >= labels[:, None]).to(torch.int64)  # skip the label's own id
+    ids = torch.cat([labels[:, None], others], 1)
+    vals = torch.full((n, k), float(eps), dtype=dtype, device=labels.device)
+    vals[:, 0] = float(c)
+    rest = torch.full((n,), float(eps) * (num_classes - k), dtype=dtype, device=labels.device)
+    return TopKRows(ids, vals, rest, num_classes)
+
+
+def densify(ids: torch.Tensor, vals: torch.Tensor, rest: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The implied dense rows [n, C]: ``vals`` on ``ids``, ``rest / (C - k)`` elsewhere."""
+    k = ids.shape[1]
+    dense = (rest / (num_classes - k))[:, None].expand(-1, num_classes).clone()
+    return dense.scatter_(1, ids.to(torch.int64), vals.to(dense.dtype))
+
+
+def top_by_value(values: torch.Tensor, class_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest ``values`` per row, ties to the smaller class id (the tie
+    rule every backend must follow): a stable sort by id, then a stable sort by value."""
+    by_id = torch.sort(class_ids, dim=1, stable=True).indices
+    v = values.gather(1, by_id)
+    by_value = torch.sort(v, dim=1, descending=True, stable=True).indices
+    return by_id.gather(1, by_value[:, :k])
+
+
+def evidence(logits: torch.Tensor, tau_e: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p [B, C], bad [B]): the mean over views of softmax(z_v / tau_e) (docs/method.md §2), and
+    the rows with a non-finite logit in any view."""
+    z3 = logits if logits.dim() == 3 else logits.unsqueeze(0)
+    bad = ~torch.isfinite(z3).all(-1).all(0)
+    shifted = z3 - torch.where(bad[None, :, None], 0.0, z3.amax(-1, keepdim=True))
+    return torch.softmax(shifted / tau_e, dim=-1).mean(0), bad
+
+
+def topk_update(K, val, rest, p, gamma: float):
+    """Steps 1-4 of docs/method.md §12 for rows (K, val, rest) [B, k], [B, k], [B] and
+    evidence p [B, C]: returns (K', b on K', rest'). Every term of rest' is >= 0, and the new
+    mass sum(b on K') + rest' is gamma * (sum(val) + rest) + sum(p), as for the dense bank."""
+    bsz, num_classes = p.shape
+    k = K.shape[1]
+    level = rest / (num_classes - k)                                        # implied value outside K
+    b_in = gamma * val + p.gather(1, K)                                     # 1. b_i, i in K
+    outside = torch.ones_like(p, dtype=torch.bool).scatter_(1, K, False)
+    cls = torch.arange(num_classes, device=p.device).expand(bsz, -1)
+    p_outside = torch.where(outside, p, float("-inf"))
+    J = cls.gather(1, top_by_value(p_outside, cls, min(k, num_classes - k)))  # 2. J, outside K
+    p_J = p.gather(1, J)
+    cand_ids, cand_b = torch.cat([K, J], 1), torch.cat([b_in, gamma * level[:, None] + p_J], 1)
+    pick = top_by_value(cand_b, cand_ids, k)                                # 3. K'
+    chosen = torch.zeros_like(cand_b, dtype=torch.bool).scatter_(1, pick, True)
+    kept, admitted = chosen[:, :k], chosen[:, k:]
+    n_adm = admitted.sum(1)                                                 # 4. rest'
+    new_rest = (gamma * level * (num_classes - k - n_adm) + ((p * outside).sum(1) - (p_J * admitted).sum(1))
+                + (b_in * ~kept).sum(1))
+    return cand_ids.gather(1, pick), cand_b.gather(1, pick), new_rest
+
+
+def topk_loss(logits3: torch.Tensor, K: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per view and row [V, B], the cross-entropy of softmax(z) against the implied target
+    (t on K, u elsewhere), without a dense target: log s + sum_{K} (t_i - u)(m - z_i)
+    + u (C m - sum_j z_j), every term >= 0 (m = max z, s = sum exp(z - m)). m is taken as a
+    constant, so autograd's gradient is softmax(z) - u - [j in K](t_j - u)."""
+    num_classes = logits3.shape[-1]
+    m = logits3.detach().amax(-1, keepdim=True)
+    log_s = torch.log(torch.exp(logits3 - m).sum(-1))
+    z_K = logits3.gather(-1, K.expand(logits3.shape[0], -1, -1))
+    on_k = ((t - u[:, None]) * (m - z_K)).sum(-1)
+    return log_s + on_k + u * (num_classes * m[..., 0] - logits3.sum(-1))
+
+
+@torch.no_grad()
+def _step_rows(bank: TopKRows, idx, p, bad, gamma, posterior):
+    """The batch's rows before and after the update, and its target (t on K, u elsewhere)."""
+    num_classes, k = bank.num_classes, bank.k
+    cdt = p.dtype
+    K, val, rest = bank.ids[idx].to(torch.int64), bank.vals[idx].to(cdt), bank.rest[idx].to(cdt)
+    new_K, new_b, new_rest = topk_update(K, val, rest, p, gamma)
+    new_K = torch.where(bad[:, None], K, new_K)
+    new_b = torch.where(bad[:, None], val, new_b)
+    new_rest = torch.where(bad, rest, new_rest)
+    tK, tv, tr = (new_K, new_b, new_rest) if posterior else (K, val, rest)
+    mass = tv.sum(1) + tr
+    return (new_K, new_b, new_rest), tK, tv / mass[:, None], tr / ((num_classes - k) * mass)
+
+
+def reference_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target="posterior",
+                   reduction="mean", update=True):
+    """One DPS step on a top-k bank (docs/method.md §12), in plain PyTorch: the loss (with its
+    gradient through autograd), the rows ``index`` of ``bank`` updated in place when
+    ``update``. A row with a non-finite logit in any view, or an id outside [0, N), keeps its
+    state; its loss and gradient are NaN (docs/method.md §9)."""
+    checks.target_name(target)
+    cdt = torch.float64 if torch.float64 in (logits.dtype, bank.vals.dtype) else torch.float32
+    z3 = (logits if logits.dim() == 3 else logits.unsqueeze(0)).to(cdt)
+    idx = index.to(torch.int64)
+    inside = (idx >= 0) & (idx < bank.ids.shape[0])
+    safe = torch.where(inside, idx, torch.zeros_like(idx))
+    with torch.no_grad():
+        p, bad = evidence(z3.detach(), tau_e)
+        bad = bad | ~inside
+        (new_K, new_b, new_rest), tK, t, u = _step_rows(bank, safe, p, bad, gamma, target == "posterior")
+        if update:
+            good = safe[~bad]
+            bank.ids[good] = new_K[~bad].to(bank.ids.dtype)
+            bank.vals[good] = new_b[~bad].to(bank.vals.dtype)
+            bank.rest[good] = new_rest[~bad].to(bank.rest.dtype)
+        nan_pad = torch.where(bad, float("nan"), 0.0).to(cdt)[None, :, None]
+    loss = topk_loss(z3 + nan_pad, tK, t, u)  # NaN loss and gradient for a row that kept its state
+    if logits.dim() == 2:
+        loss = loss[0]
+    return reduce(loss, reduction)
