@@ -41,7 +41,10 @@ class DPSLoss(nn.Module):
     The prior puts ``c`` on each label and ``eps`` on the other classes; by default ``eps =
     off_label * c / (C - 1)`` with ``off_label = 9e-4`` (eps = 0.01 at C = 10, c = 100), so
     the label keeps 99.9% of the initial target at any C; an explicit ``eps`` wins (a warning
-    when its off-label mass exceeds 10% of c). ``load_state_dict`` verifies every saved tensor (shapes, dtypes, labels [N] in [0, C),
+    when its off-label mass exceeds 10% of c). ``top_k=k`` keeps each row as its k largest
+    classes plus the mass of the others (docs/method.md §12; one process, float32, the
+    reference step so far): read-outs see the implied dense rows.
+    ``load_state_dict`` verifies every saved tensor (shapes, dtypes, labels [N] in [0, C),
     values finite and > 0 in the bank dtype) before it writes any, and reports a problem as
     ``nn.Module`` reports a size mismatch (a RuntimeError, strict or not). ``validate=False``
     skips the host-side index checks of the local bank (CUDA graphs); the kernels then skip
@@ -55,7 +58,8 @@ class DPSLoss(nn.Module):
                  con_positives: str = "hard", bank_dtype: torch.dtype = torch.float32,
                  prior: torch.Tensor | None = None, backend: str | None = None, device=None,
                  bank: str = "local", validate: bool = True, group=None, timeout_s: float = 120.0,
-                 shard_above_bytes: int = 256 * 2 ** 20, off_label: float | None = None):
+                 shard_above_bytes: int = 256 * 2 ** 20, off_label: float | None = None,
+                 top_k: int | None = None):
         super().__init__()
         self.cfg = StepConfig(gamma, tau_e, target, reduction, backend, bool(validate))
         self._check_contrastive(contrastive_weight, con_positives, reduction)
@@ -66,7 +70,7 @@ class DPSLoss(nn.Module):
         elif eps is None:
             eps = 1e-2  # unused: an explicit prior, or num_classes missing (make_bank says so)
         self.store = make_bank(bank, labels, num_classes, c, eps, bank_dtype, prior, device, group, timeout_s,
-                               shard_above_bytes)
+                               shard_above_bytes, top_k)
         # the prior's parameters (None for an explicit prior): label read-outs use them to
         # tell the evidence in a row from what is left of the prior (docs/method.md §5.1)
         self.c, self.eps = (None, None) if prior is not None else (float(c), float(eps))

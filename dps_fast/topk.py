@@ -32,6 +32,7 @@ class TopKRows:
 
 
 def check_k(k: int, num_classes: int) -> int:
+    """``k`` if it is an int in [1, C - 1] (the rest then covers at least one class)."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < num_classes:
         raise ValueError(f"top_k must be an int in [1, C - 1] = [1, {num_classes - 1}], got {k!r}")
     return k

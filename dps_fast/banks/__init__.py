@@ -64,10 +64,34 @@ def resolve_kind(kind: str, num_samples: int, num_classes: int, dtype, shard_abo
     return kind
 
 
+def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device) -> Bank:
+    """A top-k bank (docs/method.md §12): so far one process (``bank="local"``), float32
+    values, built from labels."""
+    from .. import topk
+    from .topk_local import LocalTopKBank
+
+    if kind not in ("local", "auto"):
+        raise ValueError(f"top_k: only bank='local' holds a top-k bank so far, not {kind!r} (issue 26)")
+    if prior is not None or labels is None or num_classes is None:
+        raise ValueError("top_k: build the bank from labels and num_classes (an explicit prior is dense)")
+    if dtype != torch.float32:
+        raise TypeError(f"top_k: the bank's values are float32 (other dtypes: issue 26), got {dtype}")
+    topk.check_k(k, num_classes)
+    lab = given_labels(labels, None)
+    rows = topk.topk_prior(lab, num_classes, k, c, eps)
+    dev = torch.device(device) if device is not None else lab.device
+    rows = topk.TopKRows(rows.ids.to(dev), rows.vals.to(dev), rows.rest.to(dev), num_classes)
+    return LocalTopKBank(rows, lab.to(dev))
+
+
 def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torch.float32, prior=None,
-              device=None, group=None, timeout_s=120.0, shard_above_bytes=256 * 2 ** 20) -> Bank:
-    """Builds a bank of the given kind from labels (or an explicit prior)."""
+              device=None, group=None, timeout_s=120.0, shard_above_bytes=256 * 2 ** 20, top_k=None) -> Bank:
+    """Builds a bank of the given kind from labels (or an explicit prior); ``top_k``: the
+    top-k format (docs/method.md §12)."""
     from .collective import Collective
+
+    if top_k is not None:
+        return make_topk_bank(kind, labels, num_classes, top_k, c, eps, dtype, prior, device)
 
     if dtype not in checks.FUSED_DTYPES + (torch.float64,):
         raise TypeError(f"bank dtype must be float32, bfloat16, float16 or float64, got {dtype}")

@@ -1,0 +1,156 @@
+"""The top-k bank on one process (``DPSLoss(..., top_k=k)``, docs/method.md §12): each row keeps
+k class ids, their concentrations and the mass of the other C - k classes, B * k values a
+step instead of B * C. The step is the top-k reference step (dps_fast/topk.py; the fused
+kernels are issue 26's next step), on the batch's gathered rows; every policy of the dense
+banks holds (checks before any write, eval never writes, non-finite rows keep their state,
+``valid=False`` rows never write).
+
+Read-outs see the implied dense rows (``rows``, ``iter_rows``): label issues, soft labels and
+``posterior()`` work unchanged, a chunk at a time; ``storage`` (``crit.alpha``) densifies the
+whole bank (N * C values: use ``iter_rows`` at scale).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import topk as T
+from ..ops._common import in_backward_recompute
+from . import state as bank_state
+from .base import Bank, StepPlan
+
+
+def id_dtype(num_classes: int) -> torch.dtype:
+    """int16 ids up to 32,767 classes, else int32 (docs/method.md §12)."""
+    return torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+
+
+class LocalTopKBank(Bank):
+    """ids [N, k] (int16 / int32), vals [N, k] and rest [N] (float32) on one device."""
+
+    kind = "local"
+
+    def __init__(self, rows: T.TopKRows, labels: torch.Tensor):
+        super().__init__(rows.ids.shape[0], rows.num_classes)
+        self.ids = rows.ids.to(id_dtype(rows.num_classes))
+        self.vals, self.rest, self.labels = rows.vals, rows.rest, labels
+
+    @property
+    def k(self) -> int:
+        """Classes kept per row."""
+        return self.ids.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vals.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vals.device
+
+    @property
+    def storage(self) -> torch.Tensor:
+        """The implied dense bank [N, C]: N * C values (use ``iter_rows`` at scale)."""
+        return T.densify(self.ids, self.vals, self.rest, self.num_classes)
+
+    # ------------------------------------------------------------------ the step
+    def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
+        idx, name = self.check_local(logits, index, valid, cfg, extra_check)
+        if self.device != logits.device:
+            raise ValueError(f"the bank is on {self.device} but the logits are on {logits.device}: move the loss "
+                             f"with .to(device)")
+        if update and in_backward_recompute():
+            raise NotImplementedError("dps_fast: a top-k bank cannot be stepped inside activation checkpointing "
+                                      "yet; compute the loss outside the checkpointed function")
+        return StepPlan(logits, idx, valid, update, "reference", gathered=True)
+
+    def step(self, logits, index, valid, update: bool, cfg, extra_check=None):
+        """The base class's plan (every check before any write), the top-k reference step on
+        the batch's gathered rows, then the rows written back (valid rows only)."""
+        plan = self.begin(logits, index, valid, update, cfg, extra_check)
+        rows = T.TopKRows(self.ids[plan.index].to(torch.int64), self.vals[plan.index].clone(),
+                          self.rest[plan.index].clone(), self.num_classes)
+        local = torch.arange(plan.index.shape[0], device=plan.index.device)
+        loss = T.reference_step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction,
+                                update=plan.update)
+        if plan.update:
+            keep = plan.index if plan.valid is None else plan.index[plan.valid]
+            sel = local if plan.valid is None else local[plan.valid]
+            self.ids[keep] = rows.ids[sel].to(self.ids.dtype)
+            self.vals[keep], self.rest[keep] = rows.vals[sel], rows.rest[sel]
+        return loss, T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
+
+    # ------------------------------------------------------------------ read-outs
+    def held_ids(self) -> torch.Tensor:
+        return torch.arange(self.num_samples)
+
+    def iter_rows(self, chunk_rows: int = 65536):
+        """(ids, implied dense rows) a chunk at a time: chunk_rows * C values of scratch."""
+        for k in range(0, self.num_samples, chunk_rows):
+            sl = slice(k, k + chunk_rows)
+            yield torch.arange(k, min(k + chunk_rows, self.num_samples)), \
+                T.densify(self.ids[sl], self.vals[sl], self.rest[sl], self.num_classes)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        idx = index.to(self.device, torch.int64)
+        return T.densify(self.ids[idx], self.vals[idx], self.rest[idx], self.num_classes)
+
+    def full(self) -> torch.Tensor:
+        return self.storage
+
+    # ------------------------------------------------------------------ module plumbing
+    def move(self, fn) -> None:
+        """Module casts move the rows and labels but keep their dtypes (banks/state.py)."""
+        for name in ("ids", "vals", "rest", "labels"):
+            setattr(self, name, bank_state.keep_dtype(fn, getattr(self, name)))
+
+    def convert(self, dtype) -> None:
+        raise NotImplementedError("a top-k bank keeps its values in float32 (other dtypes: issue 26)")
+
+    def state(self) -> dict:
+        return {"topk_ids": self.ids, "topk_vals": self.vals, "topk_rest": self.rest, "given_labels": self.labels}
+
+    def load_state(self, state: dict, errors: list) -> None:
+        """Verifies every tensor of ``state`` before writing any (docs/method.md §8.1)."""
+        try:
+            staged = self._verified(state)
+        except bank_state.LOAD_ERRORS as e:
+            errors.append(str(e))
+            return
+        with torch.no_grad():
+            for name, value in staged.items():
+                getattr(self, name).copy_(value)
+
+    def _verified(self, state: dict) -> dict:
+        keys = ("topk_ids", "topk_vals", "topk_rest")
+        present = [k for k in keys if k in state]
+        if present and len(present) != len(keys):
+            raise ValueError(f"a top-k bank loads {', '.join(keys)} together; the state has only {present}")
+        if "given_labels" in state and not present:
+            raise ValueError("given_labels: saved without the rows (topk_ids, topk_vals, topk_rest); the labels "
+                             "load only with the bank they belong to")
+        out = {}
+        if present:
+            out["ids"] = self._checked_ids(state["topk_ids"])
+            out["vals"] = bank_state.check_rows(state["topk_vals"], self.vals, "topk_vals")
+            rest = state["topk_rest"]
+            if not torch.is_tensor(rest) or not rest.is_floating_point() or tuple(rest.shape) != (self.num_samples,):
+                raise ValueError(f"topk_rest: a floating tensor of shape [{self.num_samples}] expected")
+            as_stored = rest.detach().to(self.rest.dtype)
+            if not bool((torch.isfinite(as_stored) & (as_stored >= 0)).all()):
+                raise ValueError(f"topk_rest must be finite and >= 0 in {self.rest.dtype}")
+            out["rest"] = rest
+        if "given_labels" in state:
+            out["labels"] = bank_state.check_labels(state["given_labels"], self.num_samples, self.num_classes)
+        return out
+
+    def _checked_ids(self, ids) -> torch.Tensor:
+        if not torch.is_tensor(ids) or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError("topk_ids: an integer tensor of class ids expected")
+        if tuple(ids.shape) != tuple(self.ids.shape):
+            raise ValueError(f"topk_ids: saved shape {tuple(ids.shape)}, this bank is {tuple(self.ids.shape)}")
+        wide = ids.detach().to(torch.int64)
+        if wide.numel() and not (0 <= int(wide.min()) and int(wide.max()) < self.num_classes):
+            raise ValueError(f"topk_ids: class ids must lie in [0, {self.num_classes})")
+        if self.k > 1 and bool((torch.sort(wide, 1).values.diff(dim=1) == 0).any()):
+            raise ValueError("topk_ids: a row holds the same class twice")
+        return ids

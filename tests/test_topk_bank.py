@@ -1,0 +1,125 @@
+"""DPSLoss(top_k=k): the top-k bank on one process (docs/method.md §12) runs the reference
+step on the batch's rows with every policy of the dense banks, and its read-outs see the
+implied dense rows."""
+import pytest
+import torch
+
+import dps_fast
+from dps_fast import topk as T
+
+N, C, K = 40, 30, 4
+
+
+def labels():
+    return torch.arange(N) % C
+
+
+def snapshot(crit):
+    s = crit.store
+    return s.ids.clone(), s.vals.clone(), s.rest.clone()
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("views", [1, 2])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_steps_equal_the_reference_step(views, reduction):
+    gen = torch.Generator().manual_seed(views)
+    crit = dps_fast.DPSLoss(labels(), C, top_k=K, gamma=0.9, reduction=reduction)
+    ref = T.topk_prior(labels(), C, K, eps=crit.eps)
+    for _ in range(4):
+        shape = (views, 8, C) if views > 1 else (8, C)
+        z = (torch.randn(shape, generator=gen) * 3).requires_grad_()
+        idx = torch.randperm(N, generator=gen)[:8]
+        z_ref = z.detach().clone().requires_grad_()
+        loss, want = crit(z, idx), T.reference_step(z_ref, idx, ref, gamma=0.9, reduction=reduction)
+        g = torch.rand(loss.shape, generator=gen) + 0.5
+        (loss * g).sum().backward()
+        (want * g).sum().backward()
+        assert torch.equal(loss, want) and torch.equal(z.grad, z_ref.grad)
+    assert torch.equal(crit.store.ids.long(), ref.ids) and torch.equal(crit.store.vals, ref.vals)
+    assert torch.equal(crit.store.rest, ref.rest)
+
+
+def test_eval_padding_and_bad_input_never_write():
+    crit = dps_fast.DPSLoss(labels(), C, top_k=K)
+    before = snapshot(crit)
+    z, idx = torch.randn(4, C), torch.tensor([1, 5, 9, 13])
+    crit.eval()
+    crit(z, idx)
+    assert same(snapshot(crit), before)
+    crit.train()
+    crit(z, idx, valid=torch.tensor([True, False, True, False]))
+    after = snapshot(crit)
+    for pad in (5, 13):
+        assert same([x[pad] for x in after], [x[pad] for x in before])
+    assert not torch.equal(after[1][1], before[1][1])
+    for bad, err in ((torch.tensor([1, 1, 2, 3]), ValueError), (torch.tensor([1, 2, 3, N]), IndexError)):
+        with pytest.raises(err):
+            crit(z, bad)
+        assert same(snapshot(crit), after)
+
+
+def test_read_outs_see_the_implied_dense_rows():
+    torch.manual_seed(0)
+    crit = dps_fast.DPSLoss(labels(), C, top_k=K, c=5.0, eps=0.05)
+    for _ in range(5):
+        crit(torch.randn(N, C) * 3, torch.randperm(N))
+    dense = T.densify(crit.store.ids, crit.store.vals, crit.store.rest, C)
+    idx = torch.tensor([3, 0, 17])
+    torch.testing.assert_close(crit.targets(idx), dense[idx] / dense[idx].sum(1, keepdim=True))
+    assert torch.equal(crit.alpha, dense) and torch.equal(crit.full_bank(), dense)
+    got = crit.find_label_issues(rate=0.2)
+    want = dps_fast.find_label_issues(dense, labels(), rate=0.2)
+    assert torch.equal(got.indices, want.indices)
+    torch.testing.assert_close(crit.posterior()["label_error"], dps_fast.posterior_readouts(dense, labels())["label_error"])
+
+
+def test_state_dict_round_trip_and_every_bad_load_writes_nothing():
+    torch.manual_seed(1)
+    src = dps_fast.DPSLoss(labels(), C, top_k=K)
+    src(torch.randn(N, C), torch.randperm(N))
+    dst = dps_fast.DPSLoss(labels(), C, top_k=K)
+    dst.load_state_dict(src.state_dict())
+    assert same(snapshot(dst), snapshot(src))
+    fresh = dps_fast.DPSLoss(labels(), C, top_k=K)
+    before = snapshot(fresh)
+
+    def edit(key, fn):
+        sd = {k: v.clone() for k, v in src.state_dict().items()}
+        fn(sd[key])
+        return sd
+
+    bad = [edit("topk_ids", lambda t: t.__setitem__((2, 1), C)), edit("topk_ids", lambda t: t.__setitem__(
+        (2, 1), int(t[2, 0]))), edit("topk_vals", lambda t: t.__setitem__((3, 0), float("nan"))),
+        edit("topk_rest", lambda t: t.__setitem__(4, -1.0)), edit("given_labels", lambda t: t.__setitem__(0, C))]
+    partial = src.state_dict()
+    del partial["topk_rest"]
+    for sd in bad + [partial]:
+        with pytest.raises(RuntimeError):
+            fresh.load_state_dict(sd, strict=False)
+        assert same(snapshot(fresh), before)
+
+
+def test_casts_keep_the_format_and_refusals_are_clear():
+    crit = dps_fast.DPSLoss(labels(), C, top_k=K)
+    crit.half()
+    assert crit.store.vals.dtype == torch.float32 and crit.store.ids.dtype == torch.int16
+    assert dps_fast.DPSLoss(torch.arange(4), 40000, top_k=3).store.ids.dtype == torch.int32
+    with pytest.raises(ValueError, match="only bank='local'"):
+        dps_fast.DPSLoss(labels(), C, top_k=K, bank="host")
+    with pytest.raises(TypeError, match="float32"):
+        dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="top_k must be an int"):
+        dps_fast.DPSLoss(labels(), C, top_k=C)
+    with pytest.raises(ValueError, match="explicit prior"):
+        dps_fast.DPSLoss(prior=torch.ones(N, C), top_k=K)
+
+
+def test_memory_is_k_values_a_row():
+    crit = dps_fast.DPSLoss(torch.arange(1000) % 21841, 21841, top_k=32)
+    s = crit.store
+    per_row = (s.ids.element_size() + s.vals.element_size()) * 32 + s.rest.element_size()
+    assert per_row == 196 and s.ids.numel() == 1000 * 32  # against 87,364 bytes a row dense float32
