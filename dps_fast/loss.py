@@ -152,7 +152,8 @@ class DPSLoss(nn.Module):
         keys = self.store.state().keys()
         mine = {k: state_dict.pop(prefix + k) for k in keys if prefix + k in state_dict}
         if strict:
-            missing.extend(prefix + k for k in keys if k not in mine and k != "given_labels")
+            optional = getattr(self.store, "optional_state", ("given_labels",))
+            missing.extend(prefix + k for k in keys if k not in mine and k not in optional)
         self.store.load_state(mine, errors)  # also when empty: a distributed bank's load is a collective
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
@@ -257,6 +258,13 @@ class DPSLoss(nn.Module):
         rows = self.alpha if index is None else self.store.rows(idx)
         lab = self.store.labels[idx.to(self.store.labels.device)]
         return posterior_readouts(rows, lab, chunk_rows=chunk_rows)
+
+    def topk_error(self) -> dict:
+        """For a top-k bank (``top_k=k``): how far its targets may be from a dense bank's, the
+        per-row bound on their total-variation distance (docs/method.md §12), its mean and max."""
+        if not hasattr(self.store, "error"):
+            raise ValueError("topk_error: this loss keeps a dense bank (create it with top_k=k)")
+        return self.store.error()
 
     def find_label_issues(self, **kw):
         """Likely label errors, ranked (:func:`dps_fast.label_issues.find_label_issues`)."""

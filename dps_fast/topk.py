@@ -25,6 +25,9 @@ class TopKRows:
     vals: torch.Tensor
     rest: torch.Tensor
     num_classes: int
+    # the per-row bound on ||a - a~||_1 against a dense bank given the same evidence
+    # (docs/method.md §12), or None when not tracked
+    bound: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -53,7 +56,19 @@ def topk_prior(labels: torch.Tensor, num_classes: int, k: int, c: float = 100.0,
     vals = torch.full((n, k), float(eps), dtype=dtype, device=labels.device)
     vals[:, 0] = float(c)
     rest = torch.full((n,), float(eps) * (num_classes - k), dtype=dtype, device=labels.device)
-    return TopKRows(ids, vals, rest, num_classes)
+    return TopKRows(ids, vals, rest, num_classes, torch.zeros(n, dtype=dtype, device=labels.device))
+
+
+def step_bound(K, val, rest, p, gamma: float, new_K, new_rest) -> torch.Tensor:
+    """delta [B] of one step (docs/method.md §12): twice the evidence mass outside K' plus
+    twice the dropped entries' excess over the new uniform level; the L1 distance to a dense
+    bank grows by at most this after the discount gamma."""
+    num_classes, k = p.shape[1], K.shape[1]
+    implied = gamma * densify(K, val, rest, num_classes) + p
+    kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, new_K, True)
+    level = (new_rest / (num_classes - k))[:, None]
+    excess = torch.where(kept, 0.0, (implied - level).clamp_min(0)).sum(1)
+    return 2 * (torch.where(kept, 0.0, p).sum(1) + excess)
 
 
 def densify(ids: torch.Tensor, vals: torch.Tensor, rest: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -150,6 +165,10 @@ def reference_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target=
         (new_K, new_b, new_rest), tK, t, u = _step_rows(bank, safe, p, bad, gamma, target == "posterior")
         if update:
             good = safe[~bad]
+            if bank.bound is not None:
+                K, val, rest = bank.ids[good].to(torch.int64), bank.vals[good].to(cdt), bank.rest[good].to(cdt)
+                delta = step_bound(K, val, rest, p[~bad], gamma, new_K[~bad], new_rest[~bad])
+                bank.bound[good] = (gamma * bank.bound[good].to(cdt) + delta).to(bank.bound.dtype)
             bank.ids[good] = new_K[~bad].to(bank.ids.dtype)
             bank.vals[good] = new_b[~bad].to(bank.vals.dtype)
             bank.rest[good] = new_rest[~bad].to(bank.rest.dtype)

@@ -121,5 +121,34 @@ def test_casts_keep_the_format_and_refusals_are_clear():
 def test_memory_is_k_values_a_row():
     crit = dps_fast.DPSLoss(torch.arange(1000) % 21841, 21841, top_k=32)
     s = crit.store
-    per_row = (s.ids.element_size() + s.vals.element_size()) * 32 + s.rest.element_size()
-    assert per_row == 196 and s.ids.numel() == 1000 * 32  # against 87,364 bytes a row dense float32
+    per_row = (s.ids.element_size() + s.vals.element_size()) * 32 + s.rest.element_size() + s.bound.element_size()
+    assert per_row == 200 and s.ids.numel() == 1000 * 32  # against 87,364 bytes a row dense float32
+
+
+def test_the_bank_reports_a_bound_that_holds_against_a_dense_bank():
+    """topk_error(): per row, bound / (2 mass) bounds the TV distance between the top-k and the
+    dense bank's targets given the same evidence; it is 0 before any step and grows with the
+    mass that k cannot keep."""
+    torch.manual_seed(5)
+    n, c = 64, 50
+    lab = torch.randint(0, c, (n,))
+    crit = dps_fast.DPSLoss(lab, c, top_k=3, c=5.0, eps=0.05)
+    dense = dps_fast.DPSLoss(lab, c, c=5.0, eps=0.05, bank_dtype=torch.float64)
+    assert crit.topk_error()["max_tv_bound"] == 0.0
+    for _ in range(12):
+        z, idx = torch.randn(n, c) * 2, torch.randperm(n)
+        crit(z, idx)
+        dense(z.double(), idx)
+    tv = 0.5 * (crit.targets().double() - dense.targets().double()).abs().sum(1)
+    bound = crit.store.bound.double() / (2 * (crit.store.vals.sum(1) + crit.store.rest).double())
+    assert bool((tv <= bound + 1e-5).all())
+    err = crit.topk_error()
+    assert 0 < err["mean_tv_bound"] <= err["max_tv_bound"] and err["rows_with_error"] > 0
+    state = crit.state_dict()
+    assert "topk_bound" in state
+    del state["topk_bound"]  # optional: an older state loads, the bound restarts at 0
+    fresh = dps_fast.DPSLoss(lab, c, top_k=3, c=5.0, eps=0.05)
+    fresh.load_state_dict(state)
+    assert fresh.topk_error()["max_tv_bound"] == 0.0
+    with pytest.raises(ValueError, match="dense bank"):
+        dense.topk_error()

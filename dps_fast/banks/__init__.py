@@ -80,7 +80,7 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device) -
     lab = given_labels(labels, None)
     rows = topk.topk_prior(lab, num_classes, k, c, eps)
     dev = torch.device(device) if device is not None else lab.device
-    rows = topk.TopKRows(rows.ids.to(dev), rows.vals.to(dev), rows.rest.to(dev), num_classes)
+    rows = topk.TopKRows(rows.ids.to(dev), rows.vals.to(dev), rows.rest.to(dev), num_classes, rows.bound.to(dev))
     return LocalTopKBank(rows, lab.to(dev))
 
 

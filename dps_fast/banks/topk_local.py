@@ -28,11 +28,13 @@ class LocalTopKBank(Bank):
     """ids [N, k] (int16 / int32), vals [N, k] and rest [N] (float32) on one device."""
 
     kind = "local"
+    optional_state = ("given_labels", "topk_bound")  # state_dict keys a load may lack
 
     def __init__(self, rows: T.TopKRows, labels: torch.Tensor):
         super().__init__(rows.ids.shape[0], rows.num_classes)
         self.ids = rows.ids.to(id_dtype(rows.num_classes))
         self.vals, self.rest, self.labels = rows.vals, rows.rest, labels
+        self.bound = rows.bound if rows.bound is not None else torch.zeros_like(rows.rest)
 
     @property
     def k(self) -> int:
@@ -68,7 +70,7 @@ class LocalTopKBank(Bank):
         the batch's gathered rows, then the rows written back (valid rows only)."""
         plan = self.begin(logits, index, valid, update, cfg, extra_check)
         rows = T.TopKRows(self.ids[plan.index].to(torch.int64), self.vals[plan.index].clone(),
-                          self.rest[plan.index].clone(), self.num_classes)
+                          self.rest[plan.index].clone(), self.num_classes, self.bound[plan.index].clone())
         local = torch.arange(plan.index.shape[0], device=plan.index.device)
         loss = T.reference_step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction,
                                 update=plan.update)
@@ -76,10 +78,21 @@ class LocalTopKBank(Bank):
             keep = plan.index if plan.valid is None else plan.index[plan.valid]
             sel = local if plan.valid is None else local[plan.valid]
             self.ids[keep] = rows.ids[sel].to(self.ids.dtype)
-            self.vals[keep], self.rest[keep] = rows.vals[sel], rows.rest[sel]
+            self.vals[keep], self.rest[keep], self.bound[keep] = rows.vals[sel], rows.rest[sel], rows.bound[sel]
         return loss, T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
 
     # ------------------------------------------------------------------ read-outs
+    def error(self) -> dict:
+        """The bank's own error (docs/method.md §12): per row, the bound on the total-variation
+        distance between its target and a dense bank's given the same evidence, bound / (2 *
+        row mass); its mean and max over all rows and over the rows whose bound is > 0."""
+        tv = (self.bound / (2 * (self.vals.sum(1) + self.rest))).double()
+        hit = tv > 0
+        return {"mean_tv_bound": float(tv.mean()) if tv.numel() else 0.0,
+                "max_tv_bound": float(tv.max()) if tv.numel() else 0.0,
+                "rows_with_error": int(hit.sum()),
+                "mean_tv_bound_of_those": float(tv[hit].mean()) if bool(hit.any()) else 0.0}
+
     def held_ids(self) -> torch.Tensor:
         return torch.arange(self.num_samples)
 
@@ -100,14 +113,15 @@ class LocalTopKBank(Bank):
     # ------------------------------------------------------------------ module plumbing
     def move(self, fn) -> None:
         """Module casts move the rows and labels but keep their dtypes (banks/state.py)."""
-        for name in ("ids", "vals", "rest", "labels"):
+        for name in ("ids", "vals", "rest", "bound", "labels"):
             setattr(self, name, bank_state.keep_dtype(fn, getattr(self, name)))
 
     def convert(self, dtype) -> None:
         raise NotImplementedError("a top-k bank keeps its values in float32 (other dtypes: issue 26)")
 
     def state(self) -> dict:
-        return {"topk_ids": self.ids, "topk_vals": self.vals, "topk_rest": self.rest, "given_labels": self.labels}
+        return {"topk_ids": self.ids, "topk_vals": self.vals, "topk_rest": self.rest, "topk_bound": self.bound,
+                "given_labels": self.labels}
 
     def load_state(self, state: dict, errors: list) -> None:
         """Verifies every tensor of ``state`` before writing any (docs/method.md §8.1)."""
@@ -139,6 +153,12 @@ class LocalTopKBank(Bank):
             if not bool((torch.isfinite(as_stored) & (as_stored >= 0)).all()):
                 raise ValueError(f"topk_rest must be finite and >= 0 in {self.rest.dtype}")
             out["rest"] = rest
+        if "topk_bound" in state:  # optional: the bound restarts at 0 without it
+            bound = state["topk_bound"]
+            if not torch.is_tensor(bound) or not bound.is_floating_point() or tuple(bound.shape) != (self.num_samples,) \
+                    or not bool((torch.isfinite(bound) & (bound >= 0)).all()):
+                raise ValueError(f"topk_bound: a finite tensor >= 0 of shape [{self.num_samples}] expected")
+            out["bound"] = bound
         if "given_labels" in state:
             out["labels"] = bank_state.check_labels(state["given_labels"], self.num_samples, self.num_classes)
         return out
