@@ -234,3 +234,23 @@ def test_reliability_diagram_shows_counts_and_explains_colours(tmp_path):
     assert shown == [n for n in counts if n]
     assert "red: over-confident" in texts["note"] and "blue: under-confident" in texts["note"]
     assert texts["legend"] == ["accuracy (n = images in bin)", "over-confident gap", "under-confident gap"]
+
+
+def test_top_k_trains_logs_its_error_bound_and_refuses_what_it_cannot(tmp_path, capsys):
+    """--top-k K: the top-k bank (docs/method.md §12) in one process; its TV bound per epoch in
+    the log and the history; the combinations it cannot run are one line before anything starts."""
+    base = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "2", "--batch-size", "64",
+            "--threads", "1", "--no-plots", "--no-progress", "--method", "dps"]
+    code, out, err = cli(capsys, *base, "--top-k", "3", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert "topk_mean_tv_bound" in out
+    import json
+    hist = json.loads((tmp_path / "r" / "dps" / "final.json").read_text())["history"]
+    assert 0 < hist[0]["topk_mean_tv_bound"] <= hist[0]["topk_max_tv_bound"] < 1
+    assert error_of(capsys, *base, "--top-k", "10", "--out", str(tmp_path / "x")) == (
+        "--top-k 10 must be below the 10 classes of digits (the rest holds the other classes' mass)")
+    assert error_of(capsys, *base, "--top-k", "3", "--bank", "host", "--out", str(tmp_path / "x")).startswith(
+        "--top-k holds its bank in one process so far")
+    assert error_of(capsys, *base, "--top-k", "3", "--bank-dtype", "bfloat16", "--out", str(tmp_path / "x")) == (
+        "--top-k keeps float32 values so far; drop --bank-dtype bfloat16")
+    assert not (tmp_path / "x").exists()

@@ -25,6 +25,7 @@ RANGES = {
     "te_beta": (0, 1, True, False), "te_weight": (0, 1, True, True), "nproc": (1, None, True, None),
     "threads": (0, None, True, None), "eval_batch": (1, None, True, None), "eval_every": (1, None, True, None),
     "stop_after": (0, None, True, None), "workers": (0, None, True, None), "image_size": (8, None, True, None),
+    "top_k": (0, None, True, None),
 }
 BUILT_IN_MODELS = ("mlp", "cnn", "resnet")
 # (package imported, pip name, why it is needed)
@@ -94,6 +95,11 @@ def check_run_flags(args) -> None:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
                          "--overwrite deletes it; give one")
+    if args.top_k and (args.nproc > 1 or args.bank not in ("auto", "local")):
+        raise UsageError(f"--top-k holds its bank in one process so far (docs/method.md section 12): use --nproc 1 "
+                         f"and --bank auto or local, not --nproc {args.nproc} --bank {args.bank}")
+    if args.top_k and args.bank_dtype != "float32":
+        raise UsageError(f"--top-k keeps float32 values so far; drop --bank-dtype {args.bank_dtype}")
     if args.stop_after and args.stop_after >= args.epochs:
         raise UsageError(f"--stop-after {args.stop_after} must be below --epochs {args.epochs} (it pauses a run "
                          f"of --epochs epochs after that many; 0 = do not pause)")

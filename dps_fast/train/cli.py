@@ -124,6 +124,9 @@ def _method_args(a) -> None:
       help="dps: noise-adaptive evidence temperature: at the start of every epoch, tau_e = max(0.1, 1 - K * the "
            "bank's mean label-error score) (docs/results.md section 5; K = 2 tested; 0 = off, --tau-e fixed)")
     a("--bank-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dps: bank storage type")
+    a("--top-k", type=int, default=0, metavar="K",
+      help="dps: keep each bank row as its K largest classes plus the mass of the others (docs/method.md section "
+           "12; one process, float32; its error bound is logged per epoch); 0 = the dense bank")
     a("--con-weight", type=float, default=0.5, help="dps+con: weight lambda of the contrastive term")
     a("--con-tau", type=float, default=0.1, help="dps+con: contrastive temperature")
     a("--con-positives", default="hard", choices=["hard", "soft", "views"],
@@ -347,7 +350,11 @@ def report(args, data, methods, results, wall: float, argv) -> None:
 
 def check_model(args, data) -> None:
     """A torchvision / timm model is built once before training: an unknown name, or images it
-    cannot take, are errors now rather than after the data workers start."""
+    cannot take, are errors now rather than after the data workers start. --top-k against
+    the data's class count, likewise."""
+    if args.top_k and args.top_k >= data.num_classes:
+        raise UsageError(f"--top-k {args.top_k} must be below the {data.num_classes} classes of {data.name} (the "
+                         f"rest holds the other classes' mass)")
     if ":" not in args.model:
         return
     model_from_args(args, data)

@@ -169,7 +169,8 @@ class DPS(Method):
                            bank_dtype=getattr(torch, c.get("bank_dtype", "float32")), backend=self.backend,
                            device=self.device, bank=self._bank_kind(),
                            contrastive_weight=c.get("con_weight", 0.5) if self.needs_features else 0.0,
-                           con_tau=c.get("con_tau", 0.1), con_positives=c.get("con_positives", "hard"))
+                           con_tau=c.get("con_tau", 0.1), con_positives=c.get("con_positives", "hard"),
+                           top_k=c.get("top_k", 0) or None)
         self.distributed_bank = self.dps.store.kind in ("replicated", "sharded")
         self.adapt_k = c.get("tau_e_adapt", 0.0)
         self.adapted_epoch = -1  # the epoch whose tau_e has been set; kept in checkpoints
@@ -191,7 +192,11 @@ class DPS(Method):
             self.dps.tau_e, self.adapted_epoch = state["tau_e"], state["adapted_epoch"]
 
     def epoch_info(self) -> dict:
-        return {"tau_e": self.dps.tau_e} if self.adapt_k > 0 else {}
+        info = {"tau_e": self.dps.tau_e} if self.adapt_k > 0 else {}
+        if self.cfg.get("top_k", 0):  # how far the top-k targets may be from a dense bank's (method §12)
+            err = self.dps.topk_error()
+            info.update(topk_mean_tv_bound=err["mean_tv_bound"], topk_max_tv_bound=err["max_tv_bound"])
+        return info
 
     def _bank_kind(self) -> str:
         bank, world = self.cfg.get("bank", "auto"), self.cfg.get("world", 1)
@@ -200,6 +205,8 @@ class DPS(Method):
                              f"or sharded")
         if world == 1 and bank in ("replicated", "sharded"):
             raise ValueError(f"--bank {bank} needs --nproc > 1")
+        if self.cfg.get("top_k", 0) and (world > 1 or bank not in ("auto", "local")):
+            raise ValueError("--top-k holds its bank in one process so far: use --nproc 1 and --bank auto or local")
         return "local" if (world == 1 and bank == "auto") else bank
 
     def loss(self, logits, index, y, features=None, valid=None):

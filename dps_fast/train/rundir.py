@@ -27,7 +27,7 @@ from .errors import UsageError
 RESULT_KEYS = ("method", "dataset", "train_subset", "ood", "model", "width", "blocks", "epochs", "batch_size",
                "optimizer", "lr", "momentum", "weight_decay", "augment", "seed", "noise", "noise_rate",
                "noise_seed", "image_size", "cifar_stem", "amp")
-_DPS_KEYS = ("c", "eps", "gamma", "tau_e", "tau_e_adapt", "bank_dtype")
+_DPS_KEYS = ("c", "eps", "gamma", "tau_e", "tau_e_adapt", "bank_dtype", "top_k")
 METHOD_KEYS = {"ce": (), "ls": ("ls_eps",), "pskd": ("pskd_alpha",), "te": ("te_beta", "te_weight"),
                "dps": _DPS_KEYS, "dps+con": _DPS_KEYS + ("con_weight", "con_tau", "con_positives", "proj_dim")}
 # Settings of where and how it runs: free to change on resume.
