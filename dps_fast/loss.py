@@ -10,6 +10,7 @@ from . import _validate as checks
 from .banks import StepConfig, make_bank
 from .banks.collective import collective_of
 from .functional import posterior_readouts, supcon_loss
+from .ops._common import in_backward_recompute
 from .prior import prior_eps
 
 CON_POSITIVES = ("hard", "soft", "views")
@@ -43,7 +44,10 @@ class DPSLoss(nn.Module):
     the label keeps 99.9% of the initial target at any C; an explicit ``eps`` wins (a warning
     when its off-label mass exceeds 10% of c). ``top_k=k`` keeps each row as its k largest
     classes plus the mass of the others (docs/method.md §12; one process, float32, the
-    reference step so far): read-outs see the implied dense rows.
+    reference step so far): read-outs see the implied dense rows. ``tau_e="auto"``: the loss
+    sets the evidence temperature itself, once per pass over the bank (every N samples its
+    training steps see), to ``max(0.1, 1 - 2 * mean_label_error())`` (docs/method.md §10);
+    its state is in ``state_dict``; a float (default 1) keeps it fixed.
     ``load_state_dict`` verifies every saved tensor (shapes, dtypes, labels [N] in [0, C),
     values finite and > 0 in the bank dtype) before it writes any, and reports a problem as
     ``nn.Module`` reports a size mismatch (a RuntimeError, strict or not). ``validate=False``
@@ -52,7 +56,7 @@ class DPSLoss(nn.Module):
     """
 
     def __init__(self, labels=None, num_classes: int | None = None, c: float = 100.0,
-                 eps: float | None = None, gamma: float = 0.95, tau_e: float = 1.0,
+                 eps: float | None = None, gamma: float = 0.95, tau_e: float | str = 1.0,
                  target: str = "posterior", reduction: str = "mean",
                  contrastive_weight: float = 0.0, con_tau: float = 0.1,
                  con_positives: str = "hard", bank_dtype: torch.dtype = torch.float32,
@@ -61,7 +65,8 @@ class DPSLoss(nn.Module):
                  shard_above_bytes: int = 256 * 2 ** 20, off_label: float | None = None,
                  top_k: int | None = None):
         super().__init__()
-        self.cfg = StepConfig(gamma, tau_e, target, reduction, backend, bool(validate))
+        self.auto_tau_e = AutoTauE() if tau_e == "auto" else None  # docs/method.md §10
+        self.cfg = StepConfig(gamma, 1.0 if tau_e == "auto" else tau_e, target, reduction, backend, bool(validate))
         self._check_contrastive(contrastive_weight, con_positives, reduction)
         self.con_tau = checks.positive("con_tau", con_tau)
         self.contrastive_weight, self.con_positives = float(contrastive_weight), con_positives
@@ -74,6 +79,8 @@ class DPSLoss(nn.Module):
         # the prior's parameters (None for an explicit prior): label read-outs use them to
         # tell the evidence in a row from what is left of the prior (docs/method.md §5.1)
         self.c, self.eps = (None, None) if prior is not None else (float(c), float(eps))
+        if self.auto_tau_e is not None:
+            self.auto_tau_e.next_at = self.num_samples  # the first adaptation: after one pass
 
     @staticmethod
     def _check_contrastive(weight, positives, reduction):
@@ -94,7 +101,18 @@ class DPSLoss(nn.Module):
         loss, rows = self.store.step(logits, index, valid, self.training, self.cfg, check)
         if con:
             loss = loss + self.contrastive_weight * self._contrastive(features, index, rows)
+        if self.auto_tau_e is not None and self.training and not in_backward_recompute():
+            self._count_for_auto_tau_e(index)
         return loss
+
+    def _count_for_auto_tau_e(self, index) -> None:
+        """tau_e="auto": counts the samples the steps have seen (the global batch on a
+        distributed bank) and adapts tau_e once per pass over the bank (every N samples)."""
+        auto = self.auto_tau_e
+        auto.seen += getattr(self.store, "last_step_samples", None) or index.shape[0]
+        if auto.seen >= auto.next_at:
+            self.adapt_tau_e(auto.k, auto.floor)
+            auto.next_at += self.num_samples * ((auto.seen - auto.next_at) // self.num_samples + 1)
 
     def _check_features(self, features, logits):
         if features is None:
@@ -141,6 +159,9 @@ class DPSLoss(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for k, v in self.store.state().items():
             destination[prefix + k] = v
+        if self.auto_tau_e is not None:  # float64 holds the counts exactly up to 2**53 samples
+            destination[prefix + "tau_e_auto"] = torch.tensor([self.tau_e, self.auto_tau_e.seen,
+                                                               self.auto_tau_e.next_at], dtype=torch.float64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # the bank verifies every tensor before it writes any; a problem goes to ``errors``, so
@@ -155,6 +176,10 @@ class DPSLoss(nn.Module):
             optional = getattr(self.store, "optional_state", ("given_labels",))
             missing.extend(prefix + k for k in keys if k not in mine and k not in optional)
         self.store.load_state(mine, errors)  # also when empty: a distributed bank's load is a collective
+        auto = state_dict.pop(prefix + "tau_e_auto", None)
+        if auto is not None and self.auto_tau_e is not None and not errors:
+            tau_e, seen, next_at = (float(v) for v in auto)
+            self.tau_e, self.auto_tau_e.seen, self.auto_tau_e.next_at = tau_e, int(seen), int(next_at)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # ------------------------------------------------------------------ read-outs
@@ -207,7 +232,7 @@ class DPSLoss(nn.Module):
             part = torch.stack([(1 - a_y / rows.sum(1, dtype=torch.float64)).sum(), a_y.new_tensor(len(ids))])
             total = part if total is None else total + part
         if total is None:
-            total = torch.zeros(2, dtype=torch.float64, device=self.alpha.device)
+            total = torch.zeros(2, dtype=torch.float64, device=self.store.device)
         total = collective_of(self, self.world).sum_(total)
         return float(total[0] / total[1])
 
@@ -285,6 +310,17 @@ class DPSLoss(nn.Module):
         return (f"N={self.num_samples}, C={self.num_classes}, bank={self.store.kind}, gamma={c.gamma}, "
                 f"tau_e={c.tau_e}, target={c.target!r}, bank_dtype={self.store.dtype}, "
                 f"contrastive_weight={self.contrastive_weight}")
+
+
+@dataclasses.dataclass
+class AutoTauE:
+    """The state of tau_e="auto" (docs/method.md §10): the noise-adaptive evidence
+    temperature tau_e = max(floor, 1 - k * mean label-error score), set once per pass over
+    the bank, counted in samples seen by training steps (eval steps do not count)."""
+    k: float = 2.0
+    floor: float = 0.1
+    seen: int = 0
+    next_at: int = 0  # samples seen at the next adaptation (N, 2N, ...; set by DPSLoss)
 
 
 class HostDPSLoss(DPSLoss):

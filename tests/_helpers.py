@@ -1,4 +1,7 @@
 """Shared test helpers (tests/ is put on sys.path by conftest.py)."""
+import contextlib
+import tempfile
+
 import pytest
 import torch  # noqa: E402
 
@@ -73,3 +76,19 @@ def eager_spy(monkeypatch):
         return run
     monkeypatch.setattr(dps_fast._dispatch, "eager_op", spy)
     return taken
+
+
+@contextlib.contextmanager
+def one_rank_gloo():
+    """A one-rank gloo process group (the distributed bank kinds on one process), torn down on
+    exit; skips the test where torch.distributed has no gloo."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -26,6 +26,7 @@ import dps_fast
 from dps_fast import distributed as D
 from dps_fast.banks import shard_files as SF
 from _fuzz import FUZZ, FUZZ_SECONDS, PROFILE, _report
+from _helpers import one_rank_gloo
 
 N, C, GAMMA = 12, 4, 0.8
 LABELS = torch.arange(N) % C
@@ -269,12 +270,8 @@ def _machine_for(kind, dtype):
 @pytest.fixture(scope="module")
 def one_rank_group():
     """A one-rank gloo group for the distributed kinds (torn down after this module)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
+    with one_rank_gloo():
+        yield
 
 
 def run_machine(machine, examples: int, steps: int) -> None:

@@ -52,6 +52,7 @@ class DistributedBank(Bank):
         except (IndexError, ValueError, TypeError, RuntimeError) as e:
             error = e
         counts = self.comm.agree(error, 0 if idx is None else idx.numel(), self.device)
+        self.last_step_samples = sum(counts)  # the global batch, the same on every rank
         ok = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
         code = torch.where(ok, idx, -idx - 1).to(self.device)  # validity travels in the sign
         codes = self.comm.all_gather_rows(code, counts)
