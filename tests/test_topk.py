@@ -144,3 +144,17 @@ def test_bad_k_is_refused():
     for k in (0, 10, 11, True):
         with pytest.raises(ValueError, match="top_k must be an int in"):
             T.topk_prior(torch.tensor([1]), 10, k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_top_positions_is_the_sorted_selection_with_the_tie_rule(k):
+    """The O(C) selection of J picks what the stable sort picks, ties included (values from a
+    small set, so most rows tie at the k-th value)."""
+    gen = torch.Generator().manual_seed(k)
+    values = torch.randint(0, 4, (50, 19), generator=gen).double()
+    values[:5] = float("-inf")
+    values[:5, :k + 2] = 1.0
+    cls = torch.arange(19).expand(50, -1)
+    want = torch.sort(T.top_by_value(values, cls, k), 1).values
+    got = torch.sort(T.top_positions(values, k), 1).values
+    assert torch.equal(got, want)

@@ -68,7 +68,7 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device) -
     """A top-k bank (docs/method.md §12): so far one process (``bank="local"``), float32
     values, built from labels."""
     from .. import topk
-    from .topk_local import LocalTopKBank
+    from .topk_local import LocalTopKBank, id_dtype
 
     if kind not in ("local", "auto"):
         raise ValueError(f"top_k: only bank='local' holds a top-k bank so far, not {kind!r} (issue 26)")
@@ -78,7 +78,7 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device) -
         raise TypeError(f"top_k: the bank's values are float32 (other dtypes: issue 26), got {dtype}")
     topk.check_k(k, num_classes)
     lab = given_labels(labels, None)
-    rows = topk.topk_prior(lab, num_classes, k, c, eps)
+    rows = topk.topk_prior(lab, num_classes, k, c, eps, ids_dtype=id_dtype(num_classes))
     dev = torch.device(device) if device is not None else lab.device
     rows = topk.TopKRows(rows.ids.to(dev), rows.vals.to(dev), rows.rest.to(dev), num_classes, rows.bound.to(dev))
     return LocalTopKBank(rows, lab.to(dev))

@@ -32,7 +32,7 @@ class LocalTopKBank(Bank):
 
     def __init__(self, rows: T.TopKRows, labels: torch.Tensor):
         super().__init__(rows.ids.shape[0], rows.num_classes)
-        self.ids = rows.ids.to(id_dtype(rows.num_classes))
+        self.ids = rows.ids.to(id_dtype(rows.num_classes))  # no copy when built in that dtype
         self.vals, self.rest, self.labels = rows.vals, rows.rest, labels
         self.bound = rows.bound if rows.bound is not None else torch.zeros_like(rows.rest)
 
@@ -168,9 +168,10 @@ class LocalTopKBank(Bank):
             raise TypeError("topk_ids: an integer tensor of class ids expected")
         if tuple(ids.shape) != tuple(self.ids.shape):
             raise ValueError(f"topk_ids: saved shape {tuple(ids.shape)}, this bank is {tuple(self.ids.shape)}")
-        wide = ids.detach().to(torch.int64)
-        if wide.numel() and not (0 <= int(wide.min()) and int(wide.max()) < self.num_classes):
-            raise ValueError(f"topk_ids: class ids must lie in [0, {self.num_classes})")
-        if self.k > 1 and bool((torch.sort(wide, 1).values.diff(dim=1) == 0).any()):
-            raise ValueError("topk_ids: a row holds the same class twice")
+        for r in range(0, ids.shape[0], 1 << 16):  # a block of rows at a time: no int64 copy of the bank
+            block = ids[r:r + (1 << 16)].detach().to(torch.int64)
+            if not (0 <= int(block.min()) and int(block.max()) < self.num_classes):
+                raise ValueError(f"topk_ids: class ids must lie in [0, {self.num_classes})")
+            if self.k > 1 and bool((torch.sort(block, 1).values.diff(dim=1) == 0).any()):
+                raise ValueError("topk_ids: a row holds the same class twice")
         return ids
