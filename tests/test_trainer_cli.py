@@ -254,3 +254,13 @@ def test_top_k_trains_logs_its_error_bound_and_refuses_what_it_cannot(tmp_path, 
     assert error_of(capsys, *base, "--top-k", "3", "--bank-dtype", "bfloat16", "--out", str(tmp_path / "x")) == (
         "--top-k keeps float32 values so far; drop --bank-dtype bfloat16")
     assert not (tmp_path / "x").exists()
+
+
+def test_tau_e_auto_runs_and_logs_its_temperature(tmp_path, capsys):
+    base = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "2", "--batch-size", "64",
+            "--threads", "1", "--no-plots", "--no-progress", "--method", "dps", "--noise", "sym", "--noise-rate", "0.3"]
+    code, out, err = cli(capsys, *base, "--tau-e", "auto", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert " tau_e 0." in out  # adapted after the first pass over the 1,437 samples
+    assert error_of(capsys, *base, "--tau-e", "auto", "--tau-e-adapt", "2", "--out", str(tmp_path / "x")) == (
+        "--tau-e auto and --tau-e-adapt 2.0 both set tau_e; give one")

@@ -203,7 +203,8 @@ def _interrupt_at_step(monkeypatch, step: int, times: int = 1):
     monkeypatch.setattr(Lp, "train_step", step_and_signal)
 
 
-@pytest.mark.parametrize("extra", [[], ["--tau-e-adapt", "2"]], ids=["fixed-tau_e", "adaptive-tau_e"])
+@pytest.mark.parametrize("extra", [[], ["--tau-e-adapt", "2"], ["--tau-e", "auto"]],
+                         ids=["fixed-tau_e", "adaptive-tau_e", "auto-tau_e"])
 def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path, capsys, monkeypatch, extra):
     """With --tau-e-adapt, the resumed epoch must keep the tau_e it started with, not one
     recomputed from the half-updated bank."""

@@ -38,6 +38,8 @@ def _flag(name: str) -> str:
 
 
 def check_range(name: str, value) -> None:
+    if name == "tau_e" and value == "auto":  # the loss's own adaptation (--tau-e auto)
+        return
     lo, hi, lo_in, hi_in = RANGES[name]
     ok = math.isfinite(value)
     if ok and lo is not None:
@@ -98,6 +100,8 @@ def check_run_flags(args) -> None:
     if args.top_k and (args.nproc > 1 or args.bank not in ("auto", "local")):
         raise UsageError(f"--top-k holds its bank in one process so far (docs/method.md section 12): use --nproc 1 "
                          f"and --bank auto or local, not --nproc {args.nproc} --bank {args.bank}")
+    if args.tau_e == "auto" and args.tau_e_adapt:
+        raise UsageError(f"--tau-e auto and --tau-e-adapt {args.tau_e_adapt} both set tau_e; give one")
     if args.top_k and args.bank_dtype != "float32":
         raise UsageError(f"--top-k keeps float32 values so far; drop --bank-dtype {args.bank_dtype}")
     if args.stop_after and args.stop_after >= args.epochs:

@@ -115,11 +115,23 @@ def _model_args(a) -> None:
     a("--compile", action="store_true", help="torch.compile the training forward")
 
 
+def tau_e_value(text: str):
+    """--tau-e: a number, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def _method_args(a) -> None:
     a("--c", type=float, default=100.0, help="dps: prior concentration on the label")
     a("--eps", type=float, default=1e-2, help="dps: prior concentration on every other class")
     a("--gamma", type=float, default=0.95, help="dps: discount of old evidence, in (0, 1]")
-    a("--tau-e", type=float, default=1.0, help="dps: temperature of the evidence softmax")
+    a("--tau-e", type=tau_e_value, default=1.0, metavar="TAU|auto",
+      help="dps: temperature of the evidence softmax; 'auto': the loss sets it once per pass over the bank, "
+           "max(0.1, 1 - 2 * the bank's mean label-error score) (docs/method.md section 10)")
     a("--tau-e-adapt", type=float, default=0.0, metavar="K",
       help="dps: noise-adaptive evidence temperature: at the start of every epoch, tau_e = max(0.1, 1 - K * the "
            "bank's mean label-error score) (docs/results.md section 5; K = 2 tested; 0 = off, --tau-e fixed)")

@@ -192,7 +192,7 @@ class DPS(Method):
             self.dps.tau_e, self.adapted_epoch = state["tau_e"], state["adapted_epoch"]
 
     def epoch_info(self) -> dict:
-        info = {"tau_e": self.dps.tau_e} if self.adapt_k > 0 else {}
+        info = {"tau_e": self.dps.tau_e} if self.adapt_k > 0 or self.dps.auto_tau_e is not None else {}
         if self.cfg.get("top_k", 0):  # how far the top-k targets may be from a dense bank's (method §12)
             err = self.dps.topk_error()
             info.update(topk_mean_tv_bound=err["mean_tv_bound"], topk_max_tv_bound=err["max_tv_bound"])
