@@ -106,8 +106,8 @@ def test_emulated_cuda_soft_ce_rows_of_any_mass(c):
 
 
 def test_emulated_cuda_huge_finite_logits_are_finite():
-    """The logits of tests/test_hardening.py's huge-logit test, against the fp64 reference."""
-    from test_hardening import _huge_logits, _row_scale
+    """The logits of tests/test_edge_policies.py's huge-logit test, against the fp64 reference."""
+    from test_edge_policies import _huge_logits, _row_scale
 
     z = _huge_logits()
     c = z.shape[-1]

@@ -1,5 +1,5 @@
-"""Regression tests for the edge classes of the hardening audit (docs/method.md §9): no
-call is silently wrong, and no failed call changes the bank, in any backend."""
+"""The edge-case policies of docs/method.md §9 (was test_hardening.py): no call is silently
+wrong, and no failed call changes the bank, in any backend."""
 import pytest
 import torch
 import torch.nn.functional as F
