@@ -152,3 +152,17 @@ def test_the_bank_reports_a_bound_that_holds_against_a_dense_bank():
     assert fresh.topk_error()["max_tv_bound"] == 0.0
     with pytest.raises(ValueError, match="dense bank"):
         dense.topk_error()
+
+
+def test_soft_labels_and_tau_e_read_the_implied_rows(tmp_path):
+    torch.manual_seed(2)
+    crit = dps_fast.DPSLoss(labels(), C, top_k=K)
+    crit(torch.randn(N, C) * 3, torch.randperm(N))
+    path = str(tmp_path / "soft.safetensors")
+    crit.export_soft_labels(path, top_k=K, dtype=torch.float32)  # the bank's own k: nothing lost but rounding
+    got = dps_fast.load_soft_labels(path).targets(torch.arange(N))
+    torch.testing.assert_close(got, crit.targets(), rtol=1e-5, atol=1e-6)
+    dense = T.densify(crit.store.ids, crit.store.vals, crit.store.rest, C).double()
+    t = dense / dense.sum(1, keepdim=True)
+    want = float((1 - t.gather(1, labels()[:, None])).mean())
+    assert crit.mean_label_error() == pytest.approx(want, rel=1e-6)
