@@ -108,7 +108,7 @@ def test_casts_keep_the_format_and_refusals_are_clear():
     crit.half()
     assert crit.store.vals.dtype == torch.float32 and crit.store.ids.dtype == torch.int16
     assert dps_fast.DPSLoss(torch.arange(4), 40000, top_k=3).store.ids.dtype == torch.int32
-    with pytest.raises(ValueError, match="only bank='local'"):
+    with pytest.raises(ValueError, match="bank='local' or 'replicated' holds a top-k bank so far, not 'host'"):
         dps_fast.DPSLoss(labels(), C, top_k=K, bank="host")
     with pytest.raises(TypeError, match="float32"):
         dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=torch.bfloat16)
@@ -166,3 +166,25 @@ def test_soft_labels_and_tau_e_read_the_implied_rows(tmp_path):
     t = dense / dense.sum(1, keepdim=True)
     want = float((1 - t.gather(1, labels()[:, None])).mean())
     assert crit.mean_label_error() == pytest.approx(want, rel=1e-6)
+
+
+def test_two_replicas_stay_identical_and_equal_one_process():
+    """DistributedDPSLoss(mode="replicated", top_k=k) on two ranks: both replicas equal the
+    one-process bank that saw the global batches; the ranks' losses add up to its loss."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from _topk_workers import C as C2, K as K2, N as N2, global_steps, worker_replicated
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker_replicated, args=(2, tmp, tmp), nprocs=2, join=True)
+        got = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    one = dps_fast.DPSLoss(torch.arange(N2) % C2, C2, top_k=K2, c=5.0, eps=0.05, gamma=0.9, reduction="sum")
+    losses = [one(z, idx).detach() for z, idx in global_steps()]
+    for r in range(2):
+        for key, value in one.state_dict().items():
+            assert torch.equal(got[r]["state"][key], value), (r, key)
+    for step, want in enumerate(losses):
+        torch.testing.assert_close(got[0]["losses"][step] + got[1]["losses"][step], want, rtol=1e-6, atol=1e-5)

@@ -11,6 +11,7 @@ to it and back (docs/method.md, "Banks").
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .. import _validate as checks
 from ..prior import init_prior
@@ -64,14 +65,16 @@ def resolve_kind(kind: str, num_samples: int, num_classes: int, dtype, shard_abo
     return kind
 
 
-def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device) -> Bank:
-    """A top-k bank (docs/method.md §12): so far one process (``bank="local"``), float32
-    values, built from labels."""
+def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device, group=None,
+                   timeout_s=120.0) -> Bank:
+    """A top-k bank (docs/method.md §12): so far on one process (``bank="local"``) or
+    replicated over a process group (``"replicated"``; ``"auto"`` picks it under an
+    initialised group), float32 values, built from labels."""
     from .. import topk
     from .topk_local import LocalTopKBank, id_dtype
 
-    if kind not in ("local", "auto"):
-        raise ValueError(f"top_k: only bank='local' holds a top-k bank so far, not {kind!r} (issue 26)")
+    if kind not in ("local", "replicated", "auto"):
+        raise ValueError(f"top_k: bank='local' or 'replicated' holds a top-k bank so far, not {kind!r} (issue 26)")
     if prior is not None or labels is None or num_classes is None:
         raise ValueError("top_k: build the bank from labels and num_classes (an explicit prior is dense)")
     if dtype != torch.float32:
@@ -81,7 +84,12 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device) -
     rows = topk.topk_prior(lab, num_classes, k, c, eps, ids_dtype=id_dtype(num_classes))
     dev = torch.device(device) if device is not None else lab.device
     rows = topk.TopKRows(rows.ids.to(dev), rows.vals.to(dev), rows.rest.to(dev), num_classes, rows.bound.to(dev))
-    return LocalTopKBank(rows, lab.to(dev))
+    if kind == "local" or (kind == "auto" and not (dist.is_available() and dist.is_initialized())):
+        return LocalTopKBank(rows, lab.to(dev))
+    from .collective import Collective
+    from .topk_replicated import ReplicatedTopKBank
+
+    return ReplicatedTopKBank(rows, lab.to(dev), Collective(group, timeout_s))
 
 
 def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torch.float32, prior=None,
@@ -91,7 +99,7 @@ def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torc
     from .collective import Collective
 
     if top_k is not None:
-        return make_topk_bank(kind, labels, num_classes, top_k, c, eps, dtype, prior, device)
+        return make_topk_bank(kind, labels, num_classes, top_k, c, eps, dtype, prior, device, group, timeout_s)
 
     if dtype not in checks.FUSED_DTYPES + (torch.float64,):
         raise TypeError(f"bank dtype must be float32, bfloat16, float16 or float64, got {dtype}")

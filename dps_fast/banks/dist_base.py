@@ -158,6 +158,9 @@ class DistributedBank(Bank):
         except (*bank_state.LOAD_ERRORS, RuntimeError) as e:
             errors.append(str(e))
             return
+        self._write(staged)
+
+    def _write(self, staged: dict) -> None:
         bank_state.write(staged, "bank", self.storage, self.labels)
 
     def _verified(self, state: dict) -> dict:

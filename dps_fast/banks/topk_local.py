@@ -69,17 +69,25 @@ class LocalTopKBank(Bank):
         """The base class's plan (every check before any write), the top-k reference step on
         the batch's gathered rows, then the rows written back (valid rows only)."""
         plan = self.begin(logits, index, valid, update, cfg, extra_check)
-        rows = T.TopKRows(self.ids[plan.index].to(torch.int64), self.vals[plan.index].clone(),
-                          self.rest[plan.index].clone(), self.num_classes, self.bound[plan.index].clone())
+        loss, rows = self.stepped_rows(plan, cfg)
         local = torch.arange(plan.index.shape[0], device=plan.index.device)
-        loss = T.reference_step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction,
-                                update=plan.update)
         if plan.update:
             keep = plan.index if plan.valid is None else plan.index[plan.valid]
             sel = local if plan.valid is None else local[plan.valid]
             self.ids[keep] = rows.ids[sel].to(self.ids.dtype)
             self.vals[keep], self.rest[keep], self.bound[keep] = rows.vals[sel], rows.rest[sel], rows.bound[sel]
         return loss, T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
+
+    def stepped_rows(self, plan: StepPlan, cfg):
+        """(loss, rows): the top-k reference step on a copy of the plan's rows, which it updates
+        when ``plan.update`` (the bank itself is written by the caller)."""
+        at = plan.index
+        rows = T.TopKRows(self.ids[at].to(torch.int64), self.vals[at].clone(), self.rest[at].clone(),
+                          self.num_classes, self.bound[at].clone())
+        local = torch.arange(at.shape[0], device=at.device)
+        loss = T.reference_step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction,
+                                update=plan.update)
+        return loss, rows
 
     # ------------------------------------------------------------------ read-outs
     def error(self) -> dict:
@@ -130,6 +138,10 @@ class LocalTopKBank(Bank):
         except bank_state.LOAD_ERRORS as e:
             errors.append(str(e))
             return
+        self.write(staged)
+
+    def write(self, staged: dict) -> None:
+        """Writes verified tensors (``_verified``) in place, without grad."""
         with torch.no_grad():
             for name, value in staged.items():
                 getattr(self, name).copy_(value)

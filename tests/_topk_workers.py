@@ -1,0 +1,30 @@
+"""Process bodies for tests/test_topk_bank.py's two-rank test (importable by spawned children)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+from dps_fast.distributed import DistributedDPSLoss
+
+N, C, K = 30, 12, 3
+
+
+def global_steps():
+    """The same global batches on every rank (and in the one-process reference)."""
+    gen = torch.Generator().manual_seed(4)
+    return [(torch.randn(9, C, generator=gen) * 3, torch.randperm(N, generator=gen)[:9]) for _ in range(5)]
+
+
+def worker_replicated(rank, world, store_dir, out_dir):
+    """Rank r steps samples r, r + 2, ... of each global batch; saves its replica."""
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
+    try:
+        crit = DistributedDPSLoss(torch.arange(N) % C, C, mode="replicated", top_k=K, c=5.0, eps=0.05, gamma=0.9,
+                                  reduction="sum")
+        losses = []
+        for z, idx in global_steps():
+            losses.append(crit(z[rank::world], idx[rank::world]).detach())
+        torch.save({"state": crit.state_dict(), "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
