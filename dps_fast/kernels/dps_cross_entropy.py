@@ -49,6 +49,90 @@ def _evidence(Z, rows, cc, msk, m_all, se_all, vcol, B, C, inv_tau_e, V: tl.cons
 
 
 @triton.jit
+def _view_stats(Z, A, rows, rmask, ids, ok, a_acc, cols, B, C, stride_a, inv_tau_e, v: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_C: tl.constexpr, TEMPER: tl.constexpr):
+    """Pass 1 for view v: online max m, softmax normaliser s (and se of the tempered one),
+    whether every logit is finite; with view 0, the bank row accumulated into a_acc by column
+    (a per-trip tl.sum here crashed triton 3.8's TritonGPUOptimizeThreadLocality pass, sm_90,
+    for the unnormalised soft CE)."""
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], dtype=tl.float32)
+    se = tl.zeros([ROWS], dtype=tl.float32)
+    n_bad = tl.zeros([ROWS], dtype=tl.int32)
+    base = (v * B + rows) * C
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        msk = rmask[:, None] & (cc < C)[None, :]
+        z = tl.load(Z + base[:, None] + cc[None, :], mask=msk, other=0.0).to(tl.float32)
+        if v == 0:  # the bank row, read in the same column loop as the logits
+            amsk = ok[:, None] & (cc < C)[None, :]
+            a_acc += tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
+        zm = tl.where(msk, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.where(msk, tl.exp(z - m_safe[:, None]), 0.0), 1)
+        if TEMPER:
+            se = se * tl.exp((m - m_safe) * inv_tau_e) + tl.sum(
+                tl.where(msk, tl.exp((z - m_safe[:, None]) * inv_tau_e), 0.0), 1)
+        # |z| < inf is false exactly for NaN and +-inf: never an overflow of finite values
+        n_bad += tl.sum(tl.where(msk & ~(tl.abs(z) < float("inf")), 1, 0), 1)
+        m = m_new
+    if not TEMPER:
+        se = s
+    return m, s, se, (n_bad == 0) & (s == s) & (s < float("inf")), a_acc
+
+
+@triton.jit
+def _view_outputs(Z, G, rows, rmask, amsk, cmask, cc, t, m_all, s_all, vcol, ok, mass, dots, B, C, gscale,
+                  V: tl.constexpr, HAS_GRAD: tl.constexpr, NORMALIZE: tl.constexpr):
+    """Pass 2 for one column block, every view: the half-gap dot products (added to dots) and
+    the gradient (mass * softmax - t) * gscale."""
+    for v in tl.static_range(V):
+        sel = vcol[None, :] == v
+        mv = tl.sum(tl.where(sel, m_all, 0.0), 1)
+        sv = tl.sum(tl.where(sel, s_all, 0.0), 1)
+        zmsk = rmask[:, None] & cmask
+        zoff = ((v * B + rows) * C)[:, None] + cc[None, :]
+        z = tl.load(Z + zoff, mask=zmsk, other=0.0).to(tl.float32)
+        # the half gap sum_j t_j (m/2 - z_j/2) >= 0: m/2 - z/2 cannot overflow for finite z, so
+        # the loss overflows only where the exact loss does (docs/method.md §9)
+        d = tl.sum(tl.where(amsk, t * (0.5 * mv[:, None] - 0.5 * z), 0.0), 1)
+        dots = tl.where(sel, dots + d[:, None], dots)
+        if HAS_GRAD:
+            p = tl.exp(z - mv[:, None]) / sv[:, None]
+            if NORMALIZE:
+                g = tl.where(ok[:, None], (p - t) * gscale, float("nan"))
+            else:
+                g = tl.where(ok[:, None], (mass[:, None] * p - t) * gscale, float("nan"))
+            tl.store(G + zoff, to_dtype(g, G.dtype.element_ty), mask=zmsk)
+    return dots
+
+
+@triton.jit
+def _write_loss(LOSS, PART, TICKET, loss, rows, rmask, vcol, B, out_scale, V: tl.constexpr, REDUCE: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """The loss per view and row (reduction none), or this program's partial sum; the last
+    program to finish (an atomic ticket) adds the partials in program order and resets it."""
+    vmask = vcol[None, :] < V
+    if REDUCE == 0:
+        loff = vcol[None, :].to(tl.int64) * B + rows[:, None]
+        tl.store(LOSS + loff, loss, mask=rmask[:, None] & vmask)
+    else:
+        pid = tl.program_id(0)
+        part = tl.sum(tl.sum(tl.where(rmask[:, None] & vmask, loss, 0.0), 1), 0)
+        tl.store(PART + pid, part)
+        ticket = tl.atomic_add(TICKET, 1)
+        nprog = tl.num_programs(0)
+        if ticket == nprog - 1:
+            total = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for p0 in range(0, nprog, BLOCK_P):
+                pp = p0 + tl.arange(0, BLOCK_P)
+                total += tl.load(PART + pp, mask=pp < nprog, other=0.0, volatile=True)
+            tl.store(LOSS, tl.sum(total, 0) * out_scale)
+            tl.atomic_xchg(TICKET, 0)
+
+
+@triton.jit
 def _dps_ce_kernel(
     Z, IDX, A, G, LOSS, PART, TICKET,
     B, C, N, stride_a, gamma, inv_tau_e, gscale, out_scale,
@@ -56,69 +140,33 @@ def _dps_ce_kernel(
     POSTERIOR: tl.constexpr, UPDATE: tl.constexpr, TEMPER: tl.constexpr, HAS_GRAD: tl.constexpr,
     REDUCE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rmask = rows < B
     cols = tl.arange(0, BLOCK_C)
     vcol = tl.arange(0, VP)
-    if HAS_IDX:
-        ids = tl.load(IDX + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        ids = rows
+    ids = tl.load(IDX + rows, mask=rmask, other=0).to(tl.int64) if HAS_IDX else rows
     ok = rmask & (ids >= 0) & (ids < N)
 
     # ---- pass 1: per view, online max and softmax normalisers; with view 0, the bank row's sum
     m_all = tl.zeros([ROWS, VP], dtype=tl.float32)
     s_all = tl.zeros([ROWS, VP], dtype=tl.float32)
     se_all = tl.zeros([ROWS, VP], dtype=tl.float32)
-    # accumulated by column and summed after the loop: a per-trip tl.sum here crashed triton
-    # 3.8's TritonGPUOptimizeThreadLocality pass (sm_90) for the unnormalised soft CE
     a_acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     for v in tl.static_range(V):
-        m = tl.full([ROWS], float("-inf"), tl.float32)
-        s = tl.zeros([ROWS], dtype=tl.float32)
-        se = tl.zeros([ROWS], dtype=tl.float32)
-        n_bad = tl.zeros([ROWS], dtype=tl.int32)
-        base = (v * B + rows) * C
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + cols
-            msk = rmask[:, None] & (cc < C)[None, :]
-            z = tl.load(Z + base[:, None] + cc[None, :], mask=msk, other=0.0).to(tl.float32)
-            if v == 0:  # the bank row, read in the same column loop as the logits
-                amsk = ok[:, None] & (cc < C)[None, :]
-                a_acc += tl.load(A + ids[:, None] * stride_a + cc[None, :], mask=amsk, other=0.0).to(tl.float32)
-            zm = tl.where(msk, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(zm, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.where(msk, tl.exp(z - m_safe[:, None]), 0.0), 1)
-            if TEMPER:
-                se = se * tl.exp((m - m_safe) * inv_tau_e) + tl.sum(
-                    tl.where(msk, tl.exp((z - m_safe[:, None]) * inv_tau_e), 0.0), 1)
-            # |z| < inf is false exactly for NaN and +-inf: never an overflow of finite values
-            n_bad += tl.sum(tl.where(msk & ~(tl.abs(z) < float("inf")), 1, 0), 1)
-            m = m_new
-        finite = (n_bad == 0) & (s == s) & (s < float("inf"))
+        m, s, se, finite, a_acc = _view_stats(Z, A, rows, rmask, ids, ok, a_acc, cols, B, C, stride_a, inv_tau_e,
+                                              v, ROWS, BLOCK_C, TEMPER)
         ok = ok & finite
         sel = vcol[None, :] == v
         m_all = tl.where(sel, m[:, None], m_all)
         s_all = tl.where(sel, s[:, None], s_all)
-        if TEMPER:
-            se_all = tl.where(sel, se[:, None], se_all)
-        else:
-            se_all = tl.where(sel, s[:, None], se_all)
+        se_all = tl.where(sel, se[:, None], se_all)
 
     # ---- the target's row sum S, from pass 1 (no pass of its own): the evidence, a mean of
     # softmaxes, sums to 1, so the updated row sums to gamma * sum_j a_j + 1 (docs/method.md §2)
-    a_sum = tl.sum(a_acc, 1)
-    if POSTERIOR:
-        S = gamma * a_sum + 1.0
-    else:
-        S = a_sum
-    if NORMALIZE:  # target a / S, whose mass is 1
-        target_scale = tl.where(ok, 1.0 / tl.where(ok, S, 1.0), 0.0)
-    else:  # target a itself, of mass S
-        target_scale = tl.where(ok, 1.0, 0.0)
-        mass = S
+    S = gamma * tl.sum(a_acc, 1) + 1.0 if POSTERIOR else tl.sum(a_acc, 1)
+    # the target is a / S, of mass 1 (NORMALIZE: the DPS step), or a itself, of mass S
+    target_scale = tl.where(ok, 1.0 / tl.where(ok, S, 1.0), 0.0) if NORMALIZE else tl.where(ok, 1.0, 0.0)
+    mass = 1.0 if NORMALIZE else S
 
     # ---- pass 2: bank store, target, loss dot products, gradient
     dots = tl.zeros([ROWS, VP], dtype=tl.float32)
@@ -134,47 +182,13 @@ def _dps_ce_kernel(
             if POSTERIOR:
                 a = a_new
         t = a * target_scale[:, None]
-        for v in tl.static_range(V):
-            sel = vcol[None, :] == v
-            mv = tl.sum(tl.where(sel, m_all, 0.0), 1)
-            sv = tl.sum(tl.where(sel, s_all, 0.0), 1)
-            zmsk = rmask[:, None] & cmask
-            zoff = ((v * B + rows) * C)[:, None] + cc[None, :]
-            z = tl.load(Z + zoff, mask=zmsk, other=0.0).to(tl.float32)
-            # the half gap sum_j t_j (m/2 - z_j/2) >= 0: m/2 - z/2 cannot overflow for finite z, so
-            # the loss overflows only where the exact loss does (docs/method.md §9)
-            d = tl.sum(tl.where(amsk, t * (0.5 * mv[:, None] - 0.5 * z), 0.0), 1)
-            dots = tl.where(sel, dots + d[:, None], dots)
-            if HAS_GRAD:
-                p = tl.exp(z - mv[:, None]) / sv[:, None]
-                if NORMALIZE:
-                    g = tl.where(ok[:, None], (p - t) * gscale, float("nan"))
-                else:
-                    g = tl.where(ok[:, None], (mass[:, None] * p - t) * gscale, float("nan"))
-                tl.store(G + zoff, to_dtype(g, G.dtype.element_ty), mask=zmsk)
+        dots = _view_outputs(Z, G, rows, rmask, amsk, cmask, cc, t, m_all, s_all, vcol, ok, mass, dots, B, C,
+                             gscale, V, HAS_GRAD, NORMALIZE)
 
     # ---- loss per view and row: mass * logsumexp - <t, z> = mass * log(s) + 2 * half gap
     log_s = tl.log(tl.where(s_all > 0, s_all, 1.0))
-    if NORMALIZE:
-        loss = tl.where(ok[:, None], log_s + 2.0 * dots, float("nan"))
-    else:
-        loss = tl.where(ok[:, None], mass[:, None] * log_s + 2.0 * dots, float("nan"))
-    vmask = vcol[None, :] < V
-    if REDUCE == 0:
-        loff = vcol[None, :].to(tl.int64) * B + rows[:, None]
-        tl.store(LOSS + loff, loss, mask=rmask[:, None] & vmask)
-    else:
-        part = tl.sum(tl.sum(tl.where(rmask[:, None] & vmask, loss, 0.0), 1), 0)
-        tl.store(PART + pid, part)
-        ticket = tl.atomic_add(TICKET, 1)
-        nprog = tl.num_programs(0)
-        if ticket == nprog - 1:
-            total = tl.zeros([BLOCK_P], dtype=tl.float32)
-            for p0 in range(0, nprog, BLOCK_P):
-                pp = p0 + tl.arange(0, BLOCK_P)
-                total += tl.load(PART + pp, mask=pp < nprog, other=0.0, volatile=True)
-            tl.store(LOSS, tl.sum(total, 0) * out_scale)
-            tl.atomic_xchg(TICKET, 0)
+    loss = tl.where(ok[:, None], (log_s if NORMALIZE else mass[:, None] * log_s) + 2.0 * dots, float("nan"))
+    _write_loss(LOSS, PART, TICKET, loss, rows, rmask, vcol, B, out_scale, V, REDUCE, BLOCK_P)
 
 
 _tickets: dict = {}
