@@ -107,9 +107,8 @@ class LocalTopKBank(Bank):
     def iter_rows(self, chunk_rows: int = 65536):
         """(ids, implied dense rows) a chunk at a time: chunk_rows * C values of scratch."""
         for k in range(0, self.num_samples, chunk_rows):
-            sl = slice(k, k + chunk_rows)
-            yield torch.arange(k, min(k + chunk_rows, self.num_samples)), \
-                T.densify(self.ids[sl], self.vals[sl], self.rest[sl], self.num_classes)
+            ids = torch.arange(k, min(k + chunk_rows, self.num_samples))
+            yield ids, self.rows(ids)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         idx = index.to(self.device, torch.int64)

@@ -67,10 +67,8 @@ class ReplicatedTopKBank(DistributedBank):
     def iter_rows(self, chunk_rows: int = 65536):
         """This rank's share of the read-outs (ids rank, rank + W, ...), implied dense rows."""
         ids = torch.arange(self.rank, self.num_samples, self.world)
-        loc = self.local
         for k in range(0, ids.shape[0], chunk_rows):
-            part = ids[k:k + chunk_rows].to(self.device)
-            yield ids[k:k + chunk_rows], T.densify(loc.ids[part], loc.vals[part], loc.rest[part], self.num_classes)
+            yield ids[k:k + chunk_rows], self.local.rows(ids[k:k + chunk_rows])
 
     # ------------------------------------------------------------------ module plumbing
     def move(self, fn):
