@@ -54,12 +54,12 @@ def interleaved_us(cases: dict, calls: int, rounds: int) -> dict:
 def python_path(fn):
     """``fn`` with the eager fast path switched off: the call goes through the Python checks."""
     def run():
-        saved = dps_fast._dispatch.eager_op
-        dps_fast._dispatch.eager_op = lambda *args: None
+        saved = dps_fast._fast_path.eager_op
+        dps_fast._fast_path.eager_op = lambda *args: None
         try:
             return fn()
         finally:
-            dps_fast._dispatch.eager_op = saved
+            dps_fast._fast_path.eager_op = saved
     return run
 
 
@@ -97,7 +97,7 @@ def probe(b: int, c: int, n: int, calls: int, rounds: int) -> dict:
         return run, lambda k: [make() for _ in range(k)]
 
     eager = torch.ops.dps_fast.dps_ce_eager.default
-    binding = dps_fast._dispatch._eager_bindings.get("dps_ce_eager")  # csrc/module.cpp
+    binding = dps_fast._fast_path._eager_bindings.get("dps_ce_eager")  # csrc/module.cpp
     out = interleaved_us({
         "hand fwd+bwd": loop(hand_step),
         "fused fwd+bwd": loop(fused_step),

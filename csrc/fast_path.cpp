@@ -4,7 +4,8 @@
 // and the same backward formula (ops.cpp, scale_grad) as the Python path, so results are
 // bit-identical; its autograd node is a bare one (ops.cpp, AttachGradBackward).
 //
-// It only *accepts* calls: anything it does not take on (float64, an empty batch, a view of
+// What it accepts (dtypes, names, bounds, its schema) is declared once, in dps_fast/_contract.py,
+// and reaches this file as the generated header fast_path_contract.h. It only *accepts* calls: anything it does not take on (float64, an empty batch, a view of
 // another layout, bad input of any kind) it declines with NotImplementedError before
 // touching anything, and the Python path (dps_fast/ops/dps_cross_entropy.py) then runs the
 // call or raises the one error message for it (dps_fast/_validate.py). The index check is
@@ -26,29 +27,25 @@
 
 #include "cpu/validate.h"
 #include "fast_path.h"
+#include "fast_path_contract.h"
 #include "ops.h"
 
 namespace dps_fast {
 namespace {
 
-bool fused_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-bool index_dtype(at::ScalarType t) {
-  return t == at::kLong || t == at::kInt || t == at::kShort || t == at::kChar || t == at::kByte;
-}
+using contract::fused_dtype;
+using contract::index_dtype;
 
 bool plain_strided_cpu(const at::Tensor& t) { return plain_cpu(t) && t.layout() == at::kStrided; }
 
-// The backend the call asks for: the argument, else DPS_FAST_BACKEND (read with getenv, ~50 ns,
+// The backend the call asks for: the argument, else the environment (read with getenv, ~50 ns,
 // where Python's os.environ.get costs ~2 us), as dps_fast/_dispatch.py::resolve reads them.
 // (os.environ writes through to the C environment; glibc never frees an old environment
 // array, so a concurrent setenv cannot pull it from under getenv.)
 bool asks_for_cpu(const std::optional<c10::string_view>& backend) {
-  if (backend.has_value()) return *backend == "auto" || *backend == "cpu";
-  const char* env = std::getenv("DPS_FAST_BACKEND");
-  if (env == nullptr || *env == '\0') return true;
-  const c10::string_view name(env);
-  return name == "auto" || name == "cpu";
+  if (backend.has_value()) return contract::eager_backend_position(*backend) >= 0;
+  const char* env = std::getenv(contract::kBackendEnv);
+  return env == nullptr || *env == '\0' || contract::eager_backend_position(env) >= 0;
 }
 
 // [first byte, one past the last byte] of t's elements (strides are >= 0):
@@ -90,13 +87,6 @@ void accept_tensors(const at::Tensor& logits, const at::Tensor& index, const at:
   DPS_ACCEPT(!shares_memory(alpha, logits) && !shares_memory(alpha, index), "a bank sharing the logits or index");
 }
 
-int64_t reduction_code(c10::string_view reduction) {
-  if (reduction == "none") return 0;
-  if (reduction == "mean") return 1;
-  DPS_ACCEPT(reduction == "sum", "this reduction");
-  return 2;
-}
-
 at::Tensor dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::Tensor& alpha, double gamma,
                         double tau_e, c10::string_view target, c10::string_view reduction, bool update,
                         bool validate, std::optional<c10::string_view> backend) {
@@ -105,13 +95,12 @@ at::Tensor dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::T
   // Python path's list in backward, FlopCounterMode and debug modes report it; keep it the same
   DPS_ACCEPT(!c10::impl::dispatch_mode_enabled(), "calls under a torch dispatch mode");
   accept_tensors(logits, index, alpha);
-  DPS_ACCEPT(gamma > 0.0 && gamma <= 1.0, "this gamma");
-  // tau_e and 1 / tau_e normal float32 numbers (dps_fast/_validate.py::evidence_temperature)
-  DPS_ACCEPT(tau_e >= static_cast<double>(std::numeric_limits<float>::min()) &&
-                 tau_e < std::numeric_limits<double>::infinity(),
-             "this tau_e");
-  DPS_ACCEPT(target == "posterior" || target == "prior", "this target");
-  const int64_t red = reduction_code(reduction);
+  DPS_ACCEPT(gamma > contract::kGammaLow && gamma <= contract::kGammaHigh, "this gamma");
+  DPS_ACCEPT(tau_e >= contract::kTauEMin && tau_e < std::numeric_limits<double>::infinity(), "this tau_e");
+  const int target_position = contract::target_position(target);
+  DPS_ACCEPT(target_position >= 0, "this target");
+  const int64_t red = contract::reduction_code(reduction);
+  DPS_ACCEPT(red >= 0, "this reduction");
 
   static auto step = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("dps_fast::dps_ce_fwd", "")
@@ -127,7 +116,7 @@ at::Tensor dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, at::T
     if (validate) cpu::check_index_values(idx, alpha.size(0));
     const at::Tensor z = logits.detach();
     grad = need_grad ? at::empty_like(z, at::MemoryFormat::Contiguous) : at::empty({0}, z.options());
-    loss = step.call(z, idx, alpha, grad, gamma, tau_e, target == "posterior", update, red);
+    loss = step.call(z, idx, alpha, grad, gamma, tau_e, /*posterior=*/target_position == 0, update, red);
   }
   return need_grad ? attach_grad_to_new(std::move(loss), logits, grad) : loss;
 }
@@ -149,8 +138,5 @@ at::Tensor call_dps_ce_eager(const at::Tensor& logits, const at::Tensor& index, 
 
 TORCH_LIBRARY_FRAGMENT(dps_fast, m) {
   // Eager only (it reads data on the host): the Python path runs under torch.compile and torch.func.
-  m.def(
-      "dps_ce_eager(Tensor logits, Tensor index, Tensor(a!) alpha, float gamma, float tau_e, str target, "
-      "str reduction, bool update, bool validate, str? backend) -> Tensor",
-      &dps_fast::dps_ce_eager);
+  m.def(dps_fast::contract::kEagerSchema, &dps_fast::dps_ce_eager);
 }

@@ -6,9 +6,11 @@
 
 #include <optional>
 
+#include "fast_path_contract.h"
+
 // Declines a call unless `cond`: a NotImplementedError whose message starts as
-// dps_fast/_dispatch.py::EAGER_DECLINES says (only that is a decline), raised before any write.
-#define DPS_ACCEPT(cond, what) TORCH_CHECK_NOT_IMPLEMENTED(cond, "dps_fast: the eager fast path declines ", what)
+// dps_fast/_contract.py::DECLINES says (only that is a decline), raised before any write.
+#define DPS_ACCEPT(cond, what) TORCH_CHECK_NOT_IMPLEMENTED(cond, DPS_FAST_DECLINES " ", what)
 
 namespace dps_fast {
 

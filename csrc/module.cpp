@@ -23,7 +23,7 @@ const at::Tensor& tensor_arg(PyObject* obj) {
   return THPVariable_Unpack(obj);
 }
 
-// A float, or an int that a double holds exactly (dps_fast/ops/dps_cross_entropy.py::plain_real).
+// A float, or an int that a double holds exactly (dps_fast/_fast_path.py, the kind "real").
 double real_arg(PyObject* obj) {
   if (PyFloat_CheckExact(obj)) return PyFloat_AS_DOUBLE(obj);
   DPS_ACCEPT(PyLong_CheckExact(obj), "this number type");
@@ -52,7 +52,8 @@ c10::string_view str_arg(PyObject* obj) {
 // positional, as the op's schema.
 PyObject* dps_ce_eager(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 10, "dps_fast._C.dps_ce_eager takes 10 positional arguments, got ", nargs);
+  TORCH_CHECK_TYPE(nargs == dps_fast::contract::kEagerArguments, "dps_fast._C.dps_ce_eager takes ",
+                   dps_fast::contract::kEagerArguments, " positional arguments, got ", nargs);
   const at::Tensor& logits = tensor_arg(args[0]);
   const at::Tensor& index = tensor_arg(args[1]);
   at::Tensor alpha = tensor_arg(args[2]);

@@ -19,7 +19,6 @@ What each backend takes and the automatic order per device are data
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Callable, NamedTuple
 
@@ -34,7 +33,6 @@ class BackendUnavailableError(RuntimeError):
 
 
 _state: dict = {}  # the Triton and CUDA probes' answers, and the warnings already given
-_eager_bindings = _extension.eager_bindings  # read by eager_op, on the hot path, as a module global
 
 
 def _cuda_probe(device: torch.device) -> str | None:
@@ -205,34 +203,3 @@ def op(name: str, op_name: str):
         if not torch.compiler.is_compiling():  # no global-dict writes inside a traced region
             _overloads[key] = found
     return found
-
-
-_EAGER_BACKENDS = (None, "auto", "cpu")
-# How an eager op's NotImplementedError starts when it declines a call (csrc/fast_path.cpp)
-EAGER_DECLINES = "dps_fast: the eager fast path declines"
-
-
-def eager_op(op_name: str, x, backend):
-    """The C++ op ``op_name`` that runs a whole public call on CPU tensors (the eager fast
-    path, docs/contributing.md), or None where the call takes the Python path: the C++ ops
-    are not loaded, ``x`` is not a CPU tensor, another backend is named, the call is traced
-    (torch.compile), transformed (torch.func) or re-run inside backward (activation
-    checkpointing), compiled autograd is on, or a torch function/dispatch mode is active. The op itself declines
-    whatever else it does not take on (:data:`EAGER_DECLINES`)."""
-    if backend not in _EAGER_BACKENDS or not isinstance(x, torch.Tensor) or not x.is_cpu:
-        return None
-    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1 or \
-            torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return None
-    # a torch function mode would see the eager op in place of the Python path's calls
-    # (the op declines under a dispatch mode itself)
-    if torch._C._is_torch_function_mode_enabled():
-        return None
-    # the fast path's autograd node cannot be traced by compiled autograd (csrc/ops.cpp)
-    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
-    if compiled_autograd is not None and compiled_autograd.compiled_autograd_enabled:
-        return None
-    if _extension.load_error is not None:
-        return None
-    found = _eager_bindings.get(op_name)
-    return found if found is not None else op("cpu", op_name)

@@ -19,6 +19,7 @@ import sys
 import torch
 
 from . import _build
+from . import _contract as contract
 
 _NAME = f"{__package__}._C"
 
@@ -54,7 +55,7 @@ def _bindings_of(module) -> dict:
     plain CPython functions (csrc/module.cpp): the same ops, called without torch.ops' boxed
     argument parsing (~7 of a ~22 us forward at [128, 10]). ``make sanitize`` loads a stub
     module: there, none, and torch.ops serves."""
-    return {name: getattr(module, name) for name in ("dps_ce_eager",) if hasattr(module, name)}
+    return {name: getattr(module, name) for name in (contract.EAGER_OP,) if hasattr(module, name)}
 
 
 load_error, _module = _load()

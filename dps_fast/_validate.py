@@ -14,12 +14,15 @@ import math
 
 import torch
 
+from . import _contract as contract
 from . import _extension
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-TARGETS = ("posterior", "prior")
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# The step's domain, declared once in dps_fast/_contract.py (which the eager fast path's C++
+# filter reads too).
+REDUCTIONS = {name: code for code, name in enumerate(contract.REDUCTIONS)}
+TARGETS = contract.TARGETS
+FUSED_DTYPES = tuple(getattr(torch, name) for name in contract.FUSED_DTYPES)
+INT_DTYPES = tuple(getattr(torch, name) for name in contract.INDEX_DTYPES)
 
 
 def reduction_code(reduction) -> int:
@@ -37,12 +40,8 @@ def positive(name: str, value) -> float:
     return value
 
 
-# The smallest tau_e every backend computes with: the kernels take tau_e as a float32 and
-# multiply by 1 / tau_e. Below FLT_MIN (2**-126) tau_e is subnormal in float32, so flushed to 0
-# under torch.set_flush_denormal(True), and near 1 / FLT_MAX its inverse rounds to inf; at
-# FLT_MIN both tau_e and 1 / tau_e (2**126) are normal float32 numbers. (csrc/fast_path.cpp
-# declines below it.)
-MIN_TAU_E = torch.finfo(torch.float32).tiny
+# The smallest tau_e every backend computes with (FLT_MIN; the reason is in dps_fast/_contract.py).
+MIN_TAU_E = contract.TAU_E_MIN
 
 
 def evidence_temperature(tau_e) -> float:
@@ -108,8 +107,8 @@ def gamma_value(gamma) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
     gamma = float(gamma)
-    if not (0.0 < gamma <= 1.0):
-        raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
+    if not (contract.GAMMA_LOW < gamma <= contract.GAMMA_HIGH):
+        raise ValueError(f"gamma must lie in ({contract.GAMMA_LOW:g}, {contract.GAMMA_HIGH:g}], got {gamma}")
     return gamma
 
 

@@ -56,13 +56,13 @@ def seed():
 
 # The eager fast path (csrc/fast_path.cpp) in tests: switch it off, or count what it takes on.
 def python_path_only(monkeypatch):
-    monkeypatch.setattr(dps_fast._dispatch, "eager_op", lambda *args: None)
+    monkeypatch.setattr(dps_fast._fast_path, "eager_op", lambda *args: None)
 
 
 def eager_spy(monkeypatch):
     """Counts the calls that the eager op takes on (declines are not counted)."""
     taken = []
-    real = dps_fast._dispatch.eager_op
+    real = dps_fast._fast_path.eager_op
 
     def spy(*args):
         op = real(*args)
@@ -74,7 +74,7 @@ def eager_spy(monkeypatch):
             taken.append(1)
             return out
         return run
-    monkeypatch.setattr(dps_fast._dispatch, "eager_op", spy)
+    monkeypatch.setattr(dps_fast._fast_path, "eager_op", spy)
     return taken
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dps_fast
-from dps_fast import _dispatch
+from dps_fast import _fast_path
 from _helpers import FUSED, HAS_CPU, case_id, eager_spy, python_path_only, rule_check
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -179,7 +179,7 @@ def test_any_number_of_views(case, v):
 
 # The op has two entries: torch.ops, and the CPython binding of dps_fast._C (csrc/module.cpp,
 # prebuilt or built on first import), which dps_fast prefers. make sanitize loads a stub instead.
-BINDING = _dispatch._eager_bindings.get("dps_ce_eager")
+BINDING = _fast_path._eager_bindings.get("dps_ce_eager")
 ENTRIES = ["torch.ops", pytest.param("binding", marks=pytest.mark.skipif(
     BINDING is None, reason="dps_fast._C has no binding here (make sanitize's stub)"))]
 
@@ -314,7 +314,7 @@ def test_eager_op_follows_the_backend_environment_variable(monkeypatch, entry):
 def test_the_binding_is_the_op_called_without_torch_ops():
     """dps_fast calls the binding where dps_fast._C has it; it runs the same op
     through the dispatcher (the profiler names it), bit for bit, and raises the same errors."""
-    assert _dispatch.eager_op("dps_ce_eager", torch.randn(2, 3), None) is BINDING
+    assert _fast_path.eager_op("dps_ce_eager", torch.randn(2, 3), None) is BINDING
     gen = torch.Generator().manual_seed(3)
     z, idx = torch.randn(2, 9, 17, generator=gen), torch.randperm(40, generator=gen)[:9]
     bank = dps_fast.init_prior(torch.randint(0, 17, (40,), generator=gen), 17)
@@ -351,7 +351,7 @@ def test_the_binding_declines_what_torch_ops_would_treat_otherwise():
     for what, changes in odd.items():
         kw = {**dict(logits=z, index=idx, alpha=alpha), **changes}
         before = kw["alpha"].clone()
-        with pytest.raises(NotImplementedError, match=_dispatch.EAGER_DECLINES):
+        with pytest.raises(NotImplementedError, match=_fast_path.EAGER_DECLINES):
             eager_call(**kw, entry="binding")
         assert torch.equal(kw["alpha"], before), what
     with pytest.raises(TypeError, match="takes 10 positional arguments"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.dps_cross_entropy import eager_step
+from .. import _fast_path
 from . import state as bank_state
 from .base import Bank, StepPlan
 
@@ -24,8 +24,8 @@ class LocalBank(Bank):
         first tries the eager fast path, which runs the same step on the bank in place
         (or declines, untouched, to the base class's checks and messages)."""
         if valid is None and extra_check is None:
-            loss = eager_step(logits, index, self.storage, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction,
-                              update, cfg.validate, cfg.backend)
+            loss = _fast_path.step(logits, index, self.storage, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction,
+                                   update, cfg.validate, cfg.backend)
             if loss is not None:
                 return loss, None
         return super().step(logits, index, valid, update, cfg, extra_check)

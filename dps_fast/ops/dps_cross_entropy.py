@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch
+from .. import _dispatch, _fast_path
 from .. import _validate as checks
 from ._common import (attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer,
                       in_backward_recompute, loss_shape, needs_grad, reduce, soft_target_loss, under_functorch)
 
-OP = "dps_ce_fwd"
-EAGER_OP = "dps_ce_eager"  # the whole call in C++, for plain CPU tensors (csrc/fast_path.cpp)
+OP = "dps_ce_fwd"  # the whole call on plain CPU tensors: dps_fast._fast_path
 __all__ = ["dps_cross_entropy"]
 
 
@@ -96,8 +95,8 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
         inplace_grad: write the gradient into ``logits``' storage instead of a new
             buffer (saves memory; eager only; ``logits`` must not be needed afterwards).
     """
-    loss = None if inplace_grad else eager_step(logits, index, alpha, gamma, tau_e, target, reduction, update,
-                                                validate, backend)
+    loss = None if inplace_grad else _fast_path.step(logits, index, alpha, gamma, tau_e, target, reduction,
+                                                     update, validate, backend)
     if loss is not None:
         return loss
     v, b, c, gamma, tau_e, posterior, red, index = check(logits, index, alpha, gamma, tau_e, target, reduction,
@@ -106,33 +105,6 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
         checks.disjoint_from_logits("index", index, logits)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, alpha.dtype))
     return run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend, inplace_grad)
-
-
-def eager_step(logits, index, alpha, gamma, tau_e, target, reduction, update, validate, backend):
-    """The step as one C++ op (the eager fast path, csrc/fast_path.cpp), or None where that
-    does not apply or the op declines, untouched: the caller then takes its Python path, which
-    runs the call or raises the one error message for it."""
-    eager = _dispatch.eager_op(EAGER_OP, logits, backend)
-    if eager is None or not plain_arguments(index, alpha, gamma, tau_e, target, reduction, update, validate):
-        return None
-    try:
-        return eager(logits, index, alpha, gamma, tau_e, target, reduction, update, validate, backend)
-    except NotImplementedError as e:
-        if not str(e).startswith(_dispatch.EAGER_DECLINES):
-            raise
-        return None
-
-
-def plain_arguments(index, alpha, gamma, tau_e, target, reduction, update, validate) -> bool:
-    """Arguments the eager op's schema takes as they are (tensors, floats or small ints, known
-    names, bools): anything else takes the Python path, whose checks name the problem."""
-    return (isinstance(index, torch.Tensor) and isinstance(alpha, torch.Tensor) and plain_real(gamma)
-            and plain_real(tau_e) and target in checks.TARGETS and reduction in checks.REDUCTIONS
-            and type(update) is bool and type(validate) is bool)
-
-
-def plain_real(x) -> bool:
-    return type(x) is float or (type(x) is int and -2 ** 53 <= x <= 2 ** 53)
 
 
 def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend=None, inplace_grad=False):
