@@ -32,6 +32,11 @@ def op_modules():
     return MODULES
 
 
+def kernels():
+    """Every kernel op of every op module (their ``KERNELS``)."""
+    return [kernel for mod in MODULES for kernel in mod.KERNELS]
+
+
 def schema(op: str) -> str:
     """The schema of ``op`` (without its namespace) as the C++ extension defines it: the one
     definition, next to the op's CPU kernel."""
@@ -40,8 +45,8 @@ def schema(op: str) -> str:
 
 def register_fakes(namespace: str) -> None:
     """The shape functions of every fused op (for torch.compile / FakeTensor)."""
-    for mod in op_modules():
-        torch.library.register_fake(f"{namespace}::{mod.OP}", mod.fake)
+    for kernel in kernels():
+        torch.library.register_fake(f"{namespace}::{kernel.name}", kernel.fake)
 
 
 def register_check_index() -> None:

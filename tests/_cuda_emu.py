@@ -14,6 +14,8 @@ import subprocess
 
 import torch
 
+from dps_fast.ops.supcon import fused as fused_supcon
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tools", "cuda_emulator")
 CUDA = os.path.join(ROOT, "csrc", "cuda")
@@ -116,34 +118,29 @@ def scale_unless_one_(grad, s):
 
 
 # ------------------------------------------------------------------ mirror of supcon_glue.cpp
-def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
-    lib = library()
-    x = features.float().contiguous()
-    norm, f = None, x
-    if normalize:
-        norm = x.norm(2, 1, True).clamp_min(1e-12)
-        f = (x / norm).contiguous()
+def _supcon_launch(grad, f, labels, soft, lse, wsum, wdot, coef, invw, df, inv_tau):
     lab = labels.to(torch.int64).contiguous() if labels is not None else None
     sft = soft.float().contiguous() if soft is not None else None
     m, d = f.shape
-    lse, wsum, wdot = torch.empty(m), torch.empty(m), torch.empty(m)
     k = sft.shape[1] if sft is not None else 0
+    return library().emu_launch_supcon(int(grad), _ptr(f), _ptr(lab), _ptr(sft), _ptr(lse), _ptr(wsum), _ptr(wdot),
+                                       _ptr(coef), _ptr(invw), _ptr(df), ctypes.c_int64(m), ctypes.c_int64(d),
+                                       ctypes.c_int64(k), ctypes.c_float(inv_tau))
 
-    def launch(grad, coef=None, invw=None, df=None):
-        return lib.emu_launch_supcon(int(grad), _ptr(f), _ptr(lab), _ptr(sft), _ptr(lse), _ptr(wsum), _ptr(wdot),
-                                     _ptr(coef), _ptr(invw), _ptr(df), ctypes.c_int64(m), ctypes.c_int64(d),
-                                     ctypes.c_int64(k), ctypes.c_float(1.0 / tau))
-    _check(launch(False), "SupCon statistics kernel")
-    valid = wsum > 0
-    n_valid = valid.sum().clamp_min(1).float()
-    safe = torch.where(valid, wsum, torch.ones_like(wsum))
-    loss = torch.where(valid, lse - wdot / safe, torch.zeros_like(lse)).sum() / n_valid
-    if not need_grad:
-        return loss, features.new_empty(0)
-    coef = valid.float() / n_valid
-    invw = torch.where(valid, safe.reciprocal(), torch.zeros_like(safe))
+
+def supcon_stats(f, labels, soft, inv_tau):
+    lse, wsum, wdot = (torch.empty(f.shape[0]) for _ in range(3))
+    _check(_supcon_launch(False, f, labels, soft, lse, wsum, wdot, None, None, None, inv_tau),
+           "SupCon statistics kernel")
+    return lse, wsum, wdot
+
+
+def supcon_grad(f, labels, soft, lse, coef, invw, inv_tau):
     df = torch.empty_like(f)
-    _check(launch(True, coef, invw, df), "SupCon gradient kernel")
-    if normalize:
-        df = (df - f * (f * df).sum(1, keepdim=True)) / norm
-    return loss, df.to(features.dtype)
+    _check(_supcon_launch(True, f, labels, soft, lse, None, None, coef, invw, df, inv_tau), "SupCon gradient kernel")
+    return df
+
+
+def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
+    """The public op's host glue (dps_fast/ops/supcon.py) over the emulated kernels."""
+    return fused_supcon(supcon_stats, supcon_grad, features, labels, soft, tau, normalize, need_grad)

@@ -15,9 +15,9 @@ def _namespace(backend):
 @pytest.mark.parametrize("case", FUSED, ids=case_id)
 def test_every_op_is_registered_with_one_schema(case):
     ns = _namespace(case[0])
-    for mod in _ops.op_modules():
-        op = getattr(getattr(torch.ops, ns), mod.OP).default
-        assert str(op._schema) == f"{ns}::{_ops.schema(mod.OP)}", mod.OP
+    for kernel in _ops.kernels():
+        op = getattr(getattr(torch.ops, ns), kernel.name).default
+        assert str(op._schema) == f"{ns}::{_ops.schema(kernel.name)}", kernel.name
 
 
 @pytest.mark.parametrize("case", FUSED, ids=case_id)
@@ -25,9 +25,9 @@ def test_opcheck_all_ops(case):
     """torch.library.opcheck of every op, on the samples its module declares."""
     backend, device = case
     ops = getattr(torch.ops, _namespace(backend))
-    for mod in _ops.op_modules():
-        for args in mod.opcheck_samples(device):
-            torch.library.opcheck(getattr(ops, mod.OP).default, args)
+    for kernel in _ops.kernels():
+        for args in kernel.samples(device):
+            torch.library.opcheck(getattr(ops, kernel.name).default, args)
     loss = torch.randn(3, device=device)
     x = torch.randn(3, 4, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.dps_fast.attach_grad.default, (loss, x, torch.randn(3, 4, device=device)))

@@ -1,10 +1,12 @@
-// Fused CPU kernel: supervised contrastive / NT-Xent loss (docs/method.md §4), forward and gradient.
+// Fused CPU kernels: supervised contrastive / NT-Xent loss (docs/method.md §4), as two ops
+// over float32 rows f [M, d] (normalised by the caller): supcon_stats, the per-row statistics,
+// and supcon_grad, the gradient from them. The host glue around them (normalisation, the mean
+// over anchors, the per-row coefficients) is written once, in dps_fast/ops/supcon.py.
 //
 // The M x M similarity matrix is never held: rows are processed in strips of R rows
 // (R * M floats, about 8 MB), each strip formed by one GEMM, reduced on the fly to the
-// per-row logsumexp and positive sums, and dropped. The gradient pass recomputes the
-// strips and needs only per-row statistics of the forward pass (logsumexp, positive
-// weight sums, validity).
+// per-row logsumexp and positive sums, and dropped. The gradient op recomputes the
+// strips and needs only per-row statistics (logsumexp, the coefficients).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,32 +24,25 @@ int64_t strip_rows(int64_t M) {
   return std::max<int64_t>(16, std::min<int64_t>(M, budget / std::max<int64_t>(M, 1)));
 }
 
-// The checked float32 inputs of one call: features (normalised if asked), and the positive
-// weights' source, hard labels (lp) or soft targets (w_src).
+// The inputs of one call: float32 rows f [M, D] (contiguous, normalised if asked, by the
+// caller) and the positive weights' source, hard labels (lp) or soft targets (w_src).
 struct SupconInputs {
-  at::Tensor x, norm, f, ft, lab, w_src, wt;
+  at::Tensor f, ft, lab, w_src, wt;
   const int64_t* lp = nullptr;
   int64_t M = 0, D = 0;
   float inv_tau = 1.f;
 };
 
-SupconInputs supcon_inputs(const at::Tensor& features, const std::optional<at::Tensor>& labels,
-                           const std::optional<at::Tensor>& soft, double tau, bool normalize) {
-  TORCH_CHECK_VALUE(features.dim() == 2, "dps_fast: supcon_fwd takes features [M, d]");
-  TORCH_CHECK_VALUE(labels.has_value() != soft.has_value(),
-                    "dps_fast: supcon_fwd needs exactly one of labels and soft");
-  TORCH_CHECK_TYPE(features.scalar_type() != at::kDouble,
-                   "dps_fast: the fused CPU kernel takes float32/bfloat16/float16");
+SupconInputs supcon_inputs(const at::Tensor& f, const std::optional<at::Tensor>& labels,
+                           const std::optional<at::Tensor>& soft, double inv_tau) {
+  TORCH_CHECK_VALUE(f.dim() == 2 && f.scalar_type() == at::kFloat && f.is_contiguous(),
+                    "dps_fast: the SupCon ops take contiguous float32 rows [M, d]");
+  TORCH_CHECK_VALUE(labels.has_value() != soft.has_value(), "dps_fast: the SupCon ops need exactly one of labels and soft");
   SupconInputs in;
-  in.M = features.size(0);
-  in.D = features.size(1);
-  in.inv_tau = static_cast<float>(1.0 / tau);
-  in.x = features.to(at::kFloat).contiguous();
-  in.f = in.x;
-  if (normalize) {
-    in.norm = in.x.norm(2, 1, true).clamp_min(1e-12);  // as F.normalize
-    in.f = in.x / in.norm;
-  }
+  in.M = f.size(0);
+  in.D = f.size(1);
+  in.inv_tau = static_cast<float>(inv_tau);
+  in.f = f;
   if (labels.has_value()) {
     in.lab = labels->to(at::kLong).contiguous();
     TORCH_CHECK_VALUE(in.lab.numel() == in.M, "dps_fast: labels must be [M]");
@@ -67,8 +62,8 @@ struct Strips {
   int64_t R;
   at::Tensor s, w;
   Strips(const SupconInputs& in) : R(strip_rows(in.M)) {
-    s = at::empty({R, in.M}, in.x.options());
-    if (!in.lp) w = at::empty({R, in.M}, in.x.options());
+    s = at::empty({R, in.M}, in.f.options());
+    if (!in.lp) w = at::empty({R, in.M}, in.f.options());
   }
   at::Tensor strip(const SupconInputs& in, int64_t i0, int64_t r1) {
     auto sn = s.narrow(0, 0, r1);
@@ -92,15 +87,15 @@ void fill_weights(const SupconInputs& in, int64_t i, float* wrow) {
   wrow[i] = 0.f;
 }
 
-// Per-row statistics of the forward pass: logsumexp over j != i, the positive weight sum and
-// the weighted similarity.
+// Per-row statistics: logsumexp over j != i, the positive weight sum and the weighted
+// similarity ([M] float32 each).
 struct RowStats {
-  std::vector<float> lse, wsum, wdot;
-  explicit RowStats(int64_t M) : lse(M), wsum(M), wdot(M) {}
+  float *lse, *wsum, *wdot;
 };
 
-// Pass 1 over one strip's rows [a, b).
-void stats_rows(const SupconInputs& in, RowStats& st, int64_t i0, float* sp, float* wp, int64_t a, int64_t b) {
+// The statistics of one strip's rows [a, b).
+void stats_rows(const SupconInputs& in, const RowStats& st, int64_t i0, float* sp, float* wp, int64_t a,
+                int64_t b) {
   const int64_t M = in.M;
   std::vector<float> tmp(M), wl(in.lp ? M : 0);
   for (int64_t r = a; r < b; ++r) {
@@ -121,35 +116,32 @@ void stats_rows(const SupconInputs& in, RowStats& st, int64_t i0, float* sp, flo
   }
 }
 
-RowStats row_stats(const SupconInputs& in, Strips& strips) {
-  RowStats st(in.M);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_stats_cpu(const at::Tensor& f,
+                                                                const std::optional<at::Tensor>& labels,
+                                                                const std::optional<at::Tensor>& soft,
+                                                                double inv_tau) {
+  const SupconInputs in = supcon_inputs(f, labels, soft, inv_tau);
+  at::Tensor lse = at::empty({in.M}, f.options()), wsum = at::empty_like(lse), wdot = at::empty_like(lse);
+  const RowStats st{lse.data_ptr<float>(), wsum.data_ptr<float>(), wdot.data_ptr<float>()};
+  Strips strips(in);
   for (int64_t i0 = 0; i0 < in.M; i0 += strips.R) {
     const int64_t r1 = std::min(strips.R, in.M - i0);
     float* sp = strips.strip(in, i0, r1).data_ptr<float>();
     float* wp = strips.weights_of(in);
     at::parallel_for(0, r1, 1, [&](int64_t a, int64_t b) { stats_rows(in, st, i0, sp, wp, a, b); });
   }
-  return st;
+  return {lse, wsum, wdot};
 }
 
-// The mean over anchors with a positive of lse_i - wdot_i / wsum_i, and their count.
-std::pair<double, int64_t> mean_loss(const RowStats& st) {
-  double total = 0.0;
-  int64_t n_valid = 0;
-  for (size_t i = 0; i < st.lse.size(); ++i) {
-    if (st.wsum[i] > 0.f) {
-      total += static_cast<double>(st.lse[i]) - static_cast<double>(st.wdot[i]) / st.wsum[i];
-      ++n_valid;
-    }
-  }
-  return {n_valid ? total / static_cast<double>(n_valid) : 0.0, n_valid};
-}
+// The gradient's per-row inputs: logsumexp, c_i = valid_i / n_valid and invw_i = valid_i / wsum_i.
+struct GradRows {
+  const float *lse, *coef, *inv_ws;
+};
 
-// Pass 2 over one strip's rows [a, b): the strip row becomes (G_i. + G_.i) / tau, with
-// G_ij = c_i (p_ij - w_ij / wsum_i), c_i = valid_i / n_valid, p_ij = exp(s_ij - lse_i).
+// One strip's rows [a, b): the strip row becomes (G_i. + G_.i) / tau, with
+// G_ij = c_i (p_ij - w_ij * invw_i), p_ij = exp(s_ij - lse_i).
 // s_ij = s_ji and w_ij = w_ji: both G_ij and G_ji come from this strip row.
-void grad_rows(const SupconInputs& in, const RowStats& st, const std::vector<float>& coef,
-               const std::vector<float>& inv_ws, int64_t i0, float* sp, float* wp, int64_t a, int64_t b) {
+void grad_rows(const SupconInputs& in, const GradRows& g, int64_t i0, float* sp, float* wp, int64_t a, int64_t b) {
   const int64_t M = in.M;
   const float inv_tau = in.inv_tau;
   std::vector<float> wl(in.lp ? M : 0);
@@ -158,66 +150,48 @@ void grad_rows(const SupconInputs& in, const RowStats& st, const std::vector<flo
     float* srow = sp + r * M;
     float* wrow = in.lp ? wl.data() : wp + r * M;
     fill_weights(in, i, wrow);
-    const float ci = coef[i], lsei = st.lse[i], wi = inv_ws[i];
+    const float ci = g.coef[i], lsei = g.lse[i], wi = g.inv_ws[i];
     const Vec vt(inv_tau), vci(ci), vl(lsei), vwi(wi);
     int64_t j = 0;
     for (; j + kW <= M; j += kW) {
       const Vec sj = Vec::loadu(srow + j) * vt;
       const Vec w = Vec::loadu(wrow + j);
       const Vec gij = vci * ((sj - vl).exp() - w * vwi);
-      const Vec gji = Vec::loadu(coef.data() + j) *
-                      ((sj - Vec::loadu(st.lse.data() + j)).exp() - w * Vec::loadu(inv_ws.data() + j));
+      const Vec gji = Vec::loadu(g.coef + j) * ((sj - Vec::loadu(g.lse + j)).exp() - w * Vec::loadu(g.inv_ws + j));
       ((gij + gji) * vt).store(srow + j);
     }
     for (; j < M; ++j) {
       const float sj = srow[j] * inv_tau;
       const float gij = ci * (std::exp(sj - lsei) - wrow[j] * wi);
-      const float gji = coef[j] * (std::exp(sj - st.lse[j]) - wrow[j] * inv_ws[j]);
+      const float gji = g.coef[j] * (std::exp(sj - g.lse[j]) - wrow[j] * g.inv_ws[j]);
       srow[j] = (gij + gji) * inv_tau;
     }
     srow[i] = 0.f;
   }
 }
 
-// dL/df_i = sum_j (G_ij + G_ji) f_j / tau, strip by strip (the strips recomputed), then
-// through the normalisation if any.
-at::Tensor supcon_grad(const SupconInputs& in, const RowStats& st, int64_t n_valid, Strips& strips) {
-  const float inv_nv = n_valid ? 1.0f / static_cast<float>(n_valid) : 0.f;
-  std::vector<float> coef(in.M), inv_ws(in.M);
-  for (int64_t i = 0; i < in.M; ++i) {
-    const bool valid = st.wsum[i] > 0.f;
-    coef[i] = valid ? inv_nv : 0.f;
-    inv_ws[i] = valid ? 1.0f / st.wsum[i] : 0.f;
+// dL/df_i = sum_j (G_ij + G_ji) f_j / tau, strip by strip (the strips recomputed).
+at::Tensor supcon_grad_cpu(const at::Tensor& f, const std::optional<at::Tensor>& labels,
+                           const std::optional<at::Tensor>& soft, const at::Tensor& lse, const at::Tensor& coef,
+                           const at::Tensor& invw, double inv_tau) {
+  const SupconInputs in = supcon_inputs(f, labels, soft, inv_tau);
+  for (const at::Tensor* t : {&lse, &coef, &invw}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == in.M && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                      "dps_fast: supcon_grad's row statistics must be contiguous float32 [M]");
   }
-  at::Tensor df = at::empty({in.M, in.D}, in.x.options());
+  const GradRows g{lse.data_ptr<float>(), coef.data_ptr<float>(), invw.data_ptr<float>()};
+  at::Tensor df = at::empty({in.M, in.D}, f.options());
+  Strips strips(in);
   for (int64_t i0 = 0; i0 < in.M; i0 += strips.R) {
     const int64_t r1 = std::min(strips.R, in.M - i0);
     at::Tensor s = strips.strip(in, i0, r1);
     float* sp = s.data_ptr<float>();
     float* wp = strips.weights_of(in);
-    at::parallel_for(0, r1, 1, [&](int64_t a, int64_t b) { grad_rows(in, st, coef, inv_ws, i0, sp, wp, a, b); });
+    at::parallel_for(0, r1, 1, [&](int64_t a, int64_t b) { grad_rows(in, g, i0, sp, wp, a, b); });
     auto dfn = df.narrow(0, i0, r1);
     at::mm_out(dfn, s, in.f);
   }
-  if (in.norm.defined()) {
-    // f = x / |x|: dx = (df - f * <f, df>) / |x|
-    df = (df - in.f * (in.f * df).sum(1, true)) / in.norm;
-  }
   return df;
-}
-
-std::tuple<at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& features,
-                                                  const std::optional<at::Tensor>& labels,
-                                                  const std::optional<at::Tensor>& soft, double tau,
-                                                  bool normalize, bool need_grad) {
-  const SupconInputs in = supcon_inputs(features, labels, soft, tau, normalize);
-  Strips strips(in);
-  const RowStats st = row_stats(in, strips);
-  const auto [mean, n_valid] = mean_loss(st);
-  at::Tensor loss = at::empty({}, in.x.options());
-  loss.fill_(mean);
-  if (!need_grad) return {loss, features.new_empty({0})};
-  return {loss, supcon_grad(in, st, n_valid, strips).to(features.scalar_type())};
 }
 
 }  // namespace
@@ -225,11 +199,16 @@ std::tuple<at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& features,
 }  // namespace dps_fast
 
 TORCH_LIBRARY_FRAGMENT(dps_fast, m) {
-  // SupCon / NT-Xent over rows [M, d] (docs/method.md §4): positives from labels [M] or soft
-  // weights <soft_i, soft_j>; returns (mean loss, d loss / d features or empty).
-  m.def(
-      "supcon_fwd(Tensor features, Tensor? labels, Tensor? soft, float tau, bool normalize, "
-      "bool need_grad) -> (Tensor, Tensor)");
+  // SupCon / NT-Xent over float32 rows f [M, d] (docs/method.md §4); positives from labels [M]
+  // or soft weights <soft_i, soft_j>. supcon_stats: per-row (logsumexp over j != i, positive
+  // weight sum, weighted similarity); supcon_grad: d loss / d f from the logsumexp and the
+  // per-row coefficients c_i = valid_i / n_valid, invw_i = valid_i / wsum_i.
+  m.def("supcon_stats(Tensor f, Tensor? labels, Tensor? soft, float inv_tau) -> (Tensor, Tensor, Tensor)");
+  m.def("supcon_grad(Tensor f, Tensor? labels, Tensor? soft, Tensor lse, Tensor coef, Tensor invw, "
+        "float inv_tau) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dps_fast, CPU, m) { m.impl("supcon_fwd", &dps_fast::cpu::supcon_fwd_cpu); }
+TORCH_LIBRARY_IMPL(dps_fast, CPU, m) {
+  m.impl("supcon_stats", &dps_fast::cpu::supcon_stats_cpu);
+  m.impl("supcon_grad", &dps_fast::cpu::supcon_grad_cpu);
+}

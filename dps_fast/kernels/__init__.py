@@ -28,8 +28,8 @@ def _impl(op: str):
 
 
 _lib = torch.library.Library("dps_fast_triton", "DEF")
-for _mod in _ops.op_modules():
-    _lib.define(_ops.schema(_mod.OP))
+for _kernel in _ops.kernels():
+    _lib.define(_ops.schema(_kernel.name))
     for _key in _KEYS:
-        _lib.impl(_mod.OP, _impl(_mod.OP), _key)
+        _lib.impl(_kernel.name, _impl(_kernel.name), _key)
 _ops.register_fakes("dps_fast_triton")

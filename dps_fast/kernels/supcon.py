@@ -168,46 +168,42 @@ def _fwd_blocks(m: int, d: int, k: int):
     return 16, 32, bd, bk, 4
 
 
-def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
+def _positives(f, labels, soft):
+    """(HARD, the labels' pointer, the soft weights' pointer, K): the kernel reads one of the two;
+    the other pointer is f, never read."""
     if (labels is None) == (soft is None):
-        raise ValueError("dps_fast: supcon_fwd needs exactly one of labels and soft")
-    x = features.float().contiguous()
-    m, d = x.shape
-    if normalize:
-        norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        f = x / norm
-    else:
-        f = x
-    f = f.contiguous()
-    hard = labels is not None
-    lab = labels.to(torch.int64).contiguous() if hard else f
-    t = soft.float().contiguous() if not hard else f
-    k = 1 if hard else t.shape[1]
+        raise ValueError("dps_fast: the SupCon ops need exactly one of labels and soft")
+    if labels is not None:
+        return True, labels.to(torch.int64).contiguous(), f, 1
+    t = soft.float().contiguous()
+    return False, f, t, t.shape[1]
+
+
+def supcon_stats(f, labels, soft, inv_tau):
+    """Per-row (logsumexp over j != i, positive weight sum, weighted similarity) of float32 rows
+    f [M, d]; the host glue is dps_fast/ops/supcon.py."""
+    hard, lab, t, k = _positives(f, labels, soft)
+    m, d = f.shape
     fm, fn, fbd, bk, fwarps = _fwd_blocks(m, d, k)
-    lse = torch.empty(m, dtype=torch.float32, device=x.device)
-    wsum = torch.empty_like(lse)
-    wdot = torch.empty_like(lse)
-    inv_tau = 1.0 / float(tau)
+    lse = torch.empty(m, dtype=torch.float32, device=f.device)
+    wsum, wdot = torch.empty_like(lse), torch.empty_like(lse)
     _supcon_fwd_kernel[(triton.cdiv(m, fm),)](
-        f, lab, t, lse, wsum, wdot, m, d, k, inv_tau, HARD=hard, BLOCK_M=fm, BLOCK_N=fn, BLOCK_D=fbd,
+        f, lab, t, lse, wsum, wdot, m, d, k, float(inv_tau), HARD=hard, BLOCK_M=fm, BLOCK_N=fn, BLOCK_D=fbd,
         BLOCK_K=bk, DCHUNK=_dchunk(fbd), num_warps=fwarps)
-    valid = wsum > 0
-    n_valid = valid.sum().clamp_min(1).to(torch.float32)
-    per = torch.where(valid, lse - wdot / torch.where(valid, wsum, 1.0), 0.0)
-    loss = per.sum() / n_valid
-    if not need_grad:
-        return loss, features.new_empty((0,))
-    coef = valid.to(torch.float32) / n_valid
-    invw = torch.where(valid, 1.0 / torch.where(valid, wsum, 1.0), 0.0)
+    return lse, wsum, wdot
+
+
+def supcon_grad(f, labels, soft, lse, coef, invw, inv_tau):
+    """d loss / d f from the logsumexp and the per-row coefficients."""
+    hard, lab, t, k = _positives(f, labels, soft)
+    m, d = f.shape
     df = torch.empty_like(f)
     bm, bn, bd, bk, warps = _blocks(m, d, k)
     grid = (triton.cdiv(m, bm), triton.cdiv(d, bd))
-    _supcon_bwd_kernel[grid](f, lab, t, lse, coef, invw, df, m, d, k, inv_tau, HARD=hard, BLOCK_M=bm,
+    _supcon_bwd_kernel[grid](f, lab, t, lse, coef, invw, df, m, d, k, float(inv_tau), HARD=hard, BLOCK_M=bm,
                              BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, DCHUNK=_dchunk(bd), SLICED=d > bd,
                              num_warps=warps)
-    if normalize:
-        df = (df - f * (f * df).sum(1, keepdim=True)) / norm
-    return loss, df.to(features.dtype)
+    return df
 
 
 # ---------------------------------------------------------------------------- ahead-of-time check

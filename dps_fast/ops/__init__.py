@@ -1,13 +1,15 @@
 """The fused ops, one module each (docs/contributing.md). Every module here defines:
 
-- ``OP``: the name of its schema (``csrc/cpu/<op>.cpp`` defines the schema once, next to
-  the CPU kernel; the Triton namespace copies it from there);
+- ``KERNELS``: its kernel ops, each a :class:`~dps_fast.ops._common.Kernel` (schema name,
+  fake kernel for ``torch.compile``, opcheck samples); ``csrc/cpu/<op>.cpp`` defines each
+  schema once, next to the CPU kernel, and the Triton namespace copies it from there. Most
+  ops have one kernel op; SupCon has two (statistics and gradient, with the host glue
+  around them written once in ``ops/supcon.py``);
 - ``reference``: the plain-PyTorch oracle and fallback; ``check``: its input validation;
-- ``fake``: the shape function for ``torch.compile``; ``opcheck_samples(device)``;
 - its public function(s), named in ``__all__``.
 
-Modules are found by name: adding ``ops/<op>.py`` registers its fake kernel, opcheck samples
-and Triton op. Its public function is imported by name in ``dps_fast/__init__.py`` and
+Modules are found by name: adding ``ops/<op>.py`` registers its fake kernels, opcheck samples
+and Triton ops. Its public function is imported by name in ``dps_fast/__init__.py`` and
 ``dps_fast/functional.py`` (explicit, for editors; tests/test_structure.py checks against
 :data:`PUBLIC`).
 """

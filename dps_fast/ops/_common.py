@@ -3,9 +3,20 @@ buffer, the policy for an empty batch (docs/method.md §9), and the autograd glu
 fallback under torch.func, :func:`attach_grad`)."""
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+
+
+class Kernel(NamedTuple):
+    """One kernel op of an op module (its ``KERNELS``): ``name``, its schema name (the schema is
+    defined once, next to its CPU kernel in csrc/cpu/); ``fake``, its shape function for
+    torch.compile; ``samples(device)``, the argument tuples torch.library.opcheck runs it on."""
+    name: str
+    fake: Callable
+    samples: Callable
 
 
 def compute_dtype(*tensors) -> torch.dtype:

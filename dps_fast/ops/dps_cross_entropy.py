@@ -7,7 +7,7 @@ import torch
 
 from .. import _dispatch, _fast_path
 from .. import _validate as checks
-from ._common import (attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer,
+from ._common import (Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer,
                       in_backward_recompute, loss_shape, needs_grad, reduce, soft_target_loss, under_functorch)
 
 OP = "dps_ce_fwd"  # the whole call on plain CPU tensors: dps_fast._fast_path
@@ -74,6 +74,9 @@ def opcheck_samples(device):
         return (z, idx, alpha, grad, 0.9, 1.0, True, True, red)
     return [args(red=r) for r in (0, 1, 2)] + [args(torch.bfloat16, torch.bfloat16, v=1), args(need_grad=False)]
 
+
+
+KERNELS = (Kernel(OP, fake, opcheck_samples),)
 
 def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior",
                       reduction="mean", update=True, backend=None, validate=True,

@@ -7,7 +7,7 @@ import torch
 
 from .. import _dispatch
 from .. import _validate as checks
-from ._common import (attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer, loss_shape,
+from ._common import (Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer, loss_shape,
                       needs_grad, reduce, soft_target_loss)
 
 OP = "soft_ce_fwd"
@@ -49,6 +49,9 @@ def opcheck_samples(device):
     t = torch.softmax(torch.randn(5, 7, generator=g), -1).to(device)
     return [(z, t, torch.empty_like(z), False, red) for red in (0, 1, 2)] + [(z, t, z.new_empty((0,)), True, 1)]
 
+
+
+KERNELS = (Kernel(OP, fake, opcheck_samples),)
 
 def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backend=None, inplace_grad=False):
     """Cross-entropy against soft targets (docs/method.md §3), fused forward and backward.

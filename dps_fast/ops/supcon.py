@@ -1,6 +1,12 @@
-"""Supervised contrastive loss / NT-Xent (docs/method.md §4): reference, checks, fake
-kernel, opcheck samples and the public function. The kernels: csrc/cpu/supcon.cpp,
-dps_fast/kernels/supcon.py, csrc/cuda/supcon.cu."""
+"""Supervised contrastive loss / NT-Xent (docs/method.md §4): reference, checks, the host glue
+of every fused backend, fake kernels, opcheck samples and the public function.
+
+Each fused backend provides two kernel ops over float32 rows f [M, d], ``supcon_stats`` (per
+row: logsumexp over j != i, positive weight sum, weighted similarity) and ``supcon_grad``
+(d loss / d f from the logsumexp and per-row coefficients); :func:`fused` is the glue around
+them (normalisation, the mean over anchors, the coefficients, the normalisation's backward),
+written once. The kernels: csrc/cpu/supcon.cpp, dps_fast/kernels/supcon.py,
+csrc/cuda/supcon.cu (glue csrc/cuda/supcon_glue.cpp, launches only)."""
 from __future__ import annotations
 
 import torch
@@ -8,9 +14,8 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from .. import _validate as checks
-from ._common import attach_grad, backend_for_autodiff, compute_dtype, needs_grad
+from ._common import Kernel, attach_grad, backend_for_autodiff, compute_dtype, needs_grad
 
-OP = "supcon_fwd"
 __all__ = ["supcon_loss"]
 
 
@@ -103,16 +108,56 @@ def _check_positives(labels, soft_targets, v, b, m):
                          "shape [V, B, d] (V >= 2), or give labels")
 
 
-def fake(features, labels, soft, tau, normalize, need_grad):
-    grad = torch.empty_like(features) if need_grad else features.new_empty((0,))
-    return features.new_empty((), dtype=torch.float32), grad
+def fused(stats, grad, features, labels, soft, tau, normalize, need_grad):
+    """The loss (float32 scalar) and, if ``need_grad``, d loss / d features (in their dtype, else
+    None) by a backend's kernel ops ``stats`` and ``grad``: the host glue of every fused backend.
+    ``features`` [M, d] with M >= 2; ``labels`` int64 [M] or ``soft`` [M, K] (one of them)."""
+    x = features.float().contiguous()
+    norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12) if normalize else None  # as F.normalize
+    f = (x / norm).contiguous() if normalize else x
+    inv_tau = 1.0 / tau
+    lse, wsum, wdot = stats(f, labels, soft, inv_tau)
+    valid = wsum > 0
+    n_valid = valid.sum().clamp_min(1)
+    safe = torch.where(valid, wsum, 1.0)
+    # the mean over anchors in float64, as the CPU kernel summed it before the split
+    loss = (torch.where(valid, lse.double() - wdot.double() / safe.double(), 0.0).sum() / n_valid).float()
+    if not need_grad:
+        return loss, None
+    coef = valid.float() / n_valid.float()
+    df = grad(f, labels, soft, lse, coef, torch.where(valid, 1.0 / safe, 0.0), inv_tau)
+    if normalize:  # f = x / |x|: dx = (df - f <f, df>) / |x|
+        df = (df - f * (f * df).sum(1, keepdim=True)) / norm
+    return loss, df.to(features.dtype)
 
 
-def opcheck_samples(device):
+def fake_stats(f, labels, soft, inv_tau):
+    return tuple(f.new_empty(f.shape[:1], dtype=torch.float32) for _ in range(3))
+
+
+def fake_grad(f, labels, soft, lse, coef, invw, inv_tau):
+    return torch.empty_like(f)
+
+
+def _sample_positives(device):
     g = torch.Generator().manual_seed(0)
-    f = torch.randn(8, 4, generator=g).to(device)
+    f = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=1).to(device)
     lab = torch.tensor([0, 1, 0, 2, 1, 0, 3, 3], device=device)
-    return [(f, lab, None, 0.2, True, True), (f, None, torch.rand(8, 3, generator=g).to(device), 0.2, False, False)]
+    return f, [(lab, None), (None, torch.rand(8, 3, generator=g).to(device))]
+
+
+def stats_samples(device):
+    f, positives = _sample_positives(device)
+    return [(f, lab, soft, 5.0) for lab, soft in positives]
+
+
+def grad_samples(device):
+    f, positives = _sample_positives(device)
+    lse, coef, invw = (torch.rand(8, generator=torch.Generator().manual_seed(i)).to(device) for i in range(3))
+    return [(f, lab, soft, lse, coef, invw, 5.0) for lab, soft in positives]
+
+
+KERNELS = (Kernel("supcon_stats", fake_stats, stats_samples), Kernel("supcon_grad", fake_grad, grad_samples))
 
 
 def supcon_loss(features, labels=None, tau=0.1, normalize=True, soft_targets=None, backend=None):
@@ -132,7 +177,6 @@ def supcon_loss(features, labels=None, tau=0.1, normalize=True, soft_targets=Non
         return reference(features, labels, tau, normalize, soft_targets)
     f, lab, soft = rows(features, labels, soft_targets)
     need = needs_grad(features)
-    loss, grad = _dispatch.op(name, OP)(
-        f.detach(), lab, None if soft is None else soft.detach(), tau, bool(normalize), need
-    )
+    loss, grad = fused(_dispatch.op(name, "supcon_stats"), _dispatch.op(name, "supcon_grad"), f.detach(), lab,
+                       None if soft is None else soft.detach(), tau, bool(normalize), need)
     return attach_grad(loss, features, grad.view(features.shape)) if need else loss
