@@ -11,6 +11,9 @@ import torch
 
 import dps_fast
 from dps_fast import reference as R
+from dps_fast.ops import dps_cross_entropy as dps_cross_entropy_op
+from dps_fast.ops import soft_cross_entropy as soft_cross_entropy_op
+from dps_fast.ops import supcon as supcon_op
 
 PROVIDERS = ("eager", "compile", "fused")
 # The DPS step also against the step as one would write it by hand (dps_by_hand).
@@ -67,17 +70,10 @@ def supcon_fn(provider):
     return lambda f, labels: dps_fast.supcon_loss(f, labels, backend="cpu")
 
 
-def dps_bytes(b, c, v=1, z_bytes=4, a_bytes=4, idx_bytes=8):
-    """Byte model of one DPS step (fwd+bwd): logits read and gradient written
-    (V*B*C each, z_bytes per element), bank rows read and written (B*C each,
-    a_bytes per element), plus the index. The least any implementation must move;
-    a gradient written with ordinary stores also reads each of its lines first."""
-    return v * b * c * 2 * z_bytes + b * c * 2 * a_bytes + b * idx_bytes
-
-
-def soft_ce_bytes(b, c, z_bytes=4, t_bytes=4):
-    """logits read, target read, gradient written."""
-    return b * c * (2 * z_bytes + t_bytes)
+# The byte models are the ops' own declarations (dps_fast/ops/<op>.py::bytes_moved).
+dps_bytes = dps_cross_entropy_op.bytes_moved
+soft_ce_bytes = soft_cross_entropy_op.bytes_moved
+supcon_bytes = supcon_op.bytes_moved
 
 
 def copy_bandwidth(nbytes=256 * 2 ** 20, reps=15):

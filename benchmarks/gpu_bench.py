@@ -214,7 +214,7 @@ def bench_supcon_case(backends, flush, m, d):
     labels = torch.randint(0, 1000, (m // 2,), generator=gen).to(G.DEV)
     fns = {be: (lambda name: lambda: dps_fast.supcon_loss(f, labels, backend=name))(be) for be in backends}
     fns["eager"] = lambda: R.supcon_loss(f, labels)
-    row = dict(op="supcon_step", M=m, d=d, status="ok")
+    row = dict(op="supcon_step", M=m, d=d, status="ok", bytes=G.supcon_bytes(m, d))
     for name, fn in fns.items():
         def step(fn=fn):
             f.grad = None

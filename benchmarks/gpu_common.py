@@ -150,6 +150,11 @@ def soft_ce_bytes(*args):
     return model(*args)
 
 
+def supcon_bytes(*args):
+    from common import supcon_bytes as model
+    return model(*args)
+
+
 def copy_pair(nbytes: int):
     """Source and destination of a device copy moving `nbytes` (read + write), the same
     convention as the byte models."""

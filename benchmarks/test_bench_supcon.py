@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common import PROVIDERS, supcon_fn, supcon_peak_extra_bytes
+from common import PROVIDERS, supcon_bytes, supcon_fn, supcon_peak_extra_bytes
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -20,6 +20,7 @@ def test_supcon(benchmark, m, provider):
     for _ in range(2):
         step()
     benchmark.group = f"supcon M{m} d{d}"
-    benchmark.extra_info.update(op="supcon", provider=provider, M=m, d=d, threads=torch.get_num_threads(),
+    benchmark.extra_info.update(op="supcon", provider=provider, M=m, d=d, bytes=supcon_bytes(m, d),
+                                threads=torch.get_num_threads(),
                                 peak_extra_bytes=supcon_peak_extra_bytes(provider, m, d))
     benchmark.pedantic(step, rounds=5 if m > 4096 else 10, warmup_rounds=1)

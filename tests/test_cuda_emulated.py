@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dps_fast
+from dps_fast import _ops
 from dps_fast import reference as R
 from _helpers import rule_check
 
@@ -142,3 +143,31 @@ def test_emulated_cuda_supcon_any_feature_width(d, mode):
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), x.grad, rtol=1e-4, atol=1e-6)
+
+
+def _cloned(args):
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _close(got, want, what):
+    if isinstance(want, (tuple, list)):
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{what}[{i}]")
+    elif isinstance(want, torch.Tensor) and want.numel():
+        tol = dict(rtol=2e-5, atol=2e-5) if want.dtype == torch.float32 else {}
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("kernel", _ops.kernels(), ids=lambda k: k.name)
+def test_every_kernel_op_has_an_emulated_twin_that_agrees_with_the_cpu_kernel(kernel):
+    """Each op module's declared kernel ops (KERNELS) have a mirror of their CUDA glue in
+    tests/_cuda_emu.py; on the op's declared samples the emulated CUDA kernel gives the CPU
+    kernel's outputs and writes the same tensors (the bank, the gradient buffer)."""
+    twin = getattr(E, kernel.name, None)
+    assert twin is not None, f"tests/_cuda_emu.py has no mirror of {kernel.name}'s CUDA glue"
+    for n, args in enumerate(kernel.samples("cpu")):
+        emu_args, cpu_args = _cloned(args), _cloned(args)
+        got = twin(*emu_args)
+        want = getattr(torch.ops.dps_fast, kernel.name).default(*cpu_args)
+        _close(got, want, f"{kernel.name} sample {n}")
+        _close(emu_args, cpu_args, f"{kernel.name} sample {n} arguments after the call")

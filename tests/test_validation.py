@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import dps_fast
+from dps_fast._ops import op_modules
+from dps_fast.ops import dps_cross_entropy
 from _helpers import ALL_BACKENDS, case_id
 
 
@@ -14,45 +16,28 @@ def _setup(device):
     return alpha, z, idx
 
 
-BAD_DPS = [
-    # (description, mutate kwargs, exception, message)
-    ("index out of range", dict(index=torch.tensor([0, 3, 7, 20])), IndexError, "index 20 is out of range"),
-    ("negative index", dict(index=torch.tensor([0, -1, 7, 2])), IndexError, "index -1 is out of range"),
-    ("duplicate index", dict(index=torch.tensor([0, 3, 3, 2])), ValueError, "duplicate id 3"),
-    ("float index", dict(index=torch.tensor([0.0, 1.0, 2.0, 3.0])), TypeError, "index must be an integer"),
-    ("index shape", dict(index=torch.tensor([0, 1, 2])), ValueError, r"index must have shape \[4\]"),
-    ("integer logits", dict(logits=torch.ones(4, 5, dtype=torch.int64)), TypeError, "floating-point"),
-    ("logits rank", dict(logits=torch.randn(5)), ValueError, "logits must have shape"),
-    ("class mismatch", dict(logits=torch.randn(4, 6)), ValueError, "alpha has 5 classes but the logits have 6"),
-    ("alpha rank", dict(alpha=torch.ones(20 * 5)), ValueError, r"alpha must have shape \[N, C\]"),
-    ("integer alpha", dict(alpha=torch.ones(20, 5, dtype=torch.int32)), TypeError, "alpha must be a floating"),
-    ("gamma zero", dict(gamma=0.0), ValueError, r"gamma must lie in \(0, 1\]"),
-    ("gamma above one", dict(gamma=1.5), ValueError, r"gamma must lie in \(0, 1\]"),
-    ("tau_e zero", dict(tau_e=0.0), ValueError, "tau_e must be positive"),
-    ("tau_e inf", dict(tau_e=float("inf")), ValueError, "tau_e must be positive"),
-    ("target", dict(target="mode"), ValueError, "target must be one of"),
-    ("reduction", dict(reduction="avg"), ValueError, "reduction must be one of"),
-    ("not a tensor", dict(logits=[[1.0] * 5] * 4), TypeError, "logits must be a torch.Tensor"),
-]
+# Each op module declares its bad inputs (docs/contributing.md): (what, keyword changes to its
+# sample_call, exception, message).
+BAD_DPS = dps_cross_entropy.bad_inputs()
+BAD = [(mod, bad) for mod in op_modules() for bad in mod.bad_inputs()]
+
+
+def _on(device, x):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 @pytest.mark.parametrize("case", ALL_BACKENDS, ids=case_id)
-@pytest.mark.parametrize("bad", BAD_DPS, ids=[b[0] for b in BAD_DPS])
-def test_dps_bad_input_raises_before_mutation(case, bad):
+@pytest.mark.parametrize("mod,bad", BAD, ids=[f"{m.__all__[0]}: {b.what}" for m, b in BAD])
+def test_bad_input_raises_before_any_write(case, mod, bad):
+    """Every op's declared bad inputs raise the declared error in every backend, and no tensor
+    of the call (the bank included) changes."""
     backend, device = case
-    alpha, z, idx = _setup(device)
-    _, changes, exc, msg = bad
-    kw = dict(logits=z, index=idx, alpha=alpha)
-    for k, v in changes.items():
-        kw[k] = v.to(device) if isinstance(v, torch.Tensor) else v
-    before = alpha.clone()
-    target_bank = kw["alpha"]
-    target_before = target_bank.clone() if isinstance(target_bank, torch.Tensor) else None
-    with pytest.raises(exc, match=msg):
-        dps_fast.dps_cross_entropy(backend=backend, **kw)
-    assert torch.equal(alpha, before)
-    if target_before is not None:
-        assert torch.equal(target_bank, target_before)
+    kw = {k: _on(device, v) for k, v in {**mod.sample_call(device), **bad.changes}.items()}
+    before = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(bad.error, match=bad.message):
+        getattr(mod, mod.__all__[0])(backend=backend, **kw)
+    for k, v in before.items():
+        assert torch.equal(kw[k], v), f"{bad.what}: {k} changed before the error"
 
 
 @pytest.mark.parametrize("case", ALL_BACKENDS, ids=case_id)
@@ -101,30 +86,6 @@ def test_nonfinite_logits_never_corrupt_the_bank(case, bad_value):
     assert not torch.equal(alpha[idx[0]], before[idx[0]]), "good rows are still updated"
     loss.sum().backward()
     assert torch.isnan(z.grad[1]).all() and torch.isfinite(z.grad[[0, 2, 3]]).all()
-
-
-@pytest.mark.parametrize("case", ALL_BACKENDS, ids=case_id)
-def test_soft_ce_and_supcon_bad_input(case):
-    backend, device = case
-    z = torch.randn(4, 5, device=device)
-    with pytest.raises(ValueError, match="target must have the logits' shape"):
-        dps_fast.soft_cross_entropy(z, torch.rand(4, 6, device=device), backend=backend)
-    with pytest.raises(TypeError, match="target must be a floating"):
-        dps_fast.soft_cross_entropy(z, torch.ones(4, 5, dtype=torch.long, device=device), backend=backend)
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        dps_fast.soft_cross_entropy(z, torch.rand(4, 5, device=device), reduction="x", backend=backend)
-    f = torch.randn(2, 4, 3, device=device)
-    with pytest.raises(ValueError, match="tau must be positive"):
-        dps_fast.supcon_loss(f, tau=0.0, backend=backend)
-    with pytest.raises(ValueError, match="labels must have shape"):
-        dps_fast.supcon_loss(f, labels=torch.arange(5, device=device), backend=backend)
-    with pytest.raises(TypeError, match="labels must be an integer"):
-        dps_fast.supcon_loss(f, labels=torch.rand(4, device=device), backend=backend)
-    with pytest.raises(ValueError, match="not both"):
-        dps_fast.supcon_loss(f, labels=torch.arange(4, device=device),
-                             soft_targets=torch.rand(4, 2, device=device), backend=backend)
-    with pytest.raises(ValueError, match="pairs the views"):
-        dps_fast.supcon_loss(f[0], backend=backend)
 
 
 def test_backend_selection_errors(monkeypatch):

@@ -19,6 +19,16 @@ class Kernel(NamedTuple):
     samples: Callable
 
 
+class BadInput(NamedTuple):
+    """A call an op's checks refuse (its ``bad_inputs()``; tests/test_validation.py runs each on
+    every backend): ``what`` it is, the keyword ``changes`` to the op's ``sample_call``, the
+    ``error`` type every backend raises, before any write, and a regex of its ``message``."""
+    what: str
+    changes: dict
+    error: type
+    message: str
+
+
 def compute_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 

@@ -7,7 +7,7 @@ import torch
 
 from .. import _dispatch, _fast_path
 from .. import _validate as checks
-from ._common import (Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer,
+from ._common import (BadInput, Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer,
                       in_backward_recompute, loss_shape, needs_grad, reduce, soft_target_loss, under_functorch)
 
 OP = "dps_ce_fwd"  # the whole call on plain CPU tensors: dps_fast._fast_path
@@ -77,6 +77,49 @@ def opcheck_samples(device):
 
 
 KERNELS = (Kernel(OP, fake, opcheck_samples),)
+
+
+def sample_call(device="cpu"):
+    """Keyword arguments of a small valid call of :func:`dps_cross_entropy` (the base of
+    :func:`bad_inputs`)."""
+    g = torch.Generator().manual_seed(0)
+    alpha = (torch.rand(20, 5, generator=g) + 0.1).to(device)
+    return dict(logits=torch.randn(4, 5, generator=g).to(device), index=torch.tensor([0, 3, 7, 19], device=device),
+                alpha=alpha)
+
+
+def bad_inputs():
+    """Calls :func:`check` refuses, with the error every backend raises before any write."""
+    t = torch.tensor
+    return [
+        BadInput("index out of range", dict(index=t([0, 3, 7, 20])), IndexError, "index 20 is out of range"),
+        BadInput("negative index", dict(index=t([0, -1, 7, 2])), IndexError, "index -1 is out of range"),
+        BadInput("duplicate index", dict(index=t([0, 3, 3, 2])), ValueError, "duplicate id 3"),
+        BadInput("float index", dict(index=t([0.0, 1.0, 2.0, 3.0])), TypeError, "index must be an integer"),
+        BadInput("index shape", dict(index=t([0, 1, 2])), ValueError, r"index must have shape \[4\]"),
+        BadInput("integer logits", dict(logits=torch.ones(4, 5, dtype=torch.int64)), TypeError, "floating-point"),
+        BadInput("logits rank", dict(logits=torch.randn(5)), ValueError, "logits must have shape"),
+        BadInput("class mismatch", dict(logits=torch.randn(4, 6)), ValueError,
+                 "alpha has 5 classes but the logits have 6"),
+        BadInput("alpha rank", dict(alpha=torch.ones(20 * 5)), ValueError, r"alpha must have shape \[N, C\]"),
+        BadInput("integer alpha", dict(alpha=torch.ones(20, 5, dtype=torch.int32)), TypeError,
+                 "alpha must be a floating"),
+        BadInput("gamma zero", dict(gamma=0.0), ValueError, r"gamma must lie in \(0, 1\]"),
+        BadInput("gamma above one", dict(gamma=1.5), ValueError, r"gamma must lie in \(0, 1\]"),
+        BadInput("tau_e zero", dict(tau_e=0.0), ValueError, "tau_e must be positive"),
+        BadInput("tau_e inf", dict(tau_e=float("inf")), ValueError, "tau_e must be positive"),
+        BadInput("target", dict(target="mode"), ValueError, "target must be one of"),
+        BadInput("reduction", dict(reduction="avg"), ValueError, "reduction must be one of"),
+        BadInput("not a tensor", dict(logits=[[1.0] * 5] * 4), TypeError, "logits must be a torch.Tensor"),
+    ]
+
+
+def bytes_moved(b, c, v=1, z_bytes=4, a_bytes=4, idx_bytes=8):
+    """Byte model of one DPS step (fwd+bwd), the least any implementation must move: logits
+    read and gradient written (V*B*C each, z_bytes per element), bank rows read and written
+    (B*C each, a_bytes per element), plus the index. (A gradient written with ordinary
+    stores also reads each of its lines first.)"""
+    return v * b * c * 2 * z_bytes + b * c * 2 * a_bytes + b * idx_bytes
 
 def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior",
                       reduction="mean", update=True, backend=None, validate=True,

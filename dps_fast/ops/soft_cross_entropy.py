@@ -7,7 +7,7 @@ import torch
 
 from .. import _dispatch
 from .. import _validate as checks
-from ._common import (Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer, loss_shape,
+from ._common import (BadInput, Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer, loss_shape,
                       needs_grad, reduce, soft_target_loss)
 
 OP = "soft_ce_fwd"
@@ -52,6 +52,29 @@ def opcheck_samples(device):
 
 
 KERNELS = (Kernel(OP, fake, opcheck_samples),)
+
+
+def sample_call(device="cpu"):
+    """Keyword arguments of a small valid call of :func:`soft_cross_entropy`."""
+    g = torch.Generator().manual_seed(0)
+    return dict(logits=torch.randn(4, 5, generator=g).to(device), target=torch.rand(4, 5, generator=g).to(device))
+
+
+def bad_inputs():
+    """Calls :func:`check` refuses, with the error every backend raises."""
+    return [
+        BadInput("target shape", dict(target=torch.rand(4, 6)), ValueError, "target must have the logits' shape"),
+        BadInput("integer target", dict(target=torch.ones(4, 5, dtype=torch.long)), TypeError,
+                 "target must be a floating"),
+        BadInput("reduction", dict(reduction="x"), ValueError, "reduction must be one of"),
+        BadInput("logits with views", dict(logits=torch.randn(2, 4, 5), target=torch.rand(2, 4, 5)), ValueError,
+                 "logits must have shape"),
+    ]
+
+
+def bytes_moved(b, c, z_bytes=4, t_bytes=4):
+    """Byte model (fwd+bwd): logits read, target read, gradient written."""
+    return b * c * (2 * z_bytes + t_bytes)
 
 def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backend=None, inplace_grad=False):
     """Cross-entropy against soft targets (docs/method.md §3), fused forward and backward.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from .. import _validate as checks
-from ._common import Kernel, attach_grad, backend_for_autodiff, compute_dtype, needs_grad
+from ._common import BadInput, Kernel, attach_grad, backend_for_autodiff, compute_dtype, needs_grad
 
 __all__ = ["supcon_loss"]
 
@@ -158,6 +158,29 @@ def grad_samples(device):
 
 
 KERNELS = (Kernel("supcon_stats", fake_stats, stats_samples), Kernel("supcon_grad", fake_grad, grad_samples))
+
+
+def sample_call(device="cpu"):
+    """Keyword arguments of a small valid call of :func:`supcon_loss` (NT-Xent over 2 views)."""
+    return dict(features=torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0)).to(device))
+
+
+def bad_inputs():
+    """Calls :func:`check` refuses, with the error every backend raises."""
+    return [
+        BadInput("tau zero", dict(tau=0.0), ValueError, "tau must be positive"),
+        BadInput("labels shape", dict(labels=torch.arange(5)), ValueError, "labels must have shape"),
+        BadInput("float labels", dict(labels=torch.rand(4)), TypeError, "labels must be an integer"),
+        BadInput("labels and soft targets", dict(labels=torch.arange(4), soft_targets=torch.rand(4, 2)), ValueError,
+                 "not both"),
+        BadInput("one view, no labels", dict(features=torch.randn(4, 3)), ValueError, "pairs the views"),
+    ]
+
+
+def bytes_moved(m, d, f_bytes=4, label_bytes=8):
+    """Byte model (fwd+bwd), the least any implementation must move: features read and their
+    gradient written (M*d each), the labels read."""
+    return m * d * 2 * f_bytes + m * label_bytes
 
 
 def supcon_loss(features, labels=None, tau=0.1, normalize=True, soft_targets=None, backend=None):
