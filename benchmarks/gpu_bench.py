@@ -71,7 +71,7 @@ def kernel_inputs(op, b, c, v, zdt, adt):
 
 
 def kernel_call(backend, op, z, pool, bank, grad):
-    ops = _dispatch.ops(backend)
+    ops = _dispatch.namespace(backend)
     if op == "soft":
         return lambda: ops.soft_ce_fwd(z, bank, grad, True, 1)
     k = [0]

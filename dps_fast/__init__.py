@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # First: loads the C++ extension (dps_fast._extension), warns once if it did not load.
 from ._dispatch import BackendUnavailableError, available_backends
-from . import _ops  # noqa: F401  (registers the C++ ops' fake kernels, for torch.compile)
+from . import _registration  # noqa: F401  (registers the C++ ops' fake kernels, for torch.compile)
 from . import calibration, distributed, label_issues, metrics, soft_labels
 from . import reference  # noqa: F401  (dps_fast.reference, the oracle; not in __all__, as before)
 from .datasets import WithIndex

@@ -182,8 +182,9 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
-def ops(name: str):
-    """The op namespace of a fused backend."""
+def namespace(name: str):
+    """The torch.ops namespace of a fused backend's kernel ops (``torch.ops.dps_fast`` or
+    ``torch.ops.dps_fast_triton``)."""
     if name == "triton":
         return torch.ops.dps_fast_triton
     return torch.ops.dps_fast
@@ -199,7 +200,7 @@ def op(name: str, op_name: str):
     key = (name, op_name)
     found = _overloads.get(key)
     if found is None:
-        found = getattr(ops(name), op_name).default
+        found = getattr(namespace(name), op_name).default
         if not torch.compiler.is_compiling():  # no global-dict writes inside a traced region
             _overloads[key] = found
     return found

@@ -21,6 +21,8 @@ any world size, streaming (peak memory: one shard plus a 32 MB buffer).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .banks import DistributedBank, padding_mask
@@ -67,8 +69,11 @@ class DistributedDPSLoss(DPSLoss):
 
     @property
     def bank(self) -> torch.Tensor:
-        """This rank's rows: the whole bank (replicated) or rows rank, rank + W, ... (sharded)."""
-        return self.store.storage
+        """Deprecated: :attr:`alpha`, this rank's rows: the whole bank (replicated) or rows
+        rank, rank + W, ... (sharded)."""
+        warnings.warn("DistributedDPSLoss.bank is deprecated: use .alpha (this rank's rows)", DeprecationWarning,
+                      stacklevel=2)
+        return self.alpha
 
     @property
     def comm_bytes(self) -> int:

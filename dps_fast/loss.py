@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
 
-from . import _validate as checks
+from . import _validate
 from .banks import StepConfig, make_bank
 from .banks.collective import collective_of
 from .functional import posterior_readouts, supcon_loss
@@ -68,7 +69,7 @@ class DPSLoss(nn.Module):
         self.auto_tau_e = AutoTauE() if tau_e == "auto" else None  # docs/method.md §10
         self.cfg = StepConfig(gamma, 1.0 if tau_e == "auto" else tau_e, target, reduction, backend, bool(validate))
         self._check_contrastive(contrastive_weight, con_positives, reduction)
-        self.con_tau = checks.positive("con_tau", con_tau)
+        self.con_tau = _validate.positive("con_tau", con_tau)
         self.contrastive_weight, self.con_positives = float(contrastive_weight), con_positives
         if prior is None and isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1:
             eps = prior_eps(num_classes, c, eps, off_label, warn=True)  # docs/method.md §1
@@ -118,12 +119,12 @@ class DPSLoss(nn.Module):
         if features is None:
             raise ValueError("contrastive_weight > 0: pass features [V, B, d]")
         b = logits.shape[-2]
-        checks.floating("features", features)
+        _validate.floating("features", features)
         if features.dim() != 3 or features.shape[1] != b or features.shape[2] < 1:
             raise ValueError(f"features must have shape [V, {b}, d] (the logits' batch), got {list(features.shape)}")
         if self.con_positives == "views" and features.shape[0] < 2:
             raise ValueError("con_positives='views' pairs the views of each sample: features need V >= 2")
-        checks.same_device(logits=logits, features=features)
+        _validate.same_device(logits=logits, features=features)
 
     def _contrastive(self, features, index, rows):
         labels = soft = None
@@ -184,6 +185,14 @@ class DPSLoss(nn.Module):
 
     # ------------------------------------------------------------------ read-outs
     @property
+    def bank_kind(self) -> str:
+        """Where the bank's rows live: "local", "host", "replicated" or "sharded" (the ``bank``
+        argument, "auto" resolved). Names, as the docs use them: the *bank kind* is this
+        string, the *bank* the object that holds the rows (``self.store``, a
+        :class:`dps_fast.banks.Bank`), and :attr:`alpha` the rows themselves."""
+        return self.store.kind
+
+    @property
     def alpha(self) -> torch.Tensor:
         """This process's bank rows (all N rows, except in a sharded bank)."""
         return self.store.storage
@@ -217,7 +226,7 @@ class DPSLoss(nn.Module):
     def tau_e(self, value: float) -> None:
         """A new evidence temperature for the following steps (checked like the constructor's),
         e.g. a schedule set at each epoch start (docs/results.md §5). Every rank must set the same."""
-        self.cfg = dataclasses.replace(self.cfg, tau_e=checks.evidence_temperature(value))
+        self.cfg = dataclasses.replace(self.cfg, tau_e=_validate.evidence_temperature(value))
 
     @torch.no_grad()
     def mean_label_error(self, chunk_rows: int = 65536) -> float:
@@ -241,7 +250,7 @@ class DPSLoss(nn.Module):
         ``tau_e = max(floor, 1 - k * mean_label_error())`` and returns it. Call it at the start
         of each epoch (on every rank: it is a collective for the distributed banks). ``k = 2``
         took the ResNet's sym40 ECE from 16.2% to 7.1%; not the default (see there why)."""
-        k, floor = checks.positive("k", k), checks.evidence_temperature(floor)
+        k, floor = _validate.positive("k", k), _validate.evidence_temperature(floor)
         self.tau_e = max(floor, 1.0 - k * self.mean_label_error())
         return self.tau_e
 
@@ -270,7 +279,7 @@ class DPSLoss(nn.Module):
         """Posterior-mean targets (float32) of rows ``index`` (global ids or a bool mask [N],
         :func:`dps_fast._validate.readout_index`; a collective for a sharded bank), or of all
         rows this process holds."""
-        a = (self.alpha if index is None else self.store.rows(checks.readout_index(index, self.num_samples))).float()
+        a = (self.alpha if index is None else self.store.rows(_validate.readout_index(index, self.num_samples))).float()
         return a / a.sum(1, keepdim=True)
 
     @torch.no_grad()
@@ -279,7 +288,7 @@ class DPSLoss(nn.Module):
         mutual_information, label_error = 1 - t[given label]) of rows ``index`` (ids or a bool
         mask [N], as :meth:`targets`) or of all rows this process holds, in chunks of bounded
         scratch memory (:func:`dps_fast.functional.posterior_readouts`; ``chunk_rows`` caps them)."""
-        idx = self.store.held_ids() if index is None else checks.readout_index(index, self.num_samples)
+        idx = self.store.held_ids() if index is None else _validate.readout_index(index, self.num_samples)
         rows = self.alpha if index is None else self.store.rows(idx)
         lab = self.store.labels[idx.to(self.store.labels.device)]
         return posterior_readouts(rows, lab, chunk_rows=chunk_rows)
@@ -341,5 +350,6 @@ class HostDPSLoss(DPSLoss):
 
     @property
     def bank(self) -> torch.Tensor:
-        """The whole bank [N, C] in pinned host memory."""
-        return self.store.storage
+        """Deprecated: :attr:`alpha` (the whole bank [N, C] in pinned host memory)."""
+        warnings.warn("HostDPSLoss.bank is deprecated: use .alpha (the rows)", DeprecationWarning, stacklevel=2)
+        return self.alpha

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from . import _validate as checks
+from . import _validate
 
 # docs/method.md §1: the off-label prior mass eps * (C - 1) as a fraction of c. The default
 # gives eps = 0.01 at C = 10 with c = 100, the values the defaults were tuned at (exactly:
@@ -27,14 +27,14 @@ def prior_eps(num_classes: int, c: float, eps: float | None = None, off_label: f
     """eps of the prior: ``eps`` when given (an explicit value wins; ``warn``: a warning when
     its off-label mass exceeds 10% of c), else ``off_label * c / (C - 1)`` (default off_label
     9e-4): the off-label mass scales with C."""
-    checks.positive("c", c)
+    _validate.positive("c", c)
     if eps is not None and off_label is not None:
         raise ValueError("give eps or off_label (the off-label mass as a fraction of c), not both")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     others = max(num_classes - 1, 1)  # C = 1: no other class; eps is then never used
     if eps is not None:
-        eps = checks.positive("eps", eps)
+        eps = _validate.positive("eps", eps)
         share = eps * (num_classes - 1) / c
         if warn and share > WARN_OFF_LABEL:
             warnings.warn(f"dps_fast: the prior's off-label mass eps * (C - 1) = {eps * (num_classes - 1):.4g} is "
@@ -42,7 +42,7 @@ def prior_eps(num_classes: int, c: float, eps: float | None = None, off_label: f
                           f"give off_label= (a fraction of c, default {DEFAULT_OFF_LABEL:g}) instead of eps to "
                           f"scale eps with C (docs/method.md §1)", stacklevel=3)
         return eps
-    share = DEFAULT_OFF_LABEL if off_label is None else checks.positive("off_label", off_label)
+    share = DEFAULT_OFF_LABEL if off_label is None else _validate.positive("off_label", off_label)
     return share * c / others
 
 

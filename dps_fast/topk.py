@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _validate as checks
+from . import _validate
 from .ops._common import reduce
 from .prior import prior_eps
 
@@ -170,7 +170,7 @@ def reference_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target=
     gradient through autograd), the rows ``index`` of ``bank`` updated in place when
     ``update``. A row with a non-finite logit in any view, or an id outside [0, N), keeps its
     state; its loss and gradient are NaN (docs/method.md §9)."""
-    checks.target_name(target)
+    _validate.target_name(target)
     cdt = torch.float64 if torch.float64 in (logits.dtype, bank.vals.dtype) else torch.float32
     z3 = (logits if logits.dim() == 3 else logits.unsqueeze(0)).to(cdt)
     idx = index.to(torch.int64)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dps_fast
-from dps_fast import _ops
+from dps_fast import _registration
 from dps_fast import reference as R
 from _helpers import rule_check
 
@@ -158,7 +158,7 @@ def _close(got, want, what):
         torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("kernel", _ops.kernels(), ids=lambda k: k.name)
+@pytest.mark.parametrize("kernel", _registration.kernels(), ids=lambda k: k.name)
 def test_every_kernel_op_has_an_emulated_twin_that_agrees_with_the_cpu_kernel(kernel):
     """Each op module's declared kernel ops (KERNELS) have a mirror of their CUDA glue in
     tests/_cuda_emu.py; on the op's declared samples the emulated CUDA kernel gives the CPU

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from dps_fast import _ops
+from dps_fast import _registration
 from dps_fast.ops import MODULES
 from dps_fast.ops._common import BadInput, Kernel
 from _helpers import HAS_CPU
@@ -19,7 +19,7 @@ from _helpers import HAS_CPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What each op module declares, and who reads it.
 DECLARED = {
-    "KERNELS": "registration (_ops.py), the Triton namespace, test_registration.py, test_cuda_emulated.py",
+    "KERNELS": "registration (_registration.py), the Triton namespace, test_registration.py, test_cuda_emulated.py",
     "reference": "the oracle and fallback",
     "check": "the op's validation",
     "sample_call": "test_validation.py (the base of the bad inputs)",
@@ -67,7 +67,7 @@ def test_every_op_has_its_mirrored_test_property_test_and_benchmark(mod):
         assert f"test_{fn}_matches_reference" in properties, f"tests/test_properties.py: test_{fn}_matches_reference"
 
 
-@pytest.mark.parametrize("kernel", _ops.kernels(), ids=lambda k: k.name)
+@pytest.mark.parametrize("kernel", _registration.kernels(), ids=lambda k: k.name)
 def test_every_kernel_op_has_each_backend_and_the_emulator(kernel):
     name = kernel.name
     assert f'"{name}(' in "".join(_read(p) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))), \

@@ -4,7 +4,7 @@ import torch
 import torch.utils.checkpoint as cp
 
 import dps_fast
-from dps_fast import _ops
+from dps_fast import _registration
 from _helpers import FUSED, case_id
 
 
@@ -15,9 +15,9 @@ def _namespace(backend):
 @pytest.mark.parametrize("case", FUSED, ids=case_id)
 def test_every_op_is_registered_with_one_schema(case):
     ns = _namespace(case[0])
-    for kernel in _ops.kernels():
+    for kernel in _registration.kernels():
         op = getattr(getattr(torch.ops, ns), kernel.name).default
-        assert str(op._schema) == f"{ns}::{_ops.schema(kernel.name)}", kernel.name
+        assert str(op._schema) == f"{ns}::{_registration.schema(kernel.name)}", kernel.name
 
 
 @pytest.mark.parametrize("case", FUSED, ids=case_id)
@@ -25,7 +25,7 @@ def test_opcheck_all_ops(case):
     """torch.library.opcheck of every op, on the samples its module declares."""
     backend, device = case
     ops = getattr(torch.ops, _namespace(backend))
-    for kernel in _ops.kernels():
+    for kernel in _registration.kernels():
         for args in kernel.samples(device):
             torch.library.opcheck(getattr(ops, kernel.name).default, args)
     loss = torch.randn(3, device=device)

@@ -3,6 +3,7 @@ graph of dps_fast/ has no cycle, and the public names are imported explicitly.""
 import ast
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -213,3 +214,57 @@ def test_no_python_function_over_60_lines():
                     if lines > 60:
                         long.append(f"{os.path.relpath(path, root)}::{node.name} ({lines} lines)")
     assert not long, "functions over 60 lines: " + ", ".join(long)
+
+
+_CPP_BRANCH = re.compile(r"\b(if|for|while|switch|catch)\s*\(")
+_CPP_SIGNATURE_END = re.compile(r"\)\s*(const)?\s*(noexcept)?\s*(override)?\s*(->\s*[\w:<>, ]+)?$")
+
+
+def cpp_function_lengths(text: str):
+    """(signature tail, first line, lines) of each outermost C++ function body in ``text``: a
+    brace opening after a signature ``... ( ... )`` that is not a branch, namespace, struct or
+    class. A heuristic for csrc/'s style (clang-format, Google-like), not a C++ parser."""
+    found, stack, sig = [], [], ""
+    for no, line in enumerate(text.split("\n"), 1):
+        code = re.sub(r'"(\\.|[^"\\])*"', '""', re.sub(r"//.*", "", line))
+        for ch in code:
+            if ch == "{":
+                head = sig.strip()
+                is_fn = bool(_CPP_SIGNATURE_END.search(head)) and not _CPP_BRANCH.search(head) and \
+                    not head.startswith(("namespace", "struct", "class", "extern"))
+                stack.append((is_fn, no, head[-70:]))
+                sig = ""
+            elif ch == "}":
+                if stack:
+                    is_fn, start, head = stack.pop()
+                    if is_fn and not any(f for f, _, _ in stack):
+                        found.append((head, start, no - start + 1))
+                sig = ""
+            else:
+                sig = "" if ch == ";" else sig + ch
+        sig += " "
+    return found
+
+
+def test_cpp_function_lengths_are_found():
+    text = "namespace a {\nint f(int x) {\n  if (x) {\n    return 1;\n  }\n  return 2;\n}\nstruct S {\n  void g() const {\n" \
+           "  }\n};\n}  // namespace a\n"
+    assert [(start, n) for _, start, n in cpp_function_lengths(text)] == [(2, 6), (9, 2)]
+
+
+def test_no_cpp_function_over_60_lines():
+    """The same rule in csrc/: at most 60 lines, unless a comment just above the function says
+    why it is longer ("on purpose")."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    long = []
+    for folder, _, files in os.walk(root):
+        for name in sorted(f for f in files if f.endswith((".cpp", ".cu", ".h"))):
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                text = f.read()
+            lines = text.split("\n")
+            for head, start, n in cpp_function_lengths(text):
+                why = " ".join(lines[max(0, start - 4):start - 1])
+                if n > 60 and "on purpose" not in why:
+                    long.append(f"{os.path.relpath(path, root)}:{start} {head!r} ({n} lines)")
+    assert not long, "C++ functions over 60 lines: " + ", ".join(long)

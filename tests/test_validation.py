@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dps_fast
-from dps_fast._ops import op_modules
+from dps_fast._registration import op_modules
 from dps_fast.ops import dps_cross_entropy
 from _helpers import ALL_BACKENDS, case_id
 

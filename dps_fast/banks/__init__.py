@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import _validate as checks
+from .. import _validate
 from ..prior import init_prior
 from .base import Bank, StepConfig, StepPlan
 from .dist_base import DistributedBank, padding_mask
@@ -39,11 +39,11 @@ def prior_rows(labels, num_classes, c, eps, dtype, prior, rows=slice(None), devi
     ``device`` (default: the labels' or prior's) in memory for the result plus one block of
     rows (``pin``: pinned host memory, for a host bank stepping on a GPU)."""
     if prior is not None:
-        checks.floating("prior", prior)
+        _validate.floating("prior", prior)
         if prior.dim() != 2:
             raise ValueError(f"prior must be a tensor [N, C], got {list(prior.shape)}")
         src = prior.detach()[rows]
-        checks.bank_values_as(src, dtype, "prior")  # as stored: 1e-8 is 0 in float16, 1e5 is inf
+        _validate.bank_values_as(src, dtype, "prior")  # as stored: 1e-8 is 0 in float16, 1e5 is inf
         dev = src.device if device is None else device
         return torch.empty(src.shape, dtype=dtype, device=dev, pin_memory=pin).copy_(src)
     if labels is None or num_classes is None:
@@ -101,7 +101,7 @@ def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torc
     if top_k is not None:
         return make_topk_bank(kind, labels, num_classes, top_k, c, eps, dtype, prior, device, group, timeout_s)
 
-    if dtype not in checks.FUSED_DTYPES + (torch.float64,):
+    if dtype not in _validate.FUSED_DTYPES + (torch.float64,):
         raise TypeError(f"bank dtype must be float32, bfloat16, float16 or float64, got {dtype}")
     if prior is None and (labels is None or num_classes is None):
         raise ValueError("give labels and num_classes, or an explicit prior")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _dispatch
-from .. import _validate as checks
+from .. import _validate
 from ..ops._common import in_backward_recompute
 from ..ops.dps_cross_entropy import run as run_step
 
@@ -38,10 +38,10 @@ class StepConfig:
     validate: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "gamma", checks.gamma_value(self.gamma))
-        object.__setattr__(self, "tau_e", checks.evidence_temperature(self.tau_e))
-        checks.target_name(self.target)
-        checks.reduction_code(self.reduction)
+        object.__setattr__(self, "gamma", _validate.gamma_value(self.gamma))
+        object.__setattr__(self, "tau_e", _validate.evidence_temperature(self.tau_e))
+        _validate.target_name(self.target)
+        _validate.reduction_code(self.reduction)
         _dispatch.backend_name(self.backend)
 
 
@@ -88,19 +88,19 @@ class Bank:
     def check_local(self, logits, index, valid, cfg: StepConfig, extra_check=None):
         """Every check of one call that this process can do alone; raises on bad input.
         Returns (the index as int64 on the logits' device, the resolved backend)."""
-        v, b, c = checks.logits_tensor(logits)
-        checks.index_tensor(index, b)
+        v, b, c = _validate.logits_tensor(logits)
+        _validate.index_tensor(index, b)
         if c != self.num_classes:
             raise ValueError(f"the bank has {self.num_classes} classes but the logits have {c}")
-        checks.same_device(logits=logits, index=index, valid=valid)
+        _validate.same_device(logits=logits, index=index, valid=valid)
         if valid is not None:
-            checks.valid_mask(valid, b)
-        idx = checks.canonical_index(index)
+            _validate.valid_mask(valid, b)
+        idx = _validate.canonical_index(index)
         if cfg.validate and valid is None:
-            idx = checks.checked_index(idx, self.num_samples)  # under torch.compile an op whose output is used
+            idx = _validate.checked_index(idx, self.num_samples)  # under torch.compile an op whose output is used
         elif cfg.validate:
-            checks.index_values(idx[valid], self.num_samples)  # duplicates only among the valid samples
-            checks.index_range(idx, self.num_samples)
+            _validate.index_values(idx[valid], self.num_samples)  # duplicates only among the valid samples
+            _validate.index_range(idx, self.num_samples)
         name = _dispatch.resolve(cfg.backend, logits.device, (logits.dtype, self.dtype))
         if extra_check is not None:
             extra_check()

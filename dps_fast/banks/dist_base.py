@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from .. import _validate as checks
+from .. import _validate
 from . import state as bank_state
 from .base import Bank, StepPlan
 from .collective import Collective
@@ -58,7 +58,7 @@ class DistributedBank(Bank):
         codes = self.comm.all_gather_rows(code, counts)
         ids = [torch.where(c >= 0, c, -c - 1) for c in codes]
         oks = [c >= 0 for c in codes]
-        dup = checks.first_duplicate(torch.cat([i[o] for i, o in zip(ids, oks)]))
+        dup = _validate.first_duplicate(torch.cat([i[o] for i, o in zip(ids, oks)]))
         if dup is not None:  # every rank sees the same global batch, so every rank raises this
             raise ValueError(f"index contains duplicate id {dup} across ranks in one step; ids of one global "
                              f"step must be distinct among valid samples")
@@ -108,8 +108,8 @@ class DistributedBank(Bank):
         row; a failure on any rank raises the same error on every rank, the bank unchanged."""
         doc, shards, error = None, [], None
         try:
-            doc, shards = shard_files.open_save(folder, self.num_samples, self.num_classes, self.storage.dtype, self.rank,
-                                       self.world, self.strided)
+            doc, shards = shard_files.open_save(folder, self.num_samples, self.num_classes, self.storage.dtype,
+                                                self.rank, self.world, self.strided)
         except (OSError, ValueError) as e:
             error = e
         try:

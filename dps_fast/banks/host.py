@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _validate as checks
+from .. import _validate
 from . import state as bank_state
 from .base import Bank, StepPlan
 
@@ -81,8 +81,8 @@ class HostBank(Bank):
         return rows.to(self.target_device, non_blocking=True)
 
     def prefetch(self, index: torch.Tensor) -> None:
-        idx = checks.canonical_index(index).cpu()
-        checks.index_values(idx, self.num_samples)
+        idx = _validate.canonical_index(index).cpu()
+        _validate.index_values(idx, self.num_samples)
         self._prefetched = _Prefetch(idx, self._gather(idx), self._rows._version)
 
     def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:

@@ -216,17 +216,6 @@ def _read_header(f, path: str, size: int) -> tuple[dict, dict, int]:
     return meta, h["bank"], 8 + n
 
 
-def read_header(path: str) -> tuple[dict, torch.dtype, list, int]:
-    """(metadata, dtype, shape, offset of the rows) of a shard file, unverified against any
-    manifest (offline inspection)."""
-    with open(path, "rb") as f:
-        meta, entry, start = _read_header(f, path, os.fstat(f.fileno()).st_size)
-    if entry.get("dtype") not in _FROM_NAME:
-        raise ValueError(f"{path}: unknown dtype {entry.get('dtype')!r} (a bank shard holds one of "
-                         f"{sorted(_FROM_NAME)})")
-    return meta, _FROM_NAME[entry["dtype"]], entry.get("shape"), start
-
-
 def _check_layout(path: str, entry: dict, start: int, size: int, rows: int, classes: int) -> torch.dtype:
     """The dtype of a shard whose header describes [rows, classes] values filling the file exactly."""
     name = entry.get("dtype")

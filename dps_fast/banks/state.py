@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as checks
+from .. import _validate
 
 LOAD_ERRORS = (TypeError, ValueError, IndexError)
 
@@ -37,17 +37,17 @@ def keep_dtype(fn, t: torch.Tensor) -> torch.Tensor:
 def check_rows(rows, like: torch.Tensor, what: str) -> torch.Tensor:
     """Saved rows that may replace ``like`` (this bank's rows): same shape, floating, and
     valid in ``like``'s dtype. Raises naming the problem."""
-    checks.floating(what, rows)
+    _validate.floating(what, rows)
     if tuple(rows.shape) != tuple(like.shape):
         raise ValueError(f"{what}: saved shape {tuple(rows.shape)}, this bank is {tuple(like.shape)}")
-    checks.bank_values_as(rows, like.dtype, what)
+    _validate.bank_values_as(rows, like.dtype, what)
     return rows
 
 
 def check_labels(labels, num_samples: int, num_classes: int, what: str = "given_labels") -> torch.Tensor:
     """Saved given labels: an integer tensor of exactly [N] with values in [0, C)."""
-    checks.tensor(what, labels)
-    if labels.dtype not in checks.INT_DTYPES:
+    _validate.tensor(what, labels)
+    if labels.dtype not in _validate.INT_DTYPES:
         raise TypeError(f"{what}: dtype {labels.dtype}; given labels must be an integer tensor (class ids)")
     if tuple(labels.shape) != (num_samples,):
         raise ValueError(f"{what}: shape {list(labels.shape)} for a bank of {num_samples} rows; one label a row, "
@@ -97,7 +97,7 @@ def check_conversion(rows: torch.Tensor, dtype) -> None:
     every value finite and > 0 once converted. Raises before anything changes."""
     if dtype not in BANK_DTYPES:
         raise TypeError(f"bank dtype must be float32, bfloat16, float16 or float64, got {dtype}")
-    checks.bank_values_as(rows, dtype, "the bank")
+    _validate.bank_values_as(rows, dtype, "the bank")
 
 
 def converted(rows: torch.Tensor, dtype, pin: bool = False) -> torch.Tensor:

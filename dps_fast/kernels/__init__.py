@@ -13,7 +13,7 @@ import pkgutil
 
 import torch
 
-from .. import _ops
+from .. import _registration
 
 _KEYS = ["CUDA"] + (["CPU"] if os.environ.get("TRITON_INTERPRET", "0") == "1" else [])
 _MODULES = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
@@ -28,8 +28,8 @@ def _impl(op: str):
 
 
 _lib = torch.library.Library("dps_fast_triton", "DEF")
-for _kernel in _ops.kernels():
-    _lib.define(_ops.schema(_kernel.name))
+for _kernel in _registration.kernels():
+    _lib.define(_registration.schema(_kernel.name))
     for _key in _KEYS:
         _lib.impl(_kernel.name, _impl(_kernel.name), _key)
-_ops.register_fakes("dps_fast_triton")
+_registration.register_fakes("dps_fast_triton")

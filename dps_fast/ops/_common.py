@@ -130,5 +130,5 @@ def backend_for_autodiff(x: torch.Tensor, name: str, backend, what: str) -> str:
 def attach_grad(loss: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``loss``, with ``d loss / d x = grad * grad_output`` for autograd (csrc/ops.cpp: a C++
     autograd node, eager and compiled alike; a second derivative through it is an error).
-    Why it is an op of its own: dps_fast/_ops.py."""
+    Why it is an op of its own: dps_fast/_registration.py."""
     return torch.ops.dps_fast.attach_grad.default(loss, x, grad)

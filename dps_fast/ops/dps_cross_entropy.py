@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch, _fast_path
-from .. import _validate as checks
+from .. import _validate
 from ._common import (BadInput, Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer,
                       in_backward_recompute, loss_shape, needs_grad, reduce, soft_target_loss, under_functorch)
 
@@ -46,16 +46,16 @@ def reference(logits, index, alpha, gamma=0.95, tau_e=1.0, target="posterior", r
 
 def check(logits, index, alpha, gamma, tau_e, target, reduction, validate=True):
     """Returns (V, B, C, gamma, tau_e, posterior: bool, reduction code, int64 index)."""
-    v, b, c = checks.logits_tensor(logits)
-    checks.index_tensor(index, b)
-    checks.bank(alpha, c)
-    checks.same_device(logits=logits, index=index, alpha=alpha)
-    gamma = checks.gamma_value(gamma)
-    tau_e = checks.evidence_temperature(tau_e)
-    checks.target_name(target)
-    red = checks.reduction_code(reduction)
-    checks.bank_storage(alpha, logits, index)
-    index = checks.checked_index(index, alpha.shape[0]) if validate and b else checks.canonical_index(index)
+    v, b, c = _validate.logits_tensor(logits)
+    _validate.index_tensor(index, b)
+    _validate.bank(alpha, c)
+    _validate.same_device(logits=logits, index=index, alpha=alpha)
+    gamma = _validate.gamma_value(gamma)
+    tau_e = _validate.evidence_temperature(tau_e)
+    _validate.target_name(target)
+    red = _validate.reduction_code(reduction)
+    _validate.bank_storage(alpha, logits, index)
+    index = _validate.checked_index(index, alpha.shape[0]) if validate and b else _validate.canonical_index(index)
     return v, b, c, gamma, tau_e, target == "posterior", red, index
 
 
@@ -148,7 +148,7 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
     v, b, c, gamma, tau_e, posterior, red, index = check(logits, index, alpha, gamma, tau_e, target, reduction,
                                                          validate)
     if inplace_grad:
-        checks.disjoint_from_logits("index", index, logits)
+        _validate.disjoint_from_logits("index", index, logits)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, alpha.dtype))
     return run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend, inplace_grad)
 
@@ -156,7 +156,7 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
 def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend=None, inplace_grad=False):
     """The step on checked arguments (``index`` int64; ``name`` the resolved backend): the
     banks call this after their own checks (dps_fast/banks/base.py)."""
-    red = checks.REDUCTIONS[reduction]
+    red = _validate.REDUCTIONS[reduction]
     if logits.shape[-2] == 0:
         return empty_loss(logits, red)
     if update and under_functorch(logits):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch
-from .. import _validate as checks
-from ._common import (BadInput, Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer, loss_shape,
-                      needs_grad, reduce, soft_target_loss)
+from .. import _validate
+from ._common import (BadInput, Kernel, attach_grad, backend_for_autodiff, compute_dtype, empty_loss, grad_buffer,
+                      loss_shape, needs_grad, reduce, soft_target_loss)
 
 OP = "soft_ce_fwd"
 __all__ = ["soft_cross_entropy"]
@@ -31,12 +31,12 @@ def reference(logits, target, reduction="mean", normalize=False):
 
 
 def check(logits, target, reduction):
-    _, b, c = checks.logits_tensor(logits, allow_views=False)
-    checks.floating("target", target)
+    _, b, c = _validate.logits_tensor(logits, allow_views=False)
+    _validate.floating("target", target)
     if target.shape != logits.shape:
         raise ValueError(f"target must have the logits' shape {list(logits.shape)}, got {list(target.shape)}")
-    checks.same_device(logits=logits, target=target)
-    return b, c, checks.reduction_code(reduction)
+    _validate.same_device(logits=logits, target=target)
+    return b, c, _validate.reduction_code(reduction)
 
 
 def fake(logits, target, grad, normalize, reduction):
@@ -87,7 +87,7 @@ def soft_cross_entropy(logits, target, reduction="mean", normalize=False, backen
     """
     b, c, red = check(logits, target, reduction)
     if inplace_grad:
-        checks.disjoint_from_logits("target", target, logits)
+        _validate.disjoint_from_logits("target", target, logits)
     name = _dispatch.resolve(backend, logits.device, (logits.dtype, target.dtype))
     if b == 0:
         return empty_loss(logits, red)

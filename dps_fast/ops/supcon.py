@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _dispatch
-from .. import _validate as checks
+from .. import _validate
 from ._common import BadInput, Kernel, attach_grad, backend_for_autodiff, compute_dtype, needs_grad
 
 __all__ = ["supcon_loss"]
@@ -72,7 +72,7 @@ def reference(features, labels=None, tau=0.1, normalize=True, soft_targets=None)
 
 def check(features, labels, tau, soft_targets):
     """Returns (M, d, V, B) with V = 0 for flat [M, d] features."""
-    checks.floating("features", features)
+    _validate.floating("features", features)
     if features.dim() == 3:
         v, b, d = features.shape
         m = v * b
@@ -83,9 +83,9 @@ def check(features, labels, tau, soft_targets):
         raise ValueError(f"features must have shape [V, B, d] or [M, d], got {list(features.shape)}")
     if d < 1:
         raise ValueError("features must have at least one dimension (d >= 1)")
-    checks.positive("tau", tau)
+    _validate.positive("tau", tau)
     _check_positives(labels, soft_targets, v, b, m)
-    checks.same_device(features=features, labels=labels, soft_targets=soft_targets)
+    _validate.same_device(features=features, labels=labels, soft_targets=soft_targets)
     return m, d, v, b
 
 
@@ -93,14 +93,14 @@ def _check_positives(labels, soft_targets, v, b, m):
     if labels is not None and soft_targets is not None:
         raise ValueError("give labels or soft_targets, not both")
     if labels is not None:
-        checks.tensor("labels", labels)
-        if labels.dtype not in checks.INT_DTYPES:
+        _validate.tensor("labels", labels)
+        if labels.dtype not in _validate.INT_DTYPES:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if labels.dim() != 1 or labels.shape[0] not in (b, m):
             raise ValueError(f"labels must have shape [{b}] (one per sample) or [{m}] (one per row), "
                              f"got {list(labels.shape)}")
     elif soft_targets is not None:
-        checks.floating("soft_targets", soft_targets)
+        _validate.floating("soft_targets", soft_targets)
         if soft_targets.dim() != 2 or soft_targets.shape[0] not in (b, m):
             raise ValueError(f"soft_targets must have shape [{b}, K] or [{m}, K], got {list(soft_targets.shape)}")
     elif v == 0:

@@ -171,7 +171,7 @@ class DPS(Method):
                            contrastive_weight=c.get("con_weight", 0.5) if self.needs_features else 0.0,
                            con_tau=c.get("con_tau", 0.1), con_positives=c.get("con_positives", "hard"),
                            top_k=c.get("top_k", 0) or None)
-        self.distributed_bank = self.dps.store.kind in ("replicated", "sharded")
+        self.distributed_bank = self.dps.bank_kind in ("replicated", "sharded")
         self.adapt_k = c.get("tau_e_adapt", 0.0)
         self.adapted_epoch = -1  # the epoch whose tau_e has been set; kept in checkpoints
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _extension
-from . import _validate as checks
+from . import _validate
 from .ops import MODULES
 
 
@@ -56,7 +56,7 @@ def register_check_index() -> None:
         return torch.empty(index.shape, dtype=torch.int64, device=index.device)
 
     def on_cuda(index, n):
-        checks.index_values(index.cpu(), n)
+        _validate.index_values(index.cpu(), n)
         return index.to(torch.int64).clone()
 
     torch.library.register_fake("dps_fast::check_index", fake)
