@@ -118,29 +118,20 @@ def scale_unless_one_(grad, s):
 
 
 # ------------------------------------------------------------------ mirror of supcon_glue.cpp
-def _supcon_launch(grad, f, labels, soft, lse, wsum, wdot, coef, invw, df, inv_tau):
-    lab = labels.to(torch.int64).contiguous() if labels is not None else None
-    sft = soft.float().contiguous() if soft is not None else None
-    m, d = f.shape
-    k = sft.shape[1] if sft is not None else 0
-    return library().emu_launch_supcon(int(grad), _ptr(f), _ptr(lab), _ptr(sft), _ptr(lse), _ptr(wsum), _ptr(wdot),
-                                       _ptr(coef), _ptr(invw), _ptr(df), ctypes.c_int64(m), ctypes.c_int64(d),
-                                       ctypes.c_int64(k), ctypes.c_float(inv_tau))
+def supcon_lse(f, inv_tau):
+    lse = torch.empty(f.shape[0])
+    _check(library().emu_launch_supcon(0, _ptr(f), _ptr(lse), None, None, ctypes.c_int64(f.shape[0]),
+                                       ctypes.c_int64(f.shape[1]), ctypes.c_float(inv_tau)), "SupCon lse kernel")
+    return lse
 
 
-def supcon_stats(f, labels, soft, inv_tau):
-    lse, wsum, wdot = (torch.empty(f.shape[0]) for _ in range(3))
-    _check(_supcon_launch(False, f, labels, soft, lse, wsum, wdot, None, None, None, inv_tau),
-           "SupCon statistics kernel")
-    return lse, wsum, wdot
-
-
-def supcon_grad(f, labels, soft, lse, coef, invw, inv_tau):
+def supcon_grad(f, lse, coef, inv_tau):
     df = torch.empty_like(f)
-    _check(_supcon_launch(True, f, labels, soft, lse, None, None, coef, invw, df, inv_tau), "SupCon gradient kernel")
+    _check(library().emu_launch_supcon(1, _ptr(f), _ptr(lse), _ptr(coef), _ptr(df), ctypes.c_int64(f.shape[0]),
+                                       ctypes.c_int64(f.shape[1]), ctypes.c_float(inv_tau)), "SupCon gradient kernel")
     return df
 
 
 def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
     """The public op's host glue (dps_fast/ops/supcon.py) over the emulated kernels."""
-    return fused_supcon(supcon_stats, supcon_grad, features, labels, soft, tau, normalize, need_grad)
+    return fused_supcon(supcon_lse, supcon_grad, features, labels, soft, tau, normalize, need_grad)

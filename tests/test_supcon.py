@@ -89,7 +89,7 @@ def test_triton_supcon_backward_runs_in_feature_slices(case, d, mode):
     from dps_fast.kernels import supcon as K
     backend, device = case
     m = 2 * 6
-    assert triton.cdiv(d, K._blocks(m, d, 5)[2]) > 1, "the launcher must slice this width"
+    assert triton.cdiv(d, K._blocks(m, d)[2]) > 1, "the launcher must slice this width"
     gen = torch.Generator().manual_seed(d + len(mode))
     f = (torch.randn(2, 6, d, generator=gen) / d ** 0.5).to(device)
     kw = dict(labels=torch.randint(0, 3, (6,), generator=gen).to(device)) if mode == "labels" else \
@@ -101,3 +101,17 @@ def test_triton_supcon_backward_runs_in_feature_slices(case, d, mode):
     scale = float(f.double().norm(dim=-1).max() ** 2 / 0.5)
     rule_check(lk, le, lx, torch.float32, "loss", scale=scale)
     rule_check(gk, ge, gx, torch.float32, "grad", scale=scale)
+
+
+@pytest.mark.parametrize("case", FUSED, ids=case_id)
+def test_supcon_labels_are_compared_not_indexed(case):
+    """The fused backends group rows by label value (the positive term's class sums): negative
+    and huge labels, and one label per row, give the reference's loss and gradient."""
+    backend, device = case
+    gen = torch.Generator().manual_seed(5)
+    f = torch.randn(2, 6, 8, generator=gen).to(device)
+    for labels in (torch.tensor([-7, 2 ** 40, -7, 3, 2 ** 40, 0]), torch.arange(6) * 1000):
+        got = run(backend, f, labels=labels.to(device))
+        want = run("reference", f.double(), labels=labels.to(device))
+        rule_check(got[0], run("reference", f, labels=labels.to(device))[0], want[0], torch.float32, "loss")
+        rule_check(got[1], run("reference", f, labels=labels.to(device))[1], want[1], torch.float32, "grad")

@@ -1,11 +1,12 @@
-// CUDA kernels: tiled SupCon / NT-Xent statistics and gradient (docs/method.md §4).
+// CUDA kernels: tiled SupCon / NT-Xent logsumexp and gradient (docs/method.md §4), the O(M^2)
+// parts of the loss (the positive term is linear in the features: dps_fast/ops/supcon.py).
 //
 // Blocks of 16 x 16 threads own 16 anchor rows and sweep the candidate rows in
 // tiles of 16; thread (r, c) computes s = <f_i, f_j> / tau for its pair, reading
 // both tiles from shared memory in chunks of 128 feature dimensions. Each thread
-// keeps an online logsumexp and the positive sums over its own candidates; the 16
-// threads of a row merge them at the end. The gradient kernel recomputes the same
-// tiles, forms G_ij + G_ji in shared memory and accumulates dF_i = (1/tau) G F_j; a thread
+// keeps an online logsumexp over its own candidates; the 16 threads of a row merge
+// them at the end. The gradient kernel recomputes the same tiles, forms
+// G_ij + G_ji = c_i p_ij + c_j p_ji in shared memory and accumulates dF_i = (1/tau) G F_j; a thread
 // keeps MAXACC accumulators (feature dimensions c, c + 16, ...), so one block covers 1024
 // dimensions: wider features take more blocks along y (gridDim.y = ceil(D / 1024)), each
 // recomputing the similarity tiles for its own slice of dimensions.
@@ -23,14 +24,6 @@ constexpr int T = 16;       // tile rows / cols
 constexpr int DC = 128;     // feature chunk
 constexpr int MAXACC = 64;  // per-thread accumulators: 16 * 64 = 1024 dimensions per block
 constexpr int DSLICE = T * MAXACC;
-
-__device__ __forceinline__ float pair_weight(const SupconArgs& p, int64_t i, int64_t j) {
-  if (i == j || i >= p.M || j >= p.M) return 0.f;
-  if (p.labels) return p.labels[i] == p.labels[j] ? 1.f : 0.f;
-  float w = 0.f;
-  for (int64_t k = 0; k < p.K; ++k) w += p.soft[i * p.K + k] * p.soft[j * p.K + k];
-  return w;
-}
 
 // s_ij for the thread's pair, from shared tiles loaded chunk by chunk.
 __device__ float tile_dot(const SupconArgs& p, int64_t i0, int64_t j0, float (*fi)[DC + 1],
@@ -52,11 +45,11 @@ __device__ float tile_dot(const SupconArgs& p, int64_t i0, int64_t j0, float (*f
   return acc * p.inv_tau;
 }
 
-__global__ void __launch_bounds__(T * T) stats_kernel(SupconArgs p) {
+__global__ void __launch_bounds__(T * T) lse_kernel(SupconArgs p) {
   __shared__ float fi[T][DC + 1], fj[T][DC + 1];
   const int r = threadIdx.y, c = threadIdx.x;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * T, i = i0 + r;
-  float m = -INFINITY, l = 0.f, ws = 0.f, wd = 0.f;
+  float m = -INFINITY, l = 0.f;
   for (int64_t j0 = 0; j0 < p.M; j0 += T) {
     const float s = tile_dot(p, i0, j0, fi, fj);
     const int64_t j = j0 + c;
@@ -67,9 +60,6 @@ __global__ void __launch_bounds__(T * T) stats_kernel(SupconArgs p) {
       } else {
         l += expf(s - m);
       }
-      const float w = pair_weight(p, i, j);
-      ws += w;
-      wd += w * s;
     }
   }
   // merge the 16 threads of the row (consecutive lanes of one half-warp)
@@ -78,16 +68,8 @@ __global__ void __launch_bounds__(T * T) stats_kernel(SupconArgs p) {
   for (int o = T / 2; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o, T));
   float L = (m == -INFINITY) ? 0.f : l * expf(m - M);
 #pragma unroll
-  for (int o = T / 2; o > 0; o >>= 1) {
-    L += __shfl_xor_sync(0xffffffffu, L, o, T);
-    ws += __shfl_xor_sync(0xffffffffu, ws, o, T);
-    wd += __shfl_xor_sync(0xffffffffu, wd, o, T);
-  }
-  if (c == 0 && i < p.M) {
-    p.lse[i] = L > 0.f ? M + logf(L) : 0.f;
-    p.wsum[i] = ws;
-    p.wdot[i] = wd;
-  }
+  for (int o = T / 2; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o, T);
+  if (c == 0 && i < p.M) p.lse[i] = L > 0.f ? M + logf(L) : 0.f;
 }
 
 __global__ void __launch_bounds__(T * T) grad_kernel(SupconArgs p) {
@@ -96,7 +78,6 @@ __global__ void __launch_bounds__(T * T) grad_kernel(SupconArgs p) {
   const int r = threadIdx.y, c = threadIdx.x;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * T, i = i0 + r;
   const float lse_i = i < p.M ? p.lse[i] : 0.f, c_i = i < p.M ? p.coef[i] : 0.f;
-  const float iw_i = i < p.M ? p.invw[i] : 0.f;
   const int64_t dslice = static_cast<int64_t>(blockIdx.y) * DSLICE;  // this block's dimensions
   float acc[MAXACC];
 #pragma unroll
@@ -105,10 +86,7 @@ __global__ void __launch_bounds__(T * T) grad_kernel(SupconArgs p) {
     const float s = tile_dot(p, i0, j0, fi, fj);
     const int64_t j = j0 + c;
     float gv = 0.f;
-    if (i < p.M && j < p.M && j != i) {
-      const float w = pair_weight(p, i, j);
-      gv = c_i * (expf(s - lse_i) - w * iw_i) + p.coef[j] * (expf(s - p.lse[j]) - w * p.invw[j]);
-    }
+    if (i < p.M && j < p.M && j != i) gv = c_i * expf(s - lse_i) + p.coef[j] * expf(s - p.lse[j]);
     gt[r][c] = gv;
     __syncthreads();
     // acc[r, d] += sum_c G[r][c] * f[j0 + c, d] for d = dslice + c + 16 k
@@ -136,9 +114,9 @@ __global__ void __launch_bounds__(T * T) grad_kernel(SupconArgs p) {
 
 }  // namespace
 
-cudaError_t launch_supcon_stats(const SupconArgs& p, cudaStream_t stream) {
+cudaError_t launch_supcon_lse(const SupconArgs& p, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
-  stats_kernel<<<(p.M + T - 1) / T, dim3(T, T), 0, stream>>>(p);
+  lse_kernel<<<(p.M + T - 1) / T, dim3(T, T), 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -1,11 +1,12 @@
 """Supervised contrastive loss / NT-Xent (docs/method.md §4): reference, checks, the host glue
 of every fused backend, fake kernels, opcheck samples and the public function.
 
-Each fused backend provides two kernel ops over float32 rows f [M, d], ``supcon_stats`` (per
-row: logsumexp over j != i, positive weight sum, weighted similarity) and ``supcon_grad``
-(d loss / d f from the logsumexp and per-row coefficients); :func:`fused` is the glue around
-them (normalisation, the mean over anchors, the coefficients, the normalisation's backward),
-written once. The kernels: csrc/cpu/supcon.cpp, dps_fast/kernels/supcon.py,
+Each fused backend provides the two O(M^2) parts as kernel ops over float32 rows f [M, d]:
+``supcon_lse`` (each row's logsumexp over j != i) and ``supcon_grad`` (the softmax part of
+d loss / d f). :func:`fused` is the glue around them, written once: normalisation, the
+positive term in closed form (:func:`positive_terms`: it is linear in the features, so it
+costs O(M d) or O(M d K), not a pass over the M^2 pairs), the mean over anchors, and the
+normalisation's backward. The kernels: csrc/cpu/supcon.cpp, dps_fast/kernels/supcon.py,
 csrc/cuda/supcon.cu (glue csrc/cuda/supcon_glue.cpp, launches only)."""
 from __future__ import annotations
 
@@ -108,56 +109,91 @@ def _check_positives(labels, soft_targets, v, b, m):
                          "shape [V, B, d] (V >= 2), or give labels")
 
 
-def fused(stats, grad, features, labels, soft, tau, normalize, need_grad):
+def _groups(labels):
+    """Each row's group id in [0, M): the sorted position of the first row with its label. Sizes
+    do not depend on the data, so nothing waits for the device (torch.unique would)."""
+    ordered, perm = labels.sort()
+    first = torch.searchsorted(ordered, ordered)
+    return torch.empty_like(perm).scatter_(0, perm, first)
+
+
+def positive_terms(f, labels, soft):
+    """The positive term of every anchor in closed form, in float64 (docs/method.md §4):
+    ``(wsum, wdot, pull)`` with ``wsum_i = sum_{j != i} w_ij``, ``wdot_i = sum_{j != i} w_ij
+    <f_i, f_j>``, w_ij = [l_i = l_j] (hard ``labels``) or <t_i, t_j> (``soft``), and ``pull(u)``
+    = ``sum_{j != i} w_ij (u_i + u_j) f_j`` [M, d], the term's gradient for coefficients u [M].
+    Hard labels: per-class sums of f (and of u f); soft: F^T T (and (u F)^T T)."""
+    f = f.double()
+    if soft is None:
+        cls = _groups(labels)
+        ones = torch.ones_like(f[:, :1])
+        sums = torch.zeros(f.shape[0], f.shape[1] + 1, dtype=f.dtype, device=f.device)
+        sums.index_add_(0, cls, torch.cat([f, ones], 1))  # per class: the sum of f, and the count
+        others = sums[cls] - torch.cat([f, ones], 1)  # over j != i of the same class
+        wsum, others = others[:, -1], others[:, :-1]
+
+        def pull(u):
+            uf = u[:, None] * f
+            return u[:, None] * others + torch.zeros_like(f).index_add_(0, cls, uf)[cls] - uf
+        return wsum, (f * others).sum(1), pull
+    t = soft.double()
+    tt = (t * t).sum(1)
+    ft = f.t() @ t  # [d, K]
+
+    def pull_soft(u):
+        return u[:, None] * (t @ ft.t()) + t @ ((u[:, None] * f).t() @ t).t() - 2 * (u * tt)[:, None] * f
+    wsum = (t * t.sum(0)).sum(1) - tt  # the same reduction order as tt: exactly 0 for no overlap
+    return wsum, ((f @ ft) * t).sum(1) - tt * (f * f).sum(1), pull_soft
+
+
+def fused(lse_op, grad_op, features, labels, soft, tau, normalize, need_grad):
     """The loss (float32 scalar) and, if ``need_grad``, d loss / d features (in their dtype, else
-    None) by a backend's kernel ops ``stats`` and ``grad``: the host glue of every fused backend.
-    ``features`` [M, d] with M >= 2; ``labels`` int64 [M] or ``soft`` [M, K] (one of them)."""
+    None) by a backend's kernel ops ``lse_op`` and ``grad_op``: the host glue of every fused
+    backend. ``features`` [M, d] with M >= 2; ``labels`` int64 [M] or ``soft`` [M, K] (one of them)."""
     x = features.float().contiguous()
     norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12) if normalize else None  # as F.normalize
     f = (x / norm).contiguous() if normalize else x
     inv_tau = 1.0 / tau
-    lse, wsum, wdot = stats(f, labels, soft, inv_tau)
+    lse = lse_op(f, inv_tau)
+    wsum, wdot, pull = positive_terms(f, labels, soft)
     valid = wsum > 0
     n_valid = valid.sum().clamp_min(1)
     safe = torch.where(valid, wsum, 1.0)
-    # the mean over anchors in float64, as the CPU kernel summed it before the split
-    loss = (torch.where(valid, lse.double() - wdot.double() / safe.double(), 0.0).sum() / n_valid).float()
+    loss = (torch.where(valid, lse.double() - wdot * inv_tau / safe, 0.0).sum() / n_valid).float()
     if not need_grad:
         return loss, None
-    coef = valid.float() / n_valid.float()
-    df = grad(f, labels, soft, lse, coef, torch.where(valid, 1.0 / safe, 0.0), inv_tau)
+    coef = valid.double() / n_valid
+    df = (grad_op(f, lse, coef.float(), inv_tau).double() - inv_tau * pull(coef / safe)).float()
     if normalize:  # f = x / |x|: dx = (df - f <f, df>) / |x|
         df = (df - f * (f * df).sum(1, keepdim=True)) / norm
     return loss, df.to(features.dtype)
 
 
-def fake_stats(f, labels, soft, inv_tau):
-    return tuple(f.new_empty(f.shape[:1], dtype=torch.float32) for _ in range(3))
+def fake_lse(f, inv_tau):
+    return f.new_empty(f.shape[:1], dtype=torch.float32)
 
 
-def fake_grad(f, labels, soft, lse, coef, invw, inv_tau):
+def fake_grad(f, lse, coef, inv_tau):
     return torch.empty_like(f)
 
 
-def _sample_positives(device):
+def _sample_rows(device):
     g = torch.Generator().manual_seed(0)
-    f = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=1).to(device)
-    lab = torch.tensor([0, 1, 0, 2, 1, 0, 3, 3], device=device)
-    return f, [(lab, None), (None, torch.rand(8, 3, generator=g).to(device))]
+    return torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=1).to(device), g
 
 
-def stats_samples(device):
-    f, positives = _sample_positives(device)
-    return [(f, lab, soft, 5.0) for lab, soft in positives]
+def lse_samples(device):
+    f, _ = _sample_rows(device)
+    return [(f, 5.0), (f[:2], 0.5)]
 
 
 def grad_samples(device):
-    f, positives = _sample_positives(device)
-    lse, coef, invw = (torch.rand(8, generator=torch.Generator().manual_seed(i)).to(device) for i in range(3))
-    return [(f, lab, soft, lse, coef, invw, 5.0) for lab, soft in positives]
+    f, g = _sample_rows(device)
+    lse, coef = (torch.rand(8, generator=g).to(device) for _ in range(2))
+    return [(f, lse, coef, 5.0)]
 
 
-KERNELS = (Kernel("supcon_stats", fake_stats, stats_samples), Kernel("supcon_grad", fake_grad, grad_samples))
+KERNELS = (Kernel("supcon_lse", fake_lse, lse_samples), Kernel("supcon_grad", fake_grad, grad_samples))
 
 
 def sample_call(device="cpu"):
@@ -200,6 +236,6 @@ def supcon_loss(features, labels=None, tau=0.1, normalize=True, soft_targets=Non
         return reference(features, labels, tau, normalize, soft_targets)
     f, lab, soft = rows(features, labels, soft_targets)
     need = needs_grad(features)
-    loss, grad = fused(_dispatch.op(name, "supcon_stats"), _dispatch.op(name, "supcon_grad"), f.detach(), lab,
+    loss, grad = fused(_dispatch.op(name, "supcon_lse"), _dispatch.op(name, "supcon_grad"), f.detach(), lab,
                        None if soft is None else soft.detach(), tau, bool(normalize), need)
     return attach_grad(loss, features, grad.view(features.shape)) if need else loss

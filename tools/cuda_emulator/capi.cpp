@@ -32,13 +32,11 @@ int emu_launch_ce(const void* z, const int64_t* idx, void* a, void* g, float* lo
   return launch_ce(p, nullptr);
 }
 
-int emu_launch_supcon(int grad, const float* f, const int64_t* labels, const float* soft, float* lse, float* wsum,
-                      float* wdot, const float* coef, const float* invw, float* df, int64_t M, int64_t D, int64_t K,
+int emu_launch_supcon(int grad, const float* f, float* lse, const float* coef, float* df, int64_t M, int64_t D,
                       float inv_tau) {
   SupconArgs p{};
-  p.f = f; p.labels = labels; p.soft = soft; p.lse = lse; p.wsum = wsum; p.wdot = wdot;
-  p.coef = coef; p.invw = invw; p.df = df; p.M = M; p.D = D; p.K = K; p.inv_tau = inv_tau;
-  return grad ? launch_supcon_grad(p, nullptr) : launch_supcon_stats(p, nullptr);
+  p.f = f; p.lse = lse; p.coef = coef; p.df = df; p.M = M; p.D = D; p.inv_tau = inv_tau;
+  return grad ? launch_supcon_grad(p, nullptr) : launch_supcon_lse(p, nullptr);
 }
 
 int emu_scale_unless_one(void* g, int64_t n, int dtype, const float* s) {
