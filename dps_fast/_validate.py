@@ -15,7 +15,7 @@ import math
 import torch
 
 from . import _contract as contract
-from . import _extension
+from . import _device_checks, _extension
 
 # The step's domain, declared once in dps_fast/_contract.py (which the eager fast path's C++
 # filter reads too).
@@ -158,10 +158,30 @@ def index_values(index: torch.Tensor, n: int) -> None:
         return
     first = first_duplicate(index_range(index, n))
     if first is not None:
-        raise ValueError(
-            f"index contains duplicate id {first}; ids in one call must be distinct "
-            f"(feed several views of one sample as logits of shape [V, B, C])"
-        )
+        raise duplicate_error(first)
+
+
+def range_error(first_bad: int, count: int, n: int) -> IndexError:
+    """The error of an index with ``count`` ids outside [0, n), the first ``first_bad``."""
+    return IndexError(f"index {first_bad} is out of range for a bank of {n} rows ({count} id(s) outside [0, {n}))")
+
+
+def duplicate_error(first: int) -> ValueError:
+    return ValueError(f"index contains duplicate id {first}; ids in one call must be distinct "
+                      f"(feed several views of one sample as logits of shape [V, B, C])")
+
+
+def raise_deferred(wait: bool = True) -> None:
+    """Raises the error of an earlier call whose index failed its check on the device
+    (:mod:`dps_fast._device_checks`), with the host check's message and a note; ``wait``:
+    wait for every check in flight (read-outs and saves do)."""
+    failed = _device_checks.first_failure(wait)
+    if failed is None:
+        return
+    count, first_bad, dup, n = failed
+    err = range_error(first_bad, count, n) if count else duplicate_error(dup)
+    raise type(err)(str(err) + " (an earlier call's index, found on the device after that call returned: it "
+                              "wrote nothing and its loss is NaN)")
 
 
 def first_duplicate(ids: torch.Tensor) -> int | None:
@@ -177,9 +197,15 @@ def first_duplicate(ids: torch.Tensor) -> int | None:
 
 def checked_index(index: torch.Tensor, n: int) -> torch.Tensor:
     """Range and duplicate checks; returns the index as int64. Under torch.compile the check
-    is the op ``dps_fast::check_index``, whose output feeds the step, so it stays in the graph."""
+    is the op ``dps_fast::check_index``, whose output feeds the step, so it stays in the graph.
+    A CUDA index is checked on the device, without a host synchronisation
+    (:mod:`dps_fast._device_checks`): the index comes back gated, all ids -1 if the check
+    failed, and the error is raised at the next call."""
     if torch.compiler.is_compiling():
         return torch.ops.dps_fast.check_index(index, n)
+    if _device_checks.on_device(index):
+        raise_deferred(wait=False)
+        return _device_checks.gated_index(canonical_index(index), n)
     index_values(index, n)
     return canonical_index(index)
 
@@ -195,10 +221,7 @@ def index_range(index: torch.Tensor, n: int) -> torch.Tensor:
     lo, hi = torch.aminmax(idx)
     if int(lo) < 0 or int(hi) >= n:
         bad = idx[(idx < 0) | (idx >= n)]
-        raise IndexError(
-            f"index {int(bad[0])} is out of range for a bank of {n} rows "
-            f"({bad.numel()} id(s) outside [0, {n}))"
-        )
+        raise range_error(int(bad[0]), bad.numel(), n)
     return idx
 
 

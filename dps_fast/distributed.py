@@ -25,6 +25,7 @@ import warnings
 
 import torch
 
+from . import _validate
 from .banks import DistributedBank, padding_mask
 from .banks import shard_files
 from .banks.collective import require_process_group
@@ -87,6 +88,7 @@ class DistributedDPSLoss(DPSLoss):
 def save_bank(loss: DistributedDPSLoss, folder: str) -> str:
     """Writes this rank's rows to ``folder`` (one file per rank), then rank 0 commits the save
     with its manifest, ``bank-index.json`` (a collective; every file written atomically)."""
+    _validate.raise_deferred()  # an earlier step's failed device-side index check
     return loss.store.save(folder)
 
 

@@ -157,6 +157,7 @@ class DPSLoss(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _validate.raise_deferred()  # an earlier step's failed device-side index check
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for k, v in self.store.state().items():
             destination[prefix + k] = v
@@ -232,6 +233,7 @@ class DPSLoss(nn.Module):
     def mean_label_error(self, chunk_rows: int = 65536) -> float:
         """The mean over all N samples of the label-error score 1 - t_i[y_i] (docs/method.md §5),
         chunk by chunk; a collective (one all-reduce) for the distributed banks."""
+        _validate.raise_deferred()  # an earlier step's failed device-side index check
         total, labels = None, self.given_labels
         for ids, rows in self.iter_rows(chunk_rows):
             # the row sums accumulate in float64 without a float64 copy of the chunk (0.5 GB at
@@ -257,6 +259,7 @@ class DPSLoss(nn.Module):
     def iter_rows(self, chunk_rows: int = 65536):
         """(global ids, rows) of the rows this process owns, a chunk at a time; across the
         ranks of a distributed bank every row is owned by exactly one rank."""
+        _validate.raise_deferred()  # an earlier step's failed device-side index check
         return self.store.iter_rows(chunk_rows)
 
     @property
@@ -272,6 +275,7 @@ class DPSLoss(nn.Module):
 
     def full_bank(self) -> torch.Tensor:
         """The whole bank [N, C] on this process (a collective of N*C elements for a sharded bank)."""
+        _validate.raise_deferred()  # an earlier step's failed device-side index check
         return self.store.full()
 
     @torch.no_grad()
@@ -279,6 +283,7 @@ class DPSLoss(nn.Module):
         """Posterior-mean targets (float32) of rows ``index`` (global ids or a bool mask [N],
         :func:`dps_fast._validate.readout_index`; a collective for a sharded bank), or of all
         rows this process holds."""
+        _validate.raise_deferred()  # an earlier step's failed device-side index check
         a = (self.alpha if index is None else self.store.rows(_validate.readout_index(index, self.num_samples))).float()
         return a / a.sum(1, keepdim=True)
 
@@ -288,6 +293,7 @@ class DPSLoss(nn.Module):
         mutual_information, label_error = 1 - t[given label]) of rows ``index`` (ids or a bool
         mask [N], as :meth:`targets`) or of all rows this process holds, in chunks of bounded
         scratch memory (:func:`dps_fast.functional.posterior_readouts`; ``chunk_rows`` caps them)."""
+        _validate.raise_deferred()  # an earlier step's failed device-side index check
         idx = self.store.held_ids() if index is None else _validate.readout_index(index, self.num_samples)
         rows = self.alpha if index is None else self.store.rows(idx)
         lab = self.store.labels[idx.to(self.store.labels.device)]
@@ -296,6 +302,7 @@ class DPSLoss(nn.Module):
     def topk_error(self) -> dict:
         """For a top-k bank (``top_k=k``): how far its targets may be from a dense bank's, the
         per-row bound on their total-variation distance (docs/method.md §12), its mean and max."""
+        _validate.raise_deferred()  # an earlier step's failed device-side index check
         if not hasattr(self.store, "error"):
             raise ValueError("topk_error: this loss keeps a dense bank (create it with top_k=k)")
         return self.store.error()
@@ -310,6 +317,7 @@ class DPSLoss(nn.Module):
                            epoch: int | None = None):
         """Writes the posterior means as soft labels (safetensors; dense, or top-k plus the
         remainder): :func:`dps_fast.soft_labels.export_soft_labels`."""
+        _validate.raise_deferred()  # an earlier step's failed device-side index check
         from .soft_labels import export_soft_labels
 
         return export_soft_labels(self, path, top_k, dtype, epoch=epoch)
