@@ -1,8 +1,9 @@
 """The top-k bank (docs/method.md §12): each row keeps k class ids, their concentrations and one
 scalar ``rest``, the total concentration of the other C - k classes (spread evenly over them in
-the implied dense row). This module holds the format's prior, its densification and the
-reference step, the oracle that the fused kernels of issue 26 will be tested against; it
-computes in float32 (float64 when an input is float64) and follows the section literally.
+the implied dense row). This module holds the format's prior, its densification, the
+reference step (the oracle the fused kernels are tested against; it computes in float32,
+float64 when an input is float64, and follows the section literally) and the call of the fused
+CPU kernel (csrc/cpu/topk_step.cpp; Triton and CUDA kernels are still to come, issue 26).
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _validate
-from .ops._common import reduce
+from . import _dispatch, _validate
+from .ops._common import attach_grad, backend_for_autodiff, needs_grad, reduce
 from .prior import prior_eps
 
 
@@ -194,3 +195,32 @@ def reference_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target=
     if logits.dim() == 2:
         loss = loss[0]
     return reduce(loss, reduction)
+
+
+def fused_backend(logits: torch.Tensor, bank: TopKRows, backend) -> bool:
+    """Whether the step runs on the fused CPU kernel (``dps_fast::topk_step``,
+    csrc/cpu/topk_step.cpp): CPU tensors, float32 values, the "cpu" backend available (named or
+    chosen automatically), eager mode, no torch.func transform. Triton and CUDA kernels of the
+    top-k step do not exist yet (issue 26): other devices take :func:`reference_step`."""
+    if torch.compiler.is_compiling() or logits.device.type != "cpu" or bank.vals.dtype != torch.float32:
+        return False
+    if logits.dtype not in _validate.FUSED_DTYPES:
+        return False
+    name = _dispatch.resolve(backend, logits.device, (logits.dtype,))
+    return backend_for_autodiff(logits, name, backend, "the top-k step") == "cpu"
+
+
+def fused_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean",
+               update=True):
+    """:func:`reference_step` on the fused CPU kernel (the same arguments and results; the
+    bank's ids int64). Used where :func:`fused_backend` says so."""
+    z3 = (logits if logits.dim() == 3 else logits.unsqueeze(0)).detach().float().contiguous()
+    need = needs_grad(logits)
+    grad = torch.empty_like(z3) if need else z3.new_empty((0,))
+    bound = bank.bound if bank.bound is not None else bank.vals.new_empty((0,))
+    loss = torch.ops.dps_fast.topk_step(z3, index.to(torch.int64).contiguous(), bank.ids, bank.vals, bank.rest, bound,
+                                        grad, float(gamma), float(tau_e), target == "posterior", bool(update),
+                                        _validate.REDUCTIONS[reduction])
+    if reduction == "none" and logits.dim() == 2:
+        loss = loss[0]
+    return attach_grad(loss, logits, grad.view(logits.shape).to(logits.dtype)) if need else loss

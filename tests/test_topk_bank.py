@@ -1,5 +1,5 @@
-"""DPSLoss(top_k=k): the top-k bank on one process (docs/method.md §12) runs the reference
-step on the batch's rows with every policy of the dense banks, and its read-outs see the
+"""DPSLoss(top_k=k): the top-k bank on one process (docs/method.md §12) runs the step (the fused
+CPU kernel, or the reference) on the batch's rows with every policy of the dense banks, and its read-outs see the
 implied dense rows."""
 import pytest
 import torch
@@ -26,8 +26,10 @@ def same(a, b):
 @pytest.mark.parametrize("views", [1, 2])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_steps_equal_the_reference_step(views, reduction):
+    """The bank moves the batch's rows to the step and back, bit for bit (on the reference
+    backend; the fused CPU kernel against the reference: tests/test_topk_kernel.py)."""
     gen = torch.Generator().manual_seed(views)
-    crit = dps_fast.DPSLoss(labels(), C, top_k=K, gamma=0.9, reduction=reduction)
+    crit = dps_fast.DPSLoss(labels(), C, top_k=K, gamma=0.9, reduction=reduction, backend="reference")
     ref = T.topk_prior(labels(), C, K, eps=crit.eps)
     for _ in range(4):
         shape = (views, 8, C) if views > 1 else (8, C)

@@ -6,6 +6,7 @@ and the bank's bytes. The dense float32 bank of the same N x C is printed for co
     python tools/topk_scale.py --n 14200000 --c 21841 --k 32 --batch 1024 --steps 5
 """
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
@@ -44,14 +45,18 @@ def main() -> None:
     nbytes = sum(x.nbytes for x in (s.ids, s.vals, s.rest, s.bound))
     print(f"build: {t:.1f} s, bank {nbytes / 2**30:.2f} GB ({nbytes / args.n:.0f} bytes a row), "
           f"peak RSS {peak_gb():.2f} GB")
-    times = []
+    times = {"cpu": [], "reference": []}  # the fused CPU kernel and the reference, alternately
     for _ in range(args.steps):
-        z = torch.randn(args.batch, args.c, generator=gen).requires_grad_()
-        idx = torch.randperm(args.n, generator=gen)[:args.batch]
-        _, t = timed(lambda: crit(z, idx).backward())
-        times.append(t)
-    print(f"step at B = {args.batch}: median {statistics.median(times) * 1e3:.0f} ms of {args.steps} "
-          f"(the reference step, no fused kernel), peak RSS {peak_gb():.2f} GB; {crit.topk_error()}")
+        for backend in times:
+            crit.cfg = dataclasses.replace(crit.cfg, backend=backend)
+            z = torch.randn(args.batch, args.c, generator=gen).requires_grad_()
+            idx = torch.randperm(args.n, generator=gen)[:args.batch]
+            _, t = timed(lambda: crit(z, idx).backward())
+            times[backend].append(t)
+    fused, ref = (statistics.median(times[b]) for b in ("cpu", "reference"))
+    print(f"step at B = {args.batch}, fwd+bwd, medians of {args.steps}, alternating: fused CPU kernel "
+          f"{fused * 1e3:.0f} ms, reference {ref * 1e3:.0f} ms ({ref / fused:.1f}x); peak RSS {peak_gb():.2f} GB; "
+          f"{crit.topk_error()}")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bank.pt")
         _, t_save = timed(lambda: torch.save(crit.state_dict(), path))

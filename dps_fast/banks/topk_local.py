@@ -79,14 +79,15 @@ class LocalTopKBank(Bank):
         return loss, T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
 
     def stepped_rows(self, plan: StepPlan, cfg):
-        """(loss, rows): the top-k reference step on a copy of the plan's rows, which it updates
-        when ``plan.update`` (the bank itself is written by the caller)."""
+        """(loss, rows): the top-k step (the fused CPU kernel where it applies, else the
+        reference) on a copy of the plan's rows, which it updates when ``plan.update`` (the bank
+        itself is written by the caller)."""
         at = plan.index
         rows = T.TopKRows(self.ids[at].to(torch.int64), self.vals[at].clone(), self.rest[at].clone(),
                           self.num_classes, self.bound[at].clone())
         local = torch.arange(at.shape[0], device=at.device)
-        loss = T.reference_step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction,
-                                update=plan.update)
+        step = T.fused_step if T.fused_backend(plan.logits, rows, cfg.backend) else T.reference_step
+        loss = step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction, update=plan.update)
         return loss, rows
 
     # ------------------------------------------------------------------ read-outs

@@ -1,0 +1,275 @@
+// Fused CPU kernel of the top-k bank's step (docs/method.md §12; issue 26): for each row, the
+// evidence p (the mean over views of softmax(z_v / tau_e)), the update of (K, val, rest) to the
+// top k of the implied dense update gamma * a~ + p (ties to the smaller class id), the step's
+// bound on the distance to a dense bank, and the loss and gradient against the implied target
+// (t on K', u elsewhere) without a dense target. The oracle is dps_fast/topk.py::reference_step;
+// this kernel follows it step by step, in float32 (the reference's own dtype for float32 input).
+//
+// Rows are independent: at::parallel_for over rows, with per-thread scratch of C floats (p) and
+// C ints (the position of each class in K, -1 outside), reset after each row.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "row_kernels.h"
+
+namespace dps_fast {
+namespace cpu {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+struct TopkArgs {
+  const float* z;     // [V, B, C]
+  const int64_t* idx; // [B]
+  int64_t* ids;       // [N, k]
+  float* vals;        // [N, k]
+  float* rest;        // [N]
+  float* bound;       // [N] or nullptr
+  float* grad;        // [V, B, C] or nullptr
+  float* loss;        // [V, B] per row
+  int64_t V, B, C, N, k;
+  float gamma, inv_tau_e, gscale;
+  bool temper, posterior, update;
+};
+
+// A candidate of the new top k: its value b and class id. Ordered by b descending, then by
+// the smaller id (the tie rule of dps_fast/topk.py::top_by_value).
+struct Cand {
+  float b;
+  int64_t id;
+};
+inline bool before(const Cand& x, const Cand& y) { return x.b > y.b || (x.b == y.b && x.id < y.id); }
+
+// One view's softmax statistics: max, sum exp(z - m), the tempered sum, sum z; false if a logit
+// is not finite.
+struct ViewStats {
+  float m, s, se, zsum;
+};
+
+bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* scratch, ViewStats& st) {
+  for (int64_t j = 0; j < C; ++j) {
+    if (!std::isfinite(z[j])) return false;
+  }
+  st.m = row_max(z, C);
+  st.s = exp_row(z, scratch, C, st.m, 1.0f);
+  st.se = temper ? exp_row(z, scratch, C, st.m, inv_tau_e) : st.s;
+  st.zsum = row_sum(z, C);
+  return true;
+}
+
+// p [C]: the mean over views of softmax(z_v / tau_e).
+void evidence(const TopkArgs& a, int64_t b, const ViewStats* st, float* p, float* scratch) {
+  std::fill(p, p + a.C, 0.f);
+  for (int64_t v = 0; v < a.V; ++v) {
+    const float* z = a.z + (v * a.B + b) * a.C;
+    exp_row(z, scratch, a.C, st[v].m, a.temper ? a.inv_tau_e : 1.0f);
+    const float w = 1.0f / (st[v].se * static_cast<float>(a.V));
+    for (int64_t j = 0; j < a.C; ++j) p[j] += scratch[j] * w;
+  }
+}
+
+// The row's state after the update (K' by the tie rule, b' on K', rest'), and the bound's delta.
+struct NewRow {
+  std::vector<Cand> top;  // k entries, in order
+  float rest = 0.f, delta = 0.f;
+};
+
+// J: the nJ largest p outside K (pos[j] >= 0 marks K), by the tie rule, as candidates.
+void outside_top(const float* p, const int* pos, int64_t C, int64_t nJ, float base, std::vector<Cand>& out) {
+  auto worse = [](const Cand& x, const Cand& y) { return before(x, y); };  // heap top = the worst kept
+  std::vector<Cand> heap;
+  heap.reserve(nJ);
+  for (int64_t j = 0; j < C; ++j) {
+    if (pos[j] >= 0) continue;
+    const Cand c{p[j], j};
+    if (static_cast<int64_t>(heap.size()) < nJ) {
+      heap.push_back(c);
+      std::push_heap(heap.begin(), heap.end(), worse);
+    } else if (before(c, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), worse);
+      heap.back() = c;
+      std::push_heap(heap.begin(), heap.end(), worse);
+    }
+  }
+  for (const Cand& c : heap) out.push_back({base + c.b, c.id});  // gamma * level + p_j
+}
+
+
+// Per-thread scratch: p, one view's exponentials, and each class's position in K / in K' (-1).
+struct Scratch {
+  std::vector<float> p, ex;
+  std::vector<int> pos, in_new;
+  explicit Scratch(int64_t C) : p(C), ex(C), pos(C, -1), in_new(C, -1) {}
+};
+
+// Steps 1-4 of docs/method.md §12 for the row (K, val, rest): K' (by the tie rule), b' and rest'.
+void update_row(const TopkArgs& a, const int64_t* K, const float* val, float rest, Scratch& sc, NewRow& out) {
+  const int64_t k = a.k, C = a.C, nJ = std::min(k, C - k);
+  const float level = rest / static_cast<float>(C - k);
+  std::vector<Cand> cand;
+  cand.reserve(k + nJ);
+  for (int64_t i = 0; i < k; ++i) {
+    sc.pos[K[i]] = static_cast<int>(i);
+    cand.push_back({a.gamma * val[i] + sc.p[K[i]], K[i]});
+  }
+  outside_top(sc.p.data(), sc.pos.data(), C, nJ, a.gamma * level, cand);
+  std::vector<Cand> order(cand);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
+  double p_out = 0.0, dropped = 0.0, admitted_p = 0.0;
+  for (int64_t j = 0; j < C; ++j) p_out += sc.pos[j] < 0 ? sc.p[j] : 0.f;
+  int64_t n_adm = 0;
+  for (int64_t i = 0; i < k; ++i) sc.in_new[order[i].id] = static_cast<int>(i);
+  for (const Cand& c : cand) {
+    const bool in_k = sc.pos[c.id] >= 0, chosen = sc.in_new[c.id] >= 0;
+    if (in_k && !chosen) dropped += c.b;
+    if (!in_k && chosen) n_adm += 1, admitted_p += sc.p[c.id];
+  }
+  out.top.assign(order.begin(), order.begin() + k);
+  out.rest = static_cast<float>(static_cast<double>(a.gamma * level) * static_cast<double>(C - k - n_adm) +
+                                (p_out - admitted_p) + dropped);
+}
+
+// The bound's delta (dps_fast/topk.py::step_bound): twice the evidence outside K' plus twice
+// the excess over the new level of the implied dense update outside K'.
+float bound_delta(const TopkArgs& a, const float* val, float rest, const NewRow& nr, const Scratch& sc) {
+  const float level = rest / static_cast<float>(a.C - a.k), new_level = nr.rest / static_cast<float>(a.C - a.k);
+  double outside = 0.0, excess = 0.0;
+  for (int64_t j = 0; j < a.C; ++j) {
+    if (sc.in_new[j] >= 0) continue;
+    const float implied = a.gamma * (sc.pos[j] >= 0 ? val[sc.pos[j]] : level) + sc.p[j];
+    outside += sc.p[j];
+    excess += std::max(0.f, implied - new_level);
+  }
+  return static_cast<float>(2.0 * (outside + excess));
+}
+
+// Loss and gradient of view v of row b against the target (t on tK, u elsewhere).
+void view_outputs(const TopkArgs& a, int64_t v, int64_t b, const ViewStats& st, const int64_t* tK, const float* t,
+                  float u, Scratch& sc) {
+  const float* z = a.z + (v * a.B + b) * a.C;
+  double on_k = 0.0;
+  for (int64_t i = 0; i < a.k; ++i) on_k += static_cast<double>(t[i] - u) * (st.m - z[tK[i]]);
+  const double loss = std::log(static_cast<double>(st.s)) + on_k +
+                      static_cast<double>(u) * (static_cast<double>(a.C) * st.m - st.zsum);
+  a.loss[v * a.B + b] = static_cast<float>(loss);
+  if (!a.grad) return;
+  float* g = a.grad + (v * a.B + b) * a.C;
+  exp_row(z, g, a.C, st.m, 1.0f);
+  const float inv_s = 1.0f / st.s;
+  for (int64_t j = 0; j < a.C; ++j) g[j] = (g[j] * inv_s - u) * a.gscale;
+  for (int64_t i = 0; i < a.k; ++i) g[tK[i]] -= (t[i] - u) * a.gscale;
+}
+
+void nan_row(const TopkArgs& a, int64_t b) {
+  for (int64_t v = 0; v < a.V; ++v) {
+    a.loss[v * a.B + b] = kNaN;
+    if (a.grad) std::fill(a.grad + (v * a.B + b) * a.C, a.grad + (v * a.B + b + 1) * a.C, kNaN);
+  }
+}
+
+// The target of the row: the state after the update (posterior) or before it (prior).
+void targets_and_outputs(const TopkArgs& a, int64_t b, const ViewStats* st, const int64_t* tK, const float* tv,
+                         float trest, Scratch& sc) {
+  double mass = trest;
+  for (int64_t i = 0; i < a.k; ++i) mass += tv[i];
+  std::vector<float> t(a.k);
+  for (int64_t i = 0; i < a.k; ++i) t[i] = static_cast<float>(tv[i] / mass);
+  const float u = static_cast<float>(trest / (static_cast<double>(a.C - a.k) * mass));
+  for (int64_t v = 0; v < a.V; ++v) view_outputs(a, v, b, st[v], tK, t.data(), u, sc);
+}
+
+void step_row(const TopkArgs& a, int64_t b, Scratch& sc) {
+  const int64_t id = a.idx[b];
+  std::vector<ViewStats> st(a.V);
+  bool good = id >= 0 && id < a.N;
+  for (int64_t v = 0; good && v < a.V; ++v)
+    good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.ex.data(), st[v]);
+  if (!good) return nan_row(a, b);
+  evidence(a, b, st.data(), sc.p.data(), sc.ex.data());
+  int64_t* K = a.ids + id * a.k;
+  float* val = a.vals + id * a.k;
+  NewRow nr;
+  update_row(a, K, val, a.rest[id], sc, nr);
+  std::vector<int64_t> newK(a.k);
+  std::vector<float> newb(a.k);
+  for (int64_t i = 0; i < a.k; ++i) newK[i] = nr.top[i].id, newb[i] = nr.top[i].b;
+  if (a.posterior) targets_and_outputs(a, b, st.data(), newK.data(), newb.data(), nr.rest, sc);
+  else targets_and_outputs(a, b, st.data(), K, val, a.rest[id], sc);
+  if (a.update && a.bound) a.bound[id] = a.gamma * a.bound[id] + bound_delta(a, val, a.rest[id], nr, sc);
+  for (int64_t i = 0; i < a.k; ++i) sc.pos[K[i]] = -1, sc.in_new[newK[i]] = -1;
+  if (!a.update) return;
+  std::copy(newK.begin(), newK.end(), K);
+  std::copy(newb.begin(), newb.end(), val);
+  a.rest[id] = nr.rest;
+}
+
+void check_topk_args(const at::Tensor& z, const at::Tensor& index, const at::Tensor& ids, const at::Tensor& vals,
+                     const at::Tensor& rest, const at::Tensor& bound, const at::Tensor& grad) {
+  TORCH_CHECK_VALUE(z.dim() == 3 && z.scalar_type() == at::kFloat && z.is_contiguous(),
+                    "dps_fast: topk_step takes contiguous float32 logits [V, B, C]");
+  const int64_t B = z.size(1), N = ids.size(0), k = ids.size(1);
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == B,
+                    "dps_fast: topk_step's index must be contiguous int64 [B]");
+  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous() && k >= 1 && k < z.size(2),
+                    "dps_fast: topk_step's ids must be contiguous int64 [N, k], 1 <= k < C");
+  TORCH_CHECK_VALUE(vals.scalar_type() == at::kFloat && vals.sizes() == ids.sizes() && vals.is_contiguous(),
+                    "dps_fast: topk_step's vals must be contiguous float32 [N, k]");
+  TORCH_CHECK_VALUE(rest.scalar_type() == at::kFloat && rest.dim() == 1 && rest.size(0) == N && rest.is_contiguous(),
+                    "dps_fast: topk_step's rest must be contiguous float32 [N]");
+  TORCH_CHECK_VALUE(bound.numel() == 0 || (bound.scalar_type() == at::kFloat && bound.dim() == 1 &&
+                                           bound.size(0) == N && bound.is_contiguous()),
+                    "dps_fast: topk_step's bound must be contiguous float32 [N] or empty");
+  TORCH_CHECK_VALUE(grad.numel() == 0 || (grad.sizes() == z.sizes() && grad.scalar_type() == at::kFloat &&
+                                          grad.is_contiguous()),
+                    "dps_fast: topk_step's grad must be contiguous float32 like the logits, or empty");
+}
+
+// The step on float32 logits [V, B, C] and a top-k bank (ids int64, vals / rest / bound float32,
+// updated in place when `update`); ids outside [0, N) and rows with a non-finite logit are
+// skipped (NaN loss and gradient). Returns the loss [V, B] (reduction 0), or its mean / sum.
+at::Tensor topk_step_cpu(const at::Tensor& z, const at::Tensor& index, at::Tensor& ids, at::Tensor& vals,
+                         at::Tensor& rest, at::Tensor& bound, at::Tensor& grad, double gamma, double tau_e,
+                         bool posterior, bool update, int64_t reduction) {
+  check_topk_args(z, index, ids, vals, rest, bound, grad);
+  const int64_t V = z.size(0), B = z.size(1), C = z.size(2);
+  at::Tensor per_row = at::empty({V, B}, z.options());
+  const float gscale = reduction == 1 ? 1.0f / static_cast<float>(V * B) : 1.0f;
+  const TopkArgs a{z.data_ptr<float>(), index.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), vals.data_ptr<float>(),
+                   rest.data_ptr<float>(), bound.numel() ? bound.data_ptr<float>() : nullptr,
+                   grad.numel() ? grad.data_ptr<float>() : nullptr, per_row.data_ptr<float>(), V, B, C, ids.size(0),
+                   ids.size(1), static_cast<float>(gamma), static_cast<float>(1.0 / tau_e), gscale, tau_e != 1.0,
+                   posterior, update};
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    Scratch sc(C);
+    for (int64_t b = b0; b < b1; ++b) step_row(a, b, sc);
+  });
+  if (update && B) {
+    for (at::Tensor* t : {&ids, &vals, &rest, &bound}) {
+      if (t->numel() && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+    }
+  }
+  if (reduction == 0) return per_row;
+  const at::Tensor total = per_row.to(at::kDouble).sum();
+  return (reduction == 1 ? total / static_cast<double>(V * B) : total).to(at::kFloat);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dps_fast
+
+TORCH_LIBRARY_FRAGMENT(dps_fast, m) {
+  // The top-k bank's step (docs/method.md §12), CPU only so far (issue 26): the reference is
+  // dps_fast/topk.py::reference_step. Eager only (no fake kernel: the compiled path takes the
+  // reference).
+  m.def("topk_step(Tensor logits, Tensor index, Tensor(a!) ids, Tensor(b!) vals, Tensor(c!) rest, "
+        "Tensor(d!) bound, Tensor(e!) grad, float gamma, float tau_e, bool posterior, bool update, "
+        "int reduction) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dps_fast, CPU, m) { m.impl("topk_step", &dps_fast::cpu::topk_step_cpu); }

@@ -1,0 +1,117 @@
+"""The fused CPU kernel of the top-k step (csrc/cpu/topk_step.cpp; docs/method.md §12, issue 26)
+against the reference step (dps_fast/topk.py::reference_step): the same new ids, values, rest
+and bound, loss and gradient, by the tolerance rule against the float64 reference, over C, k,
+views, tau_e, targets, reductions, update, non-finite rows, ids outside the bank, a non-unit
+upstream gradient and the rows the batch does not touch."""
+import pytest
+import torch
+
+import dps_fast
+from dps_fast import topk as T
+from _helpers import HAS_CPU, rule_check
+
+pytestmark = pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
+
+
+def bank_state(n, c, k, gen):
+    bank = T.topk_prior(torch.randint(0, c, (n,), generator=gen), c, k, c=5.0, eps=0.05)
+    for _ in range(2):
+        T.reference_step(torch.randn(n, c, generator=gen) * 3, torch.arange(n), bank, gamma=0.9)
+    bank.ids = bank.ids.to(torch.int64)
+    return bank
+
+
+def clone(bank, dtype=None):
+    cast = (lambda t: t.clone()) if dtype is None else (lambda t: t.to(dtype))
+    return T.TopKRows(bank.ids.clone(), cast(bank.vals), cast(bank.rest), bank.num_classes, cast(bank.bound))
+
+
+def run(step, z, idx, bank, g, **kw):
+    x = z.clone().requires_grad_(True)
+    loss = step(x, idx, bank, **kw)
+    (loss * g).sum().backward()
+    return loss.detach(), x.grad
+
+
+def same_rows(got, want, rows, what):
+    for r in rows.tolist():
+        assert set(got.ids[r].tolist()) == set(want.ids[r].tolist()), f"{what}: row {r} kept other classes"
+    order = lambda b: b.ids.argsort(1)  # noqa: E731 - compare values class by class
+    return (got.vals.gather(1, order(got)), want.vals.gather(1, order(want)))
+
+
+CASES = [(c, k, v) for c, k in [(2, 1), (5, 2), (33, 20), (100, 8), (1000, 32), (3000, 64)] for v in (1, 3)]
+
+
+@pytest.mark.parametrize("c,k,views", CASES, ids=[f"C{c}-k{k}-V{v}" for c, k, v in CASES])
+@pytest.mark.parametrize("target,reduction,update,tau_e", [("posterior", "mean", True, 1.0),
+                                                           ("prior", "none", True, 0.5),
+                                                           ("posterior", "sum", False, 2.0)])
+def test_fused_step_matches_the_reference(c, k, views, target, reduction, update, tau_e):
+    gen = torch.Generator().manual_seed(c + k + views)
+    n, b = 12, 7
+    bank = bank_state(n, c, k, gen)
+    z = torch.randn(views, b, c, generator=gen) * 3
+    z[:, 2, 3 % c] = float("nan")  # a row with a non-finite logit keeps its state
+    idx = torch.tensor([9, 0, 4, 11, 2, 7, 5])
+    shape = (views, b) if reduction == "none" else ()
+    g = torch.rand(shape, generator=gen) + 0.5 if shape else torch.tensor(0.7)
+    kw = dict(gamma=0.85, tau_e=tau_e, target=target, reduction=reduction, update=update)
+    fused, ref, exact = clone(bank), clone(bank), clone(bank, torch.float64)
+    lk, gk = run(T.fused_step, z, idx, fused, g, **kw)
+    le, ge = run(T.reference_step, z, idx, ref, g, **kw)
+    lx, gx = run(T.reference_step, z.double(), idx, exact, g.double(), **kw)
+    rule_check(lk, le, lx, torch.float32, "loss")
+    rule_check(gk, ge, gx, torch.float32, "grad")
+    touched = idx[torch.tensor([0, 1, 3, 4, 5, 6])]
+    vk, vx = same_rows(fused, exact, touched, "fused")
+    rule_check(vk, same_rows(ref, exact, touched, "reference")[0], vx, torch.float32, "values")
+    rule_check(fused.rest, ref.rest, exact.rest, torch.float32, "rest")
+    rule_check(fused.bound, ref.bound, exact.bound, torch.float32, "bound")
+    untouched = torch.tensor([1, 3, 6, 8, 10, 4])  # 4 holds the NaN row
+    for name in ("ids", "vals", "rest", "bound"):
+        assert torch.equal(getattr(fused, name)[untouched], getattr(bank, name)[untouched]), name
+
+
+def test_ids_outside_the_bank_are_skipped():
+    gen = torch.Generator().manual_seed(1)
+    bank = bank_state(5, 40, 4, gen)
+    fused = clone(bank)
+    z = torch.randn(1, 3, 40, generator=gen)
+    grad = torch.empty_like(z)
+    loss = torch.ops.dps_fast.topk_step(z, torch.tensor([-1, 2, 5]), fused.ids, fused.vals, fused.rest, fused.bound,
+                                        grad, 0.9, 1.0, True, True, 0)
+    assert torch.isnan(loss[0, [0, 2]]).all() and torch.isfinite(loss[0, 1])
+    assert torch.isnan(grad[0, [0, 2]]).all() and torch.isfinite(grad[0, 1]).all()
+    keep = torch.tensor([0, 1, 3, 4])
+    assert torch.equal(fused.vals[keep], bank.vals[keep]) and not torch.equal(fused.vals[2], bank.vals[2])
+
+
+def test_the_loss_takes_the_kernel_on_cpu_and_the_reference_when_asked(monkeypatch):
+    """DPSLoss(top_k=k) on CPU runs the kernel (the auto choice and backend='cpu'), the same
+    bank as the reference backend's to the tolerance rule, with 16-bit logits too."""
+    calls = []
+    real = T.fused_step
+    monkeypatch.setattr(T, "fused_step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    labels = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(2))
+    crits = {b: dps_fast.DPSLoss(labels, 300, top_k=8, backend=b) for b in (None, "cpu", "reference")}
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        z, idx = torch.randn(16, 300, generator=gen) * 2, torch.randperm(64, generator=gen)[:16]
+        for crit in crits.values():
+            crit(z.bfloat16(), idx)
+    assert len(calls) == 6, "the CPU kernel did not run for backend None and 'cpu'"
+    want = crits["reference"].targets()
+    for b in (None, "cpu"):
+        torch.testing.assert_close(crits[b].targets(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_schema_declares_what_the_kernel_writes():
+    """torch.library.opcheck's schema test: the kernel writes exactly the tensors its schema
+    marks as mutated (the bank's ids, vals, rest, bound and the gradient buffer)."""
+    gen = torch.Generator().manual_seed(4)
+    bank = bank_state(6, 20, 3, gen)
+    z = torch.randn(2, 4, 20, generator=gen)
+    args = (z, torch.tensor([5, 0, 3, 1]), bank.ids, bank.vals, bank.rest, bank.bound, torch.empty_like(z), 0.9, 1.0,
+            True, True, 1)
+    torch.library.opcheck(torch.ops.dps_fast.topk_step.default, args, test_utils=("test_schema",))
