@@ -67,7 +67,8 @@ fuzz: install
 # Reports go to build/sanitize/report.* (pytest's capture would swallow them) and are printed.
 # Leak detection is off: the interpreter keeps its objects alive until exit by design.
 SANITIZE_TESTS = tests/test_dps_cross_entropy.py tests/test_soft_cross_entropy.py tests/test_supcon.py \
-	tests/test_validation.py tests/test_edge_policies.py tests/test_properties.py tests/test_cpu_row_kernels.py
+	tests/test_validation.py tests/test_edge_policies.py tests/test_properties.py tests/test_cpu_row_kernels.py \
+	tests/test_topk_kernel.py
 sanitize: install
 	@mkdir -p build; t0=$$(date +%s); \
 	cmake -S . -B build/sanitize -DDPS_FAST_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE=$(abspath $(PY)) \

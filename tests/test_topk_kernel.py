@@ -115,3 +115,18 @@ def test_the_schema_declares_what_the_kernel_writes():
     args = (z, torch.tensor([5, 0, 3, 1]), bank.ids, bank.vals, bank.rest, bank.bound, torch.empty_like(z), 0.9, 1.0,
             True, True, 1)
     torch.library.opcheck(torch.ops.dps_fast.topk_step.default, args, test_utils=("test_schema",))
+
+
+def test_a_contrastive_term_reads_the_stepped_rows():
+    """With every sample valid the step hands no rows back (the bank holds them): the
+    contrastive term reads them from the bank, the same positives as with padding, where the
+    stepped rows come back densified."""
+    labels = torch.randint(0, 50, (32,), generator=torch.Generator().manual_seed(6))
+    gen = torch.Generator().manual_seed(7)
+    z, f = torch.randn(8, 50, generator=gen), torch.randn(2, 8, 4, generator=gen)
+    idx = torch.randperm(32, generator=gen)[:8]
+    losses = []
+    for valid in (None, torch.ones(8, dtype=torch.bool)):
+        crit = dps_fast.DPSLoss(labels, 50, top_k=4, contrastive_weight=0.5)
+        losses.append(crit(z, idx, features=f, valid=valid))
+    torch.testing.assert_close(losses[0], losses[1])

@@ -46,31 +46,42 @@ struct Cand {
 };
 inline bool before(const Cand& x, const Cand& y) { return x.b > y.b || (x.b == y.b && x.id < y.id); }
 
-// One view's softmax statistics: max, sum exp(z - m), the tempered sum, sum z; false if a logit
-// is not finite.
+// One view's softmax statistics: max, sum exp(z - m) (the exponentials left in `ex`), the
+// tempered sum, sum z (in double where float overflows); false if a logit is not finite.
 struct ViewStats {
-  float m, s, se, zsum;
+  float m, s, se;
+  double zsum;
 };
 
-bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* scratch, ViewStats& st) {
-  for (int64_t j = 0; j < C; ++j) {
-    if (!std::isfinite(z[j])) return false;
-  }
-  st.m = row_max(z, C);
-  st.s = exp_row(z, scratch, C, st.m, 1.0f);
-  st.se = temper ? exp_row(z, scratch, C, st.m, inv_tau_e) : st.s;
-  st.zsum = row_sum(z, C);
+bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* ex, float* tmp, ViewStats& st) {
+  float mn = 0.f;
+  row_max_min(z, C, st.m, mn);
+  if (!std::isfinite(st.m) || !std::isfinite(mn)) return false;
+  st.s = exp_row_from_max(z, ex, C, st.m, 1.0f);  // a NaN logit makes s NaN
+  if (!std::isfinite(st.s)) return false;
+  st.se = temper ? exp_row_from_max(z, tmp, C, st.m, inv_tau_e) : st.s;
+  const float zs = row_sum(z, C);
+  st.zsum = std::isfinite(zs) ? zs : sum_double(z, C);
   return true;
 }
 
-// p [C]: the mean over views of softmax(z_v / tau_e).
-void evidence(const TopkArgs& a, int64_t b, const ViewStats* st, float* p, float* scratch) {
-  std::fill(p, p + a.C, 0.f);
+// out[j] = x[j] * w (+ out[j] when `add`).
+void scaled(const float* x, float w, float* out, int64_t n, bool add) {
+  const Vec vw(w);
+  for (int64_t j = 0; j < n; j += kW) {
+    const int64_t cnt = std::min(kW, n - j);
+    const Vec y = ldf(x + j, cnt) * vw;
+    stf(add ? y + ldf(out + j, cnt) : y, out + j, cnt);
+  }
+}
+
+// p [C]: the mean over views of softmax(z_v / tau_e). One untempered view: the exponentials of
+// view_stats scaled (no second exp pass).
+void evidence(const TopkArgs& a, int64_t b, const ViewStats* st, const float* ex, float* p, float* tmp) {
+  if (a.V == 1 && !a.temper) return scaled(ex, 1.0f / st[0].s, p, a.C, false);
   for (int64_t v = 0; v < a.V; ++v) {
-    const float* z = a.z + (v * a.B + b) * a.C;
-    exp_row(z, scratch, a.C, st[v].m, a.temper ? a.inv_tau_e : 1.0f);
-    const float w = 1.0f / (st[v].se * static_cast<float>(a.V));
-    for (int64_t j = 0; j < a.C; ++j) p[j] += scratch[j] * w;
+    exp_row_from_max(a.z + (v * a.B + b) * a.C, tmp, a.C, st[v].m, a.temper ? a.inv_tau_e : 1.0f);
+    scaled(tmp, 1.0f / (st[v].se * static_cast<float>(a.V)), p, a.C, v > 0);
   }
 }
 
@@ -80,32 +91,45 @@ struct NewRow {
   float rest = 0.f, delta = 0.f;
 };
 
-// J: the nJ largest p outside K (pos[j] >= 0 marks K), by the tie rule, as candidates.
-void outside_top(const float* p, const int* pos, int64_t C, int64_t nJ, float base, std::vector<Cand>& out) {
-  auto worse = [](const Cand& x, const Cand& y) { return before(x, y); };  // heap top = the worst kept
-  std::vector<Cand> heap;
-  heap.reserve(nJ);
-  for (int64_t j = 0; j < C; ++j) {
-    if (pos[j] >= 0) continue;
-    const Cand c{p[j], j};
-    if (static_cast<int64_t>(heap.size()) < nJ) {
-      heap.push_back(c);
-      std::push_heap(heap.begin(), heap.end(), worse);
-    } else if (before(c, heap.front())) {
-      std::pop_heap(heap.begin(), heap.end(), worse);
-      heap.back() = c;
-      std::push_heap(heap.begin(), heap.end(), worse);
-    }
+// Pushes (p[j], j) into the heap of the nJ best (its front the worst kept) if it belongs there.
+inline void offer(std::vector<Cand>& heap, int64_t nJ, const float* p, const int* pos, int64_t j) {
+  const auto worse = [](const Cand& x, const Cand& y) { return before(x, y); };
+  if (pos[j] >= 0) return;
+  const Cand c{p[j], j};
+  if (static_cast<int64_t>(heap.size()) < nJ) {
+    heap.push_back(c);
+    std::push_heap(heap.begin(), heap.end(), worse);
+  } else if (before(c, heap.front())) {
+    std::pop_heap(heap.begin(), heap.end(), worse);
+    heap.back() = c;
+    std::push_heap(heap.begin(), heap.end(), worse);
   }
-  for (const Cand& c : heap) out.push_back({base + c.b, c.id});  // gamma * level + p_j
 }
 
+// J: the nJ largest p outside K (pos[j] >= 0 marks K), by the tie rule, as candidates
+// gamma * level + p_j. Once the heap is full, a block of 8 classes is skipped with one vector
+// compare unless one of them beats the worst kept value (a later class never wins a tie: its
+// id is larger).
+void outside_top(const float* p, const int* pos, int64_t C, int64_t nJ, float base, std::vector<Cand>& out) {
+  std::vector<Cand> heap;
+  heap.reserve(nJ);
+  for (int64_t j0 = 0; j0 < C; j0 += kW) {
+    const int64_t cnt = std::min(kW, C - j0);
+    if (static_cast<int64_t>(heap.size()) == nJ && cnt == kW) {
+      const Vec above = Vec::loadu(p + j0) > Vec(heap.front().b);  // all-ones lanes where p > threshold
+      if (above.zero_mask() == (1 << kW) - 1) continue;
+    }
+    for (int64_t j = j0; j < j0 + cnt; ++j) offer(heap, nJ, p, pos, j);
+  }
+  for (const Cand& c : heap) out.push_back({base + c.b, c.id});
+}
 
 // Per-thread scratch: p, one view's exponentials, and each class's position in K / in K' (-1).
 struct Scratch {
-  std::vector<float> p, ex;
+  std::vector<float> p, ex, tmp;
   std::vector<int> pos, in_new;
-  explicit Scratch(int64_t C) : p(C), ex(C), pos(C, -1), in_new(C, -1) {}
+  double p_total = 0.0;  // sum_j p_j
+  explicit Scratch(int64_t C) : p(C), ex(C), tmp(C), pos(C, -1), in_new(C, -1) {}
 };
 
 // Steps 1-4 of docs/method.md §12 for the row (K, val, rest): K' (by the tie rule), b' and rest'.
@@ -121,8 +145,8 @@ void update_row(const TopkArgs& a, const int64_t* K, const float* val, float res
   outside_top(sc.p.data(), sc.pos.data(), C, nJ, a.gamma * level, cand);
   std::vector<Cand> order(cand);
   std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
-  double p_out = 0.0, dropped = 0.0, admitted_p = 0.0;
-  for (int64_t j = 0; j < C; ++j) p_out += sc.pos[j] < 0 ? sc.p[j] : 0.f;
+  double p_out = sc.p_total, dropped = 0.0, admitted_p = 0.0;  // p_out: the evidence outside K
+  for (int64_t i = 0; i < k; ++i) p_out -= sc.p[K[i]];
   int64_t n_adm = 0;
   for (int64_t i = 0; i < k; ++i) sc.in_new[order[i].id] = static_cast<int>(i);
   for (const Cand& c : cand) {
@@ -135,16 +159,31 @@ void update_row(const TopkArgs& a, const int64_t* K, const float* val, float res
                                 (p_out - admitted_p) + dropped);
 }
 
+// sum_j max(0, base + p[j] - level) over all classes.
+double excess_over(const float* p, int64_t C, float base, float level) {
+  const Vec shift(base - level), zero(0.f);
+  return accurate_sum(C, [&](int64_t j, int64_t cnt) {
+    return keep_lanes(at::vec::maximum(ldf(p + j, cnt) + shift, zero), cnt);
+  });
+}
+
 // The bound's delta (dps_fast/topk.py::step_bound): twice the evidence outside K' plus twice
-// the excess over the new level of the implied dense update outside K'.
-float bound_delta(const TopkArgs& a, const float* val, float rest, const NewRow& nr, const Scratch& sc) {
+// the excess over the new level of the implied dense update outside K'. One vector pass as if
+// every class were outside K and K', then the 2k classes of K and K' corrected.
+float bound_delta(const TopkArgs& a, const int64_t* K, const float* val, float rest, const NewRow& nr,
+                  const Scratch& sc) {
   const float level = rest / static_cast<float>(a.C - a.k), new_level = nr.rest / static_cast<float>(a.C - a.k);
-  double outside = 0.0, excess = 0.0;
-  for (int64_t j = 0; j < a.C; ++j) {
-    if (sc.in_new[j] >= 0) continue;
-    const float implied = a.gamma * (sc.pos[j] >= 0 ? val[sc.pos[j]] : level) + sc.p[j];
-    outside += sc.p[j];
-    excess += std::max(0.f, implied - new_level);
+  const float base = a.gamma * level;
+  double outside = sc.p_total, excess = excess_over(sc.p.data(), a.C, base, new_level);
+  const auto term = [&](float implied) { return static_cast<double>(std::max(0.f, implied - new_level)); };
+  for (int64_t i = 0; i < a.k; ++i) {  // classes of K: their implied value is gamma * val + p
+    const float pj = sc.p[K[i]];
+    excess += (sc.in_new[K[i]] >= 0 ? 0.0 : term(a.gamma * val[i] + pj)) - term(base + pj);
+  }
+  for (const Cand& c : nr.top) {  // classes of K': no term at all
+    const float pj = sc.p[c.id];
+    outside -= pj;
+    if (sc.pos[c.id] < 0) excess -= term(base + pj);
   }
   return static_cast<float>(2.0 * (outside + excess));
 }
@@ -160,9 +199,15 @@ void view_outputs(const TopkArgs& a, int64_t v, int64_t b, const ViewStats& st, 
   a.loss[v * a.B + b] = static_cast<float>(loss);
   if (!a.grad) return;
   float* g = a.grad + (v * a.B + b) * a.C;
-  exp_row(z, g, a.C, st.m, 1.0f);
-  const float inv_s = 1.0f / st.s;
-  for (int64_t j = 0; j < a.C; ++j) g[j] = (g[j] * inv_s - u) * a.gscale;
+  // softmax(z): the evidence itself for one untempered view, else recomputed
+  const float* soft = a.V == 1 && !a.temper ? sc.p.data() : g;
+  if (soft == g) exp_row_from_max(z, g, a.C, st.m, 1.0f);
+  const float inv_s = soft == g ? 1.0f / st.s : 1.0f;
+  const Vec vs(inv_s), vu(u), vg(a.gscale);
+  for (int64_t j = 0; j < a.C; j += kW) {
+    const int64_t cnt = std::min(kW, a.C - j);
+    stf((ldf(soft + j, cnt) * vs - vu) * vg, g + j, cnt);
+  }
   for (int64_t i = 0; i < a.k; ++i) g[tK[i]] -= (t[i] - u) * a.gscale;
 }
 
@@ -189,9 +234,10 @@ void step_row(const TopkArgs& a, int64_t b, Scratch& sc) {
   std::vector<ViewStats> st(a.V);
   bool good = id >= 0 && id < a.N;
   for (int64_t v = 0; good && v < a.V; ++v)
-    good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.ex.data(), st[v]);
+    good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.ex.data(), sc.tmp.data(), st[v]);
   if (!good) return nan_row(a, b);
-  evidence(a, b, st.data(), sc.p.data(), sc.ex.data());
+  evidence(a, b, st.data(), sc.ex.data(), sc.p.data(), sc.tmp.data());
+  sc.p_total = row_sum(sc.p.data(), a.C);
   int64_t* K = a.ids + id * a.k;
   float* val = a.vals + id * a.k;
   NewRow nr;
@@ -201,7 +247,7 @@ void step_row(const TopkArgs& a, int64_t b, Scratch& sc) {
   for (int64_t i = 0; i < a.k; ++i) newK[i] = nr.top[i].id, newb[i] = nr.top[i].b;
   if (a.posterior) targets_and_outputs(a, b, st.data(), newK.data(), newb.data(), nr.rest, sc);
   else targets_and_outputs(a, b, st.data(), K, val, a.rest[id], sc);
-  if (a.update && a.bound) a.bound[id] = a.gamma * a.bound[id] + bound_delta(a, val, a.rest[id], nr, sc);
+  if (a.update && a.bound) a.bound[id] = a.gamma * a.bound[id] + bound_delta(a, K, val, a.rest[id], nr, sc);
   for (int64_t i = 0; i < a.k; ++i) sc.pos[K[i]] = -1, sc.in_new[newK[i]] = -1;
   if (!a.update) return;
   std::copy(newK.begin(), newK.end(), K);
