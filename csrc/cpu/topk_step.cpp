@@ -53,15 +53,33 @@ struct ViewStats {
   double zsum;
 };
 
+// max, min and sum of x in one pass (a NaN may or may not reach max and min: the exp pass after
+// it catches NaNs).
+void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum) {
+  const float inf = std::numeric_limits<float>::infinity();
+  Vec m0(-inf), n0(inf), s0(0.f), s1(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kW <= n; j += 2 * kW) {
+    const Vec a = Vec::loadu(x + j), b = Vec::loadu(x + j + kW);
+    m0 = max_nonan(m0, max_nonan(a, b)), n0 = min_nonan(n0, min_nonan(a, b));
+    s0 = s0 + a, s1 = s1 + b;
+  }
+  const auto vmax = [](const Vec& a, const Vec& b) { return max_nonan(a, b); };
+  const auto vmin = [](const Vec& a, const Vec& b) { return min_nonan(a, b); };
+  mx = at::vec::vec_reduce_all<float>(vmax, m0);
+  mn = at::vec::vec_reduce_all<float>(vmin, n0);
+  sum = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, s0 + s1);
+  for (; j < n; ++j) mx = std::max(mx, x[j]), mn = std::min(mn, x[j]), sum += x[j];
+}
+
 bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* ex, float* tmp, ViewStats& st) {
-  float mn = 0.f;
-  row_max_min(z, C, st.m, mn);
+  float mn = 0.f, zs = 0.f;
+  max_min_sum(z, C, st.m, mn, zs);
   if (!std::isfinite(st.m) || !std::isfinite(mn)) return false;
   st.s = exp_row_from_max(z, ex, C, st.m, 1.0f);  // a NaN logit makes s NaN
   if (!std::isfinite(st.s)) return false;
   st.se = temper ? exp_row_from_max(z, tmp, C, st.m, inv_tau_e) : st.s;
-  const float zs = row_sum(z, C);
-  st.zsum = std::isfinite(zs) ? zs : sum_double(z, C);
+  st.zsum = std::isfinite(zs) ? zs : sum_double(z, C);  // finite logits near FLT_MAX overflow a float sum
   return true;
 }
 
@@ -75,14 +93,17 @@ void scaled(const float* x, float w, float* out, int64_t n, bool add) {
   }
 }
 
-// p [C]: the mean over views of softmax(z_v / tau_e). One untempered view: the exponentials of
-// view_stats scaled (no second exp pass).
-void evidence(const TopkArgs& a, int64_t b, const ViewStats* st, const float* ex, float* p, float* tmp) {
-  if (a.V == 1 && !a.temper) return scaled(ex, 1.0f / st[0].s, p, a.C, false);
+// The evidence p [C], the mean over views of softmax(z_v / tau_e), as p = scale * buf: for one
+// untempered view buf holds view_stats' exponentials and scale = 1 / s (no pass to normalise
+// them: the consumers scale the few values they read and fold the scale into their passes);
+// else buf holds p itself. Returns the scale.
+float evidence(const TopkArgs& a, int64_t b, const ViewStats* st, float* buf, float* tmp) {
+  if (a.V == 1 && !a.temper) return 1.0f / st[0].s;
   for (int64_t v = 0; v < a.V; ++v) {
     exp_row_from_max(a.z + (v * a.B + b) * a.C, tmp, a.C, st[v].m, a.temper ? a.inv_tau_e : 1.0f);
-    scaled(tmp, 1.0f / (st[v].se * static_cast<float>(a.V)), p, a.C, v > 0);
+    scaled(tmp, 1.0f / (st[v].se * static_cast<float>(a.V)), buf, a.C, v > 0);
   }
+  return 1.0f;
 }
 
 // The row's state after the update (K' by the tie rule, b' on K', rest'), and the bound's delta.
@@ -107,10 +128,11 @@ inline void offer(std::vector<Cand>& heap, int64_t nJ, const float* p, const int
 }
 
 // J: the nJ largest p outside K (pos[j] >= 0 marks K), by the tie rule, as candidates
-// gamma * level + p_j. Once the heap is full, a block of 8 classes is skipped with one vector
+// gamma * level + scale * p_j (a positive scale keeps the order). Once the heap is full, a block of 8 classes is skipped with one vector
 // compare unless one of them beats the worst kept value (a later class never wins a tie: its
 // id is larger).
-void outside_top(const float* p, const int* pos, int64_t C, int64_t nJ, float base, std::vector<Cand>& out) {
+void outside_top(const float* p, float scale, const int* pos, int64_t C, int64_t nJ, float base,
+                 std::vector<Cand>& out) {
   std::vector<Cand> heap;
   heap.reserve(nJ);
   for (int64_t j0 = 0; j0 < C; j0 += kW) {
@@ -121,15 +143,17 @@ void outside_top(const float* p, const int* pos, int64_t C, int64_t nJ, float ba
     }
     for (int64_t j = j0; j < j0 + cnt; ++j) offer(heap, nJ, p, pos, j);
   }
-  for (const Cand& c : heap) out.push_back({base + c.b, c.id});
+  for (const Cand& c : heap) out.push_back({base + c.b * scale, c.id});
 }
 
 // Per-thread scratch: p, one view's exponentials, and each class's position in K / in K' (-1).
 struct Scratch {
-  std::vector<float> p, ex, tmp;
+  std::vector<float> p, tmp;  // the evidence is p_scale * p (see evidence)
   std::vector<int> pos, in_new;
-  double p_total = 0.0;  // sum_j p_j
-  explicit Scratch(int64_t C) : p(C), ex(C), tmp(C), pos(C, -1), in_new(C, -1) {}
+  float p_scale = 1.f;
+  double p_total = 0.0;  // sum_j of the evidence
+  explicit Scratch(int64_t C) : p(C), tmp(C), pos(C, -1), in_new(C, -1) {}
+  float ev(int64_t j) const { return p[j] * p_scale; }
 };
 
 // Steps 1-4 of docs/method.md §12 for the row (K, val, rest): K' (by the tie rule), b' and rest'.
@@ -140,30 +164,30 @@ void update_row(const TopkArgs& a, const int64_t* K, const float* val, float res
   cand.reserve(k + nJ);
   for (int64_t i = 0; i < k; ++i) {
     sc.pos[K[i]] = static_cast<int>(i);
-    cand.push_back({a.gamma * val[i] + sc.p[K[i]], K[i]});
+    cand.push_back({a.gamma * val[i] + sc.ev(K[i]), K[i]});
   }
-  outside_top(sc.p.data(), sc.pos.data(), C, nJ, a.gamma * level, cand);
+  outside_top(sc.p.data(), sc.p_scale, sc.pos.data(), C, nJ, a.gamma * level, cand);
   std::vector<Cand> order(cand);
   std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
   double p_out = sc.p_total, dropped = 0.0, admitted_p = 0.0;  // p_out: the evidence outside K
-  for (int64_t i = 0; i < k; ++i) p_out -= sc.p[K[i]];
+  for (int64_t i = 0; i < k; ++i) p_out -= sc.ev(K[i]);
   int64_t n_adm = 0;
   for (int64_t i = 0; i < k; ++i) sc.in_new[order[i].id] = static_cast<int>(i);
   for (const Cand& c : cand) {
     const bool in_k = sc.pos[c.id] >= 0, chosen = sc.in_new[c.id] >= 0;
     if (in_k && !chosen) dropped += c.b;
-    if (!in_k && chosen) n_adm += 1, admitted_p += sc.p[c.id];
+    if (!in_k && chosen) n_adm += 1, admitted_p += sc.ev(c.id);
   }
   out.top.assign(order.begin(), order.begin() + k);
   out.rest = static_cast<float>(static_cast<double>(a.gamma * level) * static_cast<double>(C - k - n_adm) +
                                 (p_out - admitted_p) + dropped);
 }
 
-// sum_j max(0, base + p[j] - level) over all classes.
-double excess_over(const float* p, int64_t C, float base, float level) {
-  const Vec shift(base - level), zero(0.f);
+// sum_j max(0, base + scale * p[j] - level) over all classes.
+double excess_over(const float* p, float scale, int64_t C, float base, float level) {
+  const Vec shift(base - level), vs(scale), zero(0.f);
   return accurate_sum(C, [&](int64_t j, int64_t cnt) {
-    return keep_lanes(at::vec::maximum(ldf(p + j, cnt) + shift, zero), cnt);
+    return keep_lanes(at::vec::maximum(ldf(p + j, cnt) * vs + shift, zero), cnt);
   });
 }
 
@@ -174,14 +198,14 @@ float bound_delta(const TopkArgs& a, const int64_t* K, const float* val, float r
                   const Scratch& sc) {
   const float level = rest / static_cast<float>(a.C - a.k), new_level = nr.rest / static_cast<float>(a.C - a.k);
   const float base = a.gamma * level;
-  double outside = sc.p_total, excess = excess_over(sc.p.data(), a.C, base, new_level);
+  double outside = sc.p_total, excess = excess_over(sc.p.data(), sc.p_scale, a.C, base, new_level);
   const auto term = [&](float implied) { return static_cast<double>(std::max(0.f, implied - new_level)); };
   for (int64_t i = 0; i < a.k; ++i) {  // classes of K: their implied value is gamma * val + p
-    const float pj = sc.p[K[i]];
+    const float pj = sc.ev(K[i]);
     excess += (sc.in_new[K[i]] >= 0 ? 0.0 : term(a.gamma * val[i] + pj)) - term(base + pj);
   }
   for (const Cand& c : nr.top) {  // classes of K': no term at all
-    const float pj = sc.p[c.id];
+    const float pj = sc.ev(c.id);
     outside -= pj;
     if (sc.pos[c.id] < 0) excess -= term(base + pj);
   }
@@ -199,11 +223,10 @@ void view_outputs(const TopkArgs& a, int64_t v, int64_t b, const ViewStats& st, 
   a.loss[v * a.B + b] = static_cast<float>(loss);
   if (!a.grad) return;
   float* g = a.grad + (v * a.B + b) * a.C;
-  // softmax(z): the evidence itself for one untempered view, else recomputed
+  // softmax(z) = exp(z - m) / s: the evidence's exponentials for one untempered view, else recomputed
   const float* soft = a.V == 1 && !a.temper ? sc.p.data() : g;
   if (soft == g) exp_row_from_max(z, g, a.C, st.m, 1.0f);
-  const float inv_s = soft == g ? 1.0f / st.s : 1.0f;
-  const Vec vs(inv_s), vu(u), vg(a.gscale);
+  const Vec vs(1.0f / st.s), vu(u), vg(a.gscale);
   for (int64_t j = 0; j < a.C; j += kW) {
     const int64_t cnt = std::min(kW, a.C - j);
     stf((ldf(soft + j, cnt) * vs - vu) * vg, g + j, cnt);
@@ -234,10 +257,11 @@ void step_row(const TopkArgs& a, int64_t b, Scratch& sc) {
   std::vector<ViewStats> st(a.V);
   bool good = id >= 0 && id < a.N;
   for (int64_t v = 0; good && v < a.V; ++v)
-    good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.ex.data(), sc.tmp.data(), st[v]);
+    good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.p.data(), sc.tmp.data(), st[v]);
   if (!good) return nan_row(a, b);
-  evidence(a, b, st.data(), sc.ex.data(), sc.p.data(), sc.tmp.data());
-  sc.p_total = row_sum(sc.p.data(), a.C);
+  sc.p_scale = evidence(a, b, st.data(), sc.p.data(), sc.tmp.data());
+  const bool raw = a.V == 1 && !a.temper;  // sc.p holds the exponentials, not p
+  sc.p_total = raw ? static_cast<double>(st[0].s) * sc.p_scale : row_sum(sc.p.data(), a.C);
   int64_t* K = a.ids + id * a.k;
   float* val = a.vals + id * a.k;
   NewRow nr;
