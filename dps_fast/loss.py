@@ -233,8 +233,7 @@ class DPSLoss(nn.Module):
     def mean_label_error(self, chunk_rows: int = 65536) -> float:
         """The mean over all N samples of the label-error score 1 - t_i[y_i] (docs/method.md §5),
         chunk by chunk; a collective (one all-reduce) for the distributed banks."""
-        _validate.raise_deferred()  # an earlier step's failed device-side index check
-        total, labels = None, self.given_labels
+        total, labels = None, self.given_labels  # (iter_rows raises a pending failed index check)
         for ids, rows in self.iter_rows(chunk_rows):
             # the row sums accumulate in float64 without a float64 copy of the chunk (0.5 GB at
             # 65,536 x 1000); the label's entry is exact in float64 whatever the bank dtype

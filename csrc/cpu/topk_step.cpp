@@ -96,9 +96,14 @@ void scaled(const float* x, float w, float* out, int64_t n, bool add) {
 // The evidence p [C], the mean over views of softmax(z_v / tau_e), as p = scale * buf: for one
 // untempered view buf holds view_stats' exponentials and scale = 1 / s (no pass to normalise
 // them: the consumers scale the few values they read and fold the scale into their passes);
-// else buf holds p itself. Returns the scale.
+// else buf holds p itself (one tempered view: view_stats' tempered exponentials, scaled).
+// Returns the scale.
 float evidence(const TopkArgs& a, int64_t b, const ViewStats* st, float* buf, float* tmp) {
   if (a.V == 1 && !a.temper) return 1.0f / st[0].s;
+  if (a.V == 1) {  // tempered: view_stats left exp((z - m) / tau_e) in tmp
+    scaled(tmp, 1.0f / st[0].se, buf, a.C, false);
+    return 1.0f;
+  }
   for (int64_t v = 0; v < a.V; ++v) {
     exp_row_from_max(a.z + (v * a.B + b) * a.C, tmp, a.C, st[v].m, a.temper ? a.inv_tau_e : 1.0f);
     scaled(tmp, 1.0f / (st[v].se * static_cast<float>(a.V)), buf, a.C, v > 0);

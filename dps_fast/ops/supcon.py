@@ -126,10 +126,9 @@ def positive_terms(f, labels, soft):
     f = f.double()
     if soft is None:
         cls = _groups(labels)
-        ones = torch.ones_like(f[:, :1])
-        sums = torch.zeros(f.shape[0], f.shape[1] + 1, dtype=f.dtype, device=f.device)
-        sums.index_add_(0, cls, torch.cat([f, ones], 1))  # per class: the sum of f, and the count
-        others = sums[cls] - torch.cat([f, ones], 1)  # over j != i of the same class
+        f1 = torch.cat([f, torch.ones_like(f[:, :1])], 1)  # f and a count column
+        sums = torch.zeros_like(f1).index_add_(0, cls, f1)  # per class: the sum of f, and the count
+        others = sums[cls] - f1  # over j != i of the same class
         wsum, others = others[:, -1], others[:, :-1]
 
         def pull(u):
