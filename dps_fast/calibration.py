@@ -2,7 +2,6 @@
 labels, or soft targets such as a DPS bank's posterior means.
 
     T = fit_temperature(val_logits, val_labels)                 # clean held-out labels
-    T = posterior_temperature(train_logits, loss.targets(idx))  # no clean data: the bank
 
 ``fit_temperature`` minimises the cross-entropy of softmax(logits / T) against
 integer labels (the NLL) or against rows of soft targets, over log T: a
@@ -12,8 +11,12 @@ family in 1/T, so it has one minimum; the grid only guards the bracket.
 
 Two fits that need no clean labels (issue #15, docs/results.md section 5):
 
-- ``posterior_temperature``: on training samples, the model's predictions are
-  scaled to match the bank's posterior means, or (``hard=True``) their argmax.
+- ``posterior_temperature`` (deprecated, issue 27): on training samples, the model's
+  predictions scaled to match the bank's posterior means, or (``hard=True``) their argmax.
+  It cannot find an under-confidence that DPS itself caused: the model was trained to match
+  those means, so the fit returns T close to 1 (0.98-0.99 on the grid's sym40, ECE unchanged;
+  docs/results.md §5), and the argmax, which the model agrees with, asks for T well below 0.1.
+  For under-confidence without clean data use ``DPSLoss(tau_e="auto")``.
 - ``fit_temperature(logits, noisy_labels, transition=bank_transition(means, labels))``:
   on held-out samples with noisy labels, through the noise transition that the
   bank estimates (which labels its argmax keeps and which it rejects).
@@ -21,6 +24,7 @@ Two fits that need no clean labels (issue #15, docs/results.md section 5):
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -124,7 +128,13 @@ def fit_temperature(logits, target, transition=None, grid: int = 200, iters: int
 def posterior_temperature(logits, posterior_means, hard: bool = False) -> float:
     """The temperature that makes the model's predictions on training samples
     match the DPS bank: its posterior means [N, C] (``hard=False``), or their
-    argmax as labels (``hard=True``). Needs no clean labels."""
+    argmax as labels (``hard=True``). Needs no clean labels.
+
+    Deprecated: it returns T close to 1 for a model trained on the same bank (see the
+    module's docstring); use ``DPSLoss(tau_e="auto")``, or fit_temperature on clean data."""
+    warnings.warn("posterior_temperature is deprecated: a model trained on the bank matches its means, so the "
+                  "fit returns T close to 1 (docs/results.md section 5); use DPSLoss(tau_e='auto') or "
+                  "fit_temperature on clean held-out labels", DeprecationWarning, stacklevel=2)
     if not isinstance(posterior_means, torch.Tensor) or not posterior_means.is_floating_point():
         raise TypeError("posterior_means must be a floating tensor [N, C] (e.g. DPSLoss.targets(index))")
     target = posterior_means.argmax(1) if hard else posterior_means

@@ -47,8 +47,10 @@ class DPSLoss(nn.Module):
     classes plus the mass of the others (docs/method.md §12; one process, float32, the
     reference step so far): read-outs see the implied dense rows. ``tau_e="auto"``: the loss
     sets the evidence temperature itself, once per pass over the bank (every N samples its
-    training steps see), to ``max(0.1, 1 - 2 * mean_label_error())`` (docs/method.md §10);
-    its state is in ``state_dict``; a float (default 1) keeps it fixed.
+    training steps see), to ``max(0.1, 1 - 2 s)``, ``s`` the mean label-error score of the
+    rows the pass's steps wrote (a running sum the step keeps; with each sample once per pass,
+    ``mean_label_error()`` at the pass's end; docs/method.md §10); its state is in
+    ``state_dict``; a float (default 1) keeps it fixed.
     ``load_state_dict`` verifies every saved tensor (shapes, dtypes, labels [N] in [0, C),
     values finite and > 0 in the bank dtype) before it writes any, and reports a problem as
     ``nn.Module`` reports a size mismatch (a RuntimeError, strict or not). ``validate=False``
@@ -103,16 +105,24 @@ class DPSLoss(nn.Module):
         if con:
             loss = loss + self.contrastive_weight * self._contrastive(features, index, rows)
         if self.auto_tau_e is not None and self.training and not in_backward_recompute():
-            self._count_for_auto_tau_e(index)
+            self._count_for_auto_tau_e(index, valid, rows)
         return loss
 
-    def _count_for_auto_tau_e(self, index) -> None:
-        """tau_e="auto": counts the samples the steps have seen (the global batch on a
-        distributed bank) and adapts tau_e once per pass over the bank (every N samples)."""
+    def _count_for_auto_tau_e(self, index, valid, rows) -> None:
+        """tau_e="auto" (docs/method.md §10): adds the batch's label-error scores, read from the
+        rows the step just wrote, to a running sum (on the device: no host sync), counts the
+        samples seen (the global batch on a distributed bank), and once per pass over the bank
+        (every N samples) sets tau_e from the pass's mean score: one small all-reduce."""
         auto = self.auto_tau_e
+        terms = self.store.label_error_sum(index, valid, rows)
+        auto.terms = terms if auto.terms is None else auto.terms.to(terms.device) + terms
         auto.seen += getattr(self.store, "last_step_samples", None) or index.shape[0]
         if auto.seen >= auto.next_at:
-            self.adapt_tau_e(auto.k, auto.floor)
+            total = collective_of(self, self.world).sum_(auto.terms.to(self.store.device))
+            score_sum, count = (float(v) for v in total)
+            if count > 0:
+                self.tau_e = max(auto.floor, 1.0 - auto.k * score_sum / count)
+            auto.terms = None
             auto.next_at += self.num_samples * ((auto.seen - auto.next_at) // self.num_samples + 1)
 
     def _check_features(self, features, logits):
@@ -162,8 +172,10 @@ class DPSLoss(nn.Module):
         for k, v in self.store.state().items():
             destination[prefix + k] = v
         if self.auto_tau_e is not None:  # float64 holds the counts exactly up to 2**53 samples
-            destination[prefix + "tau_e_auto"] = torch.tensor([self.tau_e, self.auto_tau_e.seen,
-                                                               self.auto_tau_e.next_at], dtype=torch.float64)
+            auto = self.auto_tau_e
+            terms = [0.0, 0.0] if auto.terms is None else auto.terms.tolist()
+            destination[prefix + "tau_e_auto"] = torch.tensor([self.tau_e, auto.seen, auto.next_at, *terms],
+                                                              dtype=torch.float64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # the bank verifies every tensor before it writes any; a problem goes to ``errors``, so
@@ -180,8 +192,7 @@ class DPSLoss(nn.Module):
         self.store.load_state(mine, errors)  # also when empty: a distributed bank's load is a collective
         auto = state_dict.pop(prefix + "tau_e_auto", None)
         if auto is not None and self.auto_tau_e is not None and not errors:
-            tau_e, seen, next_at = (float(v) for v in auto)
-            self.tau_e, self.auto_tau_e.seen, self.auto_tau_e.next_at = tau_e, int(seen), int(next_at)
+            self.auto_tau_e.load(self, auto)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # ------------------------------------------------------------------ read-outs
@@ -337,6 +348,14 @@ class AutoTauE:
     floor: float = 0.1
     seen: int = 0
     next_at: int = 0  # samples seen at the next adaptation (N, 2N, ...; set by DPSLoss)
+    terms: torch.Tensor | None = None  # float64 [score sum, count] of this pass's samples so far
+
+    def load(self, loss: "DPSLoss", saved: torch.Tensor) -> None:
+        """Restores the state that ``DPSLoss.state_dict`` saved (a checkpoint of an older
+        version, without this pass's sums, restarts them at zero)."""
+        values = [float(v) for v in saved]
+        loss.tau_e, self.seen, self.next_at = values[0], int(values[1]), int(values[2])
+        self.terms = torch.tensor(values[3:5], dtype=torch.float64) if len(values) >= 5 else None
 
 
 class HostDPSLoss(DPSLoss):

@@ -47,9 +47,11 @@ def test_fit_is_a_minimum():
 def test_posterior_temperature_soft_and_hard():
     z, _ = _logits(2000, 10, 4)
     alpha = 20 * torch.softmax(z / 0.6, -1)  # a bank whose means are sharper than the model
-    assert posterior_temperature(z, alpha) == pytest.approx(0.6, rel=1e-3)
+    with pytest.warns(DeprecationWarning, match="posterior_temperature is deprecated"):
+        assert posterior_temperature(z, alpha) == pytest.approx(0.6, rel=1e-3)
     # hard pseudo-labels (the bank's argmax = the model's argmax): the sharper the better, up to T_MIN
-    assert posterior_temperature(z, alpha, hard=True) < 0.1
+    with pytest.warns(DeprecationWarning):
+        assert posterior_temperature(z, alpha, hard=True) < 0.1
 
 
 @pytest.mark.parametrize("bad, err, match", [
@@ -73,7 +75,7 @@ def test_bad_input_is_named(bad, err, match):
 
 
 def test_posterior_temperature_needs_a_floating_bank():
-    with pytest.raises(TypeError, match="posterior_means"):
+    with pytest.raises(TypeError, match="posterior_means"), pytest.warns(DeprecationWarning):
         posterior_temperature(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
 
 

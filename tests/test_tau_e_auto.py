@@ -28,21 +28,59 @@ def expected(crit):
     return max(0.1, 1 - 2 * crit.mean_label_error())
 
 
+def batch_scores(crit, idx):
+    """The label-error scores of the batch's rows as they are now, computed here on its own."""
+    rows = crit.alpha[idx].double()
+    return 1 - rows[torch.arange(len(idx)), crit.given_labels[idx]] / rows.sum(1)
+
+
 @pytest.mark.parametrize("size", [1, 8])
 def test_adapts_once_per_pass_counted_in_samples_not_calls(size):
+    """Random batches (a sample may come twice in a pass, or not at all): at each pass's end
+    tau_e is set from the mean score of the rows the pass's steps wrote, and only then."""
     crit = make(tau_e="auto")
-    adapted = []
+    adapted, scores = [], []
     for step, (z, idx) in enumerate(batches(int(2.5 * N / size) + 1, size)):
         before = crit.tau_e
         crit(z, idx)
+        scores.append(batch_scores(crit, idx))
         seen = (step + 1) * size
-        crossed = seen // N > (seen - size) // N
-        if crossed:
+        if seen // N > (seen - size) // N:
             adapted.append(step)
-            assert crit.tau_e == expected(crit)
+            assert crit.tau_e == pytest.approx(max(0.1, 1 - 2 * float(torch.cat(scores).mean())), rel=1e-12)
+            scores = []
         else:
             assert crit.tau_e == before
     assert len(adapted) == 2 and crit.tau_e < 1.0  # the weak prior leaves label errors to adapt to
+
+
+def test_each_sample_once_a_pass_gives_the_banks_mean_at_the_passs_end():
+    """With epochs (each sample once a pass) the running statistic is mean_label_error(): a
+    row's score changes only when a step writes it."""
+    crit = make(tau_e="auto")
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for idx in torch.randperm(N, generator=gen).split(6):
+            crit(torch.randn(len(idx), C, generator=gen) * 3, idx)
+        assert crit.tau_e == pytest.approx(expected(crit), rel=1e-12) and crit.tau_e < 1.0
+
+
+def test_padding_repeats_do_not_count_in_the_statistic():
+    crit, gen = make(tau_e="auto"), torch.Generator().manual_seed(4)
+    idx = torch.randperm(N, generator=gen)
+    valid = torch.arange(N) % 3 != 0
+    crit(torch.randn(N, C, generator=gen) * 3, idx, valid=valid)
+    assert crit.tau_e == pytest.approx(max(0.1, 1 - 2 * float(batch_scores(crit, idx[valid]).mean())), rel=1e-12)
+
+
+def test_the_top_k_bank_keeps_the_same_statistic_from_its_compressed_rows():
+    dense, topk = make(tau_e="auto"), make(tau_e="auto", top_k=4)
+    gen = torch.Generator().manual_seed(5)
+    for idx in torch.randperm(N, generator=gen).split(7):
+        z = torch.randn(len(idx), C, generator=gen) * 3
+        dense(z, idx)
+        topk(z, idx)
+    assert topk.tau_e == pytest.approx(dense.tau_e, rel=1e-6) and topk.tau_e < 1.0
 
 
 def test_eval_never_counts_nor_adapts():

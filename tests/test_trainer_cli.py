@@ -262,5 +262,7 @@ def test_tau_e_auto_runs_and_logs_its_temperature(tmp_path, capsys):
     code, out, err = cli(capsys, *base, "--tau-e", "auto", "--out", str(tmp_path / "r"))
     assert code == 0, err
     assert " tau_e 0." in out  # adapted after the first pass over the 1,437 samples
+    # two epochs leave the prior with 98% of each row's mass: the run ends under-confident, and says why
+    assert "note: dps ended under-confident: mean confidence " in out and "the prior still holds 98%" in out
     assert error_of(capsys, *base, "--tau-e", "auto", "--tau-e-adapt", "2", "--out", str(tmp_path / "x")) == (
         "--tau-e auto and --tau-e-adapt 2.0 both set tau_e; give one")

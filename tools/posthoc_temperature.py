@@ -18,6 +18,7 @@ import glob
 import json
 import math
 import os
+import warnings
 import sys
 
 import torch
@@ -69,6 +70,7 @@ def no_clean_data_fits(z_val, y_noisy, z_train=None, posterior_means=None, train
     out = {"noisy_val": fit_temperature(z_val, y_noisy)}
     if posterior_means is not None:
         m = bank_transition(posterior_means, train_labels)
+        warnings.filterwarnings("ignore", "posterior_temperature is deprecated", DeprecationWarning)  # measured here
         out.update(posterior=posterior_temperature(z_train, posterior_means),
                    posterior_hard=posterior_temperature(z_train, posterior_means, hard=True),
                    noisy_val_bank=fit_temperature(z_val, y_noisy, transition=m),

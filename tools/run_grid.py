@@ -28,7 +28,7 @@ METHODS = ["ce", "ls", "pskd", "te", "dps", "dps+con"]
 
 def job_cmd(a, setting, seed, method):
     out = os.path.join(a.out, setting, f"seed{seed}")
-    cmd = [DPS_TRAIN, "--dataset", "fashion-mnist", "--model", "resnet",
+    cmd = [DPS_TRAIN, "--dataset", "fashion-mnist", "--model", a.model,
            "--width", str(a.width), "--blocks", str(a.blocks), "--train-subset", str(a.subset),
            "--epochs", str(a.epochs), "--method", method, "--seed", str(seed), "--threads", "1",
            "--eval-every", str(a.eval_every), "--out", out, "--no-plots", "--no-progress",
@@ -121,6 +121,7 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--subset", type=int, default=5000)
+    p.add_argument("--model", default="resnet", help="resnet (the grid) or mlp (--width 256 for the MLP stand-in)")
     p.add_argument("--width", type=int, default=12)
     p.add_argument("--blocks", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)

@@ -125,6 +125,17 @@ class Bank:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ read-outs
+    def label_error_sum(self, index: torch.Tensor, valid, rows) -> torch.Tensor:
+        """[sum over the batch's valid samples of the label-error score 1 - t_i[y_i], their
+        count] (float64, on the step's device; docs/method.md §5.1), from the rows the step just
+        wrote: ``rows`` when the step ran on a copy, else B rows gathered from the bank (no
+        host sync, no pass over the bank). tau_e="auto" keeps its statistic with it."""
+        idx = index.to(torch.int64).clamp(0, self.num_samples - 1)  # an unchecked id's loss is already NaN
+        if rows is None:
+            rows = self.rows(idx)
+        lab = self.labels.index_select(0, idx.to(self.labels.device)).to(rows.device, torch.int64)
+        return label_error_terms(rows.gather(1, lab[:, None])[:, 0], rows.sum(1, dtype=torch.float64), valid)
+
     def held_ids(self) -> torch.Tensor:
         """Global ids of the rows this process holds, in storage order."""
         return torch.arange(self.storage.shape[0])
@@ -155,3 +166,12 @@ class Bank:
 
     def load_state(self, state: dict, errors: list) -> None:
         raise NotImplementedError
+
+
+def label_error_terms(a_label: torch.Tensor, row_sum: torch.Tensor, valid) -> torch.Tensor:
+    """[sum of 1 - a_label / row_sum over the valid samples, their count], in float64."""
+    score = 1 - a_label.double() / row_sum.double()
+    if valid is None:
+        return torch.stack([score.sum(), score.new_tensor(score.numel())])
+    ok = valid.to(score.device)
+    return torch.stack([torch.where(ok, score, 0).sum(), ok.sum(dtype=torch.float64)])

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .advice import under_confidence_note
 from .checks import check_args
 from .errors import Interrupted, RunError, UsageError
 from .experiment import ExperimentData
@@ -345,6 +346,10 @@ def report(args, data, methods, results, wall: float, argv) -> None:
         print(f"\n{data.name}, model {args.model}, {args.epochs} epochs, seed {args.seed}, "
               f"noise {data.noise_info['kind']} {data.noise_info.get('realised', 0):.3f} realised; "
               f"final-epoch test metrics:\n{table}\n(wall time {wall:.1f} s)")
+        for r in done:
+            note = under_confidence_note(r["method"], r["final"], args.c, args.gamma, args.epochs, args.tau_e)
+            if note:
+                print(f"note: {note}")
         if len(done) > 1:
             json_dump({"results": [{k: r[k] for k in ("method", "final", "timing")} for r in done],
                        "table": table, "config": vars(args)}, os.path.join(args.out, "compare.json"))

@@ -158,8 +158,10 @@ PERCENT_KEYS = ("ece", "classwise_ece")
 
 def run_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     """metrics.summary with ece and classwise_ece as ece_pct and classwise_ece_pct."""
-    return {(f"{k}_pct" if k in PERCENT_KEYS else k): (100 * v if k in PERCENT_KEYS else v)
-            for k, v in metrics.summary(probs, labels).items()}
+    res = {(f"{k}_pct" if k in PERCENT_KEYS else k): (100 * v if k in PERCENT_KEYS else v)
+           for k, v in metrics.summary(probs, labels).items()}
+    res["mean_confidence"] = float(probs.max(1).values.double().mean())  # for train/advice.py
+    return res
 
 
 def evaluate(model, data: ExperimentData, device, batch, workers: int = 0, speed=None) -> tuple[dict, torch.Tensor]:
