@@ -45,12 +45,12 @@ class DPSLoss(nn.Module):
     the label keeps 99.9% of the initial target at any C; an explicit ``eps`` wins (a warning
     when its off-label mass exceeds 10% of c). ``top_k=k`` keeps each row as its k largest
     classes plus the mass of the others (docs/method.md §12; one process, float32, the
-    reference step so far): read-outs see the implied dense rows. ``tau_e="auto"``: the loss
-    sets the evidence temperature itself, once per pass over the bank (every N samples its
-    training steps see), to ``max(0.1, 1 - 2 s)``, ``s`` the mean label-error score of the
-    rows the pass's steps wrote (a running sum the step keeps; with each sample once per pass,
-    ``mean_label_error()`` at the pass's end; docs/method.md §10); its state is in
-    ``state_dict``; a float (default 1) keeps it fixed.
+    reference step so far): read-outs see the implied dense rows. ``tau_e="auto"`` (default):
+    the loss sets the evidence temperature itself, starting at 1, once per pass over the bank
+    (every N samples its training steps see), to ``max(0.1, 1 - 2 s)``, ``s`` the mean
+    label-error score of the rows the pass's steps wrote (a running sum the step keeps; with
+    each sample once per pass, ``mean_label_error()`` at the pass's end; docs/method.md §10);
+    its state is in ``state_dict``. A float keeps it fixed: ``tau_e=1.0`` is DPS as published.
     ``load_state_dict`` verifies every saved tensor (shapes, dtypes, labels [N] in [0, C),
     values finite and > 0 in the bank dtype) before it writes any, and reports a problem as
     ``nn.Module`` reports a size mismatch (a RuntimeError, strict or not). ``validate=False``
@@ -59,7 +59,7 @@ class DPSLoss(nn.Module):
     """
 
     def __init__(self, labels=None, num_classes: int | None = None, c: float = 100.0,
-                 eps: float | None = None, gamma: float = 0.95, tau_e: float | str = 1.0,
+                 eps: float | None = None, gamma: float = 0.95, tau_e: float | str = "auto",
                  target: str = "posterior", reduction: str = "mean",
                  contrastive_weight: float = 0.0, con_tau: float = 0.1,
                  con_positives: str = "hard", bank_dtype: torch.dtype = torch.float32,
@@ -114,15 +114,14 @@ class DPSLoss(nn.Module):
         samples seen (the global batch on a distributed bank), and once per pass over the bank
         (every N samples) sets tau_e from the pass's mean score: one small all-reduce."""
         auto = self.auto_tau_e
-        terms = self.store.label_error_sum(index, valid, rows)
-        auto.terms = terms if auto.terms is None else auto.terms.to(terms.device) + terms
+        auto.add(*self.store.label_share_sum(index, valid, rows))
         auto.seen += getattr(self.store, "last_step_samples", None) or index.shape[0]
         if auto.seen >= auto.next_at:
-            total = collective_of(self, self.world).sum_(auto.terms.to(self.store.device))
-            score_sum, count = (float(v) for v in total)
+            total = torch.tensor(auto.sums(), dtype=torch.float64, device=self.store.device)
+            share_sum, count = collective_of(self, self.world).sum_(total).tolist()
             if count > 0:
-                self.tau_e = max(auto.floor, 1.0 - auto.k * score_sum / count)
-            auto.terms = None
+                self.tau_e = max(auto.floor, 1.0 - auto.k * (1.0 - share_sum / count))
+            auto.share, auto.count = None, 0
             auto.next_at += self.num_samples * ((auto.seen - auto.next_at) // self.num_samples + 1)
 
     def _check_features(self, features, logits):
@@ -173,8 +172,7 @@ class DPSLoss(nn.Module):
             destination[prefix + k] = v
         if self.auto_tau_e is not None:  # float64 holds the counts exactly up to 2**53 samples
             auto = self.auto_tau_e
-            terms = [0.0, 0.0] if auto.terms is None else auto.terms.tolist()
-            destination[prefix + "tau_e_auto"] = torch.tensor([self.tau_e, auto.seen, auto.next_at, *terms],
+            destination[prefix + "tau_e_auto"] = torch.tensor([self.tau_e, auto.seen, auto.next_at, *auto.sums()],
                                                               dtype=torch.float64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -266,6 +264,24 @@ class DPSLoss(nn.Module):
         self.tau_e = max(floor, 1.0 - k * self.mean_label_error())
         return self.tau_e
 
+    def tau_e_state(self) -> torch.Tensor:
+        """tau_e="auto"'s state for a checkpoint written by one rank: [tau_e, samples seen, next
+        adaptation, this pass's label-share sum, its count] with the sums over every rank (a
+        collective for the distributed banks: call it on every rank). ``state_dict`` keeps each
+        rank's own sums instead, for per-rank state dicts. Empty with a fixed tau_e."""
+        if self.auto_tau_e is None:
+            return torch.zeros(0, dtype=torch.float64)
+        auto = self.auto_tau_e
+        sums = torch.tensor(auto.sums(), dtype=torch.float64, device=self.store.device)
+        sums = collective_of(self, self.world).sum_(sums).cpu()
+        return torch.cat([torch.tensor([self.tau_e, auto.seen, auto.next_at], dtype=torch.float64), sums])
+
+    def load_tau_e_state(self, saved: torch.Tensor) -> None:
+        """Restores :meth:`tau_e_state` on every rank (rank 0 takes the pass's sums)."""
+        if self.auto_tau_e is not None and saved.numel():
+            first = getattr(self.store, "rank", 0) == 0
+            self.auto_tau_e.load(self, saved if first else torch.cat([saved[:3], saved.new_zeros(2)]))
+
     def iter_rows(self, chunk_rows: int = 65536):
         """(global ids, rows) of the rows this process owns, a chunk at a time; across the
         ranks of a distributed bank every row is owned by exactly one rank."""
@@ -348,14 +364,25 @@ class AutoTauE:
     floor: float = 0.1
     seen: int = 0
     next_at: int = 0  # samples seen at the next adaptation (N, 2N, ...; set by DPSLoss)
-    terms: torch.Tensor | None = None  # float64 [score sum, count] of this pass's samples so far
+    share: torch.Tensor | None = None  # this pass so far: the sum of the label's share t_i[y_i] (float64)
+    count: int | torch.Tensor = 0      # ... over this many samples (a tensor once a valid mask was given)
+
+    def add(self, share_sum: torch.Tensor, count) -> None:
+        """Adds one batch (on the device: no host sync)."""
+        self.share = share_sum.double() if self.share is None else self.share.to(share_sum.device) + share_sum
+        self.count = self.count + count
+
+    def sums(self) -> list[float]:
+        """[share sum, count] of this pass so far, as Python floats (reads the device)."""
+        return [0.0 if self.share is None else float(self.share), float(self.count)]
 
     def load(self, loss: "DPSLoss", saved: torch.Tensor) -> None:
         """Restores the state that ``DPSLoss.state_dict`` saved (a checkpoint of an older
         version, without this pass's sums, restarts them at zero)."""
         values = [float(v) for v in saved]
         loss.tau_e, self.seen, self.next_at = values[0], int(values[1]), int(values[2])
-        self.terms = torch.tensor(values[3:5], dtype=torch.float64) if len(values) >= 5 else None
+        self.share = torch.tensor(values[3], dtype=torch.float64) if len(values) >= 5 else None
+        self.count = int(values[4]) if len(values) >= 5 else 0
 
 
 class HostDPSLoss(DPSLoss):

@@ -24,6 +24,7 @@ def global_step_data(step: int):
 
 
 def make_loss(kind, world=1, **kw):
+    kw.setdefault("tau_e", 1.0)  # the contract is about moving rows; tau_e="auto": tests/test_tau_e_auto.py
     if kind in ("replicated", "sharded"):
         return dps_fast.distributed.DistributedDPSLoss(LABELS, C, mode=kind, gamma=GAMMA, reduction="none",
                                                        timeout_s=30, **kw)
@@ -46,7 +47,7 @@ def training_steps(crit, rank, world):
 
 
 def reference_steps():
-    ref = dps_fast.DPSLoss(LABELS, C, gamma=GAMMA, reduction="none")
+    ref = dps_fast.DPSLoss(LABELS, C, gamma=GAMMA, reduction="none", tau_e=1.0)
     losses, targets = [], []
     for s in range(3):
         idx, z = global_step_data(s)

@@ -24,7 +24,8 @@ def worker_replicated(rank, world, store_dir, out_dir):
         losses = []
         for z, idx in global_steps():
             losses.append(crit(z[rank::world], idx[rank::world]).detach())
-        torch.save({"state": crit.state_dict(), "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"state": crit.state_dict(), "losses": losses, "tau_e_state": crit.tau_e_state()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

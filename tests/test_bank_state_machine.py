@@ -36,7 +36,8 @@ BAD_VALUES = (float("nan"), float("inf"), 0.0, -1.0, "overflow")
 
 
 def make_loss(kind, bank_dtype=torch.float32):
-    kw = dict(gamma=GAMMA, reduction="none", bank_dtype=bank_dtype)
+    # a fixed tau_e: the machine models the rows; tau_e="auto"'s own state is tests/test_tau_e_auto.py's
+    kw = dict(gamma=GAMMA, reduction="none", bank_dtype=bank_dtype, tau_e=1.0)
     if kind in ("replicated", "sharded"):
         return D.DistributedDPSLoss(LABELS, C, mode=kind, timeout_s=30, **kw)
     if kind == "host":

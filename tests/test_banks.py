@@ -27,7 +27,7 @@ def results_for(kind, world):
 
 
 def padded_reference(bank_before):
-    ref = dps_fast.DPSLoss(prior=bank_before, gamma=K.GAMMA, reduction="none")
+    ref = dps_fast.DPSLoss(prior=bank_before, gamma=K.GAMMA, reduction="none", tau_e=1.0)
     idx, z = K.global_step_data(8)
     ref(z, idx)
     return ref.alpha

@@ -76,7 +76,7 @@ def test_traffic_model_imagenet():
 def test_host_bank_matches_dps_cross_entropy_with_prefetch():
     torch.manual_seed(0)
     labels = torch.randint(0, 7, (40,))
-    host = dps_fast.HostDPSLoss(labels, 7, gamma=0.8)
+    host = dps_fast.HostDPSLoss(labels, 7, gamma=0.8, tau_e=1.0)
     alpha = dps_fast.init_prior(labels, 7)
     order = torch.randperm(40)
     batches = [order[k:k + 8] for k in range(0, 40, 8)] + [order[:8]]  # last batch revisits rows

@@ -125,7 +125,7 @@ def test_noise_rate_estimate(bank):
 
 def test_evidence_rows_remove_the_prior():
     labels = torch.tensor([0, 2, 1])
-    loss = dps_fast.DPSLoss(labels, 3, **PRIOR)
+    loss = dps_fast.DPSLoss(labels, 3, tau_e=1.0, **PRIOR)  # the evidence below is softmax(z)
     g = torch.Generator().manual_seed(1)
     total = torch.zeros(3, 3)
     for visit in range(7):

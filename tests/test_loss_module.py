@@ -15,7 +15,7 @@ def test_state_dict_roundtrip_and_to():
     z = torch.randn(2, 3)
     m(z, torch.tensor([1, 3]))
     sd = m.state_dict()
-    assert set(sd) == {"alpha", "given_labels"}
+    assert set(sd) == {"alpha", "given_labels", "tau_e_auto"}  # tau_e="auto", the default: its state too
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -122,7 +122,7 @@ def test_tau_e_can_be_set_between_steps_and_is_checked():
     """A schedule sets crit.tau_e at each epoch start (docs/results.md §5): the next step uses it,
     exactly as dps_cross_entropy with that tau_e; a bad value raises and changes nothing."""
     labels = torch.tensor([0, 1, 2, 1])
-    crit = dps_fast.DPSLoss(labels, 3, backend="reference")
+    crit = dps_fast.DPSLoss(labels, 3, backend="reference", tau_e=1.0)
     alpha = crit.full_bank()
     z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     crit.tau_e = 0.5

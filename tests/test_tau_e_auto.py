@@ -39,6 +39,8 @@ def test_adapts_once_per_pass_counted_in_samples_not_calls(size):
     """Random batches (a sample may come twice in a pass, or not at all): at each pass's end
     tau_e is set from the mean score of the rows the pass's steps wrote, and only then."""
     crit = make(tau_e="auto")
+    read_all = crit.store.iter_rows
+    crit.store.iter_rows = lambda *a: pytest.fail("tau_e='auto' read the whole bank")  # no pass over the bank
     adapted, scores = [], []
     for step, (z, idx) in enumerate(batches(int(2.5 * N / size) + 1, size)):
         before = crit.tau_e
@@ -47,11 +49,12 @@ def test_adapts_once_per_pass_counted_in_samples_not_calls(size):
         seen = (step + 1) * size
         if seen // N > (seen - size) // N:
             adapted.append(step)
-            assert crit.tau_e == pytest.approx(max(0.1, 1 - 2 * float(torch.cat(scores).mean())), rel=1e-12)
+            assert crit.tau_e == pytest.approx(max(0.1, 1 - 2 * float(torch.cat(scores).mean())), rel=1e-6)
             scores = []
         else:
             assert crit.tau_e == before
     assert len(adapted) == 2 and crit.tau_e < 1.0  # the weak prior leaves label errors to adapt to
+    crit.store.iter_rows = read_all
 
 
 def test_each_sample_once_a_pass_gives_the_banks_mean_at_the_passs_end():
@@ -62,7 +65,7 @@ def test_each_sample_once_a_pass_gives_the_banks_mean_at_the_passs_end():
     for _ in range(3):
         for idx in torch.randperm(N, generator=gen).split(6):
             crit(torch.randn(len(idx), C, generator=gen) * 3, idx)
-        assert crit.tau_e == pytest.approx(expected(crit), rel=1e-12) and crit.tau_e < 1.0
+        assert crit.tau_e == pytest.approx(expected(crit), rel=1e-6) and crit.tau_e < 1.0
 
 
 def test_padding_repeats_do_not_count_in_the_statistic():
@@ -70,7 +73,7 @@ def test_padding_repeats_do_not_count_in_the_statistic():
     idx = torch.randperm(N, generator=gen)
     valid = torch.arange(N) % 3 != 0
     crit(torch.randn(N, C, generator=gen) * 3, idx, valid=valid)
-    assert crit.tau_e == pytest.approx(max(0.1, 1 - 2 * float(batch_scores(crit, idx[valid]).mean())), rel=1e-12)
+    assert crit.tau_e == pytest.approx(max(0.1, 1 - 2 * float(batch_scores(crit, idx[valid]).mean())), rel=1e-6)
 
 
 def test_the_top_k_bank_keeps_the_same_statistic_from_its_compressed_rows():
@@ -111,12 +114,19 @@ def test_resume_from_a_state_dict_is_bit_identical():
 
 
 def test_a_fixed_tau_e_is_todays_step_bit_for_bit():
-    fixed, plain = make(tau_e=1.0), make()
+    """tau_e=1.0 is DPS as published: the same op, on the same bank, as the functional API."""
+    fixed = make(tau_e=1.0)
+    alpha = fixed.alpha.clone()
     for z, idx in batches(9, 8):
-        assert torch.equal(fixed(z, idx), plain(z, idx))
-    assert fixed.tau_e == 1.0 and "tau_e_auto" not in fixed.state_dict()
+        assert torch.equal(fixed(z, idx), dps_fast.dps_cross_entropy(z, idx, alpha, gamma=0.95, tau_e=1.0))
+    assert torch.equal(fixed.alpha, alpha) and fixed.tau_e == 1.0 and "tau_e_auto" not in fixed.state_dict()
     with pytest.raises((TypeError, ValueError), match="tau_e"):
         make(tau_e="automatic")
+
+
+def test_auto_is_the_default_and_starts_at_one():
+    crit = make()
+    assert crit.auto_tau_e is not None and crit.tau_e == 1.0 and "tau_e_auto" in crit.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +147,20 @@ def test_every_bank_kind_adapts_as_the_local_bank(kind, request):
 
 
 @pytest.mark.parametrize("mode", ["replicated", "sharded"])
-def test_two_ranks_adapt_together_on_the_global_batch(mode):
+def test_two_ranks_adapt_together_on_the_global_batch_and_resume_mid_pass(mode):
     """Local batches of 4 and 3 samples: the pass is counted in global samples (7 a step), so
-    both ranks adapt at the same step, to the same tau_e."""
+    both ranks adapt at the same step, to the same tau_e; a mid-pass checkpoint (tau_e_state: the
+    pass's sums over the ranks) resumes bit for bit."""
     from _tau_auto_workers import worker_two_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker_two_ranks, args=(2, tmp, mode, tmp), nprocs=2, join=True)
-        taus = [torch.load(os.path.join(tmp, f"taus{r}.pt")) for r in range(2)]
-    assert taus[0] == taus[1]
-    first_change = next(i for i, t in enumerate(taus[0]) if t != 1.0)
+        got = [torch.load(os.path.join(tmp, f"taus{r}.pt"), weights_only=True) for r in range(2)]
+    assert got[0]["taus"] == got[1]["taus"]
+    first_change = next(i for i, t in enumerate(got[0]["taus"]) if t != 1.0)
     assert first_change == 3  # 4 steps x 7 = 28 >= N = 24 global samples
+    assert len(set(got[0]["taus"])) == 3  # adapted again in the 7th step (49 >= 48)
+    for r in range(2):
+        assert got[r]["resumed"] == got[r]["taus"][5:] and got[r]["same_bank"]
+        assert torch.equal(got[r]["saved"], got[0]["saved"])  # every rank wrote the same global state
+    assert got[0]["saved"][4] == 7  # the fifth global batch (the sums restart at each adaptation), both ranks

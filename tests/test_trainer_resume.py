@@ -85,7 +85,8 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     (["--epochs", "4"], "epochs: 2 -> 4"),
     (["--seed", "1"], "seed: 0 -> 1"),
     (["--gamma", "0.9"], "gamma: 0.95 -> 0.9"),
-    (["--tau-e-adapt", "2"], "tau_e_adapt: 0.0 -> 2.0"),
+    (["--tau-e-adapt", "2"], "tau_e: 'auto' -> 1.0; tau_e_adapt: 0.0 -> 2.0"),
+    (["--tau-e", "1"], "tau_e: 'auto' -> 1.0"),
     (["--no-augment"], "augment: True -> False"),
 ])
 def test_resume_refuses_a_changed_setting_and_writes_nothing(done_run, capsys, change, diff):
@@ -203,8 +204,8 @@ def _interrupt_at_step(monkeypatch, step: int, times: int = 1):
     monkeypatch.setattr(Lp, "train_step", step_and_signal)
 
 
-@pytest.mark.parametrize("extra", [[], ["--tau-e-adapt", "2"], ["--tau-e", "auto"]],
-                         ids=["fixed-tau_e", "adaptive-tau_e", "auto-tau_e"])
+@pytest.mark.parametrize("extra", [["--tau-e", "1"], ["--tau-e-adapt", "2"], []],
+                         ids=["fixed-tau_e", "adaptive-tau_e", "auto-tau_e (the default)"])
 def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(tmp_path, capsys, monkeypatch, extra):
     """With --tau-e-adapt, the resumed epoch must keep the tau_e it started with, not one
     recomputed from the half-updated bank."""
@@ -294,4 +295,4 @@ def test_adaptive_tau_e_is_set_from_the_bank_each_epoch(tmp_path, capsys, monkey
     assert [h["tau_e"] for h in hist] == pytest.approx([t for _, t in seen])
     assert f"tau_e {seen[2][1]:.3f}" in out
     st = torch.load(tmp_path / "dps" / "checkpoint.pt", weights_only=True)
-    assert st["method_scalars"] == {"tau_e": pytest.approx(seen[2][1]), "adapted_epoch": 2}
+    assert st["method_scalars"] == {"tau_e": pytest.approx(seen[2][1]), "adapted_epoch": 2, "tau_e_auto": []}

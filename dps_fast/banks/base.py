@@ -125,16 +125,17 @@ class Bank:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ read-outs
-    def label_error_sum(self, index: torch.Tensor, valid, rows) -> torch.Tensor:
-        """[sum over the batch's valid samples of the label-error score 1 - t_i[y_i], their
-        count] (float64, on the step's device; docs/method.md §5.1), from the rows the step just
-        wrote: ``rows`` when the step ran on a copy, else B rows gathered from the bank (no
-        host sync, no pass over the bank). tau_e="auto" keeps its statistic with it."""
+    def label_share_sum(self, index: torch.Tensor, valid, rows):
+        """(sum over the batch's valid samples of the label's share t_i[y_i] of its row, their
+        count) for tau_e="auto" (docs/method.md §10), from the rows the step just wrote:
+        ``rows`` when the step ran on a copy, else B rows gathered from the bank. No host
+        sync, no pass over the bank; the sum is a 0-d float32 tensor on the step's device."""
         idx = index.to(torch.int64).clamp(0, self.num_samples - 1)  # an unchecked id's loss is already NaN
         if rows is None:
             rows = self.rows(idx)
         lab = self.labels.index_select(0, idx.to(self.labels.device)).to(rows.device, torch.int64)
-        return label_error_terms(rows.gather(1, lab[:, None])[:, 0], rows.sum(1, dtype=torch.float64), valid)
+        share = rows.gather(1, lab[:, None]).float().div_(rows.sum(1, keepdim=True, dtype=torch.float32))
+        return valid_sum(share[:, 0], valid)
 
     def held_ids(self) -> torch.Tensor:
         """Global ids of the rows this process holds, in storage order."""
@@ -168,10 +169,10 @@ class Bank:
         raise NotImplementedError
 
 
-def label_error_terms(a_label: torch.Tensor, row_sum: torch.Tensor, valid) -> torch.Tensor:
-    """[sum of 1 - a_label / row_sum over the valid samples, their count], in float64."""
-    score = 1 - a_label.double() / row_sum.double()
+def valid_sum(values: torch.Tensor, valid):
+    """(the sum of ``values`` over the valid samples, their count: an int, or a 0-d tensor
+    when a mask is given, so that reading it needs no host sync)."""
     if valid is None:
-        return torch.stack([score.sum(), score.new_tensor(score.numel())])
-    ok = valid.to(score.device)
-    return torch.stack([torch.where(ok, score, 0).sum(), ok.sum(dtype=torch.float64)])
+        return values.sum(), values.shape[0]
+    ok = valid.to(values.device)
+    return torch.where(ok, values, 0).sum(), ok.sum()

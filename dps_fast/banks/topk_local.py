@@ -16,7 +16,7 @@ import torch
 from .. import topk as T
 from ..ops._common import in_backward_recompute
 from . import state as bank_state
-from .base import Bank, StepPlan, label_error_terms
+from .base import Bank, StepPlan, valid_sum
 
 
 def id_dtype(num_classes: int) -> torch.dtype:
@@ -113,16 +113,15 @@ class LocalTopKBank(Bank):
             ids = torch.arange(k, min(k + chunk_rows, self.num_samples))
             yield ids, self.rows(ids)
 
-    def label_error_sum(self, index, valid, rows):
+    def label_share_sum(self, index, valid, rows):
         """The base class's statistic, read from the compressed rows (no densified copy)."""
         if rows is not None:
-            return super().label_error_sum(index, valid, rows)
+            return super().label_share_sum(index, valid, rows)
         idx = index.to(self.device, torch.int64).clamp(0, self.num_samples - 1)
-        ids, vals, rest, lab = self.ids[idx], self.vals[idx].double(), self.rest[idx].double(), self.labels[idx]
-        hit = ids.to(torch.int64) == lab.to(ids.device, torch.int64)[:, None]
-        on_label = torch.where(hit, vals, 0).sum(1)
-        a_label = torch.where(hit.any(1), on_label, rest / (self.num_classes - ids.shape[1]))
-        return label_error_terms(a_label, vals.sum(1) + rest, valid)
+        ids, vals, rest = self.ids[idx], self.vals[idx].float(), self.rest[idx].float()
+        hit = ids.to(torch.int64) == self.labels[idx].to(ids.device, torch.int64)[:, None]
+        on_label = torch.where(hit.any(1), torch.where(hit, vals, 0).sum(1), rest / (self.num_classes - ids.shape[1]))
+        return valid_sum(on_label / (vals.sum(1) + rest), valid)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         idx = index.to(self.device, torch.int64)

@@ -130,9 +130,10 @@ def _method_args(a) -> None:
     a("--c", type=float, default=100.0, help="dps: prior concentration on the label")
     a("--eps", type=float, default=1e-2, help="dps: prior concentration on every other class")
     a("--gamma", type=float, default=0.95, help="dps: discount of old evidence, in (0, 1]")
-    a("--tau-e", type=tau_e_value, default=1.0, metavar="TAU|auto",
+    a("--tau-e", type=tau_e_value, default="auto", metavar="TAU|auto",
       help="dps: temperature of the evidence softmax; 'auto': the loss sets it once per pass over the bank, "
-           "max(0.1, 1 - 2 * the bank's mean label-error score) (docs/method.md section 10)")
+           "max(0.1, 1 - 2 * the bank's mean label-error score) (docs/method.md section 10); 1 = DPS as "
+           "published (with --tau-e-adapt the default is 1)")
     a("--tau-e-adapt", type=float, default=0.0, metavar="K",
       help="dps: noise-adaptive evidence temperature: at the start of every epoch, tau_e = max(0.1, 1 - K * the "
            "bank's mean label-error score) (docs/results.md section 5; K = 2 tested; 0 = off, --tau-e fixed)")
@@ -196,6 +197,8 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = expand(argv)  # the preset's flags first: the command's own flags win
     args = build_parser().parse_args(argv)
+    if args.tau_e_adapt and not any(k == "--tau-e" or k.startswith("--tau-e=") for k in argv):
+        args.tau_e = 1.0  # --tau-e-adapt sets tau_e per epoch itself, from a fixed start
     if args.demo:
         explicit = {k.lstrip("-").split("=")[0].replace("-", "_") for k in argv if k.startswith("--")}
         explicit |= {k[3:] for k in explicit if k.startswith("no_")}

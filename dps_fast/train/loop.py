@@ -431,13 +431,14 @@ def drop_old_banks(r: Run) -> None:
 def save_checkpoint(r: Run, epoch: int) -> None:
     """The state after ``epoch`` (0-based; -1 = none finished) plus ``r.partial``, a stopped
     epoch's progress. Distributed banks go to per-rank files first; the lead saves checkpoint.pt."""
+    scalars = r.method.scalar_state()  # on every rank: tau_e="auto" sums over a distributed bank's ranks
     if r.shared_bank:
         save_bank_files(r, epoch)
     if not r.lead:
         return
     state = {"epoch": epoch, "config": r.cfg, "model": r.model.state_dict(), "optimizer": r.opt.state_dict(),
              "scheduler": r.sched.state_dict(), "method": {} if r.shared_bank else r.method.state_dict(),
-             "method_scalars": r.method.scalar_state(),
+             "method_scalars": scalars,
              "data_rng": r.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": r.history,
              "noisy_labels": r.data.labels, "noise_info": r.data.noise_info, "segments": r.segments,
              "grad_scaler": r.speed.state_dict()}

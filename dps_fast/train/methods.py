@@ -185,11 +185,14 @@ class DPS(Method):
             self.adapted_epoch = epoch
 
     def scalar_state(self) -> dict:
-        return {"tau_e": self.dps.tau_e, "adapted_epoch": self.adapted_epoch}
+        """On every rank (tau_e="auto" sums its pass's statistic over the ranks)."""
+        return {"tau_e": self.dps.tau_e, "adapted_epoch": self.adapted_epoch,
+                "tau_e_auto": self.dps.tau_e_state().tolist()}
 
     def load_scalar_state(self, state: dict):
         if state:
             self.dps.tau_e, self.adapted_epoch = state["tau_e"], state["adapted_epoch"]
+            self.dps.load_tau_e_state(torch.tensor(state.get("tau_e_auto", []), dtype=torch.float64))
 
     def epoch_info(self) -> dict:
         info = {"tau_e": self.dps.tau_e} if self.adapt_k > 0 or self.dps.auto_tau_e is not None else {}

@@ -10,7 +10,7 @@ Image Classification*, "the paper"; its code is not public):
 | preset | value | source |
 |---|---|---|
 | all | methods compared: ce, ls, pskd, dps, dps+con | paper: DPS against cross-entropy, label smoothing and self-distillation (PS-KD); DPS+con for label noise |
-| all | DPS prior c = 100, eps = 0.01, gamma = 0.95, tau_e = 1 | assumption: dps_fast's defaults (docs/method.md §10) |
+| all | DPS prior c = 100, eps = 0.01, gamma = 0.95; tau_e = 1 (DPS as published) | assumption: dps_fast's defaults for c, eps and gamma (docs/method.md §10); the paper's fixed tau_e = 1, not dps_fast's default `auto` |
 | cifar100-resnet50 | CIFAR-100, ResNet-50 | paper (ECE -40% against self-distillation baselines) |
 | cifar100-resnet50 | CIFAR stem (3x3 conv, no max-pool) | assumption: the usual CIFAR ResNet-50 (PS-KD's code) |
 | cifar100-resnet50 | 300 epochs, batch 128, SGD momentum 0.9 (Nesterov), lr 0.1, weight decay 5e-4 | assumption: PS-KD's CIFAR-100 protocol (Kim et al. 2021) |
@@ -33,17 +33,17 @@ PRESETS = {
     "cifar100-resnet50": [
         "--dataset", "cifar100:data/cifar-100-python", "--model", "torchvision:resnet50", "--cifar-stem",
         "--compare", COMPARE, "--epochs", "300", "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.1",
-        "--momentum", "0.9", "--weight-decay", "5e-4", "--augment", "--workers", "8"],
+        "--momentum", "0.9", "--weight-decay", "5e-4", "--augment", "--workers", "8", "--tau-e", "1"],
     "cifar10-noise-sym40": [
         "--dataset", "cifar10:data/cifar-10-batches-py", "--model", "torchvision:resnet18", "--cifar-stem",
         "--compare", "ce,dps,dps+con", "--noise", "sym-exclusive", "--noise-rate", "0.4", "--epochs", "200",
         "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.02", "--momentum", "0.9", "--weight-decay", "5e-4",
-        "--augment", "--workers", "8", "--label-issues"],
+        "--augment", "--workers", "8", "--label-issues", "--tau-e", "1"],
     "imagenet-resnet50": [
         "--dataset", "imagefolder:data/imagenet", "--model", "torchvision:resnet50", "--image-size", "224",
         "--compare", COMPARE, "--epochs", "90", "--batch-size", "256", "--optimizer", "sgd", "--lr", "0.1",
         "--momentum", "0.9", "--weight-decay", "1e-4", "--augment", "--workers", "16", "--amp", "bf16",
-        "--channels-last", "--eval-batch", "256", "--bank-dtype", "bfloat16"],
+        "--channels-last", "--eval-batch", "256", "--bank-dtype", "bfloat16", "--tau-e", "1"],
 }
 
 
