@@ -97,7 +97,7 @@ def _chunk_tensors(rows: torch.Tensor, top_k, dtype) -> dict:
     else:
         vals, idx = t.topk(top_k, dim=1)
         vals = vals.to(dtype)
-        out["topk_values"], out["topk_indices"] = vals, idx.to(_index_dtype(t.shape[1]))
+        out["topk_values"], out["topk_indices"] = vals, idx
         # from the stored (rounded) values, so that only the remainder's own rounding is lost
         out["remainder"] = (1.0 - vals.float().sum(1)).clamp_min(0.0).to(dtype)
     return out
@@ -176,24 +176,49 @@ def _check_bank_rows(rows: torch.Tensor, ids: torch.Tensor, path: str) -> None:
                          f"mass {float(a[i].sum()):.6g}; nothing was written")
 
 
+def _compressed_chunk_tensors(kid: torch.Tensor, vals: torch.Tensor, rest: torch.Tensor, top_k: int, dtype) -> dict:
+    """_chunk_tensors of a top-k bank's rows, read from (ids, values, rest): the implied dense
+    row's top_k <= k largest masses are among the kept ones (kept values are at least the
+    uniform level of the others, docs/method.md §12), so no [rows, C] row is formed."""
+    a0 = vals.sum(1) + rest
+    t, order = (vals / a0[:, None]).topk(top_k, dim=1)
+    t = t.to(dtype)
+    return {"alpha0": a0.to(ALPHA0_DTYPE), "topk_values": t, "topk_indices": kid.gather(1, order),
+            "remainder": (1.0 - t.float().sum(1)).clamp_min(0.0).to(dtype)}
+
+
+def _chunks(src, top_k, dtype, chunk_rows, path):
+    """(ids, the chunk's tensors), from a top-k bank's compressed rows where they hold the
+    export's top_k (a 14.2M x 21,841 bank in chunks of a few MB instead of rows x C floats),
+    else from dense rows."""
+    store = getattr(src.source, "store", None)
+    compressed = getattr(store, "iter_compressed", None)
+    if compressed is not None and top_k is not None and top_k <= store.ids.shape[1]:
+        for ids, kid, vals, rest in compressed(chunk_rows):
+            _check_bank_rows(torch.cat([vals, rest[:, None]], 1), ids, path)
+            yield ids, _compressed_chunk_tensors(kid, vals.float(), rest.float(), top_k, dtype)
+        return
+    for ids, rows in src.iter_rows(chunk_rows):
+        _check_bank_rows(rows, ids, path)
+        yield ids, _chunk_tensors(rows, top_k, dtype)
+
+
 def _write_rows(tmp, head, specs, offsets, src, top_k, dtype, chunk_rows, n, path) -> None:
     written = 0
     with open(tmp, "wb") as f:
         f.write(head)
-        for ids, rows in src.iter_rows(chunk_rows):
+        for ids, parts in _chunks(src, top_k, dtype, chunk_rows, path):
             if len(ids) == 0:
                 continue
             start = int(ids[0])
             if int(ids[-1]) - start + 1 != len(ids):
                 raise ValueError("export_soft_labels needs each chunk of iter_rows to be consecutive ids")
-            _check_bank_rows(rows, ids, path)
-            parts = _chunk_tensors(rows, top_k, dtype)
             if src.labels is not None:
-                parts["given_labels"] = src.given(ids.cpu()).to(_index_dtype(rows.shape[1]))
+                parts["given_labels"] = src.given(ids.cpu())
             for name, dt, shape in specs:
                 row_bytes = dt.itemsize * (shape[1] if len(shape) > 1 else 1)
                 f.seek(offsets[name] + start * row_bytes)
-                f.write(_raw(parts[name]))
+                f.write(_raw(parts[name].to(dt)))
             written += len(ids)
     if written != n:
         raise ValueError(f"the source yielded {written} rows, expected {n}")

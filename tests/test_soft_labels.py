@@ -331,3 +331,31 @@ def test_export_refuses_a_bank_row_that_is_not_a_dirichlet_parameter(tmp_path, v
     with _raises_naming(path, ValueError, "bank row 6 is not a Dirichlet parameter"):
         S.export_soft_labels(bank, path, chunk_rows=4)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 4])
+def test_a_top_k_bank_exports_from_its_compressed_rows(tmp_path, top_k, monkeypatch):
+    """DPSLoss(top_k=4): an export of at most 4 masses is read from (ids, values, rest), never
+    from implied dense rows, and equals the export of the same rows densified."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 40, (60,), generator=g)
+    crit = dps_fast.DPSLoss(labels, 40, c=10.0, gamma=0.9, top_k=4)
+    for _ in range(6):
+        crit(3 * torch.randn(60, 40, generator=g), torch.arange(60))
+    dense = str(tmp_path / "dense.safetensors")
+    S.export_soft_labels(crit.full_bank(), dense, top_k=top_k, dtype=torch.float32, given_labels=labels)
+    monkeypatch.setattr(crit.store, "iter_rows", lambda *a: pytest.fail("the export densified the top-k rows"))
+    path = str(tmp_path / "topk.safetensors")
+    S.export_soft_labels(crit, path, top_k=top_k, dtype=torch.float32, chunk_rows=16)
+    got, want = S.read_safetensors(path)[0], S.read_safetensors(dense)[0]
+    assert got.keys() == want.keys()
+    for name in ("topk_values", "remainder", "alpha0"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+    assert torch.equal(got["given_labels"], want["given_labels"])
+    above = got["topk_values"] > got["remainder"][:, None] / (40 - top_k) * 1.001  # not tied with the rest's level
+    assert torch.equal(got["topk_indices"][above], want["topk_indices"][above])
+    monkeypatch.undo()
+    more = str(tmp_path / "more.safetensors")  # more masses than the bank keeps: from the implied dense rows
+    S.export_soft_labels(crit, more, top_k=6, dtype=torch.float32)
+    S.export_soft_labels(crit.full_bank(), dense, top_k=6, dtype=torch.float32)
+    torch.testing.assert_close(S.read_safetensors(more)[0]["topk_values"], S.read_safetensors(dense)[0]["topk_values"])

@@ -107,6 +107,13 @@ class LocalTopKBank(Bank):
     def held_ids(self) -> torch.Tensor:
         return torch.arange(self.num_samples)
 
+    def iter_compressed(self, chunk_rows: int = 65536):
+        """(ids, class ids [n, k] int64, values [n, k], rest [n]) a chunk at a time, as stored:
+        what export_soft_labels reads instead of the implied dense rows."""
+        for k in range(0, self.num_samples, chunk_rows):
+            end = min(k + chunk_rows, self.num_samples)
+            yield torch.arange(k, end), self.ids[k:end].to(torch.int64), self.vals[k:end], self.rest[k:end]
+
     def iter_rows(self, chunk_rows: int = 65536):
         """(ids, implied dense rows) a chunk at a time: chunk_rows * C values of scratch."""
         for k in range(0, self.num_samples, chunk_rows):
