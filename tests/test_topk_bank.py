@@ -45,6 +45,39 @@ def test_steps_equal_the_reference_step(views, reduction):
     assert torch.equal(crit.store.rest, ref.rest)
 
 
+def test_the_host_kind_equals_the_local_bank():
+    """HostDPSLoss(top_k=k): the rows stay on the host and travel to the step as (ids, values,
+    rest, bound); losses, gradients, rows and state equal the local bank's bit for bit, with
+    padding, prefetch, eval and bad input (checked before any write)."""
+    gen = torch.Generator().manual_seed(7)
+    local = dps_fast.DPSLoss(labels(), C, top_k=K, gamma=0.9)
+    host = dps_fast.HostDPSLoss(labels(), C, top_k=K, gamma=0.9)
+    assert host.bank_kind == "host" and host.store.vals.device.type == "cpu"
+    for step in range(5):
+        z = (torch.randn(8, C, generator=gen) * 3).requires_grad_()
+        z2 = z.detach().clone().requires_grad_()
+        idx = torch.randperm(N, generator=gen)[:8]
+        valid = None if step % 2 else torch.rand(8, generator=gen) > 0.3
+        host.prefetch(idx)
+        a, b = local(z, idx, valid=valid), host(z2, idx, valid=valid)
+        a.backward()
+        b.backward()
+        assert torch.equal(a, b) and torch.equal(z.grad, z2.grad)
+    host.flush()
+    assert same(snapshot(host), snapshot(local)) and host.tau_e == local.tau_e
+    for key, value in local.state_dict().items():
+        assert torch.equal(host.state_dict()[key], value), key
+    before = snapshot(host)
+    host.eval()
+    host(torch.randn(4, C), torch.tensor([1, 2, 3, 4]))
+    host.train()
+    with pytest.raises(IndexError):
+        host(torch.randn(2, C), torch.tensor([0, N]))
+    with pytest.raises(IndexError):
+        host.prefetch(torch.tensor([N]))
+    assert same(snapshot(host), before)
+
+
 def test_eval_padding_and_bad_input_never_write():
     crit = dps_fast.DPSLoss(labels(), C, top_k=K)
     before = snapshot(crit)
@@ -110,8 +143,9 @@ def test_casts_keep_the_format_and_refusals_are_clear():
     crit.half()
     assert crit.store.vals.dtype == torch.float32 and crit.store.ids.dtype == torch.int16
     assert dps_fast.DPSLoss(torch.arange(4), 40000, top_k=3).store.ids.dtype == torch.int32
-    with pytest.raises(ValueError, match="bank='local' or 'replicated' holds a top-k bank so far, not 'host'"):
-        dps_fast.DPSLoss(labels(), C, top_k=K, bank="host")
+    with pytest.raises(ValueError, match="bank='local', 'host' or 'replicated' holds a top-k bank so far, not "
+                                         "'sharded'"):
+        dps_fast.DPSLoss(labels(), C, top_k=K, bank="sharded")
     with pytest.raises(TypeError, match="float32"):
         dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="top_k must be an int"):

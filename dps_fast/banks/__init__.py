@@ -67,14 +67,16 @@ def resolve_kind(kind: str, num_samples: int, num_classes: int, dtype, shard_abo
 
 def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device, group=None,
                    timeout_s=120.0) -> Bank:
-    """A top-k bank (docs/method.md §12): so far on one process (``bank="local"``) or
-    replicated over a process group (``"replicated"``; ``"auto"`` picks it under an
-    initialised group), float32 values, built from labels."""
+    """A top-k bank (docs/method.md §12): so far on one process (``bank="local"``, or
+    ``"host"``: the rows in host memory), or replicated over a process group
+    (``"replicated"``; ``"auto"`` picks it under an initialised group), float32 values,
+    built from labels."""
     from .. import topk
     from .topk_local import LocalTopKBank, id_dtype
 
-    if kind not in ("local", "replicated", "auto"):
-        raise ValueError(f"top_k: bank='local' or 'replicated' holds a top-k bank so far, not {kind!r} (issue 26)")
+    if kind not in ("local", "host", "replicated", "auto"):
+        raise ValueError(f"top_k: bank='local', 'host' or 'replicated' holds a top-k bank so far, not {kind!r} "
+                         f"(issue 26)")
     if prior is not None or labels is None or num_classes is None:
         raise ValueError("top_k: build the bank from labels and num_classes (an explicit prior is dense)")
     if dtype != torch.float32:
@@ -82,6 +84,10 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device, g
     topk.check_k(k, num_classes)
     lab = given_labels(labels, None)
     rows = topk.topk_prior(lab, num_classes, k, c, eps, ids_dtype=id_dtype(num_classes))
+    if kind == "host":  # built where it lives: the host
+        from .topk_host import HostTopKBank
+
+        return HostTopKBank(rows, lab, device)
     dev = torch.device(device) if device is not None else lab.device
     rows = topk.TopKRows(rows.ids.to(dev), rows.vals.to(dev), rows.rest.to(dev), num_classes, rows.bound.to(dev))
     if kind == "local" or (kind == "auto" and not (dist.is_available() and dist.is_initialized())):

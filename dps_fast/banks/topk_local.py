@@ -60,34 +60,45 @@ class LocalTopKBank(Bank):
         if self.device != logits.device:
             raise ValueError(f"the bank is on {self.device} but the logits are on {logits.device}: move the loss "
                              f"with .to(device)")
-        if update and in_backward_recompute():
+        if update:
+            self.refuse_recompute()
+        return StepPlan(logits, idx, valid, update, "reference", gathered=True)
+
+    @staticmethod
+    def refuse_recompute() -> None:
+        if in_backward_recompute():
             raise NotImplementedError("dps_fast: a top-k bank cannot be stepped inside activation checkpointing "
                                       "yet; compute the loss outside the checkpointed function")
-        return StepPlan(logits, idx, valid, update, "reference", gathered=True)
 
     def step(self, logits, index, valid, update: bool, cfg, extra_check=None):
         """The base class's plan (every check before any write), the top-k reference step on
         the batch's gathered rows, then the rows written back (valid rows only)."""
         plan = self.begin(logits, index, valid, update, cfg, extra_check)
         loss, rows = self.stepped_rows(plan, cfg)
-        local = torch.arange(plan.index.shape[0], device=plan.index.device)
         if plan.update:
-            keep = plan.index if plan.valid is None else plan.index[plan.valid]
-            sel = local if plan.valid is None else local[plan.valid]
-            self.ids[keep] = rows.ids[sel].to(self.ids.dtype)
-            self.vals[keep], self.rest[keep], self.bound[keep] = rows.vals[sel], rows.rest[sel], rows.bound[sel]
+            self.write_rows(plan, rows)
         if plan.valid is None:  # the bank holds the stepped rows: a contrastive term reads them there
             return loss, None    # (densifying B rows here cost ~25 ms a step at [1024, 21,841])
         return loss, T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
 
+    def write_rows(self, plan: StepPlan, rows) -> None:
+        """Writes the stepped rows of the valid samples into the bank (on the bank's device)."""
+        keep = plan.index if plan.valid is None else plan.index[plan.valid]
+        local = torch.arange(plan.index.shape[0], device=plan.index.device)
+        sel = local if plan.valid is None else local[plan.valid]
+        keep, dev = keep.to(self.device), self.device
+        self.ids[keep] = rows.ids[sel].to(dev, self.ids.dtype)
+        self.vals[keep], self.rest[keep] = rows.vals[sel].to(dev), rows.rest[sel].to(dev)
+        self.bound[keep] = rows.bound[sel].to(dev)
+
     def stepped_rows(self, plan: StepPlan, cfg):
         """(loss, rows): the top-k step (the fused CPU kernel where it applies, else the
-        reference) on a copy of the plan's rows, which it updates when ``plan.update`` (the bank
-        itself is written by the caller)."""
-        at = plan.index
-        rows = T.TopKRows(self.ids[at].to(torch.int64), self.vals[at].clone(), self.rest[at].clone(),
-                          self.num_classes, self.bound[at].clone())
-        local = torch.arange(at.shape[0], device=at.device)
+        reference) on a copy of the plan's rows, on the logits' device, which it updates when
+        ``plan.update`` (the bank itself is written by the caller)."""
+        at, dev = plan.index.to(self.device), plan.device
+        rows = T.TopKRows(self.ids[at].to(dev, torch.int64), self.vals[at].to(dev), self.rest[at].to(dev),
+                          self.num_classes, self.bound[at].to(dev))
+        local = torch.arange(at.shape[0], device=dev)
         step = T.fused_step if T.fused_backend(plan.logits, rows, cfg.backend) else T.reference_step
         loss = step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction, update=plan.update)
         return loss, rows
