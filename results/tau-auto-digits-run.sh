@@ -34,3 +34,6 @@ done
 run sym30-e30-noaug-ce $NOISE --no-augment --method ce
 run sym30-e30-noaug-fixed $NOISE --no-augment --method dps --tau-e 1
 run sym30-e30-noaug-auto $NOISE --no-augment --method dps --tau-e auto
+# the top-k bank (k = 3 of 10 classes) at the schedule where tau_e auto works
+run sym30-e100-topk3-fixed $NOISE --epochs 100 --top-k 3 --method dps --tau-e 1
+run sym30-e100-topk3-auto $NOISE --epochs 100 --top-k 3 --method dps --tau-e auto
