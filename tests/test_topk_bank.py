@@ -143,9 +143,9 @@ def test_casts_keep_the_format_and_refusals_are_clear():
     crit.half()
     assert crit.store.vals.dtype == torch.float32 and crit.store.ids.dtype == torch.int16
     assert dps_fast.DPSLoss(torch.arange(4), 40000, top_k=3).store.ids.dtype == torch.int32
-    with pytest.raises(ValueError, match="bank='local', 'host' or 'replicated' holds a top-k bank so far, not "
-                                         "'sharded'"):
-        dps_fast.DPSLoss(labels(), C, top_k=K, bank="sharded")
+    with pytest.raises(ValueError, match="top_k: bank must be 'local', 'host', 'replicated', 'sharded' or 'auto', "
+                                         "got 'ring'"):
+        dps_fast.DPSLoss(labels(), C, top_k=K, bank="ring")
     with pytest.raises(TypeError, match="float32"):
         dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="top_k must be an int"):
@@ -226,3 +226,40 @@ def test_two_replicas_stay_identical_and_equal_one_process():
         torch.testing.assert_close(got[r]["tau_e_state"], one.tau_e_state(), rtol=1e-6, atol=0)
     for step, want in enumerate(losses):
         torch.testing.assert_close(got[0]["losses"][step] + got[1]["losses"][step], want, rtol=1e-6, atol=1e-5)
+
+
+def test_a_sharded_bank_equals_one_process():
+    """DistributedDPSLoss(mode="sharded", top_k=k) on two ranks (padding in one step): each rank
+    holds its rows of the one-process bank that saw the global batches; losses add up to its
+    loss; read-outs (collectives), the error bound, tau_e's state and a state-dict round trip
+    agree with it; eval writes nothing."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from _topk_workers import C as C2, K as K2, N as N2, global_steps, worker_sharded
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker_sharded, args=(2, tmp, tmp), nprocs=2, join=True)
+        got = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    one = dps_fast.DPSLoss(torch.arange(N2) % C2, C2, top_k=K2, c=5.0, eps=0.05, gamma=0.9, reduction="sum")
+    losses = []
+    for step, (z, idx) in enumerate(global_steps()):
+        valid = None if step != 2 else torch.cat([torch.arange(9)[r::2] % 4 != 0 for r in range(2)])
+        order = torch.cat([torch.arange(9)[r::2] for r in range(2)])
+        losses.append(one(z[order], idx[order], valid=valid).detach())
+    for r in range(2):
+        rows = slice(r, None, 2)
+        assert torch.equal(got[r]["state"]["topk_ids"].long(), one.store.ids[rows].long())
+        assert torch.equal(got[r]["state"]["topk_vals"], one.store.vals[rows])
+        assert torch.equal(got[r]["state"]["topk_rest"], one.store.rest[rows])
+        assert torch.equal(got[r]["full"], one.full_bank()) and got[r]["reloaded"]
+        assert torch.equal(got[r]["targets"], one.targets(torch.arange(N2)[rows]))
+        assert got[r]["error"] == pytest.approx(one.topk_error(), rel=1e-9)
+        torch.testing.assert_close(got[r]["tau_e_state"], one.tau_e_state(), rtol=1e-6, atol=0)
+        assert torch.equal(got[r]["ids"], torch.arange(N2)[rows])
+        assert got[r]["label_error"] == pytest.approx(one.mean_label_error(), rel=1e-9)
+    for step, want in enumerate(losses):
+        torch.testing.assert_close(got[0]["losses"][step] + got[1]["losses"][step], want, rtol=1e-6, atol=1e-5)
+

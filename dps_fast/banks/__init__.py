@@ -67,22 +67,22 @@ def resolve_kind(kind: str, num_samples: int, num_classes: int, dtype, shard_abo
 
 def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device, group=None,
                    timeout_s=120.0) -> Bank:
-    """A top-k bank (docs/method.md §12): so far on one process (``bank="local"``, or
-    ``"host"``: the rows in host memory), or replicated over a process group
-    (``"replicated"``; ``"auto"`` picks it under an initialised group), float32 values,
-    built from labels."""
+    """A top-k bank (docs/method.md §12) of any kind: one process (``"local"``, or ``"host"``:
+    the rows in host memory), or over a process group (``"replicated"``, ``"sharded"``;
+    ``"auto"`` picks replicated under an initialised group), float32 values, from labels."""
     from .. import topk
     from .topk_local import LocalTopKBank, id_dtype
 
-    if kind not in ("local", "host", "replicated", "auto"):
-        raise ValueError(f"top_k: bank='local', 'host' or 'replicated' holds a top-k bank so far, not {kind!r} "
-                         f"(issue 26)")
+    if kind not in ("local", "host", "replicated", "sharded", "auto"):
+        raise ValueError(f"top_k: bank must be 'local', 'host', 'replicated', 'sharded' or 'auto', got {kind!r}")
     if prior is not None or labels is None or num_classes is None:
         raise ValueError("top_k: build the bank from labels and num_classes (an explicit prior is dense)")
     if dtype != torch.float32:
         raise TypeError(f"top_k: the bank's values are float32 (other dtypes: issue 26), got {dtype}")
     topk.check_k(k, num_classes)
     lab = given_labels(labels, None)
+    if kind == "sharded":  # only this rank's rows are ever built
+        return _sharded_topk_bank(lab, num_classes, k, c, eps, device, group, timeout_s)
     rows = topk.topk_prior(lab, num_classes, k, c, eps, ids_dtype=id_dtype(num_classes))
     if kind == "host":  # built where it lives: the host
         from .topk_host import HostTopKBank
@@ -96,6 +96,19 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device, g
     from .topk_replicated import ReplicatedTopKBank
 
     return ReplicatedTopKBank(rows, lab.to(dev), Collective(group, timeout_s))
+
+
+def _sharded_topk_bank(lab, num_classes, k, c, eps, device, group, timeout_s) -> Bank:
+    from .. import topk
+    from .collective import Collective
+    from .topk_local import id_dtype
+    from .topk_sharded import ShardedTopKBank
+
+    comm = Collective(group, timeout_s)
+    dev = torch.device(device) if device is not None else lab.device
+    rows = topk.topk_prior(lab[comm.rank::comm.world], num_classes, k, c, eps, ids_dtype=id_dtype(num_classes))
+    rows = topk.TopKRows(rows.ids.to(dev), rows.vals.to(dev), rows.rest.to(dev), num_classes, rows.bound.to(dev))
+    return ShardedTopKBank(rows, lab.to(dev), comm)
 
 
 def make_bank(kind, labels=None, num_classes=None, c=100.0, eps=1e-2, dtype=torch.float32, prior=None,

@@ -12,6 +12,28 @@ from .dist_base import DistributedBank
 from .collective import Collective
 
 
+def routes(plan, world: int, rank: int, device):
+    """What this rank sends to each requester (the ids it owns, per requester), the order that
+    groups this rank's batch by owner (batch order kept), and the two all-to-all counts."""
+    serve = [ids.to(device) for ids in plan.extra["ids"]]
+    serve = [ids[ids % world == rank] for ids in serve]
+    owner = plan.index.to(device) % world
+    order = torch.argsort(owner, stable=True)
+    recv_counts = torch.bincount(owner, minlength=world).tolist()
+    return serve, order, [len(s) for s in serve], recv_counts
+
+
+def returned_rows(comm, plan, rows: torch.Tensor, world: int, rank: int, device):
+    """The stepped ``rows`` (this rank's batch, in batch order) sent back to their owners: yields
+    (local positions, rows) of the valid samples this rank owns, per requester."""
+    serve, order, send_counts, recv_counts = plan.extra["routes"]
+    back = comm.all_to_all_rows(rows[order], recv_counts, send_counts)
+    for q, (ids, ok) in enumerate(zip(plan.extra["ids"], plan.extra["valid"])):
+        ok = ok.to(device)[ids.to(device) % world == rank]
+        start = sum(send_counts[:q])
+        yield serve[q][ok] // world, back[start:start + send_counts[q]][ok]
+
+
 class ShardedBank(DistributedBank):
     kind = "sharded"
     strided = True
@@ -22,19 +44,8 @@ class ShardedBank(DistributedBank):
         super().__init__(num_samples, rows.shape[1], comm)
         self.storage, self.labels = rows, labels
 
-    def _routes(self, plan):
-        """What this rank sends to each requester, and receives from each owner."""
-        w, r = self.world, self.rank
-        serve = [ids.to(self.device) for ids in plan.extra["ids"]]
-        serve = [ids[ids % w == r] for ids in serve]           # requester q's ids that this rank owns
-        mine = plan.index.to(self.device)
-        owner = mine % w
-        order = torch.argsort(owner, stable=True)              # my ids grouped by owner, batch order kept
-        recv_counts = torch.bincount(owner, minlength=w).tolist()
-        return serve, order, [len(s) for s in serve], recv_counts
-
     def fetch(self, plan):
-        serve, order, send_counts, recv_counts = self._routes(plan)
+        serve, order, send_counts, recv_counts = routes(plan, self.world, self.rank, self.device)
         send = self.storage.index_select(0, torch.cat(serve) // self.world) if serve else self.storage[:0]
         got = self.comm.all_to_all_rows(send, send_counts, recv_counts)
         rows = torch.empty_like(got)
@@ -44,14 +55,8 @@ class ShardedBank(DistributedBank):
         return rows, torch.arange(rows.shape[0], device=rows.device)
 
     def commit(self, plan, rows):
-        serve, order, send_counts, recv_counts = plan.extra["routes"]
-        back = self.comm.all_to_all_rows(rows.to(self.device)[order], recv_counts, send_counts)
-        w, r = self.world, self.rank
-        for q, (ids, ok) in enumerate(zip(plan.extra["ids"], plan.extra["valid"])):
-            ok = ok.to(self.device)[ids.to(self.device) % w == r]
-            start = sum(send_counts[:q])
-            got = back[start:start + send_counts[q]]
-            self.storage.index_copy_(0, serve[q][ok] // w, got[ok])
+        for at, got in returned_rows(self.comm, plan, rows.to(self.device), self.world, self.rank, self.device):
+            self.storage.index_copy_(0, at, got)
 
     def rows(self, index):
         """The rows of ``index`` (a collective: every rank calls it with its own ids)."""

@@ -24,6 +24,15 @@ def id_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
 
 
+def compressed_label_share(ids, vals, rest, labels, num_classes: int, valid):
+    """Bank.label_share_sum of compressed rows: the label's value where it is kept, else the
+    uniform level rest / (C - k), over the row's mass vals.sum + rest."""
+    vals, rest = vals.float(), rest.float()
+    hit = ids.to(torch.int64) == labels.to(ids.device, torch.int64)[:, None]
+    on_label = torch.where(hit.any(1), torch.where(hit, vals, 0).sum(1), rest / (num_classes - ids.shape[1]))
+    return valid_sum(on_label / (vals.sum(1) + rest), valid)
+
+
 class LocalTopKBank(Bank):
     """ids [N, k] (int16 / int32), vals [N, k] and rest [N] (float32) on one device."""
 
@@ -136,10 +145,8 @@ class LocalTopKBank(Bank):
         if rows is not None:
             return super().label_share_sum(index, valid, rows)
         idx = index.to(self.device, torch.int64).clamp(0, self.num_samples - 1)
-        ids, vals, rest = self.ids[idx], self.vals[idx].float(), self.rest[idx].float()
-        hit = ids.to(torch.int64) == self.labels[idx].to(ids.device, torch.int64)[:, None]
-        on_label = torch.where(hit.any(1), torch.where(hit, vals, 0).sum(1), rest / (self.num_classes - ids.shape[1]))
-        return valid_sum(on_label / (vals.sum(1) + rest), valid)
+        return compressed_label_share(self.ids[idx], self.vals[idx], self.rest[idx], self.labels[idx],
+                                      self.num_classes, valid)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         idx = index.to(self.device, torch.int64)
