@@ -57,3 +57,25 @@ def worker_sharded(rank, world, store_dir, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def worker_save(rank, world, store_dir, out_dir, mode):
+    """Steps the global batches, then save_bank into out_dir/mode; a fresh loss of the same
+    world loads it back (its state must equal the stepped one's)."""
+    from dps_fast.distributed import load_bank, save_bank
+
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
+    try:
+        make = lambda: DistributedDPSLoss(torch.arange(N) % C, C, mode=mode, top_k=K, c=5.0,  # noqa: E731
+                                          eps=0.05, gamma=0.9, tau_e=1.0)
+        crit = make()
+        for z, idx in global_steps():
+            crit(z[rank::world], idx[rank::world])
+        save_bank(crit, os.path.join(out_dir, mode))
+        again = make()
+        load_bank(again, os.path.join(out_dir, mode))
+        same = all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), crit.state_dict().values()))
+        torch.save({"same": same}, os.path.join(out_dir, f"{mode}{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1,6 +1,8 @@
 """DPSLoss(top_k=k): the top-k bank on one process (docs/method.md §12) runs the step (the fused
 CPU kernel, or the reference) on the batch's rows with every policy of the dense banks, and its read-outs see the
 implied dense rows."""
+import os
+
 import pytest
 import torch
 
@@ -263,3 +265,60 @@ def test_a_sharded_bank_equals_one_process():
     for step, want in enumerate(losses):
         torch.testing.assert_close(got[0]["losses"][step] + got[1]["losses"][step], want, rtol=1e-6, atol=1e-5)
 
+
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_save_bank_and_load_bank_re_shard_and_verify(mode, tmp_path):
+    """save_bank of a two-rank top-k bank loads back at two ranks and at one (re-sharded), equal
+    to the one-process bank that saw the same batches; a dense save, a damaged value and a
+    damaged byte are refused with the bank unchanged (docs/method.md §8.1)."""
+    import glob
+    import json
+
+    import torch.multiprocessing as mp
+
+    from _helpers import one_rank_gloo
+    from _topk_workers import C as C2, K as K2, N as N2, global_steps, worker_save
+    from dps_fast.distributed import DistributedDPSLoss, load_bank
+
+    store = tmp_path / "store"
+    store.mkdir()
+    mp.spawn(worker_save, args=(2, str(store), str(tmp_path), mode), nprocs=2, join=True)
+    assert all(torch.load(tmp_path / f"{mode}{r}.pt", weights_only=True)["same"] for r in range(2))
+    one = dps_fast.DPSLoss(torch.arange(N2) % C2, C2, top_k=K2, c=5.0, eps=0.05, gamma=0.9, tau_e=1.0)
+    for z, idx in global_steps():
+        order = torch.cat([torch.arange(9)[r::2] for r in range(2)])
+        one(z[order], idx[order])
+    folder = str(tmp_path / mode)
+    doc = json.loads(open(os.path.join(folder, "bank-index.json")).read())
+    assert (doc["layout"], doc["k"], doc["dtype"]) == ("topk", K2, "F64")
+    with one_rank_gloo():
+        for into in ("replicated", "sharded"):
+            crit = DistributedDPSLoss(torch.arange(N2) % C2, C2, mode=into, top_k=K2, c=5.0, eps=0.05)
+            load_bank(crit, folder)
+            assert torch.equal(crit.full_bank(), one.full_bank()), into
+        dense = DistributedDPSLoss(torch.arange(N2) % C2, C2, mode="sharded")
+        with pytest.raises(ValueError, match="the save holds a top-k bank"):
+            load_bank(dense, folder)
+        shard = sorted(glob.glob(os.path.join(folder, "bank-rank*.safetensors")))[0]
+        raw = bytearray(open(shard, "rb").read())
+        raw[-1] ^= 0x40
+        open(shard, "wb").write(bytes(raw))
+        crit = DistributedDPSLoss(torch.arange(N2) % C2, C2, mode="sharded", top_k=K2, c=5.0, eps=0.05)
+        before = crit.full_bank()
+        with pytest.raises(ValueError, match="checksum|bound finite"):
+            load_bank(crit, folder)
+        assert torch.equal(crit.full_bank(), before)
+
+
+
+def test_a_saved_top_k_row_is_checked_by_its_layout():
+    from dps_fast.banks.shard_files import Layout
+
+    rule = Layout(2)  # ids, ids, val, val, rest, bound
+    good = torch.tensor([[0.0, 4.0, 1.5, 0.1, 0.0, 0.0]], dtype=torch.float64)
+    assert not rule.bad_values(good, 5).any()
+    for col, value in [(0, 2.5), (1, -1.0), (0, 5.0), (2, 0.0), (3, float("inf")), (4, -1e-9), (5, float("nan"))]:
+        bad = good.clone()
+        bad[0, col] = value
+        assert rule.bad_values(bad, 5).nonzero().tolist() == [[0, col]], (col, value)
+    assert Layout().bad_values(good, 6).nonzero()[:, 1].tolist() == [0, 4, 5]  # dense: every value > 0

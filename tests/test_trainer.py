@@ -242,3 +242,24 @@ def test_host_bank_trainer_and_nproc_misuse(tmp_path):
     r = subprocess.run(base + ["--method", "dps", "--bank", "sharded"], capture_output=True, text=True,
                        cwd=str(tmp_path), timeout=300)
     assert r.returncode == 2 and r.stderr == "dps-train: error: --bank sharded needs --nproc > 1\n"
+
+
+def test_ddp_top_k_bank_checkpoints_and_resumes_bit_for_bit(tmp_path):
+    """--top-k under --nproc 2 (a sharded top-k bank, tau_e auto by default): a run paused after
+    one epoch and resumed equals the run that was not paused; the bank is saved in top-k form."""
+    base = [sys.executable, "-m", "dps_fast.train", "--dataset", "digits", "--model", "mlp", "--width", "16",
+            "--method", "dps", "--batch-size", "64", "--threads", "1", "--no-plots", "--no-progress",
+            "--epochs", "2", "--bank", "sharded", "--top-k", "3", "--nproc", "2"]
+    run = lambda *extra: subprocess.run(base + list(extra), capture_output=True, text=True,  # noqa: E731
+                                        cwd=str(tmp_path), timeout=300)
+    r = run("--out", str(tmp_path / "whole"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert run("--out", str(tmp_path / "parts"), "--stop-after", "1").returncode == 0
+    saved = json.loads((tmp_path / "parts" / "dps" / "bank" / "epoch-0001" / "bank-index.json").read_text())
+    assert (saved["layout"], saved["k"]) == ("topk", 3)
+    r = run("--out", str(tmp_path / "parts"), "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    whole, parts = (json.loads((tmp_path / d / "dps" / "final.json").read_text()) for d in ("whole", "parts"))
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_s", "img_per_s")} for e in h]  # noqa: E731
+    assert whole["final"] == parts["final"] and strip(whole["history"]) == strip(parts["history"])
+    assert 0 < whole["history"][-1]["topk_mean_tv_bound"] and whole["history"][-1]["tau_e"] < 1.0

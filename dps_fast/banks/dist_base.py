@@ -76,7 +76,7 @@ class DistributedBank(Bank):
                 "num_classes": self.num_classes}
         entry, error = None, None
         try:
-            entry = shard_files.write_shard(path, self.strided_rows(), meta)
+            entry = self.write_shard(path, meta)
         except (OSError, ValueError) as e:
             error = e
         self.comm.agree(error, 0, self.device)
@@ -86,8 +86,24 @@ class DistributedBank(Bank):
         return path
 
     def _commit(self, folder: str, save_id: str, entries: list) -> None:
-        shard_files.write_manifest(folder, save_id, self.num_samples, self.num_classes, self.storage.dtype, entries)
+        shard_files.write_manifest(folder, save_id, self.num_samples, self.num_classes, self.saved_dtype, entries,
+                                   self.layout_on_disk)
         shard_files.drop_stale_shards(folder, self.world)
+
+    # what a save holds, per bank format (the top-k banks override these three and ``copy_saved``)
+    layout_on_disk = shard_files.Layout()
+
+    @property
+    def saved_dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    def write_shard(self, path: str, meta: dict) -> dict:
+        """Writes this rank's rows rank, rank + W, ... (shard_files.write_shard)."""
+        return shard_files.write_shard(path, self.strided_rows(), meta)
+
+    def copy_saved(self, shards, saved_world: int) -> None:
+        """Writes the verified rows of ``shards`` into this rank's storage."""
+        shard_files.copy_rows(shards, saved_world, self.storage, self.rank, self.world, self.strided)
 
     def _on_rank0(self, fn):
         """``fn()`` on rank 0; every rank gets its result, or raises its exception."""
@@ -108,13 +124,13 @@ class DistributedBank(Bank):
         row; a failure on any rank raises the same error on every rank, the bank unchanged."""
         doc, shards, error = None, [], None
         try:
-            doc, shards = shard_files.open_save(folder, self.num_samples, self.num_classes, self.storage.dtype,
-                                                self.rank, self.world, self.strided)
+            doc, shards = shard_files.open_save(folder, self.num_samples, self.num_classes, self.saved_dtype,
+                                                self.rank, self.world, self.strided, self.layout_on_disk)
         except (OSError, ValueError) as e:
             error = e
         try:
             self.comm.agree(error, 0, self.device)
-            shard_files.copy_rows(shards, doc["world"], self.storage, self.rank, self.world, self.strided)
+            self.copy_saved(shards, doc["world"])
         finally:
             shard_files.close_all(shards)
 

@@ -38,6 +38,45 @@ _EXACT_INTO = {"F32": (torch.float32, torch.float64), "F64": (torch.float64,),
                "F16": (torch.float16, torch.float32, torch.float64)}
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a saved row holds. ``k is None``: the C values of a dense row. Else a top-k row
+    (docs/method.md §12) as 2k + 2 float64 numbers: k class ids, their values, rest, bound."""
+    k: int | None = None
+
+    def columns(self, num_classes: int) -> int:
+        return num_classes if self.k is None else 2 * self.k + 2
+
+    def manifest(self) -> dict:
+        return {} if self.k is None else {"layout": "topk", "k": self.k}
+
+    def describe(self) -> str:
+        return "a dense bank" if self.k is None else f"a top-k bank (k = {self.k})"
+
+    def bad_values(self, chunk: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """[n, columns] True where a value breaks the rule: dense values finite and > 0; top-k
+        class ids whole numbers in [0, C), values finite and > 0, rest and bound finite, >= 0."""
+        if self.k is None:
+            return ~(torch.isfinite(chunk) & (chunk > 0))
+        k, ok = self.k, torch.isfinite(chunk)
+        ids = chunk[:, :k]
+        ok[:, :k] &= (ids == ids.round()) & (ids >= 0) & (ids < num_classes)
+        ok[:, k:2 * k] &= chunk[:, k:2 * k] > 0
+        ok[:, 2 * k:] &= chunk[:, 2 * k:] >= 0
+        return ~ok
+
+
+def layout_of(doc: dict, path: str) -> Layout:
+    """The manifest's layout (dense when it names none: every save before top-k banks)."""
+    if "layout" not in doc:
+        return Layout()
+    k = doc.get("k")
+    if doc["layout"] != "topk" or isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < doc["num_classes"]:
+        raise ValueError(f"{path}: layout {doc['layout']!r} with k {k!r}; a save is dense or 'topk' with "
+                         f"1 <= k < C = {doc['num_classes']}")
+    return Layout(k)
+
+
 def shard_path(folder: str, rank: int, world: int) -> str:
     return os.path.join(folder, f"bank-rank{rank}-of-{world}.safetensors")
 
@@ -89,9 +128,10 @@ def _header(rows: torch.Tensor, meta: dict) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
-def write_shard(path: str, rows: torch.Tensor, meta: dict) -> dict:
+def write_shard(path: str, rows: torch.Tensor, meta: dict, get=None) -> dict:
     """Writes ``rows`` [n, C] (any device) atomically, ``CHUNK_BYTES`` at a time. Returns the
-    shard's manifest entry (file name, rows, bytes, CRC-32 of the whole file)."""
+    shard's manifest entry (file name, rows, bytes, CRC-32 of the whole file). ``get(start,
+    stop)``: the rows, formed a chunk at a time (``rows`` then only gives shape and dtype)."""
     head = _header(rows, meta)
     head = len(head).to_bytes(8, "little") + head
     step = max(1, CHUNK_BYTES // max(1, rows.shape[1] * rows.element_size()))
@@ -100,7 +140,8 @@ def write_shard(path: str, rows: torch.Tensor, meta: dict) -> dict:
     def body(f):
         f.write(head)
         for k in range(0, rows.shape[0], step):
-            chunk = rows[k:k + step].detach().cpu().contiguous().view(torch.uint8).numpy().data
+            part = rows[k:k + step] if get is None else get(k, min(k + step, rows.shape[0]))
+            chunk = part.detach().cpu().contiguous().view(torch.uint8).numpy().data
             f.write(chunk)
             crc[0], crc[1] = zlib.crc32(chunk, crc[0]), crc[1] + chunk.nbytes
 
@@ -109,10 +150,10 @@ def write_shard(path: str, rows: torch.Tensor, meta: dict) -> dict:
 
 
 def write_manifest(folder: str, save_id: str, num_samples: int, num_classes: int, dtype: torch.dtype,
-                   shards: list[dict]) -> None:
+                   shards: list[dict], layout: Layout = Layout()) -> None:
     """Rank 0, after every rank wrote its shard: commits the save."""
     doc = {"format": FORMAT, "save_id": save_id, "world": len(shards), "num_samples": num_samples,
-           "num_classes": num_classes, "dtype": _DTYPES[dtype],
+           "num_classes": num_classes, "dtype": _DTYPES[dtype], **layout.manifest(),
            "shards": [{"rank": r, **s} for r, s in enumerate(shards)]}
     _atomic_write(manifest_path(folder), lambda f: f.write(json.dumps(doc, indent=1).encode()))
 
@@ -171,6 +212,7 @@ def read_manifest(folder: str, num_samples: int | None = None, num_classes: int 
     got, want = (doc["num_samples"], doc["num_classes"]), (num_samples, num_classes)
     if got != tuple(g if w is None else w for g, w in zip(got, want)):
         raise ValueError(f"{path}: the saved bank is {got[0]} x {got[1]}, this loss expects {want[0]} x {want[1]}")
+    layout_of(doc, path)
     if doc["world"] < 1 or len(doc["shards"]) != doc["world"]:
         raise ValueError(f"{path}: world {doc['world']} with {len(doc['shards'])} shard entries")
     for r, entry in enumerate(doc["shards"]):
@@ -264,13 +306,13 @@ def stream_rows(shard: ShardFile):
         yield k, buf[:m]
 
 
-def _verify_contents(shard: ShardFile, want_crc: str, saved_world: int) -> None:
-    """One streaming pass: the CRC-32 of the whole file, and every value finite and > 0."""
+def _verify_contents(shard: ShardFile, want_crc: str, saved_world: int, layout: Layout, num_classes: int) -> None:
+    """One streaming pass: the CRC-32 of the whole file, and every value by the layout's rule."""
     shard.handle.seek(0)
     crc, bad = zlib.crc32(shard.handle.read(shard.start)), None
     for k, chunk in stream_rows(shard):
         crc = zlib.crc32(chunk.view(torch.uint8).numpy(), crc)
-        wrong = ~(torch.isfinite(chunk) & (chunk > 0))
+        wrong = layout.bad_values(chunk, num_classes)
         if bad is None and bool(wrong.any()):
             i, j = (int(x) for x in wrong.nonzero()[0])
             bad = (shard.rank + saved_world * (k + i), j, float(chunk[i, j]))
@@ -278,8 +320,10 @@ def _verify_contents(shard: ShardFile, want_crc: str, saved_world: int) -> None:
         raise ValueError(f"{shard.path}: checksum crc32 {crc:08x}, the manifest says {want_crc}: the file is "
                          f"corrupted")
     if bad is not None:
-        raise ValueError(f"{shard.path}: row {bad[0]} holds {bad[2]} in class {bad[1]}; a bank value must be "
-                         f"finite and > 0")
+        what = "class" if layout.k is None else "column"
+        rule = ("finite and > 0" if layout.k is None else
+                "class ids whole in [0, C), values finite and > 0, rest and bound finite and >= 0")
+        raise ValueError(f"{shard.path}: row {bad[0]} holds {bad[2]} in {what} {bad[1]}; {rule}")
 
 
 def open_shard(folder: str, doc: dict, r: int) -> ShardFile:
@@ -293,12 +337,14 @@ def open_shard(folder: str, doc: dict, r: int) -> ShardFile:
     try:
         size = os.fstat(f.fileno()).st_size
         meta, header, start = _read_header(f, path, size)
-        dtype = _check_layout(path, header, start, size, entry["rows"], doc["num_classes"])
+        layout = layout_of(doc, manifest_path(folder))
+        columns = layout.columns(doc["num_classes"])
+        dtype = _check_layout(path, header, start, size, entry["rows"], columns)
         _check_meta(path, meta, doc, r, header["dtype"])
         if size != entry["bytes"]:
             raise ValueError(f"{path}: {size} bytes, the manifest says {entry['bytes']}")
-        shard = ShardFile(path, f, r, entry["rows"], doc["num_classes"], dtype, start)
-        _verify_contents(shard, entry["crc32"], doc["world"])
+        shard = ShardFile(path, f, r, entry["rows"], columns, dtype, start)
+        _verify_contents(shard, entry["crc32"], doc["world"], layout, doc["num_classes"])
         return shard
     except BaseException:
         f.close()
@@ -318,11 +364,15 @@ def close_all(shards: list[ShardFile]) -> None:
 
 
 def open_save(folder: str, num_samples: int, num_classes: int, dtype: torch.dtype, rank: int, world: int,
-              strided: bool) -> tuple[dict, list[ShardFile]]:
+              strided: bool, layout: Layout = Layout()) -> tuple[dict, list[ShardFile]]:
     """Reads and verifies every file that ``rank`` needs; writes nothing. Raises ValueError or
     FileNotFoundError naming the file and the problem. The returned shards are open."""
     doc = read_manifest(folder, num_samples, num_classes)
-    if dtype not in _EXACT_INTO[doc["dtype"]]:
+    saved = layout_of(doc, manifest_path(folder))
+    if saved != layout:
+        raise ValueError(f"{manifest_path(folder)}: the save holds {saved.describe()}, this loss keeps "
+                         f"{layout.describe()}")
+    if layout.k is None and dtype not in _EXACT_INTO[doc["dtype"]]:
         raise ValueError(f"{manifest_path(folder)}: the save holds {doc['dtype']} rows, this bank is {dtype}, "
                          f"which would round them; create the loss with bank_dtype={saved_dtype(doc)}")
     shards = []
@@ -335,16 +385,20 @@ def open_save(folder: str, num_samples: int, num_classes: int, dtype: torch.dtyp
     return doc, shards
 
 
-def copy_rows(shards: list[ShardFile], saved_world: int, storage: torch.Tensor, rank: int, world: int,
-              strided: bool) -> None:
-    """Writes verified rows into ``storage``: rows rank, rank + world, ... (``strided``) or all."""
+def copy_rows(shards: list[ShardFile], saved_world: int, storage: torch.Tensor | None, rank: int, world: int,
+              strided: bool, write=None) -> None:
+    """Writes verified rows into ``storage``: rows rank, rank + world, ... (``strided``) or all;
+    or hands each chunk to ``write(local positions, rows)``."""
     for s in shards:
         for k, chunk in stream_rows(s):
             ids = s.rank + saved_world * torch.arange(k, k + chunk.shape[0])
             if strided:
                 mine = ids % world == rank
                 ids, chunk = ids[mine] // world, chunk[mine]
-            storage.index_copy_(0, ids.to(storage.device), chunk.to(storage.device, storage.dtype))
+            if write is not None:
+                write(ids, chunk)
+            else:
+                storage.index_copy_(0, ids.to(storage.device), chunk.to(storage.device, storage.dtype))
 
 
 def load_rows(folder: str, storage: torch.Tensor, num_samples: int, rank: int, world: int, strided: bool) -> None:

@@ -90,15 +90,24 @@ class LocalTopKBank(Bank):
             return loss, None    # (densifying B rows here cost ~25 ms a step at [1024, 21,841])
         return loss, T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
 
+    def take(self, at: torch.Tensor) -> T.TopKRows:
+        """The rows at local positions ``at`` (copies, int64 ids)."""
+        return T.TopKRows(self.ids[at].to(torch.int64), self.vals[at], self.rest[at], self.num_classes, self.bound[at])
+
+    def put(self, at: torch.Tensor, rows: T.TopKRows) -> None:
+        """Writes ``rows`` at local positions ``at``."""
+        at = at.to(self.device)
+        self.ids[at] = rows.ids.to(self.device, self.ids.dtype)
+        self.vals[at], self.rest[at] = rows.vals.to(self.device), rows.rest.to(self.device)
+        self.bound[at] = rows.bound.to(self.device)
+
     def write_rows(self, plan: StepPlan, rows) -> None:
         """Writes the stepped rows of the valid samples into the bank (on the bank's device)."""
-        keep = plan.index if plan.valid is None else plan.index[plan.valid]
-        local = torch.arange(plan.index.shape[0], device=plan.index.device)
-        sel = local if plan.valid is None else local[plan.valid]
-        keep, dev = keep.to(self.device), self.device
-        self.ids[keep] = rows.ids[sel].to(dev, self.ids.dtype)
-        self.vals[keep], self.rest[keep] = rows.vals[sel].to(dev), rows.rest[sel].to(dev)
-        self.bound[keep] = rows.bound[sel].to(dev)
+        if plan.valid is None:
+            return self.put(plan.index, rows)
+        sel = plan.valid.to(rows.ids.device)
+        self.put(plan.index[plan.valid], T.TopKRows(rows.ids[sel], rows.vals[sel], rows.rest[sel], self.num_classes,
+                                                    rows.bound[sel]))
 
     def stepped_rows(self, plan: StepPlan, cfg):
         """(loss, rows): the top-k step (the fused CPU kernel where it applies, else the

@@ -13,9 +13,10 @@ from .. import topk as T
 from .collective import Collective
 from .dist_base import DistributedBank
 from .topk_local import LocalTopKBank
+from .topk_saves import TopKSaves, pack
 
 
-class ReplicatedTopKBank(DistributedBank):
+class ReplicatedTopKBank(TopKSaves, DistributedBank):
     """All N rows on every rank, in top-k form (a LocalTopKBank per rank, kept identical)."""
 
     kind = "replicated"
@@ -41,8 +42,7 @@ class ReplicatedTopKBank(DistributedBank):
     def _share(self, rows: T.TopKRows, plan) -> None:
         """Every rank's updated rows to every rank, packed in float64 (ids exact below 2**53),
         written where the sample was valid."""
-        packed = torch.cat([rows.ids.double(), rows.vals.double(), rows.rest.double()[:, None],
-                            rows.bound.double()[:, None]], 1).to(self.device)
+        packed = pack(rows).to(self.device)
         k, loc = self.local.k, self.local
         for ids, ok, got in zip(plan.extra["ids"], plan.extra["valid"],
                                 self.comm.all_gather_rows(packed, plan.extra["counts"])):
@@ -87,9 +87,6 @@ class ReplicatedTopKBank(DistributedBank):
     def _write(self, staged: dict) -> None:
         self.local.write(staged)
 
-    def save(self, folder: str) -> str:
-        raise NotImplementedError("save_bank / load_bank of a top-k bank: not yet (issue 26); its state_dict holds "
-                                  "every row on every rank")
-
-    def load(self, folder: str) -> None:
-        self.save(folder)
+    def saved_positions(self) -> torch.Tensor:
+        """Rows rank, rank + W, ...: the replicas split a save between them."""
+        return torch.arange(self.rank, self.num_samples, self.world)

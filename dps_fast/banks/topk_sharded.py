@@ -2,7 +2,8 @@
 mode="sharded", top_k=k)``, docs/method.md §12): rank r holds the rows with ``id % world == r``
 in top-k form (a LocalTopKBank of those rows, at ``id // world``). A step fetches the batch's
 rows from their owners and sends the stepped rows back (two all-to-alls, as the dense sharded
-bank), each row as 2k + 2 numbers (ids, values, rest, bound), not C.
+bank), each row as 2k + 2 numbers (ids, values, rest, bound), not C. save_bank / load_bank:
+topk_saves.py.
 """
 from __future__ import annotations
 
@@ -15,21 +16,10 @@ from .collective import Collective
 from .dist_base import DistributedBank
 from .sharded import returned_rows, routes
 from .topk_local import LocalTopKBank, compressed_label_share
+from .topk_saves import TopKSaves, pack, unpack
 
 
-def pack(rows: T.TopKRows) -> torch.Tensor:
-    """[n, 2k + 2] float64 (class ids exact below 2**53): ids, values, rest, bound."""
-    return torch.cat([rows.ids.double(), rows.vals.double(), rows.rest.double()[:, None],
-                      rows.bound.double()[:, None]], 1)
-
-
-def unpack(packed: torch.Tensor, k: int, num_classes: int, device) -> T.TopKRows:
-    p = packed.to(device)
-    return T.TopKRows(p[:, :k].to(torch.int64), p[:, k:2 * k].float(), p[:, 2 * k].float(), num_classes,
-                      p[:, 2 * k + 1].float())
-
-
-class ShardedTopKBank(DistributedBank):
+class ShardedTopKBank(TopKSaves, DistributedBank):
     """This rank's rows (ids rank, rank + W, ...) in top-k form; the given labels of all N."""
 
     kind = "sharded"
@@ -61,25 +51,18 @@ class ShardedTopKBank(DistributedBank):
         if plan.update:
             for at, got in returned_rows(self.comm, plan, pack(rows).to(self.device), self.world, self.rank,
                                          self.device):
-                self._write_local(at, unpack(got, self.k, self.num_classes, self.device))
+                self.local.put(at, unpack(got, self.k, self.num_classes, self.device))
         self._stepped = (plan.index, rows)
         return loss, None
 
     def _fetch(self, plan: StepPlan) -> T.TopKRows:
         serve, order, send_counts, recv_counts = routes(plan, self.world, self.rank, self.device)
         at = torch.cat(serve) // self.world if serve else torch.zeros(0, dtype=torch.int64, device=self.device)
-        loc = self.local
-        mine = T.TopKRows(loc.ids[at].to(torch.int64), loc.vals[at], loc.rest[at], self.num_classes, loc.bound[at])
-        got = self.comm.all_to_all_rows(pack(mine), send_counts, recv_counts)
+        got = self.comm.all_to_all_rows(pack(self.local.take(at)), send_counts, recv_counts)
         packed = torch.empty_like(got)
         packed[order] = got
         plan.extra["routes"] = (serve, order, send_counts, recv_counts)
         return unpack(packed, self.k, self.num_classes, plan.device)
-
-    def _write_local(self, at: torch.Tensor, rows: T.TopKRows) -> None:
-        loc = self.local
-        loc.ids[at] = rows.ids.to(loc.ids.dtype)
-        loc.vals[at], loc.rest[at], loc.bound[at] = rows.vals, rows.rest, rows.bound
 
     def label_share_sum(self, index, valid, rows):
         """From the last step's compressed rows (their owners may be other ranks)."""
@@ -163,9 +146,5 @@ class ShardedTopKBank(DistributedBank):
                 self.labels.copy_(labels)
                 self.local.labels.copy_(labels[self.rank::self.world])
 
-    def save(self, folder: str) -> str:
-        raise NotImplementedError("save_bank / load_bank of a top-k bank: not yet (issue 26); its state_dict holds "
-                                  "this rank's rows")
-
-    def load(self, folder: str) -> None:
-        self.save(folder)
+    def saved_positions(self) -> torch.Tensor:
+        return torch.arange(self.local.num_samples)

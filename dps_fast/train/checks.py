@@ -97,9 +97,6 @@ def check_run_flags(args) -> None:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
                          "--overwrite deletes it; give one")
-    if args.top_k and (args.nproc > 1 or args.bank not in ("auto", "local", "host")):
-        raise UsageError(f"--top-k holds its bank in one process so far (docs/method.md section 12): use --nproc 1 "
-                         f"and --bank auto, local or host, not --nproc {args.nproc} --bank {args.bank}")
     if args.tau_e == "auto" and args.tau_e_adapt:
         raise UsageError(f"--tau-e auto and --tau-e-adapt {args.tau_e_adapt} both set tau_e; give one")
     if args.top_k and args.bank_dtype != "float32":

@@ -140,7 +140,7 @@ def _method_args(a) -> None:
     a("--bank-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dps: bank storage type")
     a("--top-k", type=int, default=0, metavar="K",
       help="dps: keep each bank row as its K largest classes plus the mass of the others (docs/method.md section "
-           "12; one process, float32; its error bound is logged per epoch); 0 = the dense bank")
+           "12; float32 values; its error bound is logged per epoch); 0 = the dense bank")
     a("--con-weight", type=float, default=0.5, help="dps+con: weight lambda of the contrastive term")
     a("--con-tau", type=float, default=0.1, help="dps+con: contrastive temperature")
     a("--con-positives", default="hard", choices=["hard", "soft", "views"],

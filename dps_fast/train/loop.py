@@ -375,12 +375,12 @@ def percent_text(pct: float) -> str:
     return f"{pct:.2g}%" if pct >= 1e-4 else "<0.0001%"
 
 
-def record_epoch(r: Run, epoch: int, stats: dict, log) -> None:
-    """Evaluates (every --eval-every epochs and at the end), logs and appends the epoch's row."""
+def record_epoch(r: Run, epoch: int, stats: dict, info: dict, log) -> None:
+    """Evaluates (every --eval-every epochs and at the end), logs and appends the epoch's row
+    (``info``: the method's numbers of the epoch, Method.epoch_info)."""
     args = r.args
     due = (epoch + 1) % max(1, args.eval_every) == 0 or epoch + 1 == args.epochs
     res = evaluate(r.model, r.data, r.device, args.eval_batch, args.workers, r.speed)[0] if due else {}
-    info = r.method.epoch_info()
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
            "lr": r.opt.param_groups[0]["lr"], "epoch_s": stats["epoch_s"], "img_per_s": stats["img_per_s"],
            **info, **res}
@@ -546,8 +546,9 @@ def train_epochs(r: Run, log) -> bool:
             if stats is None:
                 save_checkpoint(r, epoch - 1)
                 raise stopped(r, epoch, mid_epoch=True)
+            info = r.method.epoch_info()  # on every rank: a sharded top-k bank's error bound is a collective
             if r.lead:
-                record_epoch(r, epoch, stats, log)
+                record_epoch(r, epoch, stats, info, log)
             save_checkpoint(r, epoch)
             if stop.requested and epoch + 1 < r.args.epochs:
                 raise stopped(r, epoch, mid_epoch=False)

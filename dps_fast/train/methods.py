@@ -208,9 +208,6 @@ class DPS(Method):
                              f"or sharded")
         if world == 1 and bank in ("replicated", "sharded"):
             raise ValueError(f"--bank {bank} needs --nproc > 1")
-        if self.cfg.get("top_k", 0) and (world > 1 or bank not in ("auto", "local", "host")):
-            raise ValueError("--top-k holds its bank in one process so far: use --nproc 1 and --bank auto, local "
-                             "or host")
         return "local" if (world == 1 and bank == "auto") else bank
 
     def loss(self, logits, index, y, features=None, valid=None):
