@@ -44,8 +44,8 @@ class DPSLoss(nn.Module):
     off_label * c / (C - 1)`` with ``off_label = 9e-4`` (eps = 0.01 at C = 10, c = 100), so
     the label keeps 99.9% of the initial target at any C; an explicit ``eps`` wins (a warning
     when its off-label mass exceeds 10% of c). ``top_k=k`` keeps each row as its k largest
-    classes plus the mass of the others (docs/method.md §12; one process, float32, the
-    reference step so far): read-outs see the implied dense rows. ``tau_e="auto"`` (default):
+    classes plus the mass of the others (docs/method.md §12; every bank kind, float32 values,
+    the fused CPU kernel or the reference step so far): read-outs see the implied dense rows. ``tau_e="auto"`` (default):
     the loss sets the evidence temperature itself, starting at 1, once per pass over the bank
     (every N samples its training steps see), to ``max(0.1, 1 - 2 s)``, ``s`` the mean
     label-error score of the rows the pass's steps wrote (a running sum the step keeps; with
@@ -115,7 +115,7 @@ class DPSLoss(nn.Module):
         (every N samples) sets tau_e from the pass's mean score: one small all-reduce."""
         auto = self.auto_tau_e
         auto.add(*self.store.label_share_sum(index, valid, rows))
-        auto.seen += getattr(self.store, "last_step_samples", None) or index.shape[0]
+        auto.seen += self._samples_seen(index, valid)
         if auto.seen >= auto.next_at:
             total = torch.tensor(auto.sums(), dtype=torch.float64, device=self.store.device)
             share_sum, count = collective_of(self, self.world).sum_(total).tolist()
@@ -123,6 +123,13 @@ class DPSLoss(nn.Module):
                 self.tau_e = max(auto.floor, 1.0 - auto.k * (1.0 - share_sum / count))
             auto.share, auto.count = None, 0
             auto.next_at += self.num_samples * ((auto.seen - auto.next_at) // self.num_samples + 1)
+
+    def _samples_seen(self, index, valid) -> int:
+        """The step's valid samples: the global batch's on a distributed bank (padding repeats
+        are not new samples, so that a pass is an epoch under DistributedSampler's padding)."""
+        if hasattr(self.store, "comm"):  # a distributed bank: its begin() agreed on the global count
+            return self.store.last_step_samples
+        return index.shape[0] if valid is None else int(valid.sum())  # a mask: padding, rare on one process
 
     def _check_features(self, features, logits):
         if features is None:
@@ -171,9 +178,9 @@ class DPSLoss(nn.Module):
         for k, v in self.store.state().items():
             destination[prefix + k] = v
         if self.auto_tau_e is not None:  # float64 holds the counts exactly up to 2**53 samples
-            auto = self.auto_tau_e
-            destination[prefix + "tau_e_auto"] = torch.tensor([self.tau_e, auto.seen, auto.next_at, *auto.sums()],
-                                                              dtype=torch.float64)
+            auto, rank = self.auto_tau_e, getattr(self.store, "rank", 0)  # the sums are this rank's part
+            destination[prefix + "tau_e_auto"] = torch.tensor([self.tau_e, auto.seen, auto.next_at, *auto.sums(),
+                                                               rank, self.world], dtype=torch.float64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # the bank verifies every tensor before it writes any; a problem goes to ``errors``, so
@@ -190,7 +197,9 @@ class DPSLoss(nn.Module):
         self.store.load_state(mine, errors)  # also when empty: a distributed bank's load is a collective
         auto = state_dict.pop(prefix + "tau_e_auto", None)
         if auto is not None and self.auto_tau_e is not None and not errors:
-            self.auto_tau_e.load(self, auto)
+            mine = len(auto) < 7 or (int(auto[5]), int(auto[6])) == (getattr(self.store, "rank", 0), self.world)
+            # another rank's sums (a replica saved on rank 0, loaded everywhere) would count W times
+            self.auto_tau_e.load(self, auto[:5] if mine else torch.cat([auto[:3], auto.new_zeros(2)]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # ------------------------------------------------------------------ read-outs

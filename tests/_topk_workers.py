@@ -52,7 +52,7 @@ def worker_sharded(rank, world, store_dir, out_dir):
                "full": crit.full_bank(), "targets": crit.targets(torch.arange(N)[rank::world]),
                "error": crit.topk_error(), "tau_e_state": crit.tau_e_state(),
                "reloaded": all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), state.values())),
-               "ids": crit.store.held_ids(), "label_error": crit.mean_label_error()}
+               "ids": crit.store.held_ids(), "label_error": crit.mean_label_error(), "alpha": crit.alpha}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:

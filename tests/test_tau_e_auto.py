@@ -72,8 +72,12 @@ def test_padding_repeats_do_not_count_in_the_statistic():
     crit, gen = make(tau_e="auto"), torch.Generator().manual_seed(4)
     idx = torch.randperm(N, generator=gen)
     valid = torch.arange(N) % 3 != 0
-    crit(torch.randn(N, C, generator=gen) * 3, idx, valid=valid)
-    assert crit.tau_e == pytest.approx(max(0.1, 1 - 2 * float(batch_scores(crit, idx[valid]).mean())), rel=1e-6)
+    crit(torch.randn(N // 2, C, generator=gen) * 3, idx[:N // 2], valid=valid[:N // 2])
+    assert crit.auto_tau_e.seen == int(valid[:N // 2].sum())  # padding repeats are no new samples
+    crit(torch.randn(N // 2, C, generator=gen) * 3, idx[N // 2:], valid=valid[N // 2:])
+    assert crit.auto_tau_e.seen == int(valid.sum()) < N and crit.tau_e == 1.0  # not a pass yet
+    crit(torch.randn(N, C, generator=gen) * 3, idx)
+    assert crit.tau_e < 1.0
 
 
 def test_the_top_k_bank_keeps_the_same_statistic_from_its_compressed_rows():
@@ -111,6 +115,21 @@ def test_resume_from_a_state_dict_is_bit_identical():
         second(z, idx)
     assert torch.equal(second.alpha, whole.alpha) and second.tau_e == whole.tau_e
     assert (second.auto_tau_e.seen, second.auto_tau_e.next_at) == (whole.auto_tau_e.seen, whole.auto_tau_e.next_at)
+
+
+def test_another_ranks_sums_are_not_loaded():
+    """A state dict keeps the rank and world its pass sums belong to: a replica saved on one
+    rank and loaded on another keeps tau_e and the counters, not the other rank's sums."""
+    crit = make(tau_e="auto")
+    for z, idx in batches(4, 7):
+        crit(z, idx)
+    state = crit.state_dict()
+    assert state["tau_e_auto"][5:].tolist() == [0.0, 1.0] and state["tau_e_auto"][4] == 7  # the 4th batch (after 21)
+    other = make(tau_e="auto")
+    state["tau_e_auto"][5] = 1  # as if rank 1 of 1 had saved it
+    other.load_state_dict(state)
+    assert (other.tau_e, other.auto_tau_e.seen) == (crit.tau_e, crit.auto_tau_e.seen)
+    assert other.auto_tau_e.sums() == [0.0, 0.0] and crit.auto_tau_e.sums()[1] == 7
 
 
 def test_a_fixed_tau_e_is_todays_step_bit_for_bit():

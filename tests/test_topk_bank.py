@@ -261,6 +261,7 @@ def test_a_sharded_bank_equals_one_process():
         assert got[r]["error"] == pytest.approx(one.topk_error(), rel=1e-9)
         torch.testing.assert_close(got[r]["tau_e_state"], one.tau_e_state(), rtol=1e-6, atol=0)
         assert torch.equal(got[r]["ids"], torch.arange(N2)[rows])
+        assert torch.equal(got[r]["alpha"], one.full_bank()[rows])  # crit.alpha: this rank's rows
         assert got[r]["label_error"] == pytest.approx(one.mean_label_error(), rel=1e-9)
     for step, want in enumerate(losses):
         torch.testing.assert_close(got[0]["losses"][step] + got[1]["losses"][step], want, rtol=1e-6, atol=1e-5)
@@ -297,7 +298,7 @@ def test_save_bank_and_load_bank_re_shard_and_verify(mode, tmp_path):
             load_bank(crit, folder)
             assert torch.equal(crit.full_bank(), one.full_bank()), into
         dense = DistributedDPSLoss(torch.arange(N2) % C2, C2, mode="sharded")
-        with pytest.raises(ValueError, match="the save holds a top-k bank"):
+        with pytest.raises(ValueError, match="the save holds a top-k bank \(k = 3\), expected a dense bank"):
             load_bank(dense, folder)
         shard = sorted(glob.glob(os.path.join(folder, "bank-rank*.safetensors")))[0]
         raw = bytearray(open(shard, "rb").read())
@@ -317,7 +318,8 @@ def test_a_saved_top_k_row_is_checked_by_its_layout():
     rule = Layout(2)  # ids, ids, val, val, rest, bound
     good = torch.tensor([[0.0, 4.0, 1.5, 0.1, 0.0, 0.0]], dtype=torch.float64)
     assert not rule.bad_values(good, 5).any()
-    for col, value in [(0, 2.5), (1, -1.0), (0, 5.0), (2, 0.0), (3, float("inf")), (4, -1e-9), (5, float("nan"))]:
+    for col, value in [(0, 2.5), (1, -1.0), (0, 5.0), (2, 0.0), (3, float("inf")), (4, -1e-9), (5, float("nan")),
+                       (1, 0.0), (3, 1e39)]:  # a class held twice; a value beyond float32
         bad = good.clone()
         bad[0, col] = value
         assert rule.bad_values(bad, 5).nonzero().tolist() == [[0, col]], (col, value)

@@ -31,3 +31,5 @@ def test_the_note_names_the_cause_that_applies():
     assert "the prior still holds 58% of each row's mass" in short and "train longer" in short
     assert "--tau-e auto" in under_confidence_note("dps+con", final(0.9, 0.7), 100, 0.95, 100, 1.0)
     assert "fit_temperature" in under_confidence_note("dps", final(0.9, 0.7), 100, 0.95, 100, "auto")
+    # a --tau-e-adapt run cannot add --tau-e auto (the trainer refuses both): the last remedy
+    assert "fit_temperature" in under_confidence_note("dps", final(0.9, 0.7), 100, 0.95, 100, 1.0, 2.0)

@@ -128,14 +128,14 @@ class Bank:
     def label_share_sum(self, index: torch.Tensor, valid, rows):
         """(sum over the batch's valid samples of the label's share t_i[y_i] of its row, their
         count) for tau_e="auto" (docs/method.md §10), from the rows the step just wrote:
-        ``rows`` when the step ran on a copy, else B rows gathered from the bank. No host
-        sync, no pass over the bank; the sum is a 0-d float32 tensor on the step's device."""
+        ``rows`` when the step ran on a copy, else B rows gathered from the bank. No pass over
+        the bank, and no host sync where the labels live with the rows (the host kinds:
+        HostBank's override); the sum is a 0-d float32 tensor on the step's device."""
         idx = index.to(torch.int64).clamp(0, self.num_samples - 1)  # an unchecked id's loss is already NaN
         if rows is None:
             rows = self.rows(idx)
         lab = self.labels.index_select(0, idx.to(self.labels.device)).to(rows.device, torch.int64)
-        share = rows.gather(1, lab[:, None]).float().div_(rows.sum(1, keepdim=True, dtype=torch.float32))
-        return valid_sum(share[:, 0], valid)
+        return label_share_of(rows, lab, valid)
 
     def held_ids(self) -> torch.Tensor:
         """Global ids of the rows this process holds, in storage order."""
@@ -167,6 +167,12 @@ class Bank:
 
     def load_state(self, state: dict, errors: list) -> None:
         raise NotImplementedError
+
+
+def label_share_of(rows: torch.Tensor, labels: torch.Tensor, valid):
+    """valid_sum of each row's label share rows[i, y_i] / sum_j rows[i, j], in float32."""
+    share = rows.gather(1, labels[:, None]).float().div_(rows.sum(1, keepdim=True, dtype=torch.float32))
+    return valid_sum(share[:, 0], valid)
 
 
 def valid_sum(values: torch.Tensor, valid):

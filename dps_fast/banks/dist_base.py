@@ -52,12 +52,13 @@ class DistributedBank(Bank):
         except (IndexError, ValueError, TypeError, RuntimeError) as e:
             error = e
         counts = self.comm.agree(error, 0 if idx is None else idx.numel(), self.device)
-        self.last_step_samples = sum(counts)  # the global batch, the same on every rank
         ok = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
         code = torch.where(ok, idx, -idx - 1).to(self.device)  # validity travels in the sign
         codes = self.comm.all_gather_rows(code, counts)
         ids = [torch.where(c >= 0, c, -c - 1) for c in codes]
         oks = [c >= 0 for c in codes]
+        # the global batch's valid samples, the same on every rank (tau_e="auto" counts passes with it)
+        self.last_step_samples = int(sum(int(o.sum()) for o in oks))
         dup = _validate.first_duplicate(torch.cat([i[o] for i, o in zip(ids, oks)]))
         if dup is not None:  # every rank sees the same global batch, so every rank raises this
             raise ValueError(f"index contains duplicate id {dup} across ranks in one step; ids of one global "

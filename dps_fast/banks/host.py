@@ -21,7 +21,7 @@ import torch
 
 from .. import _validate
 from . import state as bank_state
-from .base import Bank, StepPlan
+from .base import Bank, StepPlan, label_share_of
 
 
 @dataclass
@@ -87,7 +87,15 @@ class HostBank(Bank):
 
     def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:
         idx, name = self.check_local(logits, index, valid, cfg, extra_check)
-        return StepPlan(logits, idx, valid, update, name, extra={"host_index": idx.cpu()})
+        self._last_host_index = idx.cpu()
+        return StepPlan(logits, idx, valid, update, name, extra={"host_index": self._last_host_index})
+
+    def label_share_sum(self, index, valid, rows):
+        """Bank.label_share_sum with the labels gathered on the host by the ids begin() already
+        copied there, and sent with the rows' stream (pinned, non-blocking): no host sync."""
+        lab = self.labels.index_select(0, self._last_host_index.clamp(0, self.num_samples - 1))
+        lab = (lab.pin_memory() if self.pinned else lab).to(rows.device, non_blocking=self.pinned)
+        return label_share_of(rows, lab, valid)
 
     def fetch(self, plan):
         idx = plan.extra["host_index"]

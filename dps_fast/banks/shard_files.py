@@ -61,6 +61,12 @@ class Layout:
         k, ok = self.k, torch.isfinite(chunk)
         ids = chunk[:, :k]
         ok[:, :k] &= (ids == ids.round()) & (ids >= 0) & (ids < num_classes)
+        if k > 1:  # a class held twice: the later column
+            ordered, where = ids.sort(1)
+            again = torch.zeros_like(ok[:, :k])
+            again.scatter_(1, where[:, 1:], ordered.diff(dim=1) == 0)
+            ok[:, :k] &= ~again
+        ok[:, k:] &= chunk[:, k:] <= torch.finfo(torch.float32).max  # the values are float32 in the bank
         ok[:, k:2 * k] &= chunk[:, k:2 * k] > 0
         ok[:, 2 * k:] &= chunk[:, 2 * k:] >= 0
         return ~ok
@@ -321,8 +327,8 @@ def _verify_contents(shard: ShardFile, want_crc: str, saved_world: int, layout: 
                          f"corrupted")
     if bad is not None:
         what = "class" if layout.k is None else "column"
-        rule = ("finite and > 0" if layout.k is None else
-                "class ids whole in [0, C), values finite and > 0, rest and bound finite and >= 0")
+        rule = ("finite and > 0" if layout.k is None else "class ids whole, distinct, in [0, C); values "
+                "finite and > 0, rest and bound finite and >= 0, all within float32")
         raise ValueError(f"{shard.path}: row {bad[0]} holds {bad[2]} in {what} {bad[1]}; {rule}")
 
 
@@ -370,8 +376,10 @@ def open_save(folder: str, num_samples: int, num_classes: int, dtype: torch.dtyp
     doc = read_manifest(folder, num_samples, num_classes)
     saved = layout_of(doc, manifest_path(folder))
     if saved != layout:
-        raise ValueError(f"{manifest_path(folder)}: the save holds {saved.describe()}, this loss keeps "
+        raise ValueError(f"{manifest_path(folder)}: the save holds {saved.describe()}, expected "
                          f"{layout.describe()}")
+    if layout.k is not None and doc["dtype"] != "F64":
+        raise ValueError(f"{manifest_path(folder)}: a top-k save holds F64 rows, this one {doc['dtype']}")
     if layout.k is None and dtype not in _EXACT_INTO[doc["dtype"]]:
         raise ValueError(f"{manifest_path(folder)}: the save holds {doc['dtype']} rows, this bank is {dtype}, "
                          f"which would round them; create the loss with bank_dtype={saved_dtype(doc)}")

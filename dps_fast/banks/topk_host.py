@@ -22,9 +22,9 @@ class HostTopKBank(LocalTopKBank):
     kind = "host"
 
     def __init__(self, rows: T.TopKRows, labels: torch.Tensor, device=None):
+        # not pinned: a gather of rows makes a pageable copy anyway, and pinning would copy the bank
         self.target_device = torch.device(device) if device is not None else torch.device("cpu")
-        pin = self.target_device.type == "cuda" and torch.cuda.is_available()
-        host = [t.cpu().pin_memory() if pin else t.cpu() for t in (rows.ids, rows.vals, rows.rest, rows.bound)]
+        host = [t.cpu() for t in (rows.ids, rows.vals, rows.rest, rows.bound)]
         super().__init__(T.TopKRows(host[0], host[1], host[2], rows.num_classes, host[3]), labels.cpu())
 
     def begin(self, logits, index, valid, update, cfg, extra_check) -> StepPlan:

@@ -36,6 +36,7 @@ class ShardedTopKBank(TopKSaves, DistributedBank):
     dtype = property(lambda self: self.local.dtype)
     device = property(lambda self: self.local.device)
     k = property(lambda self: self.local.k)
+    storage = property(lambda self: self.local.storage)  # this rank's rows, densified (``crit.alpha``)
 
     # ------------------------------------------------------------------ the step
     def step(self, logits, index, valid, update: bool, cfg, extra_check=None):
@@ -53,7 +54,10 @@ class ShardedTopKBank(TopKSaves, DistributedBank):
                                          self.device):
                 self.local.put(at, unpack(got, self.k, self.num_classes, self.device))
         self._stepped = (plan.index, rows)
-        return loss, None
+        if valid is None and extra_check is None:
+            return loss, None
+        # padding, or a contrastive term: the batch's stepped rows (not the bank's, not a collective)
+        return loss, T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
 
     def _fetch(self, plan: StepPlan) -> T.TopKRows:
         serve, order, send_counts, recv_counts = routes(plan, self.world, self.rank, self.device)

@@ -350,7 +350,8 @@ def report(args, data, methods, results, wall: float, argv) -> None:
               f"noise {data.noise_info['kind']} {data.noise_info.get('realised', 0):.3f} realised; "
               f"final-epoch test metrics:\n{table}\n(wall time {wall:.1f} s)")
         for r in done:
-            note = under_confidence_note(r["method"], r["final"], args.c, args.gamma, args.epochs, args.tau_e)
+            note = under_confidence_note(r["method"], r["final"], args.c, args.gamma, args.epochs, args.tau_e,
+                                         args.tau_e_adapt)
             if note:
                 print(f"note: {note}")
         if len(done) > 1:
