@@ -59,14 +59,14 @@ def _init(rank, world, store):
 def _memory_worker(rank, world, store, folder, out, build_only):
     _init(rank, world, store)
     labels = torch.randint(0, C_MEM, (N_MEM,), generator=torch.Generator().manual_seed(0))
-    crit, grow = peak_growth_mb(lambda: D.DistributedDPSLoss(labels, C_MEM, mode="sharded"))
+    crit, grow = peak_growth_mb(lambda: D.DistributedDPSLoss(labels, C_MEM, mode="sharded", tau_e=1.0))
     shard_mb = crit.bank.numel() * crit.bank.element_size() / 2 ** 20
     res = {"world": world, "rank": rank, "shard_mb": shard_mb, "build_growth_mb": grow}
     if build_only:
         D.save_bank(crit, folder)
     else:
         del crit
-        crit = D.DistributedDPSLoss(labels, C_MEM, mode="sharded")
+        crit = D.DistributedDPSLoss(labels, C_MEM, mode="sharded", tau_e=1.0)
         _, res["load_growth_mb"] = peak_growth_mb(lambda: D.load_bank(crit, folder))
     torch.save(res, f"{out}-{world}-{rank}.pt")
     dist.barrier()
@@ -113,7 +113,7 @@ def _labels():
 
 def _step_worker(rank, world, store, mode, backend, out):
     _init(rank, world, store)
-    crit = D.DistributedDPSLoss(_labels(), C_STEP, mode=mode, backend=backend)
+    crit = D.DistributedDPSLoss(_labels(), C_STEP, mode=mode, backend=backend, tau_e=1.0)  # the step alone
     res = _step_loop(crit, lambda s: _batch(s, world, rank)[0], lambda s: _batch(s, world, rank)[1])
     torch.save(res, f"{out}-{rank}.pt")
     dist.barrier()
@@ -123,7 +123,7 @@ def _step_worker(rank, world, store, mode, backend, out):
 def measure_step(kind, backend):
     if kind in ("local", "host"):
         torch.set_num_threads(1)
-        crit = dps_fast.DPSLoss(_labels(), C_STEP, bank=kind, backend=backend)
+        crit = dps_fast.DPSLoss(_labels(), C_STEP, bank=kind, backend=backend, tau_e=1.0)
         return _step_loop(crit, lambda s: _batch(s, 1, 0)[0], lambda s: _batch(s, 1, 0)[1])
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_step_worker, args=(2, os.path.join(tmp, "store"), kind, backend, os.path.join(tmp, "r")), nprocs=2)

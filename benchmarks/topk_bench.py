@@ -42,7 +42,7 @@ def topk_bytes(b: int, c: int, k: int, id_bytes: int) -> int:
 
 def providers(b: int, c: int, k: int, n: int, gen):
     labels = torch.randint(0, c, (n,), generator=gen)
-    topk = dps_fast.DPSLoss(labels, c, top_k=k)
+    topk = dps_fast.DPSLoss(labels, c, top_k=k, tau_e=1.0)  # the step alone (tau_e auto: results §6d)
     alpha = dps_fast.init_prior(labels, c)
     z = torch.randn(b, c, generator=gen).requires_grad_(True)
     pool = [torch.randperm(n, generator=gen)[:b] for _ in range(4)]
