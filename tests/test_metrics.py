@@ -135,9 +135,10 @@ def test_one_unit_convention_fractions_everywhere():
     from dps_fast.train.experiment import run_metrics
 
     r = run_metrics(p, y)
-    assert list(r) == ["accuracy", "ece_pct", "classwise_ece_pct", "nll", "brier", "n_bins"]
+    assert list(r) == ["accuracy", "ece_pct", "classwise_ece_pct", "nll", "brier", "n_bins", "mean_confidence"]
     assert r["ece_pct"] == 100 * M.ece(p, y) and r["classwise_ece_pct"] == 100 * M.classwise_ece(p, y)
     assert r["accuracy"] == s["accuracy"]
+    assert r["mean_confidence"] == pytest.approx(float(p.max(1).values.mean()))  # a fraction, as accuracy
 
 
 def test_ood_auroc_and_auroc_check_their_input():
