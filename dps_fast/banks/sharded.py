@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import StepPlan
 from .dist_base import DistributedBank
 from .collective import Collective
 
@@ -32,6 +33,26 @@ def returned_rows(comm, plan, rows: torch.Tensor, world: int, rank: int, device)
         ok = ok.to(device)[ids.to(device) % world == rank]
         start = sum(send_counts[:q])
         yield serve[q][ok] // world, back[start:start + send_counts[q]][ok]
+
+
+def read_plan(comm, index: torch.Tensor, device) -> StepPlan:
+    """The plan of a collective read of ``index`` (every rank calls it with its own ids):
+    every rank learns every rank's ids, all valid, nothing written."""
+    idx = index.to(device, torch.int64)
+    counts = comm.agree(None, idx.numel(), device)
+    ids = comm.all_gather_rows(idx, counts)
+    every = [torch.ones_like(i, dtype=torch.bool) for i in ids]
+    return StepPlan(None, idx, None, False, extra={"counts": counts, "ids": ids, "valid": every})
+
+
+def gather_all(comm, mine: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Every rank's rows ``mine`` (ids rank, rank + W, ...) as the whole [N, ...] tensor, on every rank."""
+    w = comm.world
+    parts = comm.all_gather_rows(mine, [len(range(r, num_samples, w)) for r in range(w)])
+    out = mine.new_empty((num_samples,) + tuple(mine.shape[1:]))
+    for r, p in enumerate(parts):
+        out[r::w] = p
+    return out
 
 
 class ShardedBank(DistributedBank):
@@ -60,24 +81,11 @@ class ShardedBank(DistributedBank):
 
     def rows(self, index):
         """The rows of ``index`` (a collective: every rank calls it with its own ids)."""
-        from .base import StepPlan
-
-        idx = index.to(self.device, torch.int64)
-        counts = self.comm.agree(None, idx.numel(), self.device)
-        ids = self.comm.all_gather_rows(idx, counts)
-        every = [torch.ones_like(i, dtype=torch.bool) for i in ids]
-        plan = StepPlan(None, idx, None, False, extra={"counts": counts, "ids": ids, "valid": every})
-        return self.fetch(plan)[0]
+        return self.fetch(read_plan(self.comm, index, self.device))[0]
 
     def full(self):
         """The whole bank [N, C] on every rank: an explicit collective of N*C elements."""
-        n, w = self.num_samples, self.world
-        counts = [len(range(r, n, w)) for r in range(w)]
-        parts = self.comm.all_gather_rows(self.storage, counts)
-        out = self.storage.new_empty(n, self.num_classes)
-        for r, p in enumerate(parts):
-            out[r::w] = p
-        return out
+        return gather_all(self.comm, self.storage, self.num_samples)
 
     def held_ids(self):
         return torch.arange(self.rank, self.num_samples, self.world)

@@ -33,6 +33,14 @@ def compressed_label_share(ids, vals, rest, labels, num_classes: int, valid):
     return valid_sum(on_label / (vals.sum(1) + rest), valid)
 
 
+def run_step(plan: StepPlan, rows: T.TopKRows, cfg):
+    """The top-k step on the batch's gathered ``rows`` (in place when ``plan.update``): the fused
+    CPU kernel where it applies, else the reference. Every top-k bank kind steps through here."""
+    local = torch.arange(rows.ids.shape[0], device=rows.ids.device)
+    step = T.fused_step if T.fused_backend(plan.logits, rows, cfg.backend) else T.reference_step
+    return step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction, update=plan.update)
+
+
 class LocalTopKBank(Bank):
     """ids [N, k] (int16 / int32), vals [N, k] and rest [N] (float32) on one device."""
 
@@ -116,10 +124,7 @@ class LocalTopKBank(Bank):
         at, dev = plan.index.to(self.device), plan.device
         rows = T.TopKRows(self.ids[at].to(dev, torch.int64), self.vals[at].to(dev), self.rest[at].to(dev),
                           self.num_classes, self.bound[at].to(dev))
-        local = torch.arange(at.shape[0], device=dev)
-        step = T.fused_step if T.fused_backend(plan.logits, rows, cfg.backend) else T.reference_step
-        loss = step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction, update=plan.update)
-        return loss, rows
+        return run_step(plan, rows, cfg), rows
 
     # ------------------------------------------------------------------ read-outs
     def error(self) -> dict:

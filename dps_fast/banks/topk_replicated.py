@@ -13,7 +13,7 @@ from .. import topk as T
 from .collective import Collective
 from .dist_base import DistributedBank
 from .topk_local import LocalTopKBank
-from .topk_saves import TopKSaves, pack
+from .topk_saves import TopKSaves, pack, unpack
 
 
 class ReplicatedTopKBank(TopKSaves, DistributedBank):
@@ -43,13 +43,9 @@ class ReplicatedTopKBank(TopKSaves, DistributedBank):
         """Every rank's updated rows to every rank, packed in float64 (ids exact below 2**53),
         written where the sample was valid."""
         packed = pack(rows).to(self.device)
-        k, loc = self.local.k, self.local
         for ids, ok, got in zip(plan.extra["ids"], plan.extra["valid"],
                                 self.comm.all_gather_rows(packed, plan.extra["counts"])):
-            at, got = ids[ok].to(self.device), got[ok]
-            loc.ids[at] = got[:, :k].to(loc.ids.dtype)
-            loc.vals[at] = got[:, k:2 * k].to(loc.vals.dtype)
-            loc.rest[at], loc.bound[at] = got[:, 2 * k].to(loc.rest.dtype), got[:, 2 * k + 1].to(loc.bound.dtype)
+            self.local.put(ids[ok], unpack(got[ok], self.local.k, self.num_classes, self.device))
 
     # ------------------------------------------------------------------ read-outs
     def error(self) -> dict:

@@ -14,8 +14,8 @@ from . import state as bank_state
 from .base import StepPlan
 from .collective import Collective
 from .dist_base import DistributedBank
-from .sharded import returned_rows, routes
-from .topk_local import LocalTopKBank, compressed_label_share
+from .sharded import gather_all, read_plan, returned_rows, routes
+from .topk_local import LocalTopKBank, compressed_label_share, run_step
 from .topk_saves import TopKSaves, pack, unpack
 
 
@@ -46,9 +46,7 @@ class ShardedTopKBank(TopKSaves, DistributedBank):
         if update:
             self.local.refuse_recompute()
         rows = self._fetch(plan)
-        local = torch.arange(rows.ids.shape[0], device=rows.ids.device)
-        step = T.fused_step if T.fused_backend(plan.logits, rows, cfg.backend) else T.reference_step
-        loss = step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction, update=plan.update)
+        loss = run_step(plan, rows, cfg)
         if plan.update:
             for at, got in returned_rows(self.comm, plan, pack(rows).to(self.device), self.world, self.rank,
                                          self.device):
@@ -77,22 +75,12 @@ class ShardedTopKBank(TopKSaves, DistributedBank):
     # ------------------------------------------------------------------ read-outs
     def rows(self, index):
         """The implied dense rows of ``index`` (a collective: every rank calls it with its own ids)."""
-        idx = index.to(self.device, torch.int64)
-        counts = self.comm.agree(None, idx.numel(), self.device)
-        ids = self.comm.all_gather_rows(idx, counts)
-        every = [torch.ones_like(i, dtype=torch.bool) for i in ids]
-        rows = self._fetch(StepPlan(None, idx, None, False, extra={"counts": counts, "ids": ids, "valid": every}))
+        rows = self._fetch(read_plan(self.comm, index, self.device))
         return T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
 
     def full(self):
         """The implied dense bank [N, C] on every rank: N * C values (small banks only)."""
-        n, w = self.num_samples, self.world
-        counts = [len(range(r, n, w)) for r in range(w)]
-        parts = self.comm.all_gather_rows(self.local.storage, counts)
-        out = parts[0].new_empty(n, self.num_classes)
-        for r, p in enumerate(parts):
-            out[r::w] = p
-        return out
+        return gather_all(self.comm, self.local.storage, self.num_samples)
 
     def held_ids(self):
         return torch.arange(self.rank, self.num_samples, self.world)
