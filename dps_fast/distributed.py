@@ -27,7 +27,7 @@ import torch
 
 from . import _validate
 from .banks import DistributedBank, padding_mask
-from .banks import shard_files
+from .banks import shard_files, topk_saves
 from .banks.collective import require_process_group
 from .loss import DPSLoss
 
@@ -101,8 +101,11 @@ def load_bank(loss: DistributedDPSLoss, folder: str) -> None:
 
 def read_full_bank(folder: str) -> torch.Tensor:
     """The whole saved bank [N, C] in this process (offline tools; N*C memory), verified as
-    ``load_bank`` verifies it."""
+    ``load_bank`` verifies it; of a top-k save, its implied dense rows (float32)."""
     doc = shard_files.read_manifest(folder)
+    k = shard_files.layout_of(doc, shard_files.manifest_path(folder)).k
+    if k is not None:
+        return topk_saves.read_implied_bank(folder, doc, k)
     full = torch.empty(doc["num_samples"], doc["num_classes"], dtype=shard_files.saved_dtype(doc))
     shard_files.load_rows(folder, full, doc["num_samples"], 0, 1, strided=False)
     return full

@@ -99,6 +99,29 @@ def test_eval_padding_and_bad_input_never_write():
         assert same(snapshot(crit), after)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_validate_false_skips_an_id_outside_the_bank(backend):
+    """docs/method.md §9, as the dense bank: with validate=False an id outside [0, N) (N, -1) is
+    skipped, its loss and gradient NaN; the other rows step as a call without it, and padding
+    still never writes."""
+    gen = torch.Generator().manual_seed(3)
+    z = (torch.randn(5, C, generator=gen) * 3).requires_grad_()
+    idx, valid = torch.tensor([2, N, 7, -1, 11]), torch.tensor([True, True, True, True, False])
+    crit = dps_fast.DPSLoss(labels(), C, top_k=K, validate=False, reduction="none", backend=backend)
+    want = dps_fast.DPSLoss(labels(), C, top_k=K, reduction="none", backend=backend)
+    for mask in (None, valid):
+        loss = crit(z, idx, valid=mask)
+        loss.backward(torch.ones_like(loss))
+        inside = torch.tensor([0, 2, 4])
+        z_in = z.detach()[inside].clone().requires_grad_()
+        good = want(z_in, idx[inside], valid=None if mask is None else mask[inside])
+        good.backward(torch.ones_like(good))
+        assert torch.isnan(loss[[1, 3]]).all() and torch.isnan(z.grad[[1, 3]]).all()
+        assert torch.equal(loss[inside], good) and torch.equal(z.grad[inside], z_in.grad)
+        assert same(snapshot(crit), snapshot(want))
+        z.grad = None
+
+
 def test_read_outs_see_the_implied_dense_rows():
     torch.manual_seed(0)
     crit = dps_fast.DPSLoss(labels(), C, top_k=K, c=5.0, eps=0.05)
@@ -279,7 +302,7 @@ def test_save_bank_and_load_bank_re_shard_and_verify(mode, tmp_path):
 
     from _helpers import one_rank_gloo
     from _topk_workers import C as C2, K as K2, N as N2, global_steps, worker_save
-    from dps_fast.distributed import DistributedDPSLoss, load_bank
+    from dps_fast.distributed import DistributedDPSLoss, load_bank, read_full_bank
 
     store = tmp_path / "store"
     store.mkdir()
@@ -297,6 +320,7 @@ def test_save_bank_and_load_bank_re_shard_and_verify(mode, tmp_path):
             crit = DistributedDPSLoss(torch.arange(N2) % C2, C2, mode=into, top_k=K2, c=5.0, eps=0.05)
             load_bank(crit, folder)
             assert torch.equal(crit.full_bank(), one.full_bank()), into
+        assert torch.equal(read_full_bank(folder), one.full_bank().float())  # offline: the implied rows
         dense = DistributedDPSLoss(torch.arange(N2) % C2, C2, mode="sharded")
         with pytest.raises(ValueError, match="the save holds a top-k bank \(k = 3\), expected a dense bank"):
             load_bank(dense, folder)

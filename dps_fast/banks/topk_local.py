@@ -33,10 +33,20 @@ def compressed_label_share(ids, vals, rest, labels, num_classes: int, valid):
     return valid_sum(on_label / (vals.sum(1) + rest), valid)
 
 
-def run_step(plan: StepPlan, rows: T.TopKRows, cfg):
+
+def row_tv_bound(bound: torch.Tensor, vals: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """Per row, float64: the bound on the total-variation distance between the row's target and
+    a dense bank's, bound / (2 * row mass), at most 1 (no TV exceeds 1; docs/method.md §12)."""
+    return (bound / (2 * (vals.sum(1) + rest))).double().clamp(max=1.0)
+
+
+def run_step(plan: StepPlan, rows: T.TopKRows, cfg, skip: torch.Tensor | None = None):
     """The top-k step on the batch's gathered ``rows`` (in place when ``plan.update``): the fused
-    CPU kernel where it applies, else the reference. Every top-k bank kind steps through here."""
+    CPU kernel where it applies, else the reference. Every top-k bank kind steps through here.
+    Rows where ``skip`` is set keep their state and get a NaN loss (docs/method.md §9)."""
     local = torch.arange(rows.ids.shape[0], device=rows.ids.device)
+    if skip is not None:
+        local = torch.where(skip.to(local.device), -1, local)
     step = T.fused_step if T.fused_backend(plan.logits, rows, cfg.backend) else T.reference_step
     return step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction, update=plan.update)
 
@@ -121,17 +131,22 @@ class LocalTopKBank(Bank):
         """(loss, rows): the top-k step (the fused CPU kernel where it applies, else the
         reference) on a copy of the plan's rows, on the logits' device, which it updates when
         ``plan.update`` (the bank itself is written by the caller)."""
+        outside = None
+        if not cfg.validate:  # unchecked ids: one outside the bank is skipped, as in the dense bank
+            outside = (plan.index < 0) | (plan.index >= self.num_samples)
+            valid = ~outside if plan.valid is None else plan.valid & ~outside
+            plan.index, plan.valid = torch.where(outside, 0, plan.index), valid  # write_rows skips them
         at, dev = plan.index.to(self.device), plan.device
         rows = T.TopKRows(self.ids[at].to(dev, torch.int64), self.vals[at].to(dev), self.rest[at].to(dev),
                           self.num_classes, self.bound[at].to(dev))
-        return run_step(plan, rows, cfg), rows
+        return run_step(plan, rows, cfg, skip=outside), rows
 
     # ------------------------------------------------------------------ read-outs
     def error(self) -> dict:
         """The bank's own error (docs/method.md §12): per row, the bound on the total-variation
-        distance between its target and a dense bank's given the same evidence, bound / (2 *
-        row mass); its mean and max over all rows and over the rows whose bound is > 0."""
-        tv = (self.bound / (2 * (self.vals.sum(1) + self.rest))).double()
+        distance between its target and a dense bank's given the same evidence (row_tv_bound);
+        its mean and max over all rows and over the rows whose bound is > 0."""
+        tv = row_tv_bound(self.bound, self.vals, self.rest)
         hit = tv > 0
         return {"mean_tv_bound": float(tv.mean()) if tv.numel() else 0.0,
                 "max_tv_bound": float(tv.max()) if tv.numel() else 0.0,

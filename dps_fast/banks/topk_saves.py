@@ -24,6 +24,24 @@ def unpack(packed: torch.Tensor, k: int, num_classes: int, device) -> T.TopKRows
                       p[:, 2 * k + 1].float())
 
 
+def read_implied_bank(folder: str, doc: dict, k: int) -> torch.Tensor:
+    """The implied dense rows [N, C] (float32) of a whole top-k save, verified as a load is,
+    densified a chunk at a time (read_full_bank, offline tools)."""
+    n, c = doc["num_samples"], doc["num_classes"]
+    full = torch.empty(n, c, dtype=torch.float32)
+
+    def write(at, chunk):
+        rows = unpack(chunk, k, c, "cpu")
+        full.index_copy_(0, at, T.densify(rows.ids, rows.vals, rows.rest, c).float())
+
+    doc, shards = shard_files.open_save(folder, n, c, torch.float64, 0, 1, False, shard_files.Layout(k))
+    try:
+        shard_files.copy_rows(shards, doc["world"], None, 0, 1, False, write=write)
+    finally:
+        shard_files.close_all(shards)
+    return full
+
+
 class TopKSaves:
     """For a DistributedBank holding its rows in ``self.local`` (a LocalTopKBank):
     ``saved_positions()`` are the local positions of rows rank, rank + W, ..."""

@@ -15,7 +15,7 @@ from .base import StepPlan
 from .collective import Collective
 from .dist_base import DistributedBank
 from .sharded import gather_all, read_plan, returned_rows, routes
-from .topk_local import LocalTopKBank, compressed_label_share, run_step
+from .topk_local import LocalTopKBank, compressed_label_share, row_tv_bound, run_step
 from .topk_saves import TopKSaves, pack, unpack
 
 
@@ -92,7 +92,7 @@ class ShardedTopKBank(TopKSaves, DistributedBank):
 
     def error(self) -> dict:
         """LocalTopKBank.error over every rank's rows (a collective)."""
-        tv = (self.local.bound / (2 * (self.local.vals.sum(1) + self.local.rest))).double()
+        tv = row_tv_bound(self.local.bound, self.local.vals, self.local.rest)
         hit = tv > 0
         mine = torch.stack([tv.sum(), tv.new_tensor(tv.numel()), hit.sum().double(), tv[hit].sum(),
                             tv.max() if tv.numel() else tv.new_tensor(0.0)])[None]
