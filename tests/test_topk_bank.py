@@ -314,7 +314,7 @@ def test_save_bank_and_load_bank_re_shard_and_verify(mode, tmp_path):
         one(z[order], idx[order])
     folder = str(tmp_path / mode)
     doc = json.loads(open(os.path.join(folder, "bank-index.json")).read())
-    assert (doc["layout"], doc["k"], doc["dtype"]) == ("topk", K2, "F64")
+    assert (doc["layout"], doc["k"], doc["dtype"]) == ("topk", K2, "F32")  # 8k + 8 bytes a row, ids exact
     with one_rank_gloo():
         for into in ("replicated", "sharded"):
             crit = DistributedDPSLoss(torch.arange(N2) % C2, C2, mode=into, top_k=K2, c=5.0, eps=0.05)
@@ -334,6 +334,31 @@ def test_save_bank_and_load_bank_re_shard_and_verify(mode, tmp_path):
             load_bank(crit, folder)
         assert torch.equal(crit.full_bank(), before)
 
+
+
+def test_above_2_to_the_24_classes_a_save_keeps_the_ids_in_float64(tmp_path):
+    """float32 holds every class id up to 2**24; beyond, rows are packed and saved in float64, and
+    a float32 save of so many classes is refused."""
+    import json
+
+    from _helpers import one_rank_gloo
+    from dps_fast.distributed import DistributedDPSLoss, load_bank, save_bank
+
+    c = 2 ** 24 + 7
+    lab = torch.tensor([c - 1, c - 2, 3, 2 ** 24 + 1])
+    with one_rank_gloo():
+        crit = DistributedDPSLoss(lab, c, mode="sharded", top_k=2, c=5.0, eps=1e-6)
+        crit.store.local.ids[1, 1] = c - 3  # an id that float32 would round
+        save_bank(crit, str(tmp_path / "big"))
+        doc = json.loads((tmp_path / "big" / "bank-index.json").read_text())
+        assert doc["dtype"] == "F64"
+        fresh = DistributedDPSLoss(lab, c, mode="sharded", top_k=2, c=5.0, eps=1e-6)
+        load_bank(fresh, str(tmp_path / "big"))
+        assert torch.equal(fresh.store.local.ids, crit.store.local.ids)
+        doc["dtype"] = "F32"
+        (tmp_path / "big" / "bank-index.json").write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match="F32 rows cannot hold the class ids"):
+            load_bank(fresh, str(tmp_path / "big"))
 
 
 def test_a_saved_top_k_row_is_checked_by_its_layout():

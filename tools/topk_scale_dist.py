@@ -25,8 +25,9 @@ from dps_fast.distributed import DistributedDPSLoss, load_bank, save_bank
 
 def bank_sums(crit) -> list[float]:
     """(sum of values, sum of class ids, sum of rest) over this rank's rows, float64."""
-    s = crit.store.local
-    return [float(s.vals.double().sum()), float(s.ids.double().sum()), float(s.rest.double().sum())]
+    s = crit.store.local  # a chunk at a time: sum(dtype=float64) forms a float64 copy of the bank
+    return [sum(float(x[i:i + 2 ** 20].sum(dtype=torch.float64)) for i in range(0, x.shape[0], 2 ** 20))
+            for x in (s.vals, s.ids, s.rest)]
 
 
 def step(crit, a, gen, world, rank) -> float:

@@ -41,7 +41,8 @@ _EXACT_INTO = {"F32": (torch.float32, torch.float64), "F64": (torch.float64,),
 @dataclass(frozen=True)
 class Layout:
     """What a saved row holds. ``k is None``: the C values of a dense row. Else a top-k row
-    (docs/method.md §12) as 2k + 2 float64 numbers: k class ids, their values, rest, bound."""
+    (docs/method.md §12) as 2k + 2 numbers (float32, or float64 above 2**24 classes; saves of
+    2026-12-07 and before: float64): k class ids, their values, rest, bound."""
     k: int | None = None
 
     def columns(self, num_classes: int) -> int:
@@ -378,8 +379,10 @@ def open_save(folder: str, num_samples: int, num_classes: int, dtype: torch.dtyp
     if saved != layout:
         raise ValueError(f"{manifest_path(folder)}: the save holds {saved.describe()}, expected "
                          f"{layout.describe()}")
-    if layout.k is not None and doc["dtype"] != "F64":
-        raise ValueError(f"{manifest_path(folder)}: a top-k save holds F64 rows, this one {doc['dtype']}")
+    if layout.k is not None and doc["dtype"] not in ("F32", "F64"):
+        raise ValueError(f"{manifest_path(folder)}: a top-k save holds F32 or F64 rows, this one {doc['dtype']}")
+    if layout.k is not None and doc["dtype"] == "F32" and num_classes > 2 ** 24:
+        raise ValueError(f"{manifest_path(folder)}: F32 rows cannot hold the class ids of {num_classes} classes")
     if layout.k is None and dtype not in _EXACT_INTO[doc["dtype"]]:
         raise ValueError(f"{manifest_path(folder)}: the save holds {doc['dtype']} rows, this bank is {dtype}, "
                          f"which would round them; create the loss with bank_dtype={saved_dtype(doc)}")

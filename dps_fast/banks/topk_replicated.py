@@ -40,7 +40,7 @@ class ReplicatedTopKBank(TopKSaves, DistributedBank):
         return loss, T.densify(rows.ids, rows.vals, rows.rest, self.num_classes)
 
     def _share(self, rows: T.TopKRows, plan) -> None:
-        """Every rank's updated rows to every rank, packed in float64 (ids exact below 2**53),
+        """Every rank's updated rows to every rank, packed (topk_saves.pack: ids exact),
         written where the sample was valid."""
         packed = pack(rows).to(self.device)
         for ids, ok, got in zip(plan.extra["ids"], plan.extra["valid"],

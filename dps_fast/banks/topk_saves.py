@@ -1,5 +1,6 @@
 """save_bank / load_bank of the distributed top-k banks (docs/method.md §8.1, §12): the shard
-files of the dense banks, each row saved as its 2k + 2 numbers in float64 (class ids exact),
+files of the dense banks, each row saved as its 2k + 2 numbers in float32 (float64 above 2**24
+classes, so that the class ids stay exact),
 with the manifest naming the layout (shard_files.Layout). A save is formed and a load written a
 chunk at a time; a load verifies every file first (ids whole numbers in [0, C), values finite
 and > 0, rest and bound finite and >= 0, checksums) and re-shards to any world size.
@@ -12,16 +13,23 @@ from .. import topk as T
 from . import shard_files
 
 
+def packed_dtype(num_classes: int) -> torch.dtype:
+    """float32 holds every class id below 2**24 exactly (and the values are float32): 8k + 8
+    bytes a row, moved between ranks and saved; float64 for more classes."""
+    return torch.float32 if num_classes <= 2 ** 24 else torch.float64
+
+
 def pack(rows: T.TopKRows) -> torch.Tensor:
-    """[n, 2k + 2] float64 (class ids exact below 2**53): ids, values, rest, bound."""
-    return torch.cat([rows.ids.double(), rows.vals.double(), rows.rest.double()[:, None],
-                      rows.bound.double()[:, None]], 1)
+    """[n, 2k + 2] in packed_dtype: ids, values, rest, bound."""
+    dt = packed_dtype(rows.num_classes)
+    return torch.cat([rows.ids.to(dt), rows.vals.to(dt), rows.rest.to(dt)[:, None], rows.bound.to(dt)[:, None]], 1)
 
 
 def unpack(packed: torch.Tensor, k: int, num_classes: int, device) -> T.TopKRows:
-    p = packed.to(device)
-    return T.TopKRows(p[:, :k].to(torch.int64), p[:, k:2 * k].float(), p[:, 2 * k].float(), num_classes,
-                      p[:, 2 * k + 1].float())
+    p = packed.to(device)  # columns of a float32 block are views: copies, contiguous, for the kernels
+    col = lambda a, b: p[:, a:b].to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # noqa: E731
+    return T.TopKRows(p[:, :k].to(torch.int64), col(k, 2 * k), col(2 * k, 2 * k + 1)[:, 0], num_classes,
+                      col(2 * k + 1, 2 * k + 2)[:, 0])
 
 
 def read_implied_bank(folder: str, doc: dict, k: int) -> torch.Tensor:
@@ -34,7 +42,7 @@ def read_implied_bank(folder: str, doc: dict, k: int) -> torch.Tensor:
         rows = unpack(chunk, k, c, "cpu")
         full.index_copy_(0, at, T.densify(rows.ids, rows.vals, rows.rest, c).float())
 
-    doc, shards = shard_files.open_save(folder, n, c, torch.float64, 0, 1, False, shard_files.Layout(k))
+    doc, shards = shard_files.open_save(folder, n, c, packed_dtype(c), 0, 1, False, shard_files.Layout(k))
     try:
         shard_files.copy_rows(shards, doc["world"], None, 0, 1, False, write=write)
     finally:
@@ -46,7 +54,9 @@ class TopKSaves:
     """For a DistributedBank holding its rows in ``self.local`` (a LocalTopKBank):
     ``saved_positions()`` are the local positions of rows rank, rank + W, ..."""
 
-    saved_dtype = torch.float64
+    @property
+    def saved_dtype(self) -> torch.dtype:
+        return packed_dtype(self.num_classes)
 
     @property
     def layout_on_disk(self) -> shard_files.Layout:
@@ -54,7 +64,7 @@ class TopKSaves:
 
     def write_shard(self, path: str, meta: dict) -> dict:
         at = self.saved_positions()
-        shape = torch.empty(at.shape[0], 2 * self.local.k + 2, dtype=torch.float64, device="meta")
+        shape = torch.empty(at.shape[0], 2 * self.local.k + 2, dtype=self.saved_dtype, device="meta")
         return shard_files.write_shard(path, shape, meta, lambda a, b: pack(self.local.take(at[a:b])))
 
     def copy_saved(self, shards, saved_world: int) -> None:
