@@ -3,7 +3,8 @@ scalar ``rest``, the total concentration of the other C - k classes (spread even
 the implied dense row). This module holds the format's prior, its densification, the
 reference step (the oracle the fused kernels are tested against; it computes in float32,
 float64 when an input is float64, and follows the section literally) and the call of the fused
-CPU kernel (csrc/cpu/topk_step.cpp; Triton and CUDA kernels are still to come, issue 26).
+kernels (csrc/cpu/topk_step.cpp, dps_fast/kernels/topk_step.py; a CUDA kernel is still to come,
+issue 26).
 """
 from __future__ import annotations
 
@@ -197,30 +198,47 @@ def reference_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target=
     return reduce(loss, reduction)
 
 
-def fused_backend(logits: torch.Tensor, bank: TopKRows, backend) -> bool:
-    """Whether the step runs on the fused CPU kernel (``dps_fast::topk_step``,
-    csrc/cpu/topk_step.cpp): CPU tensors, float32 values, the "cpu" backend available (named or
-    chosen automatically), eager mode, no torch.func transform. Triton and CUDA kernels of the
-    top-k step do not exist yet (issue 26): other devices take :func:`reference_step`."""
-    if torch.compiler.is_compiling() or logits.device.type != "cpu" or bank.vals.dtype != torch.float32:
-        return False
+# where a step takes the Triton kernel (dps_fast/kernels/topk_step.py): rows whose membership
+# tests, [next power of two of C, of k], hold at most this many cells. Those compile for sm_90
+# without spills ([1024, 1000], k = 8: 128 registers; C = 4096, k = 32 spills 44 KB a thread,
+# tools/triton_aot_check.py, triton 3.8); larger rows take the reference (the kernel itself runs
+# up to 32,768 classes, in the interpreter's tests)
+TRITON_MAX_CELLS = 8192
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def fused_backend(logits: torch.Tensor, bank: TopKRows, backend) -> str | None:
+    """The fused kernel for this step, or None for :func:`reference_step`: ``"cpu"``
+    (``dps_fast::topk_step``, csrc/cpu/topk_step.cpp) for CPU tensors, ``"triton"``
+    (dps_fast/kernels/topk_step.py, rows within TRITON_MAX_CELLS) where Triton is the
+    backend (named or chosen automatically: CUDA tensors, or CPU tensors in its interpreter);
+    float32 values, fused logit dtypes, eager mode, no torch.func transform. There is no CUDA
+    C++ top-k kernel yet (issue 26): backend "cuda" takes the reference."""
+    if torch.compiler.is_compiling() or bank.vals.dtype != torch.float32:
+        return None
     if logits.dtype not in _validate.FUSED_DTYPES:
-        return False
+        return None
     name = _dispatch.resolve(backend, logits.device, (logits.dtype,))
-    return backend_for_autodiff(logits, name, backend, "the top-k step") == "cpu"
+    name = backend_for_autodiff(logits, name, backend, "the top-k step")
+    if name == "cpu" or (name == "triton" and _pow2(logits.shape[-1]) * _pow2(bank.k) <= TRITON_MAX_CELLS):
+        return name
+    return None
 
 
 def fused_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean",
-               update=True):
-    """:func:`reference_step` on the fused CPU kernel (the same arguments and results; the
-    bank's ids int64). Used where :func:`fused_backend` says so."""
+               update=True, backend: str = "cpu"):
+    """:func:`reference_step` on a fused kernel, ``backend`` "cpu" or "triton" (the same
+    arguments and results; the bank's ids int64). Used where :func:`fused_backend` says so."""
     z3 = (logits if logits.dim() == 3 else logits.unsqueeze(0)).detach().float().contiguous()
     need = needs_grad(logits)
     grad = torch.empty_like(z3) if need else z3.new_empty((0,))
     bound = bank.bound if bank.bound is not None else bank.vals.new_empty((0,))
-    loss = torch.ops.dps_fast.topk_step(z3, index.to(torch.int64).contiguous(), bank.ids, bank.vals, bank.rest, bound,
-                                        grad, float(gamma), float(tau_e), target == "posterior", bool(update),
-                                        _validate.REDUCTIONS[reduction])
+    loss = _dispatch.op(backend, "topk_step")(z3, index.to(torch.int64).contiguous(), bank.ids, bank.vals, bank.rest,
+                                              bound, grad, float(gamma), float(tau_e), target == "posterior",
+                                              bool(update), _validate.REDUCTIONS[reduction])
     if reduction == "none" and logits.dim() == 2:
         loss = loss[0]
     return attach_grad(loss, logits, grad.view(logits.shape).to(logits.dtype)) if need else loss

@@ -9,35 +9,9 @@ import torch
 import dps_fast
 from dps_fast import topk as T
 from _helpers import HAS_CPU, rule_check
+from _topk_cases import bank_state, check_rows, clone, run
 
 pytestmark = pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
-
-
-def bank_state(n, c, k, gen):
-    bank = T.topk_prior(torch.randint(0, c, (n,), generator=gen), c, k, c=5.0, eps=0.05)
-    for _ in range(2):
-        T.reference_step(torch.randn(n, c, generator=gen) * 3, torch.arange(n), bank, gamma=0.9)
-    bank.ids = bank.ids.to(torch.int64)
-    return bank
-
-
-def clone(bank, dtype=None):
-    cast = (lambda t: t.clone()) if dtype is None else (lambda t: t.to(dtype))
-    return T.TopKRows(bank.ids.clone(), cast(bank.vals), cast(bank.rest), bank.num_classes, cast(bank.bound))
-
-
-def run(step, z, idx, bank, g, **kw):
-    x = z.clone().requires_grad_(True)
-    loss = step(x, idx, bank, **kw)
-    (loss * g).sum().backward()
-    return loss.detach(), x.grad
-
-
-def same_rows(got, want, rows, what):
-    for r in rows.tolist():
-        assert set(got.ids[r].tolist()) == set(want.ids[r].tolist()), f"{what}: row {r} kept other classes"
-    order = lambda b: b.ids.argsort(1)  # noqa: E731 - compare values class by class
-    return (got.vals.gather(1, order(got)), want.vals.gather(1, order(want)))
 
 
 CASES = [(c, k, v) for c, k in [(2, 1), (5, 2), (33, 20), (100, 8), (1000, 32), (3000, 64)] for v in (1, 3)]
@@ -63,14 +37,7 @@ def test_fused_step_matches_the_reference(c, k, views, target, reduction, update
     lx, gx = run(T.reference_step, z.double(), idx, exact, g.double(), **kw)
     rule_check(lk, le, lx, torch.float32, "loss")
     rule_check(gk, ge, gx, torch.float32, "grad")
-    touched = idx[torch.tensor([0, 1, 3, 4, 5, 6])]
-    vk, vx = same_rows(fused, exact, touched, "fused")
-    rule_check(vk, same_rows(ref, exact, touched, "reference")[0], vx, torch.float32, "values")
-    rule_check(fused.rest, ref.rest, exact.rest, torch.float32, "rest")
-    rule_check(fused.bound, ref.bound, exact.bound, torch.float32, "bound")
-    untouched = torch.tensor([1, 3, 6, 8, 10, 4])  # 4 holds the NaN row
-    for name in ("ids", "vals", "rest", "bound"):
-        assert torch.equal(getattr(fused, name)[untouched], getattr(bank, name)[untouched]), name
+    check_rows(fused, ref, exact, bank, idx)
 
 
 def test_ids_outside_the_bank_are_skipped():

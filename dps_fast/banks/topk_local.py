@@ -41,14 +41,17 @@ def row_tv_bound(bound: torch.Tensor, vals: torch.Tensor, rest: torch.Tensor) ->
 
 
 def run_step(plan: StepPlan, rows: T.TopKRows, cfg, skip: torch.Tensor | None = None):
-    """The top-k step on the batch's gathered ``rows`` (in place when ``plan.update``): the fused
-    CPU kernel where it applies, else the reference. Every top-k bank kind steps through here.
+    """The top-k step on the batch's gathered ``rows`` (in place when ``plan.update``): a fused
+    kernel (CPU, Triton) where one applies, else the reference. Every top-k bank kind steps through here.
     Rows where ``skip`` is set keep their state and get a NaN loss (docs/method.md §9)."""
     local = torch.arange(rows.ids.shape[0], device=rows.ids.device)
     if skip is not None:
         local = torch.where(skip.to(local.device), -1, local)
-    step = T.fused_step if T.fused_backend(plan.logits, rows, cfg.backend) else T.reference_step
-    return step(plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction, update=plan.update)
+    fused = T.fused_backend(plan.logits, rows, cfg.backend)
+    args = (plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction)
+    if fused is None:
+        return T.reference_step(*args, update=plan.update)
+    return T.fused_step(*args, update=plan.update, backend=fused)
 
 
 class LocalTopKBank(Bank):

@@ -28,8 +28,9 @@ def _impl(op: str):
 
 
 _lib = torch.library.Library("dps_fast_triton", "DEF")
-for _kernel in _registration.kernels():
-    _lib.define(_registration.schema(_kernel.name))
+# the declared kernel ops, and the top-k bank's step (eager only: dps_fast/topk.py calls it)
+for _name in [kernel.name for kernel in _registration.kernels()] + ["topk_step"]:
+    _lib.define(_registration.schema(_name))
     for _key in _KEYS:
-        _lib.impl(_kernel.name, _impl(_kernel.name), _key)
+        _lib.impl(_name, _impl(_name), _key)
 _registration.register_fakes("dps_fast_triton")

@@ -1,0 +1,149 @@
+"""The Triton kernel of the top-k step (dps_fast/kernels/topk_step.py; docs/method.md §12, issue
+26) against the reference step, as tests/test_topk_kernel.py checks the CPU kernel: the same new
+ids, values, rest and bound, loss and gradient by the tolerance rule against the float64
+reference, over C (2 to 32,768), k, views, tau_e, targets, reductions, update, non-finite rows,
+ids outside the bank, a non-unit upstream gradient and untouched rows; K' identical to the
+reference's and the CPU kernel's on tie-heavy inputs. Here in Triton's interpreter (CPU
+tensors); on a machine with a GPU, on CUDA tensors too."""
+import functools
+
+import pytest
+import torch
+
+import dps_fast
+from dps_fast import topk as T
+from _helpers import FUSED, HAS_CPU, case_id, rule_check
+from _topk_cases import bank_state, check_rows, clone, run
+
+TRITON = [c for c in FUSED if c[0] == "triton"]
+pytestmark = pytest.mark.skipif(not TRITON, reason="Triton is not available (nor its interpreter)")
+
+CASES = [(2, 1, 1), (5, 2, 3), (33, 20, 1), (100, 8, 3), (1000, 32, 1), (3000, 64, 1)]
+
+
+def on(device, bank):
+    """A copy of ``bank`` on ``device``."""
+    return T.TopKRows(*(t.to(device, copy=True) for t in (bank.ids, bank.vals, bank.rest)), bank.num_classes,
+                      bank.bound.to(device, copy=True))
+
+
+@pytest.mark.parametrize("case", TRITON, ids=case_id)
+@pytest.mark.parametrize("c,k,views", CASES, ids=[f"C{c}-k{k}-V{v}" for c, k, v in CASES])
+@pytest.mark.parametrize("target,reduction,update,tau_e", [("posterior", "mean", True, 1.0),
+                                                           ("prior", "none", True, 0.5),
+                                                           ("posterior", "sum", False, 2.0)])
+def test_triton_step_matches_the_reference(case, c, k, views, target, reduction, update, tau_e):
+    device = case[1]
+    gen = torch.Generator().manual_seed(c + k + views)
+    bank = bank_state(12, c, k, gen)
+    z = torch.randn(views, 7, c, generator=gen) * 3
+    z[:, 2, 3 % c] = float("nan")  # a row with a non-finite logit keeps its state
+    idx = torch.tensor([9, 0, 4, 11, 2, 7, 5])
+    shape = (views, 7) if reduction == "none" else ()
+    g = torch.rand(shape, generator=gen) + 0.5 if shape else torch.tensor(0.7)
+    kw = dict(gamma=0.85, tau_e=tau_e, target=target, reduction=reduction, update=update)
+    fused, ref, exact = on(device, bank), clone(bank), clone(bank, torch.float64)
+    step = functools.partial(T.fused_step, backend="triton")
+    lk, gk = run(step, z.to(device), idx.to(device), fused, g.to(device), **kw)
+    le, ge = run(T.reference_step, z, idx, ref, g, **kw)
+    lx, gx = run(T.reference_step, z.double(), idx, exact, g.double(), **kw)
+    fused = on("cpu", fused)
+    rule_check(lk.cpu(), le, lx, torch.float32, "loss")
+    rule_check(gk.cpu(), ge, gx, torch.float32, "grad")
+    check_rows(fused, ref, exact, bank, idx)
+
+
+@pytest.mark.parametrize("case", TRITON, ids=case_id)
+def test_the_widest_row_on_chip(case):
+    """C = 32,768 (the kernel's MAX_C, int32 ids in a bank of more than 32,767 classes): the
+    same K', values and loss as the reference."""
+    from dps_fast.kernels import topk_step as kernel
+
+    device, c, k = case[1], kernel.MAX_C, 3
+    gen = torch.Generator().manual_seed(5)
+    bank = T.topk_prior(torch.tensor([0, c - 1, 4]), c, k, c=5.0, eps=1e-3)
+    bank.ids = bank.ids.to(torch.int64)
+    z = torch.randn(1, 3, c, generator=gen) * 4
+    fused, ref, exact = on(device, bank), clone(bank), clone(bank, torch.float64)
+    idx = torch.tensor([2, 0, 1])
+    lk, gk = run(functools.partial(T.fused_step, backend="triton"), z.to(device), idx.to(device), fused,
+                 torch.tensor(1.0, device=device))
+    le, ge = run(T.reference_step, z, idx, ref, torch.tensor(1.0))
+    lx, gx = run(T.reference_step, z.double(), idx, exact, torch.tensor(1.0, dtype=torch.float64))
+    rule_check(lk.cpu(), le, lx, torch.float32, "loss")
+    rule_check(gk.cpu(), ge, gx, torch.float32, "grad")
+    assert torch.equal(fused.ids.cpu(), ref.ids)
+
+
+@pytest.mark.parametrize("case", TRITON, ids=case_id)
+def test_ids_outside_the_bank_are_skipped(case):
+    device = case[1]
+    gen = torch.Generator().manual_seed(1)
+    bank = bank_state(5, 40, 4, gen)
+    fused = on(device, bank)
+    z = torch.randn(1, 3, 40, generator=gen).to(device)
+    grad = torch.empty_like(z)
+    loss = torch.ops.dps_fast_triton.topk_step(z, torch.tensor([-1, 2, 5], device=device), fused.ids, fused.vals,
+                                               fused.rest, fused.bound, grad, 0.9, 1.0, True, True, 0).cpu()
+    assert torch.isnan(loss[0, [0, 2]]).all() and torch.isfinite(loss[0, 1])
+    grad = grad.cpu()
+    assert torch.isnan(grad[0, [0, 2]]).all() and torch.isfinite(grad[0, 1]).all()
+    keep = torch.tensor([0, 1, 3, 4])
+    vals = fused.vals.cpu()
+    assert torch.equal(vals[keep], bank.vals[keep]) and not torch.equal(vals[2], bank.vals[2])
+
+
+@pytest.mark.parametrize("case", TRITON, ids=case_id)
+@pytest.mark.parametrize("c,k", [(10, 3), (100, 8), (33, 20)])
+def test_tie_heavy_inputs_keep_the_same_classes_in_the_same_order(case, c, k):
+    """Equal logits on a fresh prior (every slot at eps ties with every class outside K): the
+    Triton kernel keeps the reference's K', in its order, and so does the CPU kernel (the first
+    step; after it rounding decides between mathematically equal values, docs/method.md §12)."""
+    labels = torch.tensor([0, c - 1, c // 2, 1])
+    for z in (torch.zeros(1, 4, c), torch.full((2, 4, c), 3.0)):
+        ref = T.topk_prior(labels, c, k, c=2.0, eps=0.25)
+        T.reference_step(z, torch.arange(4), ref, gamma=0.9)
+        tri = T.topk_prior(labels, c, k, c=2.0, eps=0.25)
+        tri.ids = tri.ids.to(torch.int64)
+        tri = on(case[1], tri)
+        T.fused_step(z.to(case[1]), torch.arange(4, device=case[1]), tri, gamma=0.9, backend="triton")
+        assert torch.equal(tri.ids.cpu(), ref.ids.to(torch.int64))
+        if HAS_CPU:
+            cpu = T.topk_prior(labels, c, k, c=2.0, eps=0.25)
+            cpu.ids = cpu.ids.to(torch.int64)
+            T.fused_step(z, torch.arange(4), cpu, gamma=0.9, backend="cpu")
+            assert torch.equal(cpu.ids, tri.ids.cpu())
+
+
+@pytest.mark.parametrize("case", TRITON, ids=case_id)
+def test_the_loss_runs_the_triton_kernel_when_it_is_the_backend(case, monkeypatch):
+    """DPSLoss(top_k=k, backend="triton") steps on the Triton kernel, to the reference's bank by
+    the tolerance of a float32 step; rows too large to compile without spills take the reference."""
+    device = case[1]
+    calls = []
+    real = T.fused_step
+    monkeypatch.setattr(T, "fused_step", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
+    labels = torch.randint(0, 60, (24,), generator=torch.Generator().manual_seed(2))
+    crits = {b: dps_fast.DPSLoss(labels, 60, top_k=5, backend=b, device=device) for b in ("triton", "reference")}
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        z, idx = torch.randn(6, 60, generator=gen) * 2, torch.randperm(24, generator=gen)[:6]
+        for crit in crits.values():
+            crit(z.to(device).requires_grad_(), idx.to(device)).backward()
+    assert calls == ["triton"] * 3
+    torch.testing.assert_close(crits["triton"].targets().cpu(), crits["reference"].targets().cpu(),
+                               rtol=1e-4, atol=1e-6)
+    for c, k, want in [(1024, 8, "triton"), (1025, 8, None), (512, 16, "triton"), (512, 17, None)]:
+        bank = T.topk_prior(torch.tensor([0]), c, k)  # T.TRITON_MAX_CELLS = 8192 cells of [C, k] rounded up
+        assert T.fused_backend(torch.zeros(1, c, device=device), bank, "triton") == want, (c, k)
+
+
+@pytest.mark.parametrize("case", TRITON, ids=case_id)
+def test_the_schema_declares_what_the_kernel_writes(case):
+    device = case[1]
+    gen = torch.Generator().manual_seed(4)
+    bank = on(device, bank_state(6, 20, 3, gen))
+    z = torch.randn(2, 4, 20, generator=gen).to(device)
+    args = (z, torch.tensor([5, 0, 3, 1], device=device), bank.ids, bank.vals, bank.rest, bank.bound,
+            torch.empty_like(z), 0.9, 1.0, True, True, 1)
+    torch.library.opcheck(torch.ops.dps_fast_triton.topk_step.default, args, test_utils=("test_schema",))
