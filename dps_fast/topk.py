@@ -45,11 +45,13 @@ def check_k(k: int, num_classes: int) -> int:
 
 def topk_prior(labels: torch.Tensor, num_classes: int, k: int, c: float = 100.0, eps: float | None = None,
                off_label: float | None = None, dtype: torch.dtype = torch.float32,
-               ids_dtype: torch.dtype = torch.int64, block_rows: int = 1 << 16) -> TopKRows:
+               ids_dtype: torch.dtype = torch.int64, block_rows: int = 1 << 16,
+               vals_dtype: torch.dtype | None = None) -> TopKRows:
     """The exact prior in top-k form: the label at ``c``, the other k - 1 slots (the smallest
     class ids other than the label) at ``eps``, and ``rest = eps * (C - k)``; its dense row is
     :func:`dps_fast.init_prior`'s. The ids are built in ``ids_dtype`` a block of rows at a time
-    (no int64 copy of a whole bank)."""
+    (no int64 copy of a whole bank); the values in ``vals_dtype`` (default ``dtype``, that of
+    rest and bound)."""
     k = check_k(k, num_classes)
     eps = prior_eps(num_classes, c, eps, off_label)
     labels = torch.as_tensor(labels).to(torch.int64)
@@ -60,10 +62,25 @@ def topk_prior(labels: torch.Tensor, num_classes: int, k: int, c: float = 100.0,
         lab = labels[r:r + block_rows, None]
         ids[r:r + block_rows, 0:1] = lab
         ids[r:r + block_rows, 1:] = slots + (slots >= lab).to(torch.int64)  # skip the label's own id
-    vals = torch.full((n, k), float(eps), dtype=dtype, device=labels.device)
+    vals = torch.full((n, k), float(eps), dtype=vals_dtype or dtype, device=labels.device)
     vals[:, 0] = float(c)
     rest = torch.full((n,), float(eps) * (num_classes - k), dtype=dtype, device=labels.device)
     return TopKRows(ids, vals, rest, num_classes, torch.zeros(n, dtype=dtype, device=labels.device))
+
+
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_values_dtype(dtype: torch.dtype, c: float, eps: float) -> None:
+    """A bank's values dtype: float32, bfloat16 or float16 (rest and bound stay float32, the
+    step computes in float32 and rounds the written values), in which the prior's c and eps
+    are finite and > 0."""
+    if dtype not in VALUE_DTYPES:
+        raise TypeError(f"top_k: the bank's values are float32, bfloat16 or float16, got {dtype}")
+    probe = torch.tensor([float(c), float(eps)], dtype=torch.float64).to(dtype)
+    if not bool((torch.isfinite(probe) & (probe > 0)).all()):
+        raise ValueError(f"top_k: the prior's c = {c} and eps = {eps:.3g} are not both finite and > 0 in {dtype}; "
+                         f"use bank_dtype=torch.float32")
 
 
 def step_bound(K, val, rest, p, gamma: float, new_K, new_rest) -> torch.Tensor:
@@ -198,11 +215,12 @@ def reference_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target=
     return reduce(loss, reduction)
 
 
-# where a step takes the Triton kernel (dps_fast/kernels/topk_step.py): rows whose membership
-# tests, [next power of two of C, of k], hold at most this many cells. Those compile for sm_90
-# without spills ([1024, 1000], k = 8: 128 registers; C = 4096, k = 32 spills 44 KB a thread,
-# tools/triton_aot_check.py, triton 3.8); larger rows take the reference (the kernel itself runs
-# up to 32,768 classes, in the interpreter's tests)
+# where a step named backend="triton" takes the Triton kernel (dps_fast/kernels/topk_step.py):
+# rows whose membership tests, [next power of two of C, of k], hold at most this many cells
+# ([1024, 1000], k = 8 compiles for sm_90 without spills, 177 registers; C = 4096, k = 32 spills
+# 44 KB a thread: tools/triton_aot_check.py, triton 3.8); larger rows take the reference (the
+# kernel itself runs up to 32,768 classes, in the interpreter's tests). The automatic choice
+# never takes it until it has run on a GPU.
 TRITON_MAX_CELLS = 8192
 
 
@@ -213,17 +231,19 @@ def _pow2(n: int) -> int:
 def fused_backend(logits: torch.Tensor, bank: TopKRows, backend) -> str | None:
     """The fused kernel for this step, or None for :func:`reference_step`: ``"cpu"``
     (``dps_fast::topk_step``, csrc/cpu/topk_step.cpp) for CPU tensors, ``"triton"``
-    (dps_fast/kernels/topk_step.py, rows within TRITON_MAX_CELLS) where Triton is the
-    backend (named or chosen automatically: CUDA tensors, or CPU tensors in its interpreter);
-    float32 values, fused logit dtypes, eager mode, no torch.func transform. There is no CUDA
-    C++ top-k kernel yet (issue 26): backend "cuda" takes the reference."""
+    (dps_fast/kernels/topk_step.py, rows within TRITON_MAX_CELLS) only where
+    ``backend="triton"`` is named (CUDA tensors, or CPU tensors in its interpreter: it has not
+    run on a GPU, so the automatic choice on CUDA is the reference); float32 values, fused
+    logit dtypes, eager mode, no torch.func transform. There is no CUDA C++ top-k kernel yet
+    (issue 26): backend "cuda" takes the reference."""
     if torch.compiler.is_compiling() or bank.vals.dtype != torch.float32:
         return None
     if logits.dtype not in _validate.FUSED_DTYPES:
         return None
     name = _dispatch.resolve(backend, logits.device, (logits.dtype,))
     name = backend_for_autodiff(logits, name, backend, "the top-k step")
-    if name == "cpu" or (name == "triton" and _pow2(logits.shape[-1]) * _pow2(bank.k) <= TRITON_MAX_CELLS):
+    small = _pow2(logits.shape[-1]) * _pow2(bank.k) <= TRITON_MAX_CELLS
+    if name == "cpu" or (name == "triton" and backend == "triton" and small):
         return name
     return None
 

@@ -3,7 +3,7 @@
 # section 7): the grid's MLP stand-in (2 x 256, 5,000 training images, 50 epochs, no
 # augmentation, batch 128, SGD lr 0.05), clean / sym40 / asym40, seeds 0-2, DPS with every
 # default (tau_e auto) and --label-issues; dense, then top-k with k = 2, 3, 5 of 10 classes.
-# From the repository root (about 25 minutes on one core):
+# From the repository root (about 13 minutes on one core):
 #   bash results/topk-grid-run.sh
 #   .venv/bin/python results/topk_grid_table.py runs/topk-grid
 export MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=65536

@@ -100,23 +100,26 @@ def test_eval_padding_and_bad_input_never_write():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_validate_false_skips_an_id_outside_the_bank(backend):
+@pytest.mark.parametrize("ids", [[2, N, 7, -1, 11], [N, 0, 7, -1, 11]], ids=["inside-first", "outside-first"])
+def test_validate_false_skips_an_id_outside_the_bank(backend, ids):
     """docs/method.md §9, as the dense bank: with validate=False an id outside [0, N) (N, -1) is
-    skipped, its loss and gradient NaN; the other rows step as a call without it, and padding
-    still never writes."""
+    skipped, its loss and gradient NaN; the other rows step as a call without it (row 0, which a
+    skipped id reads, included), and padding still never writes."""
     gen = torch.Generator().manual_seed(3)
     z = (torch.randn(5, C, generator=gen) * 3).requires_grad_()
-    idx, valid = torch.tensor([2, N, 7, -1, 11]), torch.tensor([True, True, True, True, False])
+    idx, valid = torch.tensor(ids), torch.tensor([True, True, True, True, False])
     crit = dps_fast.DPSLoss(labels(), C, top_k=K, validate=False, reduction="none", backend=backend)
     want = dps_fast.DPSLoss(labels(), C, top_k=K, reduction="none", backend=backend)
     for mask in (None, valid):
         loss = crit(z, idx, valid=mask)
         loss.backward(torch.ones_like(loss))
-        inside = torch.tensor([0, 2, 4])
+        inside = (idx >= 0) & (idx < N)
+        outside_pos = (~inside).nonzero()[:, 0]
+        inside = inside.nonzero()[:, 0]
         z_in = z.detach()[inside].clone().requires_grad_()
         good = want(z_in, idx[inside], valid=None if mask is None else mask[inside])
         good.backward(torch.ones_like(good))
-        assert torch.isnan(loss[[1, 3]]).all() and torch.isnan(z.grad[[1, 3]]).all()
+        assert torch.isnan(loss[outside_pos]).all() and torch.isnan(z.grad[outside_pos]).all()
         assert torch.equal(loss[inside], good) and torch.equal(z.grad[inside], z_in.grad)
         assert same(snapshot(crit), snapshot(want))
         z.grad = None
@@ -171,12 +174,64 @@ def test_casts_keep_the_format_and_refusals_are_clear():
     with pytest.raises(ValueError, match="top_k: bank must be 'local', 'host', 'replicated', 'sharded' or 'auto', "
                                          "got 'ring'"):
         dps_fast.DPSLoss(labels(), C, top_k=K, bank="ring")
-    with pytest.raises(TypeError, match="float32"):
-        dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16, got torch.float64"):
+        dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=torch.float64)
+    with pytest.raises(ValueError, match="not both finite and > 0 in torch.float16"):
+        dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=torch.float16, eps=1e-9)
     with pytest.raises(ValueError, match="top_k must be an int"):
         dps_fast.DPSLoss(labels(), C, top_k=C)
     with pytest.raises(ValueError, match="explicit prior"):
         dps_fast.DPSLoss(prior=torch.ones(N, C), top_k=K)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_values_step_in_float32_and_round_on_write(dtype):
+    """bank_dtype=bfloat16 / float16: the values take 2 bytes; each step gathers them as float32
+    (the fused CPU kernel runs), computes the target from the float32 update and rounds the
+    written values (docs/method.md §12): the rows equal a float32 bank's stepped row by row
+    with the values rounded after each step, and the host kind holds the same bits."""
+    gen = torch.Generator().manual_seed(11)
+    half = dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=dtype)
+    host = dps_fast.HostDPSLoss(labels(), C, top_k=K, bank_dtype=dtype)
+    mirror = dps_fast.DPSLoss(labels(), C, top_k=K)  # float32, rounded by hand after each step
+    mirror.store.vals.copy_(mirror.store.vals.to(dtype).float())
+    assert half.store.vals.dtype == dtype and half.store.rest.dtype == torch.float32
+    for _ in range(5):
+        z, idx = torch.randn(8, C, generator=gen) * 3, torch.randperm(N, generator=gen)[:8]
+        losses = [crit(z, idx) for crit in (half, host, mirror)]
+        mirror.store.vals.copy_(mirror.store.vals.to(dtype).float())
+        assert torch.equal(losses[0], losses[1]) and torch.equal(losses[0], losses[2])
+    for a in (host, mirror):
+        assert torch.equal(half.store.ids, a.store.ids) and torch.equal(half.store.vals.float(), a.store.vals.float())
+        assert torch.equal(half.store.rest, a.store.rest)
+    fresh = dps_fast.DPSLoss(labels(), C, top_k=K, bank_dtype=dtype)
+    fresh.load_state_dict(half.state_dict())
+    assert torch.equal(fresh.store.vals, half.store.vals)
+
+
+def test_a_16_bit_save_loads_into_float32_and_a_float32_save_never_rounds(tmp_path):
+    """save_bank records the values' dtype: a bfloat16 save loads into a float32 bank exactly; a
+    float32 save into a bfloat16 bank is refused, the bank unchanged (as for dense banks)."""
+    from _helpers import one_rank_gloo
+    from dps_fast.distributed import DistributedDPSLoss, load_bank, save_bank
+
+    make = lambda dt: DistributedDPSLoss(labels(), C, mode="sharded", top_k=K, bank_dtype=dt)  # noqa: E731
+    gen = torch.Generator().manual_seed(12)
+    with one_rank_gloo():
+        saved = {}
+        for dt in (torch.bfloat16, torch.float32):
+            crit = make(dt)
+            crit(torch.randn(8, C, generator=gen) * 3, torch.arange(8))
+            save_bank(crit, str(tmp_path / str(dt)))
+            saved[dt] = crit
+        wide = make(torch.float32)
+        load_bank(wide, str(tmp_path / str(torch.bfloat16)))
+        assert torch.equal(wide.store.local.vals, saved[torch.bfloat16].store.local.vals.float())
+        narrow = make(torch.bfloat16)
+        before = narrow.store.local.vals.clone()
+        with pytest.raises(ValueError, match="the save holds F32 top-k values, this bank keeps BF16"):
+            load_bank(narrow, str(tmp_path / str(torch.float32)))
+        assert torch.equal(narrow.store.local.vals, before)
 
 
 def test_memory_is_k_values_a_row():
@@ -348,7 +403,7 @@ def test_above_2_to_the_24_classes_a_save_keeps_the_ids_in_float64(tmp_path):
     lab = torch.tensor([c - 1, c - 2, 3, 2 ** 24 + 1])
     with one_rank_gloo():
         crit = DistributedDPSLoss(lab, c, mode="sharded", top_k=2, c=5.0, eps=1e-6)
-        crit.store.local.ids[1, 1] = c - 3  # an id that float32 would round
+        crit.store.local.ids[1, 1] = c - 4  # 2**24 + 3: an id that float32 would round
         save_bank(crit, str(tmp_path / "big"))
         doc = json.loads((tmp_path / "big" / "bank-index.json").read_text())
         assert doc["dtype"] == "F64"
@@ -359,6 +414,31 @@ def test_above_2_to_the_24_classes_a_save_keeps_the_ids_in_float64(tmp_path):
         (tmp_path / "big" / "bank-index.json").write_text(json.dumps(doc))
         with pytest.raises(ValueError, match="F32 rows cannot hold the class ids"):
             load_bank(fresh, str(tmp_path / "big"))
+
+
+def test_a_save_of_float64_rows_still_loads(tmp_path, monkeypatch):
+    """Top-k saves before the float32 packing hold F64 rows (and no values dtype): they load,
+    equal, into today's banks."""
+    import json
+
+    from _helpers import one_rank_gloo
+    from dps_fast.banks import topk_saves
+    from dps_fast.distributed import DistributedDPSLoss, load_bank, save_bank
+
+    with one_rank_gloo():
+        crit = DistributedDPSLoss(labels(), C, mode="sharded", top_k=K)
+        crit(torch.randn(8, C, generator=torch.Generator().manual_seed(13)) * 3, torch.arange(8))
+        with monkeypatch.context() as m:
+            m.setattr(topk_saves, "packed_dtype", lambda num_classes: torch.float64)
+            save_bank(crit, str(tmp_path / "old"))
+        doc = json.loads((tmp_path / "old" / "bank-index.json").read_text())
+        doc.pop("values")  # as written before the values dtype was recorded
+        (tmp_path / "old" / "bank-index.json").write_text(json.dumps(doc))
+        assert doc["dtype"] == "F64"
+        fresh = DistributedDPSLoss(labels(), C, mode="sharded", top_k=K)
+        load_bank(fresh, str(tmp_path / "old"))
+        for name in ("ids", "vals", "rest", "bound"):
+            assert torch.equal(getattr(fresh.store.local, name), getattr(crit.store.local, name)), name
 
 
 def test_a_saved_top_k_row_is_checked_by_its_layout():

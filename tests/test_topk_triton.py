@@ -136,6 +136,26 @@ def test_the_loss_runs_the_triton_kernel_when_it_is_the_backend(case, monkeypatc
     for c, k, want in [(1024, 8, "triton"), (1025, 8, None), (512, 16, "triton"), (512, 17, None)]:
         bank = T.topk_prior(torch.tensor([0]), c, k)  # T.TRITON_MAX_CELLS = 8192 cells of [C, k] rounded up
         assert T.fused_backend(torch.zeros(1, c, device=device), bank, "triton") == want, (c, k)
+    if device == "cuda":  # never the automatic choice before a GPU run
+        assert T.fused_backend(torch.zeros(1, 60, device=device), T.topk_prior(torch.tensor([0]), 60, 5), None) is None
+
+
+@pytest.mark.parametrize("case", TRITON, ids=case_id)
+def test_the_op_refuses_what_would_read_or_write_outside_its_tensors(case):
+    device = case[1]
+    bank = on(device, bank_state(6, 20, 3, torch.Generator().manual_seed(8)))
+    z = torch.randn(1, 4, 20).to(device)
+    good = dict(logits=z, index=torch.tensor([5, 0, 3, 1], device=device), ids=bank.ids, vals=bank.vals,
+                rest=bank.rest, bound=bank.bound, grad=torch.empty_like(z))
+    bad = [("index", good["index"][:3], "index must be int64 \\[B\\]"),
+           ("grad", torch.empty(1, 3, 20, device=device), "grad must be float32 like the logits"),
+           ("rest", bank.rest[:5], "rest must be float32 \\[N\\]"),
+           ("ids", bank.ids[:, :0], "1 <= k < C"),
+           ("vals", bank.vals.double(), "vals must be float32")]
+    for name, value, match in bad:
+        args = dict(good, **{name: value})
+        with pytest.raises(ValueError, match=match):
+            torch.ops.dps_fast_triton.topk_step(*args.values(), 0.9, 1.0, True, True, 0)
 
 
 @pytest.mark.parametrize("case", TRITON, ids=case_id)

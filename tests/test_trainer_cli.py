@@ -253,9 +253,10 @@ def test_top_k_trains_logs_its_error_bound_and_refuses_what_it_cannot(tmp_path, 
     assert code == 0, err  # the host kind holds the top-k format too
     host = json.loads((tmp_path / "h" / "dps" / "final.json").read_text())
     assert host["final"] == json.loads((tmp_path / "r" / "dps" / "final.json").read_text())["final"]
-    assert error_of(capsys, *base, "--top-k", "3", "--bank-dtype", "bfloat16", "--out", str(tmp_path / "x")) == (
-        "--top-k keeps float32 values so far; drop --bank-dtype bfloat16")
     assert not (tmp_path / "x").exists()
+    code, out, err = cli(capsys, *base, "--top-k", "3", "--bank-dtype", "bfloat16", "--out", str(tmp_path / "b"))
+    assert code == 0, err  # 16-bit values
+    assert json.loads((tmp_path / "b" / "dps" / "config.json").read_text())["bank_dtype"] == "bfloat16"
 
 
 def test_tau_e_auto_runs_and_logs_its_temperature(tmp_path, capsys):

@@ -2,9 +2,9 @@
 gloo ranks each build their shard of a sharded ``DistributedDPSLoss(top_k=K)`` from the
 labels, step it at a global batch B, and ``save_bank`` it; then W' ranks (another world size)
 ``load_bank`` the save (each reading only its rows, verified) and step it again. Prints, per
-phase and rank, the time of each part and the peak memory (VmHWM); the reload is checked by the
-sums of every saved value and id. Needs 2k + 2 float64 numbers a row on disk (7.5 GB at the
-defaults) under --dir.
+phase and rank, the time of each part and the peak memory (VmHWM); the reload is checked by
+checksums of every saved value, id, rest and bound, weighted by row position. Needs 2k + 2
+float32 numbers a row on disk (3.5 GB at the defaults) under --dir.
 
     python tools/topk_scale_dist.py --dir /tmp/topk-save                 # 14.2M x 21,841, k 32, 2 -> 1
     python tools/topk_scale_dist.py --dir /tmp/s --n 100000 --save-world 1 --load-world 2
@@ -24,10 +24,19 @@ from dps_fast.distributed import DistributedDPSLoss, load_bank, save_bank
 
 
 def bank_sums(crit) -> list[float]:
-    """(sum of values, sum of class ids, sum of rest) over this rank's rows, float64."""
-    s = crit.store.local  # a chunk at a time: sum(dtype=float64) forms a float64 copy of the bank
-    return [sum(float(x[i:i + 2 ** 20].sum(dtype=torch.float64)) for i in range(0, x.shape[0], 2 ** 20))
-            for x in (s.vals, s.ids, s.rest)]
+    """Checksums of this rank's rows, float64, a chunk at a time: per tensor (values, class ids,
+    rest, bound), the sum and the sum weighted by each row's global id, so that a row reloaded
+    at the wrong position changes them."""
+    s, held = crit.store.local, crit.store.held_ids().double()
+    out = [0.0] * 8
+    for i in range(0, held.shape[0], 2 ** 16):  # 16 MB of float64 at k = 32: no new peak
+        gid = held[i:i + 2 ** 16]
+        for j, x in enumerate((s.vals, s.ids, s.rest, s.bound)):
+            part = x[i:i + 2 ** 16].double()
+            part = part.sum(1) if part.dim() == 2 else part
+            out[2 * j] += float(part.sum())
+            out[2 * j + 1] += float((part * gid).sum())
+    return out
 
 
 def step(crit, a, gen, world, rank) -> float:
@@ -95,10 +104,11 @@ def main() -> None:
         print(f"on disk: {size / 2**30:.2f} GB ({size / a.n:.0f} bytes a row)", flush=True)
         mp.spawn(worker, args=(a.load_world, "load", a, store_dir), nprocs=a.load_world, join=True)
         loaded = report(store_dir, "load", a.load_world)
-    want = [sum(o["sums_saved"][i] for o in saved) for i in range(3)]
-    got = [sum(o["sums_after_load"][i] for o in loaded) for i in range(3)]
+    want = [sum(o["sums_saved"][i] for o in saved) for i in range(8)]
+    got = [sum(o["sums_after_load"][i] for o in loaded) for i in range(8)]
     same = all(abs(w - g) <= 1e-9 * max(1.0, abs(w)) for w, g in zip(want, got))
-    print(f"reloaded bank equals the saved one (sums of values, ids, rest): {same}")
+    print(f"reloaded bank equals the saved one (checksums of values, ids, rest, bound, plain and "
+          f"weighted by row id): {same}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ step: a learner whose evidence sharpens, so the top-k classes change as it train
 
     python tools/topk_sim.py                       # C = 1000 and 10,000, k = 1, 4, 16, 64
     python tools/topk_sim.py --c 1000 --k 2,4 --epochs 20 --n 512
+    python tools/topk_sim.py --values bfloat16,float16     # + 16-bit values against float32 ones
 """
 import argparse
 import statistics
@@ -38,7 +39,8 @@ def synthetic_task(n: int, c: int, noise: float, seed: int, margin: float, confu
     given = torch.where(flip, other, true)
     teacher = spread * torch.randn(n, c, generator=gen)
     if confusers:
-        look_alikes = (true[:, None] + torch.randint(1, c, (n, confusers), generator=gen)) % c
+        offsets = torch.rand(n, c - 1, generator=gen).topk(confusers, 1).indices + 1  # distinct, never 0
+        look_alikes = (true[:, None] + offsets) % c
         teacher.scatter_add_(1, look_alikes, torch.full((n, confusers), confuser))
     teacher[torch.arange(n), true] += margin
     return given, teacher
@@ -54,13 +56,15 @@ def simulate(args, c: int, teacher_kind: str, k_values: list[int]) -> list[dict]
     given, teacher = synthetic_task(args.n, c, args.noise, args.seed, **TEACHERS[teacher_kind])
     dense = dps_fast.DPSLoss(given, c, tau_e=1.0)  # a fixed tau_e: the banks differ only in format
     topk = {k: dps_fast.DPSLoss(given, c, tau_e=1.0, top_k=k) for k in k_values}
+    narrow = {(k, dt): dps_fast.DPSLoss(given, c, tau_e=1.0, top_k=k, bank_dtype=getattr(torch, dt))
+              for k in k_values for dt in args.values}  # the same k with 16-bit values
     gen = torch.Generator().manual_seed(args.seed + 1)
     curves = {k: [] for k in k_values}
     for epoch in range(1, args.epochs + 1):
         for idx in torch.randperm(args.n, generator=gen).split(args.batch):
             z = epoch / args.epochs * teacher[idx] + 0.5 * torch.randn(len(idx), c, generator=gen)
             dense(z, idx)
-            for crit in topk.values():
+            for crit in list(topk.values()) + list(narrow.values()):
                 crit(z, idx)
         reference = dense.targets()
         for k, crit in topk.items():
@@ -71,7 +75,9 @@ def simulate(args, c: int, teacher_kind: str, k_values: list[int]) -> list[dict]
         tv_final = tv_per_row(crit.targets(), reference)
         bound = crit.store.bound / (2 * (crit.store.vals.sum(1) + crit.store.rest))
         tail = 1 - torch.softmax(teacher, 1).topk(k, 1).values.sum(1).mean()
+        drift = {dt: tv_per_row(narrow[k, dt].targets(), crit.targets()) for dt in args.values}
         rows.append({"C": c, "teacher": teacher_kind, "k": k, "tail": float(tail), "peak_tv": max(curves[k]),
+                     "values_drift": {dt: (float(d.mean()), float(d.max())) for dt, d in drift.items()},
                      "final_tv": curves[k][-1], "mean_tv_bound": err["mean_tv_bound"],
                      "max_tv_bound": err["max_tv_bound"],
                      "bound_holds": bool((tv_final <= bound.double() + 1e-6).all())})
@@ -88,6 +94,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--values", type=lambda s: [x for x in s.split(",") if x], default=[],
+                    help="16-bit value dtypes (bfloat16, float16) to compare with float32 values, the same k")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     print(f"N = {args.n}, batch {args.batch}, {args.epochs} epochs, {args.noise:.0%} wrong labels, "
@@ -95,14 +103,21 @@ def main() -> None:
     print("| C | teacher | k | teacher's mass outside its top k | mean TV, peak over epochs | mean TV, last epoch "
           "| bound: mean / max | TV <= bound, every row |")
     print("|---|---|---|---|---|---|---|---|")
+    drifts = []
     for c in args.c:
         for kind in args.teachers:
             t0 = time.perf_counter()
-            for r in simulate(args, c, kind, [k for k in args.k if k < c]):
+            rows = simulate(args, c, kind, [k for k in args.k if k < c])
+            for r in rows:
                 print(f"| {r['C']:,} | {r['teacher']} | {r['k']} | {r['tail']:.3f} | {r['peak_tv']:.4f} | {r['final_tv']:.4f} | "
                       f"{r['mean_tv_bound']:.4f} / {r['max_tv_bound']:.4f} | {'yes' if r['bound_holds'] else 'NO'} |",
                       flush=True)
             print(f"<!-- C = {c}, {kind}: {time.perf_counter() - t0:.0f} s -->", flush=True)
+            drifts += [(c, kind, r["k"], dt, *v) for r in rows for dt, v in r["values_drift"].items()]
+    if drifts:
+        print("\n| C | teacher | k | values | TV to float32 values, mean | max |\n|---|---|---|---|---|---|")
+        for c, kind, k, dt, mean, worst in drifts:
+            print(f"| {c:,} | {kind} | {k} | {dt} | {mean:.2e} | {worst:.2e} |")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device, g
                    timeout_s=120.0) -> Bank:
     """A top-k bank (docs/method.md §12) of any kind: one process (``"local"``, or ``"host"``:
     the rows in host memory), or over a process group (``"replicated"``, ``"sharded"``;
-    ``"auto"`` picks replicated under an initialised group), float32 values, from labels."""
+    ``"auto"`` picks replicated under an initialised group), from labels; values in ``dtype``
+    (float32, bfloat16 or float16; rest and bound float32, the step in float32)."""
     from .. import topk
     from .topk_local import LocalTopKBank, id_dtype
 
@@ -77,13 +78,12 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device, g
         raise ValueError(f"top_k: bank must be 'local', 'host', 'replicated', 'sharded' or 'auto', got {kind!r}")
     if prior is not None or labels is None or num_classes is None:
         raise ValueError("top_k: build the bank from labels and num_classes (an explicit prior is dense)")
-    if dtype != torch.float32:
-        raise TypeError(f"top_k: the bank's values are float32 (other dtypes: issue 26), got {dtype}")
     topk.check_k(k, num_classes)
+    topk.check_values_dtype(dtype, c, eps)
     lab = given_labels(labels, None)
     if kind == "sharded":  # only this rank's rows are ever built
-        return _sharded_topk_bank(lab, num_classes, k, c, eps, device, group, timeout_s)
-    rows = topk.topk_prior(lab, num_classes, k, c, eps, ids_dtype=id_dtype(num_classes))
+        return _sharded_topk_bank(lab, num_classes, k, c, eps, dtype, device, group, timeout_s)
+    rows = topk.topk_prior(lab, num_classes, k, c, eps, ids_dtype=id_dtype(num_classes), vals_dtype=dtype)
     if kind == "host":  # built where it lives: the host
         from .topk_host import HostTopKBank
 
@@ -98,7 +98,7 @@ def make_topk_bank(kind, labels, num_classes, k, c, eps, dtype, prior, device, g
     return ReplicatedTopKBank(rows, lab.to(dev), Collective(group, timeout_s))
 
 
-def _sharded_topk_bank(lab, num_classes, k, c, eps, device, group, timeout_s) -> Bank:
+def _sharded_topk_bank(lab, num_classes, k, c, eps, dtype, device, group, timeout_s) -> Bank:
     from .. import topk
     from .collective import Collective
     from .topk_local import id_dtype
@@ -106,7 +106,8 @@ def _sharded_topk_bank(lab, num_classes, k, c, eps, device, group, timeout_s) ->
 
     comm = Collective(group, timeout_s)
     dev = torch.device(device) if device is not None else lab.device
-    rows = topk.topk_prior(lab[comm.rank::comm.world], num_classes, k, c, eps, ids_dtype=id_dtype(num_classes))
+    rows = topk.topk_prior(lab[comm.rank::comm.world], num_classes, k, c, eps, ids_dtype=id_dtype(num_classes),
+                           vals_dtype=dtype)
     rows = topk.TopKRows(rows.ids.to(dev), rows.vals.to(dev), rows.rest.to(dev), num_classes, rows.bound.to(dev))
     return ShardedTopKBank(rows, lab.to(dev), comm)
 

@@ -42,14 +42,19 @@ _EXACT_INTO = {"F32": (torch.float32, torch.float64), "F64": (torch.float64,),
 class Layout:
     """What a saved row holds. ``k is None``: the C values of a dense row. Else a top-k row
     (docs/method.md §12) as 2k + 2 numbers (float32, or float64 above 2**24 classes; saves of
-    2026-12-07 and before: float64): k class ids, their values, rest, bound."""
+    2026-12-07 and before: float64): k class ids, their values, rest, bound. ``values``: the
+    dtype name ("F32", "BF16", "F16") the bank held its values in, so that a load never rounds
+    them into a narrower bank (a top-k save without it held float32 values)."""
     k: int | None = None
+    values: str | None = None
 
     def columns(self, num_classes: int) -> int:
         return num_classes if self.k is None else 2 * self.k + 2
 
     def manifest(self) -> dict:
-        return {} if self.k is None else {"layout": "topk", "k": self.k}
+        if self.k is None:
+            return {}
+        return {"layout": "topk", "k": self.k, **({"values": self.values} if self.values else {})}
 
     def describe(self) -> str:
         return "a dense bank" if self.k is None else f"a top-k bank (k = {self.k})"
@@ -81,7 +86,14 @@ def layout_of(doc: dict, path: str) -> Layout:
     if doc["layout"] != "topk" or isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < doc["num_classes"]:
         raise ValueError(f"{path}: layout {doc['layout']!r} with k {k!r}; a save is dense or 'topk' with "
                          f"1 <= k < C = {doc['num_classes']}")
-    return Layout(k)
+    values = doc.get("values", "F32")
+    if values not in ("F32", "BF16", "F16"):
+        raise ValueError(f"{path}: top-k values saved as {values!r}; expected 'F32', 'BF16' or 'F16'")
+    return Layout(k, values)
+
+
+def values_dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPES[dtype]
 
 
 def shard_path(folder: str, rank: int, world: int) -> str:
@@ -376,9 +388,13 @@ def open_save(folder: str, num_samples: int, num_classes: int, dtype: torch.dtyp
     FileNotFoundError naming the file and the problem. The returned shards are open."""
     doc = read_manifest(folder, num_samples, num_classes)
     saved = layout_of(doc, manifest_path(folder))
-    if saved != layout:
+    if saved.k != layout.k:
         raise ValueError(f"{manifest_path(folder)}: the save holds {saved.describe()}, expected "
                          f"{layout.describe()}")
+    if layout.values is not None and _FROM_NAME[layout.values] not in _EXACT_INTO[saved.values]:
+        raise ValueError(f"{manifest_path(folder)}: the save holds {saved.values} top-k values, this bank keeps "
+                         f"{layout.values}, which would round them; create the loss with "
+                         f"bank_dtype={_FROM_NAME[saved.values]}")
     if layout.k is not None and doc["dtype"] not in ("F32", "F64"):
         raise ValueError(f"{manifest_path(folder)}: a top-k save holds F32 or F64 rows, this one {doc['dtype']}")
     if layout.k is not None and doc["dtype"] == "F32" and num_classes > 2 ** 24:

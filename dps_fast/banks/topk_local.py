@@ -11,6 +11,8 @@ whole bank (N * C values: use ``iter_rows`` at scale).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import topk as T
@@ -37,7 +39,7 @@ def compressed_label_share(ids, vals, rest, labels, num_classes: int, valid):
 def row_tv_bound(bound: torch.Tensor, vals: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     """Per row, float64: the bound on the total-variation distance between the row's target and
     a dense bank's, bound / (2 * row mass), at most 1 (no TV exceeds 1; docs/method.md §12)."""
-    return (bound / (2 * (vals.sum(1) + rest))).double().clamp(max=1.0)
+    return (bound / (2 * (vals.float().sum(1) + rest))).double().clamp(max=1.0)
 
 
 def run_step(plan: StepPlan, rows: T.TopKRows, cfg, skip: torch.Tensor | None = None):
@@ -55,7 +57,8 @@ def run_step(plan: StepPlan, rows: T.TopKRows, cfg, skip: torch.Tensor | None = 
 
 
 class LocalTopKBank(Bank):
-    """ids [N, k] (int16 / int32), vals [N, k] and rest [N] (float32) on one device."""
+    """ids [N, k] (int16 / int32), vals [N, k] (float32, bfloat16 or float16) and rest [N]
+    (float32) on one device."""
 
     kind = "local"
     optional_state = ("given_labels", "topk_bound")  # state_dict keys a load may lack
@@ -119,16 +122,31 @@ class LocalTopKBank(Bank):
         """Writes ``rows`` at local positions ``at``."""
         at = at.to(self.device)
         self.ids[at] = rows.ids.to(self.device, self.ids.dtype)
-        self.vals[at], self.rest[at] = rows.vals.to(self.device), rows.rest.to(self.device)
-        self.bound[at] = rows.bound.to(self.device)
+        self.vals[at] = rows.vals.to(self.device, self.vals.dtype)  # a 16-bit bank rounds here
+        self.rest[at], self.bound[at] = rows.rest.to(self.device), rows.bound.to(self.device)
 
     def write_rows(self, plan: StepPlan, rows) -> None:
         """Writes the stepped rows of the valid samples into the bank (on the bank's device)."""
+        if plan.extra and "outside" in plan.extra:
+            plan, rows = self._outside_as_copies(plan, rows)
         if plan.valid is None:
             return self.put(plan.index, rows)
         sel = plan.valid.to(rows.ids.device)
         self.put(plan.index[plan.valid], T.TopKRows(rows.ids[sel], rows.vals[sel], rows.rest[sel], self.num_classes,
                                                     rows.bound[sel]))
+
+    def _outside_as_copies(self, plan: StepPlan, rows):
+        """validate=False: each batch row whose id was outside the bank (skipped by the step) is
+        written as a copy of the first row inside, at that row's position: the same bytes twice,
+        so no write depends on order, and no host sync (CUDA graphs). A batch with no row inside
+        writes each skipped row's unchanged copy back where it was read."""
+        outside = plan.extra["outside"]
+        first = torch.argmax((~outside).to(torch.int8))
+        src = torch.where(outside, first, torch.arange(outside.shape[0], device=outside.device))
+        pick = lambda t: t.index_select(0, src.to(t.device))  # noqa: E731
+        rows = T.TopKRows(pick(rows.ids), pick(rows.vals), pick(rows.rest), self.num_classes, pick(rows.bound))
+        valid = None if plan.valid is None else pick(plan.valid)
+        return dataclasses.replace(plan, index=pick(plan.index), valid=valid), rows
 
     def stepped_rows(self, plan: StepPlan, cfg):
         """(loss, rows): the top-k step (the fused CPU kernel where it applies, else the
@@ -137,11 +155,11 @@ class LocalTopKBank(Bank):
         outside = None
         if not cfg.validate:  # unchecked ids: one outside the bank is skipped, as in the dense bank
             outside = (plan.index < 0) | (plan.index >= self.num_samples)
-            valid = ~outside if plan.valid is None else plan.valid & ~outside
-            plan.index, plan.valid = torch.where(outside, 0, plan.index), valid  # write_rows skips them
+            plan.index = torch.where(outside, 0, plan.index)  # read row 0; write_rows never writes it back
+            plan.extra = {**(plan.extra or {}), "outside": outside}
         at, dev = plan.index.to(self.device), plan.device
-        rows = T.TopKRows(self.ids[at].to(dev, torch.int64), self.vals[at].to(dev), self.rest[at].to(dev),
-                          self.num_classes, self.bound[at].to(dev))
+        rows = T.TopKRows(self.ids[at].to(dev, torch.int64), self.vals[at].to(dev, self.rest.dtype),
+                          self.rest[at].to(dev), self.num_classes, self.bound[at].to(dev))  # the step in float32
         return run_step(plan, rows, cfg, skip=outside), rows
 
     # ------------------------------------------------------------------ read-outs
@@ -194,7 +212,8 @@ class LocalTopKBank(Bank):
             setattr(self, name, bank_state.keep_dtype(fn, getattr(self, name)))
 
     def convert(self, dtype) -> None:
-        raise NotImplementedError("a top-k bank keeps its values in float32 (other dtypes: issue 26)")
+        raise NotImplementedError("a top-k bank keeps the values dtype it was built with (bank_dtype=: float32, "
+                                  "bfloat16 or float16)")
 
     def state(self) -> dict:
         return {"topk_ids": self.ids, "topk_vals": self.vals, "topk_rest": self.rest, "topk_bound": self.bound,

@@ -60,7 +60,7 @@ class TopKSaves:
 
     @property
     def layout_on_disk(self) -> shard_files.Layout:
-        return shard_files.Layout(self.local.k)
+        return shard_files.Layout(self.local.k, shard_files.values_dtype_name(self.local.vals.dtype))
 
     def write_shard(self, path: str, meta: dict) -> dict:
         at = self.saved_positions()

@@ -152,6 +152,29 @@ def _topk_step_kernel(Z, IDX, IDS, VALS, REST, BOUND, G, LOSS, B, C, N, gamma, i
             tl.store(BOUND + row, gamma * tl.load(BOUND + row) + delta, mask=ok)
 
 
+def _check_args(logits, index, ids, vals, rest, bound, grad) -> None:
+    """csrc/cpu/topk_step.cpp::check_topk_args, for the Triton op (called directly, it must not
+    read or write outside its tensors), and the on-chip limit."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"dps_fast: topk_step's {what} (dps_fast/topk.py::fused_step prepares them)")
+    tensors = (logits, index, ids, vals, rest, bound, grad)
+    need(all(t.is_contiguous() and t.device == logits.device for t in tensors), "tensors must be contiguous, "
+         "on one device")
+    need(logits.dim() == 3 and logits.dtype == torch.float32, "logits must be float32 [V, B, C]")
+    v, b, c = logits.shape
+    need(index.dtype == torch.int64 and index.numel() == b, "index must be int64 [B]")
+    need(ids.dtype == torch.int64 and ids.dim() == 2 and 1 <= ids.shape[1] < c, "ids must be int64 [N, k], 1 <= k < C")
+    need(vals.dtype == torch.float32 and vals.shape == ids.shape, "vals must be float32 [N, k]")
+    n = ids.shape[0]
+    need(rest.dtype == torch.float32 and tuple(rest.shape) == (n,), "rest must be float32 [N]")
+    need(bound.numel() == 0 or (bound.dtype == torch.float32 and tuple(bound.shape) == (n,)),
+         "bound must be float32 [N] or empty")
+    need(grad.numel() == 0 or (grad.dtype == torch.float32 and grad.shape == logits.shape),
+         "grad must be float32 like the logits, or empty")
+    need(c <= MAX_C, f"row must fit on chip: C <= {MAX_C} in the Triton kernel, got C = {c}")
+
+
 def _warps(block_c: int) -> int:
     """Warps of a program: a row of BLOCK_C floats spread over 32 * warps threads."""
     return 4 if block_c <= 512 else 8 if block_c <= 4096 else 16
@@ -161,14 +184,8 @@ def topk_step(logits, index, ids, vals, rest, bound, grad, gamma, tau_e, posteri
     """``dps_fast::topk_step`` (csrc/cpu/topk_step.cpp's schema and results) on the Triton kernel:
     the loss [V, B] (reduction 0) or its mean / sum; the bank rows ``index`` and ``grad`` written
     in place. Rows longer than MAX_C are refused (the caller takes the reference)."""
+    _check_args(logits, index, ids, vals, rest, bound, grad)
     v, b, c = logits.shape
-    ok = (logits.dtype == vals.dtype == rest.dtype == torch.float32 and ids.dtype == index.dtype == torch.int64
-          and all(t.is_contiguous() for t in (logits, index, ids, vals, rest, bound, grad)))
-    if not ok:
-        raise ValueError("dps_fast: the Triton top-k step takes contiguous float32 logits, values and rest, "
-                         "int64 ids and index (dps_fast/topk.py::fused_step prepares them)")
-    if c > MAX_C:
-        raise ValueError(f"dps_fast: the Triton top-k step holds a row on chip, C <= {MAX_C}; got C = {c}")
     k = ids.shape[1]
     loss = torch.empty((v, b), dtype=torch.float32, device=logits.device)
     gscale = 1.0 / (v * b) if reduction == 1 else 1.0

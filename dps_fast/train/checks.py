@@ -99,8 +99,6 @@ def check_run_flags(args) -> None:
                          "--overwrite deletes it; give one")
     if args.tau_e == "auto" and args.tau_e_adapt:
         raise UsageError(f"--tau-e auto and --tau-e-adapt {args.tau_e_adapt} both set tau_e; give one")
-    if args.top_k and args.bank_dtype != "float32":
-        raise UsageError(f"--top-k keeps float32 values so far; drop --bank-dtype {args.bank_dtype}")
     if args.stop_after and args.stop_after >= args.epochs:
         raise UsageError(f"--stop-after {args.stop_after} must be below --epochs {args.epochs} (it pauses a run "
                          f"of --epochs epochs after that many; 0 = do not pause)")
