@@ -135,6 +135,13 @@ def evidence(logits: torch.Tensor, tau_e: float) -> tuple[torch.Tensor, torch.Te
     return torch.softmax(shifted / tau_e, dim=-1).mean(0), bad
 
 
+# docs/method.md §12's tie rule: a slot of K whose value is within this relative distance of the
+# level outside K is ordered as if it were the level (the two are often equal in exact arithmetic
+# but reached along different roundings; a float32 sum of C terms is off by ~1e-6 relative), so
+# that every backend, in float32 or float64, keeps the same K'. Every backend uses this value.
+SNAP = 1e-5
+
+
 def topk_update(K, val, rest, p, gamma: float):
     """Steps 1-4 of docs/method.md §12 for rows (K, val, rest) [B, k], [B, k], [B] and
     evidence p [B, C]: returns (K', b on K', rest'). Every term of rest' is >= 0, and the new
@@ -146,7 +153,9 @@ def topk_update(K, val, rest, p, gamma: float):
     J = top_positions(torch.where(outside, p, float("-inf")), min(k, num_classes - k))  # 2. J, outside K
     p_J = p.gather(1, J)
     cand_ids, cand_b = torch.cat([K, J], 1), torch.cat([b_in, gamma * level[:, None] + p_J], 1)
-    pick = top_by_value(cand_b, cand_ids, k)                                # 3. K'
+    near = (val - level[:, None]).abs() <= SNAP * level[:, None]            # the tie rule's ordering key
+    key_in = gamma * torch.where(near, level[:, None], val) + p.gather(1, K)
+    pick = top_by_value(torch.cat([key_in, cand_b[:, k:]], 1), cand_ids, k)  # 3. K'
     chosen = torch.zeros_like(cand_b, dtype=torch.bool).scatter_(1, pick, True)
     kept, admitted = chosen[:, :k], chosen[:, k:]
     n_adm = admitted.sum(1)                                                 # 4. rest'

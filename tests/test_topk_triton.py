@@ -94,25 +94,28 @@ def test_ids_outside_the_bank_are_skipped(case):
 
 
 @pytest.mark.parametrize("case", TRITON, ids=case_id)
-@pytest.mark.parametrize("c,k", [(10, 3), (100, 8), (33, 20)])
+@pytest.mark.parametrize("c,k", [(10, 3), (100, 8), (33, 20), (7, 4)])
 def test_tie_heavy_inputs_keep_the_same_classes_in_the_same_order(case, c, k):
-    """Equal logits on a fresh prior (every slot at eps ties with every class outside K): the
-    Triton kernel keeps the reference's K', in its order, and so does the CPU kernel (the first
-    step; after it rounding decides between mathematically equal values, docs/method.md §12)."""
+    """Equal logits, step after step, from a fresh prior (the slots at eps tie with every class
+    outside K, and after each step the slots' values and the level are equal in exact arithmetic
+    but rounded along different paths): the Triton kernel, the CPU kernel and the float32 and
+    float64 references keep the same K', in the same order (docs/method.md §12's tie rule)."""
     labels = torch.tensor([0, c - 1, c // 2, 1])
     for z in (torch.zeros(1, 4, c), torch.full((2, 4, c), 3.0)):
-        ref = T.topk_prior(labels, c, k, c=2.0, eps=0.25)
-        T.reference_step(z, torch.arange(4), ref, gamma=0.9)
-        tri = T.topk_prior(labels, c, k, c=2.0, eps=0.25)
-        tri.ids = tri.ids.to(torch.int64)
-        tri = on(case[1], tri)
-        T.fused_step(z.to(case[1]), torch.arange(4, device=case[1]), tri, gamma=0.9, backend="triton")
-        assert torch.equal(tri.ids.cpu(), ref.ids.to(torch.int64))
-        if HAS_CPU:
-            cpu = T.topk_prior(labels, c, k, c=2.0, eps=0.25)
-            cpu.ids = cpu.ids.to(torch.int64)
-            T.fused_step(z, torch.arange(4), cpu, gamma=0.9, backend="cpu")
-            assert torch.equal(cpu.ids, tri.ids.cpu())
+        banks = {}
+        for name, dtype in (("ref32", torch.float32), ("ref64", torch.float64), ("cpu", torch.float32),
+                            ("triton", torch.float32)):
+            bank = T.topk_prior(labels, c, k, c=2.0, eps=0.25, dtype=dtype)
+            bank.ids = bank.ids.to(torch.int64)
+            banks[name] = on(case[1], bank) if name == "triton" else bank
+        for _ in range(4):
+            T.reference_step(z, torch.arange(4), banks["ref32"], gamma=0.9)
+            T.reference_step(z.double(), torch.arange(4), banks["ref64"], gamma=0.9)
+            if HAS_CPU:
+                T.fused_step(z, torch.arange(4), banks["cpu"], gamma=0.9, backend="cpu")
+            T.fused_step(z.to(case[1]), torch.arange(4, device=case[1]), banks["triton"], gamma=0.9, backend="triton")
+            for name in ("ref64", "triton") + (("cpu",) if HAS_CPU else ()):
+                assert torch.equal(banks[name].ids.cpu(), banks["ref32"].ids), name
 
 
 @pytest.mark.parametrize("case", TRITON, ids=case_id)

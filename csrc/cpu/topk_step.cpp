@@ -46,6 +46,15 @@ struct Cand {
 };
 inline bool before(const Cand& x, const Cand& y) { return x.b > y.b || (x.b == y.b && x.id < y.id); }
 
+// The tie rule's ordering key of a slot of K (dps_fast/topk.py::SNAP): its value v, or the level
+// outside K when the two differ by rounding only, so that every backend keeps the same K'.
+constexpr float kSnap = 1e-5f;
+inline float slot_key(float v, float level) { return std::fabs(v - level) <= kSnap * level ? level : v; }
+
+// gamma * x + evidence, for every candidate in one place: the compiler may contract a multiply-add
+// into an fma at one site and not at another, and tied candidates must get bit-equal values.
+__attribute__((noinline)) float cand_value(float gamma_x, float p, float scale) { return gamma_x + p * scale; }
+
 // One view's softmax statistics: max, sum exp(z - m) (the exponentials left in `ex`), the
 // tempered sum, sum z (in double where float overflows); false if a logit is not finite.
 struct ViewStats {
@@ -148,7 +157,7 @@ void outside_top(const float* p, float scale, const int* pos, int64_t C, int64_t
     }
     for (int64_t j = j0; j < j0 + cnt; ++j) offer(heap, nJ, p, pos, j);
   }
-  for (const Cand& c : heap) out.push_back({base + c.b * scale, c.id});
+  for (const Cand& c : heap) out.push_back({cand_value(base, c.b, scale), c.id});
 }
 
 // Per-thread scratch: p, one view's exponentials, and each class's position in K / in K' (-1).
@@ -167,9 +176,9 @@ void update_row(const TopkArgs& a, const int64_t* K, const float* val, float res
   const float level = rest / static_cast<float>(C - k);
   std::vector<Cand> cand;
   cand.reserve(k + nJ);
-  for (int64_t i = 0; i < k; ++i) {
+  for (int64_t i = 0; i < k; ++i) {  // ordered by their keys; their values are gamma * val + p
     sc.pos[K[i]] = static_cast<int>(i);
-    cand.push_back({a.gamma * val[i] + sc.ev(K[i]), K[i]});
+    cand.push_back({cand_value(a.gamma * slot_key(val[i], level), sc.p[K[i]], sc.p_scale), K[i]});
   }
   outside_top(sc.p.data(), sc.p_scale, sc.pos.data(), C, nJ, a.gamma * level, cand);
   std::vector<Cand> order(cand);
@@ -178,12 +187,16 @@ void update_row(const TopkArgs& a, const int64_t* K, const float* val, float res
   for (int64_t i = 0; i < k; ++i) p_out -= sc.ev(K[i]);
   int64_t n_adm = 0;
   for (int64_t i = 0; i < k; ++i) sc.in_new[order[i].id] = static_cast<int>(i);
+  const auto value = [&](const Cand& c) {  // a slot of K: its value; a class of J: its key is its value
+    return sc.pos[c.id] >= 0 ? cand_value(a.gamma * val[sc.pos[c.id]], sc.p[c.id], sc.p_scale) : c.b;
+  };
   for (const Cand& c : cand) {
     const bool in_k = sc.pos[c.id] >= 0, chosen = sc.in_new[c.id] >= 0;
-    if (in_k && !chosen) dropped += c.b;
+    if (in_k && !chosen) dropped += value(c);
     if (!in_k && chosen) n_adm += 1, admitted_p += sc.ev(c.id);
   }
-  out.top.assign(order.begin(), order.begin() + k);
+  out.top.clear();
+  for (int64_t i = 0; i < k; ++i) out.top.push_back({value(order[i]), order[i].id});
   out.rest = static_cast<float>(static_cast<double>(a.gamma * level) * static_cast<double>(C - k - n_adm) +
                                 (p_out - admitted_p) + dropped);
 }

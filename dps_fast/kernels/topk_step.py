@@ -63,7 +63,10 @@ def _update(p, cols, cmask, Kid, val, rest, gamma, C, slot, K: tl.constexpr, KP:
     level = rest / (C - K)
     hit = cols[:, None] == Kid[None, :]                       # class j is slot i of K
     in_k = tl.sum(tl.where(hit, 1, 0), 1) > 0
-    b_in = gamma * val + tl.sum(tl.where(hit, p[:, None], 0.0), 0)               # step 1
+    p_k = tl.sum(tl.where(hit, p[:, None], 0.0), 0)
+    b_in = gamma * val + p_k                                                      # step 1
+    # the tie rule's ordering key (dps_fast/topk.py::SNAP = 1e-5): a slot within rounding of the level is the level
+    key_in = gamma * tl.where(tl.abs(val - level) <= 1e-5 * level, level, val) + p_k
     n_j = tl.minimum(K, C - K)                                                    # step 2: J
     free = cmask & ~in_k
     j_id = tl.full([KP], -1, tl.int32)
@@ -76,8 +79,9 @@ def _update(p, cols, cmask, Kid, val, rest, gamma, C, slot, K: tl.constexpr, KP:
     new_id = tl.full([KP], -1, tl.int32)
     new_b = tl.zeros([KP], dtype=tl.float32)
     for i in range(0, K):
-        mx, bid, at_k, at_j = _best(b_in, Kid, ok_k, b_j, j_id, ok_j)
-        new_id, new_b = tl.where(slot == i, bid, new_id), tl.where(slot == i, mx, new_b)
+        mx, bid, at_k, at_j = _best(key_in, Kid, ok_k, b_j, j_id, ok_j)
+        chosen = tl.where(tl.sum(tl.where(at_k, 1, 0), 0) > 0, tl.sum(tl.where(at_k, b_in, 0.0), 0), mx)
+        new_id, new_b = tl.where(slot == i, bid, new_id), tl.where(slot == i, chosen, new_b)
         ok_k, ok_j = ok_k & ~at_k, ok_j & ~at_j
     admitted = (slot < n_j) & ~ok_j                   # step 4 (ok_k now marks the dropped slots of K)
     n_adm = tl.sum(tl.where(admitted, 1, 0), 0)
