@@ -3,8 +3,7 @@ scalar ``rest``, the total concentration of the other C - k classes (spread even
 the implied dense row). This module holds the format's prior, its densification, the
 reference step (the oracle the fused kernels are tested against; it computes in float32,
 float64 when an input is float64, and follows the section literally) and the call of the fused
-kernels (csrc/cpu/topk_step.cpp, dps_fast/kernels/topk_step.py; a CUDA kernel is still to come,
-issue 26).
+kernels (csrc/cpu/topk_step.cpp, dps_fast/kernels/topk_step.py, csrc/cuda/topk_step.cu).
 """
 from __future__ import annotations
 
@@ -231,6 +230,8 @@ def reference_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target=
 # kernel itself runs up to 32,768 classes, in the interpreter's tests). The automatic choice
 # never takes it until it has run on a GPU.
 TRITON_MAX_CELLS = 8192
+# the CUDA kernel's shared-memory limits (csrc/cuda/topk_step.h: kTopkMaxC, kTopkMaxK, kTopkMaxViews)
+CUDA_MAX_C, CUDA_MAX_K, CUDA_MAX_VIEWS = 32768, 256, 8
 
 
 def _pow2(n: int) -> int:
@@ -239,28 +240,30 @@ def _pow2(n: int) -> int:
 
 def fused_backend(logits: torch.Tensor, bank: TopKRows, backend) -> str | None:
     """The fused kernel for this step, or None for :func:`reference_step`: ``"cpu"``
-    (``dps_fast::topk_step``, csrc/cpu/topk_step.cpp) for CPU tensors, ``"triton"``
-    (dps_fast/kernels/topk_step.py, rows within TRITON_MAX_CELLS) only where
-    ``backend="triton"`` is named (CUDA tensors, or CPU tensors in its interpreter: it has not
-    run on a GPU, so the automatic choice on CUDA is the reference); float32 values, fused
-    logit dtypes, eager mode, no torch.func transform. There is no CUDA C++ top-k kernel yet
-    (issue 26): backend "cuda" takes the reference."""
+    (``dps_fast::topk_step``, csrc/cpu/topk_step.cpp) for CPU tensors; on a GPU only where
+    the backend is named, since neither GPU kernel has run on one yet (the automatic choice on
+    CUDA is the reference): ``"triton"`` (dps_fast/kernels/topk_step.py, rows within
+    TRITON_MAX_CELLS; CPU tensors too, in Triton's interpreter) and ``"cuda"``
+    (csrc/cuda/topk_step.cu: C <= 32,768, k <= 256, at most 8 views). Float32 values, fused
+    logit dtypes, eager mode, no torch.func transform."""
     if torch.compiler.is_compiling() or bank.vals.dtype != torch.float32:
         return None
     if logits.dtype not in _validate.FUSED_DTYPES:
         return None
     name = _dispatch.resolve(backend, logits.device, (logits.dtype,))
     name = backend_for_autodiff(logits, name, backend, "the top-k step")
-    small = _pow2(logits.shape[-1]) * _pow2(bank.k) <= TRITON_MAX_CELLS
-    if name == "cpu" or (name == "triton" and backend == "triton" and small):
+    c, views = logits.shape[-1], logits.shape[0] if logits.dim() == 3 else 1
+    if name == "cpu" or (name == backend == "triton" and _pow2(c) * _pow2(bank.k) <= TRITON_MAX_CELLS):
+        return name
+    if name == backend == "cuda" and c <= CUDA_MAX_C and bank.k <= CUDA_MAX_K and views <= CUDA_MAX_VIEWS:
         return name
     return None
 
 
 def fused_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean",
                update=True, backend: str = "cpu"):
-    """:func:`reference_step` on a fused kernel, ``backend`` "cpu" or "triton" (the same
-    arguments and results; the bank's ids int64). Used where :func:`fused_backend` says so."""
+    """:func:`reference_step` on a fused kernel, ``backend`` "cpu", "triton" or "cuda" (the
+    same arguments and results; the bank's ids int64). Used where :func:`fused_backend` says so."""
     z3 = (logits if logits.dim() == 3 else logits.unsqueeze(0)).detach().float().contiguous()
     need = needs_grad(logits)
     grad = torch.empty_like(z3) if need else z3.new_empty((0,))

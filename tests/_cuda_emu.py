@@ -19,7 +19,7 @@ from dps_fast.ops.supcon import fused as fused_supcon
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tools", "cuda_emulator")
 CUDA = os.path.join(ROOT, "csrc", "cuda")
-SOURCES = ["attach_grad.cu", "dps_cross_entropy.cu", "supcon.cu"]
+SOURCES = ["attach_grad.cu", "dps_cross_entropy.cu", "supcon.cu", "topk_step.cu"]
 _LAUNCH = re.compile(r"(\w+(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lib = None
@@ -40,7 +40,7 @@ def library():
     if _lib is not None:
         return _lib
     texts = {n: _as_cpp(open(os.path.join(CUDA, n)).read()) for n in SOURCES}
-    deps = [open(os.path.join(d, f)).read() for d in (EMU, os.path.join(EMU, "include"), CUDA)
+    deps = [open(os.path.join(d, f)).read() for d in (EMU, os.path.join(EMU, "include"), CUDA, os.path.dirname(CUDA))
             for f in sorted(os.listdir(d)) if f.endswith((".h", ".cpp"))]
     key = hashlib.sha256("".join(list(texts.values()) + deps).encode()).hexdigest()[:16]
     out = os.path.join(ROOT, "build", "cuda-emu", key)
@@ -135,3 +135,22 @@ def supcon_grad(f, lse, coef, inv_tau):
 def supcon_fwd(features, labels, soft, tau, normalize, need_grad):
     """The public op's host glue (dps_fast/ops/supcon.py) over the emulated kernels."""
     return fused_supcon(supcon_lse, supcon_grad, features, labels, soft, tau, normalize, need_grad)
+
+
+# ------------------------------------------------------------------ mirror of topk_step_glue.cpp
+def topk_step(logits, index, ids, vals, rest, bound, grad, gamma, tau_e, posterior, update, reduction):
+    """``dps_fast::topk_step`` on the emulated CUDA kernel (csrc/cuda/topk_step.cu), as the glue
+    calls it: the [B, C] work buffer, the per-row loss, then the reduction."""
+    v, b, c = logits.shape
+    loss = torch.empty(v, b)
+    work = torch.empty(b, c)
+    f, i64 = ctypes.c_float, ctypes.c_int64
+    _check(library().emu_launch_topk(
+        _ptr(logits), _ptr(index), _ptr(ids), _ptr(vals), _ptr(rest), _ptr(bound if bound.numel() else None),
+        _ptr(grad if grad.numel() else None), _ptr(loss), _ptr(work), i64(v), i64(b), i64(c), i64(ids.shape[0]),
+        i64(ids.shape[1]), f(gamma), f(1.0 / tau_e), f(1.0 / (v * b) if reduction == 1 else 1.0), int(posterior),
+        int(update)), "top-k step kernel")
+    if reduction == 0:
+        return loss
+    total = loss.double().sum()
+    return (total / (v * b) if reduction == 1 else total).float()

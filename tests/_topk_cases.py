@@ -43,3 +43,65 @@ def check_rows(fused, ref, exact, bank, idx):
     untouched = torch.tensor([1, 3, 6, 8, 10, 4])  # 4 holds the NaN row
     for name in ("ids", "vals", "rest", "bound"):
         assert torch.equal(getattr(fused, name)[untouched], getattr(bank, name)[untouched]), name
+
+
+SETTINGS = [("posterior", "mean", True, 1.0), ("prior", "none", True, 0.5), ("posterior", "sum", False, 2.0)]
+
+
+def on(device, bank):
+    """A copy of ``bank`` on ``device``."""
+    return T.TopKRows(*(t.to(device, copy=True) for t in (bank.ids, bank.vals, bank.rest)), bank.num_classes,
+                      bank.bound.to(device, copy=True))
+
+
+def compare_step(step, c, k, views, target, reduction, update, tau_e, device="cpu"):
+    """A fused step (``step``, dps_fast/topk.py::fused_step's signature) on ``device`` against the
+    float32 and float64 reference steps: 12 rows, a batch of 7 with a NaN row, a non-unit upstream
+    gradient; loss, gradient and rows by the tolerance rule, untouched rows unchanged."""
+    gen = torch.Generator().manual_seed(c + k + views)
+    bank = bank_state(12, c, k, gen)
+    z = torch.randn(views, 7, c, generator=gen) * 3
+    z[:, 2, 3 % c] = float("nan")  # a row with a non-finite logit keeps its state
+    idx = torch.tensor([9, 0, 4, 11, 2, 7, 5])
+    shape = (views, 7) if reduction == "none" else ()
+    g = torch.rand(shape, generator=gen) + 0.5 if shape else torch.tensor(0.7)
+    kw = dict(gamma=0.85, tau_e=tau_e, target=target, reduction=reduction, update=update)
+    fused, ref, exact = on(device, bank), clone(bank), clone(bank, torch.float64)
+    lk, gk = run(step, z.to(device), idx.to(device), fused, g.to(device), **kw)
+    le, ge = run(T.reference_step, z, idx, ref, g, **kw)
+    lx, gx = run(T.reference_step, z.double(), idx, exact, g.double(), **kw)
+    rule_check(lk.cpu(), le, lx, torch.float32, "loss")
+    rule_check(gk.cpu(), ge, gx, torch.float32, "grad")
+    check_rows(on("cpu", fused), ref, exact, bank, idx)
+
+
+def check_ids_outside_are_skipped(op, device="cpu"):
+    """``op`` (dps_fast::topk_step's signature) with ids -1 and N in the batch: their loss and
+    gradient NaN, their rows (and every row the batch does not hold) untouched."""
+    gen = torch.Generator().manual_seed(1)
+    bank = bank_state(5, 40, 4, gen)
+    fused = on(device, bank)
+    z = torch.randn(1, 3, 40, generator=gen).to(device)
+    grad = torch.empty_like(z)
+    loss = op(z, torch.tensor([-1, 2, 5], device=device), fused.ids, fused.vals, fused.rest, fused.bound, grad, 0.9,
+              1.0, True, True, 0).cpu()
+    grad = grad.cpu()
+    assert torch.isnan(loss[0, [0, 2]]).all() and torch.isfinite(loss[0, 1])
+    assert torch.isnan(grad[0, [0, 2]]).all() and torch.isfinite(grad[0, 1]).all()
+    keep, vals = torch.tensor([0, 1, 3, 4]), fused.vals.cpu()
+    assert torch.equal(vals[keep], bank.vals[keep]) and not torch.equal(vals[2], bank.vals[2])
+
+
+def check_tie_heavy(step, c, k, steps=4):
+    """Equal logits on a fresh prior, step after step (the slots' values and the level equal in
+    exact arithmetic, rounded along different paths after the first step): ``step`` keeps the
+    float32 reference's K', in its order, ties to the smaller class id (docs/method.md §12)."""
+    labels = torch.tensor([0, c - 1, c // 2, 1])
+    for z in (torch.zeros(1, 4, c), torch.full((2, 4, c), 3.0)):
+        fused, ref = (T.topk_prior(labels, c, k, c=2.0, eps=0.25) for _ in range(2))
+        fused.ids = fused.ids.to(torch.int64)
+        for _ in range(steps):
+            step(z, torch.arange(4), fused, gamma=0.9)
+            T.reference_step(z, torch.arange(4), ref, gamma=0.9)
+            assert torch.equal(fused.ids, ref.ids.to(torch.int64))
+            assert torch.equal(fused.ids[:, 1:], torch.sort(fused.ids[:, 1:], 1).values)  # ties: smaller ids first

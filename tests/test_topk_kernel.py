@@ -8,8 +8,8 @@ import torch
 
 import dps_fast
 from dps_fast import topk as T
-from _helpers import HAS_CPU, rule_check
-from _topk_cases import bank_state, check_rows, clone, run
+from _helpers import HAS_CPU
+from _topk_cases import SETTINGS, bank_state, check_ids_outside_are_skipped, check_tie_heavy, compare_step
 
 pytestmark = pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
 
@@ -18,40 +18,13 @@ CASES = [(c, k, v) for c, k in [(2, 1), (5, 2), (33, 20), (100, 8), (1000, 32), 
 
 
 @pytest.mark.parametrize("c,k,views", CASES, ids=[f"C{c}-k{k}-V{v}" for c, k, v in CASES])
-@pytest.mark.parametrize("target,reduction,update,tau_e", [("posterior", "mean", True, 1.0),
-                                                           ("prior", "none", True, 0.5),
-                                                           ("posterior", "sum", False, 2.0)])
+@pytest.mark.parametrize("target,reduction,update,tau_e", SETTINGS)
 def test_fused_step_matches_the_reference(c, k, views, target, reduction, update, tau_e):
-    gen = torch.Generator().manual_seed(c + k + views)
-    n, b = 12, 7
-    bank = bank_state(n, c, k, gen)
-    z = torch.randn(views, b, c, generator=gen) * 3
-    z[:, 2, 3 % c] = float("nan")  # a row with a non-finite logit keeps its state
-    idx = torch.tensor([9, 0, 4, 11, 2, 7, 5])
-    shape = (views, b) if reduction == "none" else ()
-    g = torch.rand(shape, generator=gen) + 0.5 if shape else torch.tensor(0.7)
-    kw = dict(gamma=0.85, tau_e=tau_e, target=target, reduction=reduction, update=update)
-    fused, ref, exact = clone(bank), clone(bank), clone(bank, torch.float64)
-    lk, gk = run(T.fused_step, z, idx, fused, g, **kw)
-    le, ge = run(T.reference_step, z, idx, ref, g, **kw)
-    lx, gx = run(T.reference_step, z.double(), idx, exact, g.double(), **kw)
-    rule_check(lk, le, lx, torch.float32, "loss")
-    rule_check(gk, ge, gx, torch.float32, "grad")
-    check_rows(fused, ref, exact, bank, idx)
+    compare_step(T.fused_step, c, k, views, target, reduction, update, tau_e)
 
 
 def test_ids_outside_the_bank_are_skipped():
-    gen = torch.Generator().manual_seed(1)
-    bank = bank_state(5, 40, 4, gen)
-    fused = clone(bank)
-    z = torch.randn(1, 3, 40, generator=gen)
-    grad = torch.empty_like(z)
-    loss = torch.ops.dps_fast.topk_step(z, torch.tensor([-1, 2, 5]), fused.ids, fused.vals, fused.rest, fused.bound,
-                                        grad, 0.9, 1.0, True, True, 0)
-    assert torch.isnan(loss[0, [0, 2]]).all() and torch.isfinite(loss[0, 1])
-    assert torch.isnan(grad[0, [0, 2]]).all() and torch.isfinite(grad[0, 1]).all()
-    keep = torch.tensor([0, 1, 3, 4])
-    assert torch.equal(fused.vals[keep], bank.vals[keep]) and not torch.equal(fused.vals[2], bank.vals[2])
+    check_ids_outside_are_skipped(torch.ops.dps_fast.topk_step)
 
 
 def test_the_loss_takes_the_kernel_on_cpu_and_the_reference_when_asked(monkeypatch):
@@ -101,17 +74,6 @@ def test_a_contrastive_term_reads_the_stepped_rows():
 
 @pytest.mark.parametrize("c,k", [(10, 3), (100, 8), (33, 20)])
 def test_tie_heavy_inputs_keep_the_same_classes_in_the_same_order(c, k):
-    """Equal logits on a fresh prior, step after step: the K slots tie with every class outside K
-    (the same evidence; the slots' values and the level equal in exact arithmetic, rounded along
-    different paths after the first step): the kernel keeps exactly the reference's K', in its
-    order (docs/method.md §12's tie rule; the Triton kernel and the float64 reference too:
-    tests/test_topk_triton.py)."""
-    labels = torch.tensor([0, c - 1, c // 2, 1])
-    for z in (torch.zeros(1, 4, c), torch.full((2, 4, c), 3.0)):
-        fused, ref = (T.topk_prior(labels, c, k, c=2.0, eps=0.25) for _ in range(2))
-        fused.ids = fused.ids.to(torch.int64)
-        for _ in range(4):
-            T.fused_step(z, torch.arange(4), fused, gamma=0.9)
-            T.reference_step(z, torch.arange(4), ref, gamma=0.9)
-            assert torch.equal(fused.ids, ref.ids.to(torch.int64))
-            assert torch.equal(fused.ids[:, 1:], torch.sort(fused.ids[:, 1:], 1).values)  # ties: smaller ids first
+    """The CPU kernel keeps the reference's K' on tie-heavy inputs (the Triton kernel and the
+    float64 reference too: tests/test_topk_triton.py)."""
+    check_tie_heavy(T.fused_step, c, k)

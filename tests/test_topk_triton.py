@@ -13,7 +13,7 @@ import torch
 import dps_fast
 from dps_fast import topk as T
 from _helpers import FUSED, HAS_CPU, case_id, rule_check
-from _topk_cases import bank_state, check_rows, clone, run
+from _topk_cases import SETTINGS, bank_state, check_ids_outside_are_skipped, clone, compare_step, on, run
 
 TRITON = [c for c in FUSED if c[0] == "triton"]
 pytestmark = pytest.mark.skipif(not TRITON, reason="Triton is not available (nor its interpreter)")
@@ -21,36 +21,12 @@ pytestmark = pytest.mark.skipif(not TRITON, reason="Triton is not available (nor
 CASES = [(2, 1, 1), (5, 2, 3), (33, 20, 1), (100, 8, 3), (1000, 32, 1), (3000, 64, 1)]
 
 
-def on(device, bank):
-    """A copy of ``bank`` on ``device``."""
-    return T.TopKRows(*(t.to(device, copy=True) for t in (bank.ids, bank.vals, bank.rest)), bank.num_classes,
-                      bank.bound.to(device, copy=True))
-
-
 @pytest.mark.parametrize("case", TRITON, ids=case_id)
 @pytest.mark.parametrize("c,k,views", CASES, ids=[f"C{c}-k{k}-V{v}" for c, k, v in CASES])
-@pytest.mark.parametrize("target,reduction,update,tau_e", [("posterior", "mean", True, 1.0),
-                                                           ("prior", "none", True, 0.5),
-                                                           ("posterior", "sum", False, 2.0)])
+@pytest.mark.parametrize("target,reduction,update,tau_e", SETTINGS)
 def test_triton_step_matches_the_reference(case, c, k, views, target, reduction, update, tau_e):
-    device = case[1]
-    gen = torch.Generator().manual_seed(c + k + views)
-    bank = bank_state(12, c, k, gen)
-    z = torch.randn(views, 7, c, generator=gen) * 3
-    z[:, 2, 3 % c] = float("nan")  # a row with a non-finite logit keeps its state
-    idx = torch.tensor([9, 0, 4, 11, 2, 7, 5])
-    shape = (views, 7) if reduction == "none" else ()
-    g = torch.rand(shape, generator=gen) + 0.5 if shape else torch.tensor(0.7)
-    kw = dict(gamma=0.85, tau_e=tau_e, target=target, reduction=reduction, update=update)
-    fused, ref, exact = on(device, bank), clone(bank), clone(bank, torch.float64)
     step = functools.partial(T.fused_step, backend="triton")
-    lk, gk = run(step, z.to(device), idx.to(device), fused, g.to(device), **kw)
-    le, ge = run(T.reference_step, z, idx, ref, g, **kw)
-    lx, gx = run(T.reference_step, z.double(), idx, exact, g.double(), **kw)
-    fused = on("cpu", fused)
-    rule_check(lk.cpu(), le, lx, torch.float32, "loss")
-    rule_check(gk.cpu(), ge, gx, torch.float32, "grad")
-    check_rows(fused, ref, exact, bank, idx)
+    compare_step(step, c, k, views, target, reduction, update, tau_e, device=case[1])
 
 
 @pytest.mark.parametrize("case", TRITON, ids=case_id)
@@ -77,20 +53,7 @@ def test_the_widest_row_on_chip(case):
 
 @pytest.mark.parametrize("case", TRITON, ids=case_id)
 def test_ids_outside_the_bank_are_skipped(case):
-    device = case[1]
-    gen = torch.Generator().manual_seed(1)
-    bank = bank_state(5, 40, 4, gen)
-    fused = on(device, bank)
-    z = torch.randn(1, 3, 40, generator=gen).to(device)
-    grad = torch.empty_like(z)
-    loss = torch.ops.dps_fast_triton.topk_step(z, torch.tensor([-1, 2, 5], device=device), fused.ids, fused.vals,
-                                               fused.rest, fused.bound, grad, 0.9, 1.0, True, True, 0).cpu()
-    assert torch.isnan(loss[0, [0, 2]]).all() and torch.isfinite(loss[0, 1])
-    grad = grad.cpu()
-    assert torch.isnan(grad[0, [0, 2]]).all() and torch.isfinite(grad[0, 1]).all()
-    keep = torch.tensor([0, 1, 3, 4])
-    vals = fused.vals.cpu()
-    assert torch.equal(vals[keep], bank.vals[keep]) and not torch.equal(vals[2], bank.vals[2])
+    check_ids_outside_are_skipped(torch.ops.dps_fast_triton.topk_step, device=case[1])
 
 
 @pytest.mark.parametrize("case", TRITON, ids=case_id)

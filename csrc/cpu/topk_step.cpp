@@ -17,26 +17,13 @@
 #include <vector>
 
 #include "row_kernels.h"
+#include "../topk_step_glue.h"
 
 namespace dps_fast {
 namespace cpu {
 namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-struct TopkArgs {
-  const float* z;     // [V, B, C]
-  const int64_t* idx; // [B]
-  int64_t* ids;       // [N, k]
-  float* vals;        // [N, k]
-  float* rest;        // [N]
-  float* bound;       // [N] or nullptr
-  float* grad;        // [V, B, C] or nullptr
-  float* loss;        // [V, B] per row
-  int64_t V, B, C, N, k;
-  float gamma, inv_tau_e, gscale;
-  bool temper, posterior, update;
-};
 
 // A candidate of the new top k: its value b and class id. Ordered by b descending, then by
 // the smaller id (the tie rule of dps_fast/topk.py::top_by_value).
@@ -297,27 +284,6 @@ void step_row(const TopkArgs& a, int64_t b, Scratch& sc) {
   a.rest[id] = nr.rest;
 }
 
-void check_topk_args(const at::Tensor& z, const at::Tensor& index, const at::Tensor& ids, const at::Tensor& vals,
-                     const at::Tensor& rest, const at::Tensor& bound, const at::Tensor& grad) {
-  TORCH_CHECK_VALUE(z.dim() == 3 && z.scalar_type() == at::kFloat && z.is_contiguous(),
-                    "dps_fast: topk_step takes contiguous float32 logits [V, B, C]");
-  const int64_t B = z.size(1), N = ids.size(0), k = ids.size(1);
-  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == B,
-                    "dps_fast: topk_step's index must be contiguous int64 [B]");
-  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous() && k >= 1 && k < z.size(2),
-                    "dps_fast: topk_step's ids must be contiguous int64 [N, k], 1 <= k < C");
-  TORCH_CHECK_VALUE(vals.scalar_type() == at::kFloat && vals.sizes() == ids.sizes() && vals.is_contiguous(),
-                    "dps_fast: topk_step's vals must be contiguous float32 [N, k]");
-  TORCH_CHECK_VALUE(rest.scalar_type() == at::kFloat && rest.dim() == 1 && rest.size(0) == N && rest.is_contiguous(),
-                    "dps_fast: topk_step's rest must be contiguous float32 [N]");
-  TORCH_CHECK_VALUE(bound.numel() == 0 || (bound.scalar_type() == at::kFloat && bound.dim() == 1 &&
-                                           bound.size(0) == N && bound.is_contiguous()),
-                    "dps_fast: topk_step's bound must be contiguous float32 [N] or empty");
-  TORCH_CHECK_VALUE(grad.numel() == 0 || (grad.sizes() == z.sizes() && grad.scalar_type() == at::kFloat &&
-                                          grad.is_contiguous()),
-                    "dps_fast: topk_step's grad must be contiguous float32 like the logits, or empty");
-}
-
 // The step on float32 logits [V, B, C] and a top-k bank (ids int64, vals / rest / bound float32,
 // updated in place when `update`); ids outside [0, N) and rows with a non-finite logit are
 // skipped (NaN loss and gradient). Returns the loss [V, B] (reduction 0), or its mean / sum.
@@ -327,24 +293,13 @@ at::Tensor topk_step_cpu(const at::Tensor& z, const at::Tensor& index, at::Tenso
   check_topk_args(z, index, ids, vals, rest, bound, grad);
   const int64_t V = z.size(0), B = z.size(1), C = z.size(2);
   at::Tensor per_row = at::empty({V, B}, z.options());
-  const float gscale = reduction == 1 ? 1.0f / static_cast<float>(V * B) : 1.0f;
-  const TopkArgs a{z.data_ptr<float>(), index.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), vals.data_ptr<float>(),
-                   rest.data_ptr<float>(), bound.numel() ? bound.data_ptr<float>() : nullptr,
-                   grad.numel() ? grad.data_ptr<float>() : nullptr, per_row.data_ptr<float>(), V, B, C, ids.size(0),
-                   ids.size(1), static_cast<float>(gamma), static_cast<float>(1.0 / tau_e), gscale, tau_e != 1.0,
-                   posterior, update};
+  const TopkArgs a = topk_args(z, index, ids, vals, rest, bound, grad, per_row, nullptr, gamma, tau_e, posterior, update,
+                               reduction);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     Scratch sc(C);
     for (int64_t b = b0; b < b1; ++b) step_row(a, b, sc);
   });
-  if (update && B) {
-    for (at::Tensor* t : {&ids, &vals, &rest, &bound}) {
-      if (t->numel() && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
-    }
-  }
-  if (reduction == 0) return per_row;
-  const at::Tensor total = per_row.to(at::kDouble).sum();
-  return (reduction == 1 ? total / static_cast<double>(V * B) : total).to(at::kFloat);
+  return finish_topk_step(per_row, update, ids, vals, rest, bound, reduction);
 }
 
 }  // namespace
@@ -352,8 +307,8 @@ at::Tensor topk_step_cpu(const at::Tensor& z, const at::Tensor& index, at::Tenso
 }  // namespace dps_fast
 
 TORCH_LIBRARY_FRAGMENT(dps_fast, m) {
-  // The top-k bank's step (docs/method.md §12), CPU only so far (issue 26): the reference is
-  // dps_fast/topk.py::reference_step. Eager only (no fake kernel: the compiled path takes the
+  // The top-k bank's step (docs/method.md §12): the reference is dps_fast/topk.py::reference_step;
+  // the CUDA kernel is csrc/cuda/topk_step.cu, the Triton one dps_fast/kernels/topk_step.py. Eager only (no fake kernel: the compiled path takes the
   // reference).
   m.def("topk_step(Tensor logits, Tensor index, Tensor(a!) ids, Tensor(b!) vals, Tensor(c!) rest, "
         "Tensor(d!) bound, Tensor(e!) grad, float gamma, float tau_e, bool posterior, bool update, "

@@ -3,6 +3,7 @@
 #include "attach_grad.h"
 #include "dps_cross_entropy.h"
 #include "supcon.h"
+#include "topk_step.h"
 
 using namespace dps_fast::cuda;
 
@@ -37,6 +38,18 @@ int emu_launch_supcon(int grad, const float* f, float* lse, const float* coef, f
   SupconArgs p{};
   p.f = f; p.lse = lse; p.coef = coef; p.df = df; p.M = M; p.D = D; p.inv_tau = inv_tau;
   return grad ? launch_supcon_grad(p, nullptr) : launch_supcon_lse(p, nullptr);
+}
+
+int emu_launch_topk(const float* z, const int64_t* idx, int64_t* ids, float* vals, float* rest, float* bound,
+                    float* grad, float* loss, float* work, int64_t V, int64_t B, int64_t C, int64_t N, int64_t k,
+                    float gamma, float inv_tau_e, float gscale, int posterior, int update) {
+  dps_fast::TopkArgs p{};
+  p.z = z; p.idx = idx; p.ids = ids; p.vals = vals; p.rest = rest; p.bound = bound; p.grad = grad;
+  p.loss = loss; p.work = work;
+  p.V = V; p.B = B; p.C = C; p.N = N; p.k = k;
+  p.gamma = gamma; p.inv_tau_e = inv_tau_e; p.gscale = gscale;
+  p.posterior = posterior; p.update = update;
+  return launch_topk_step(p, nullptr);
 }
 
 int emu_scale_unless_one(void* g, int64_t n, int dtype, const float* s) {

@@ -188,6 +188,8 @@ inline int atomicExch(int* p, int v) {
 
 // __expf is ex2.approx(x * log2(e)): the rounding of the product is its main error for large |x|.
 inline float __expf(float x) { return std::exp2(x * 1.44269504088896341f); }
+// __fadd_rn: an addition the CUDA compiler never contracts into an fma.
+inline float __fadd_rn(float a, float b) { return a + b; }
 using std::isfinite;
 
 inline cudaError_t cudaGetLastError() {

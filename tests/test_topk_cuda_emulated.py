@@ -1,0 +1,57 @@
+"""The CUDA kernel of the top-k step (csrc/cuda/topk_step.cu; docs/method.md §12, issue 26) run on
+the CPU by tools/cuda_emulator against the reference step, as tests/test_topk_kernel.py checks the
+CPU kernel: new ids, values, rest and bound, loss and gradient by the tolerance rule against the
+float64 reference, over C, k, views, tau_e, targets, reductions, update, non-finite rows, ids
+outside the bank and untouched rows; K' equal to the references' on tie-heavy inputs, step after
+step. It has never run on a GPU (see tests/_cuda_emu.py for what emulation cannot show)."""
+import pytest
+import torch
+
+from dps_fast import _validate
+from dps_fast import topk as T
+from dps_fast.ops._common import attach_grad
+from _topk_cases import SETTINGS, check_ids_outside_are_skipped, check_tie_heavy, compare_step
+
+E = pytest.importorskip("_cuda_emu")
+if E.unavailable():
+    pytest.skip(f"CUDA emulator: {E.unavailable()}", allow_module_level=True)
+
+
+def emu_step(logits, index, bank, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean", update=True):
+    """dps_fast/topk.py::fused_step with the emulated CUDA kernel in place of the op."""
+    z3 = (logits if logits.dim() == 3 else logits.unsqueeze(0)).detach().float().contiguous()
+    grad = torch.empty_like(z3) if logits.requires_grad else z3.new_empty((0,))
+    loss = E.topk_step(z3, index.to(torch.int64).contiguous(), bank.ids, bank.vals, bank.rest, bank.bound, grad,
+                       gamma, tau_e, target == "posterior", update, _validate.REDUCTIONS[reduction])
+    if reduction == "none" and logits.dim() == 2:
+        loss = loss[0]
+    return attach_grad(loss, logits, grad.view(logits.shape)) if logits.requires_grad else loss
+
+
+CASES = [(2, 1, 1), (5, 2, 3), (33, 20, 1), (100, 8, 3), (1000, 32, 1), (3000, 64, 1)]
+
+
+@pytest.mark.parametrize("c,k,views", CASES, ids=[f"C{c}-k{k}-V{v}" for c, k, v in CASES])
+@pytest.mark.parametrize("target,reduction,update,tau_e", SETTINGS)
+def test_emulated_cuda_step_matches_the_reference(c, k, views, target, reduction, update, tau_e):
+    compare_step(emu_step, c, k, views, target, reduction, update, tau_e)
+
+
+def test_emulated_cuda_ids_outside_the_bank_are_skipped():
+    check_ids_outside_are_skipped(E.topk_step)
+
+
+@pytest.mark.parametrize("c,k", [(10, 3), (100, 8), (33, 20), (7, 4)])
+def test_emulated_cuda_tie_heavy_inputs_keep_the_references_classes(c, k):
+    check_tie_heavy(emu_step, c, k)
+
+
+def test_the_python_side_knows_the_kernels_limits():
+    """dps_fast/topk.py takes the CUDA kernel only within its shared-memory limits: the constants
+    must be csrc/cuda/topk_step.h's."""
+    import os
+    import re
+
+    header = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "topk_step.h")).read()
+    limits = {name: int(v) for name, v in re.findall(r"constexpr int (kTopkMax\w+) = (\d+);", header)}
+    assert limits == {"kTopkMaxC": T.CUDA_MAX_C, "kTopkMaxK": T.CUDA_MAX_K, "kTopkMaxViews": T.CUDA_MAX_VIEWS}
