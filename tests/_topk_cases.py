@@ -105,3 +105,21 @@ def check_tie_heavy(step, c, k, steps=4):
             T.reference_step(z, torch.arange(4), ref, gamma=0.9)
             assert torch.equal(fused.ids, ref.ids.to(torch.int64))
             assert torch.equal(fused.ids[:, 1:], torch.sort(fused.ids[:, 1:], 1).values)  # ties: smaller ids first
+
+
+def check_wide_row(step, c, device="cpu", k=3):
+    """A row of C >= 32,768 classes (more than int16 ids hold: int32 in a bank): the same K',
+    values, loss and gradient as the reference, by the tolerance rule."""
+    gen = torch.Generator().manual_seed(5)
+    bank = T.topk_prior(torch.tensor([0, c - 1, 4]), c, k, c=5.0, eps=1e-3)
+    bank.ids = bank.ids.to(torch.int64)
+    z = torch.randn(1, 3, c, generator=gen) * 4
+    fused, ref, exact = on(device, bank), clone(bank), clone(bank, torch.float64)
+    idx = torch.tensor([2, 0, 1])
+    lk, gk = run(step, z.to(device), idx.to(device), fused, torch.tensor(1.0, device=device))
+    le, ge = run(T.reference_step, z, idx, ref, torch.tensor(1.0))
+    lx, gx = run(T.reference_step, z.double(), idx, exact, torch.tensor(1.0, dtype=torch.float64))
+    rule_check(lk.cpu(), le, lx, torch.float32, "loss")
+    rule_check(gk.cpu(), ge, gx, torch.float32, "grad")
+    assert torch.equal(fused.ids.cpu(), ref.ids)
+    rule_check(fused.vals.cpu(), ref.vals, exact.vals, torch.float32, "values")

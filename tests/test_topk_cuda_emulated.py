@@ -10,7 +10,7 @@ import torch
 from dps_fast import _validate
 from dps_fast import topk as T
 from dps_fast.ops._common import attach_grad
-from _topk_cases import SETTINGS, check_ids_outside_are_skipped, check_tie_heavy, compare_step
+from _topk_cases import SETTINGS, check_ids_outside_are_skipped, check_tie_heavy, check_wide_row, compare_step
 
 E = pytest.importorskip("_cuda_emu")
 if E.unavailable():
@@ -28,7 +28,7 @@ def emu_step(logits, index, bank, gamma=0.95, tau_e=1.0, target="posterior", red
     return attach_grad(loss, logits, grad.view(logits.shape)) if logits.requires_grad else loss
 
 
-CASES = [(2, 1, 1), (5, 2, 3), (33, 20, 1), (100, 8, 3), (1000, 32, 1), (3000, 64, 1)]
+CASES = [(2, 1, 1), (5, 2, 3), (7, 6, 2), (33, 20, 1), (100, 8, 3), (1000, 32, 1), (3000, 64, 1)]
 
 
 @pytest.mark.parametrize("c,k,views", CASES, ids=[f"C{c}-k{k}-V{v}" for c, k, v in CASES])
@@ -44,6 +44,11 @@ def test_emulated_cuda_ids_outside_the_bank_are_skipped():
 @pytest.mark.parametrize("c,k", [(10, 3), (100, 8), (33, 20), (7, 4)])
 def test_emulated_cuda_tie_heavy_inputs_keep_the_references_classes(c, k):
     check_tie_heavy(emu_step, c, k)
+
+
+def test_emulated_cuda_the_widest_row():
+    """C = 32,768, the kernel's limit (int32 ids in a bank of more than 32,767 classes)."""
+    check_wide_row(emu_step, T.CUDA_MAX_C)
 
 
 def test_the_python_side_knows_the_kernels_limits():

@@ -9,12 +9,12 @@ import torch
 import dps_fast
 from dps_fast import topk as T
 from _helpers import HAS_CPU
-from _topk_cases import SETTINGS, bank_state, check_ids_outside_are_skipped, check_tie_heavy, compare_step
+from _topk_cases import SETTINGS, bank_state, check_ids_outside_are_skipped, check_tie_heavy, check_wide_row, compare_step
 
 pytestmark = pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
 
 
-CASES = [(c, k, v) for c, k in [(2, 1), (5, 2), (33, 20), (100, 8), (1000, 32), (3000, 64)] for v in (1, 3)]
+CASES = [(c, k, v) for c, k in [(2, 1), (5, 2), (7, 6), (33, 20), (100, 8), (1000, 32), (3000, 64)] for v in (1, 3)]
 
 
 @pytest.mark.parametrize("c,k,views", CASES, ids=[f"C{c}-k{k}-V{v}" for c, k, v in CASES])
@@ -77,3 +77,9 @@ def test_tie_heavy_inputs_keep_the_same_classes_in_the_same_order(c, k):
     """The CPU kernel keeps the reference's K' on tie-heavy inputs (the Triton kernel and the
     float64 reference too: tests/test_topk_triton.py)."""
     check_tie_heavy(T.fused_step, c, k)
+
+
+@pytest.mark.parametrize("c", [32768, 40000])
+def test_rows_wider_than_int16_ids(c):
+    """C = 32,768 and 40,000 (int32 ids in a bank of more than 32,767 classes)."""
+    check_wide_row(T.fused_step, c)
