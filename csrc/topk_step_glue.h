@@ -12,8 +12,8 @@ namespace dps_fast {
 inline void check_topk_args(const at::Tensor& z, const at::Tensor& index, const at::Tensor& ids,
                             const at::Tensor& vals, const at::Tensor& rest, const at::Tensor& bound,
                             const at::Tensor& grad) {
-  TORCH_CHECK_VALUE(z.dim() == 3 && z.scalar_type() == at::kFloat && z.is_contiguous(),
-                    "dps_fast: topk_step takes contiguous float32 logits [V, B, C]");
+  TORCH_CHECK_VALUE(z.dim() == 3 && z.scalar_type() == at::kFloat && z.is_contiguous() && z.size(0) >= 1,
+                    "dps_fast: topk_step takes contiguous float32 logits [V, B, C], V >= 1");
   const int64_t B = z.size(1), N = ids.size(0), k = ids.dim() == 2 ? ids.size(1) : 0;
   TORCH_CHECK_VALUE(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == B,
                     "dps_fast: topk_step's index must be contiguous int64 [B]");

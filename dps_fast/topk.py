@@ -166,14 +166,13 @@ def topk_update(K, val, rest, p, gamma: float):
 def topk_loss(logits3: torch.Tensor, K: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per view and row [V, B], the cross-entropy of softmax(z) against the implied target
     (t on K, u elsewhere), without a dense target: log s + sum_{K} (t_i - u)(m - z_i)
-    + u (C m - sum_j z_j), every term >= 0 (m = max z, s = sum exp(z - m)). m is taken as a
+    + u sum_j (m - z_j), every term >= 0 (m = max z, s = sum exp(z - m)). m is taken as a
     constant, so autograd's gradient is softmax(z) - u - [j in K](t_j - u)."""
-    num_classes = logits3.shape[-1]
     m = logits3.detach().amax(-1, keepdim=True)
     log_s = torch.log(torch.exp(logits3 - m).sum(-1))
     z_K = logits3.gather(-1, K.expand(logits3.shape[0], -1, -1))
     on_k = ((t - u[:, None]) * (m - z_K)).sum(-1)
-    return log_s + on_k + u * (num_classes * m[..., 0] - logits3.sum(-1))
+    return log_s + on_k + u * (m - logits3).sum(-1)  # sum_j (m - z_j): terms >= 0, no inf - inf
 
 
 @torch.no_grad()

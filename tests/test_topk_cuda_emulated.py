@@ -28,7 +28,7 @@ def emu_step(logits, index, bank, gamma=0.95, tau_e=1.0, target="posterior", red
     return attach_grad(loss, logits, grad.view(logits.shape)) if logits.requires_grad else loss
 
 
-CASES = [(2, 1, 1), (5, 2, 3), (7, 6, 2), (33, 20, 1), (100, 8, 3), (1000, 32, 1), (3000, 64, 1)]
+CASES = [(2, 1, 1), (5, 2, 3), (7, 6, 2), (33, 20, 1), (100, 8, 3), (1000, 32, 3), (3000, 64, 1), (600, 256, 1)]
 
 
 @pytest.mark.parametrize("c,k,views", CASES, ids=[f"C{c}-k{k}-V{v}" for c, k, v in CASES])

@@ -28,7 +28,8 @@ struct Shared {
   int K[kTopkMaxK], J[kTopkMaxK], NK[kTopkMaxK];
   float val[kTopkMaxK], pK[kTopkMaxK], pJ[kTopkMaxK], nb[kTopkMaxK], t[kTopkMaxK];
   unsigned char chosen[2 * kTopkMaxK];
-  float m[kTopkMaxViews], s[kTopkMaxViews], se[kTopkMaxViews], zsum[kTopkMaxViews];
+  float m[kTopkMaxViews], s[kTopkMaxViews], se[kTopkMaxViews], gap[kTopkMaxViews];  // gap: sum_j (m - z_j)
+  float key[2 * kTopkMaxK];
   float new_rest, u;
 };
 
@@ -77,23 +78,23 @@ __device__ void block_argmax(float& v, int& i, Shared& sh) {
   __syncthreads();
 }
 
-// Per view: max, sum exp(z - m), sum exp((z - m) / tau_e), sum z into shared; false if a logit
-// is not finite.
+// Per view: max, sum exp(z - m), sum exp((z - m) / tau_e), sum (m - z) into shared (terms >= 0: no
+// inf - inf for huge finite logits, docs/method.md §9); false if a logit is not finite.
 __device__ bool view_stats(const TopkArgs& p, int64_t b, Shared& sh) {
   float bad = 0.f;
   for (int64_t v = 0; v < p.V; ++v) {
     const float* z = p.z + (v * p.B + b) * p.C;
-    float mx = -INFINITY, zs = 0.f;
+    float mx = -INFINITY;
     for (int64_t j = threadIdx.x; j < p.C; j += kThreads) {
       if (!isfinite(z[j])) bad = 1.f;
-      mx = fmaxf(mx, z[j]), zs += z[j];
+      mx = fmaxf(mx, z[j]);
     }
     mx = block_max(mx, sh);
-    float s = 0.f, se = 0.f;
+    float s = 0.f, se = 0.f, gap = 0.f;
     for (int64_t j = threadIdx.x; j < p.C; j += kThreads)
-      s += expf(z[j] - mx), se += expf((z[j] - mx) * p.inv_tau_e);
-    s = block_sum(s, sh), se = block_sum(se, sh), zs = block_sum(zs, sh);
-    if (threadIdx.x == 0) sh.m[v] = mx, sh.s[v] = s, sh.se[v] = se, sh.zsum[v] = zs;
+      s += expf(z[j] - mx), se += expf((z[j] - mx) * p.inv_tau_e), gap += mx - z[j];
+    s = block_sum(s, sh), se = block_sum(se, sh), gap = block_sum(gap, sh);
+    if (threadIdx.x == 0) sh.m[v] = mx, sh.s[v] = s, sh.se[v] = se, sh.gap[v] = gap;
   }
   return block_sum(bad, sh) == 0.f;
 }
@@ -140,20 +141,20 @@ __device__ void pick_j(const TopkArgs& p, const float* w, int64_t nJ, Shared& sh
 __device__ void pick_new_k(const TopkArgs& p, int64_t nJ, float level, float p_out, Shared& sh) {
   const float base = p.gamma * level;
   const int64_t n = p.k + nJ;
-  const auto key = [&](int64_t c) {  // tied candidates must be bit-equal: __fadd_rn is never an fma
-    if (c >= p.k) return __fadd_rn(base, sh.pJ[c - p.k]);
-    if (fabsf(sh.val[c] - level) <= kSnap * level) return __fadd_rn(base, sh.pK[c]);
-    return p.gamma * sh.val[c] + sh.pK[c];
-  };
+  for (int64_t c = 0; c < n; ++c) {  // each key once; tied keys bit-equal: __fadd_rn is never an fma
+    if (c >= p.k) sh.key[c] = __fadd_rn(base, sh.pJ[c - p.k]);
+    else if (fabsf(sh.val[c] - level) <= kSnap * level) sh.key[c] = __fadd_rn(base, sh.pK[c]);
+    else sh.key[c] = p.gamma * sh.val[c] + sh.pK[c];
+    sh.chosen[c] = 0;
+  }
   const auto cid = [&](int64_t c) { return c < p.k ? sh.K[c] : sh.J[c - p.k]; };
-  for (int64_t c = 0; c < n; ++c) sh.chosen[c] = 0;
   for (int64_t s = 0; s < p.k; ++s) {
     int64_t best = -1;
     for (int64_t c = 0; c < n; ++c)
-      if (!sh.chosen[c] && (best < 0 || better(key(c), cid(c), key(best), cid(best)))) best = c;
+      if (!sh.chosen[c] && (best < 0 || better(sh.key[c], cid(c), sh.key[best], cid(best)))) best = c;
     sh.chosen[best] = 1;
     sh.NK[s] = cid(best);
-    sh.nb[s] = best < p.k ? p.gamma * sh.val[best] + sh.pK[best] : key(best);
+    sh.nb[s] = best < p.k ? p.gamma * sh.val[best] + sh.pK[best] : sh.key[best];
     set(sh.kept, sh.NK[s]);
   }
   float dropped = 0.f, admitted_p = 0.f;
@@ -187,7 +188,7 @@ __device__ void outputs(const TopkArgs& p, int64_t b, const int* tK, Shared& sh)
     if (threadIdx.x == 0) {
       float on_k = 0.f;
       for (int64_t i = 0; i < p.k; ++i) on_k += (sh.t[i] - sh.u) * (sh.m[v] - z[tK[i]]);
-      p.loss[v * p.B + b] = logf(sh.s[v]) + on_k + sh.u * (static_cast<float>(p.C) * sh.m[v] - sh.zsum[v]);
+      p.loss[v * p.B + b] = logf(sh.s[v]) + on_k + sh.u * sh.gap[v];
     }
     if (!p.grad) continue;
     float* g = p.grad + (v * p.B + b) * p.C;

@@ -22,8 +22,10 @@ void check_topk_cuda(const at::Tensor& z, const at::Tensor& index, const at::Ten
   TORCH_CHECK_VALUE(C <= kTopkMaxC && k <= kTopkMaxK && V <= kTopkMaxViews,
                     "dps_fast: the CUDA top-k step takes C <= ", kTopkMaxC, ", k <= ", kTopkMaxK, " and at most ",
                     kTopkMaxViews, " views; got C = ", C, ", k = ", k, ", ", V, " views");
-  for (const at::Tensor* t : {&index, &ids, &vals, &rest}) {
-    TORCH_CHECK_VALUE(t->device() == z.device(), "dps_fast: topk_step's tensors must be on the logits' device");
+  TORCH_CHECK_VALUE(z.is_cuda(), "dps_fast: the CUDA top-k step takes CUDA logits");
+  for (const at::Tensor* t : {&index, &ids, &vals, &rest, &bound, &grad}) {
+    TORCH_CHECK_VALUE(t->numel() == 0 || t->device() == z.device(),
+                      "dps_fast: topk_step's tensors must be on the logits' device");
   }
 }
 

@@ -65,8 +65,10 @@ def _update(p, cols, cmask, Kid, val, rest, gamma, C, slot, K: tl.constexpr, KP:
     in_k = tl.sum(tl.where(hit, 1, 0), 1) > 0
     p_k = tl.sum(tl.where(hit, p[:, None], 0.0), 0)
     b_in = gamma * val + p_k                                                      # step 1
-    # the tie rule's ordering key (dps_fast/topk.py::SNAP = 1e-5): a slot within rounding of the level is the level
-    key_in = gamma * tl.where(tl.abs(val - level) <= 1e-5 * level, level, val) + p_k
+    # the tie rule's ordering key (dps_fast/topk.py::SNAP = 1e-5): a slot within rounding of the level is the level;
+    # keys at the level are one explicit fma, as J's are, so that the compiler's fusion cannot split a tie
+    near = tl.abs(val - level) <= 1e-5 * level
+    key_in = tl.where(near, tl.fma(gamma + tl.zeros_like(p_k), level, p_k), gamma * val + p_k)
     n_j = tl.minimum(K, C - K)                                                    # step 2: J
     free = cmask & ~in_k
     j_id = tl.full([KP], -1, tl.int32)
@@ -74,7 +76,7 @@ def _update(p, cols, cmask, Kid, val, rest, gamma, C, slot, K: tl.constexpr, KP:
     for i in range(0, n_j):
         mx, bid, at_c = _best_of(p, cols, free)
         j_id, p_j, free = tl.where(slot == i, bid, j_id), tl.where(slot == i, mx, p_j), free & ~at_c
-    b_j = gamma * level + p_j
+    b_j = tl.fma(gamma + tl.zeros_like(p_j), level, p_j)
     ok_k, ok_j = slot < K, slot < n_j                                             # step 3: K'
     new_id = tl.full([KP], -1, tl.int32)
     new_b = tl.zeros([KP], dtype=tl.float32)
@@ -104,7 +106,7 @@ def _bound_delta(p, cmask, hit, in_k, val, rest, gamma, new_hit, new_rest, C, K:
 @triton.jit
 def _outputs(Z, G, LOSS, b, B, C, cols, cmask, ok, t_hit, t, u, smask, gscale, V: tl.constexpr,
              HAS_GRAD: tl.constexpr):
-    """Per view, the loss log s + sum_K' (t - u)(m - z) + u (C m - sum z) and the gradient
+    """Per view, the loss log s + sum_K' (t - u)(m - z) + u sum_j (m - z_j) and the gradient
     (softmax - u - [j in K'](t_j - u)) * gscale; NaN where the row is not ``ok``."""
     t_dense = tl.sum(tl.where(t_hit, (t - u)[None, :], 0.0), 1)
     for v in tl.static_range(V):
@@ -114,7 +116,7 @@ def _outputs(Z, G, LOSS, b, B, C, cols, cmask, ok, t_hit, t, u, smask, gscale, V
         s = tl.sum(e, 0)
         z_t = tl.sum(tl.where(t_hit, z[:, None], 0.0), 0)
         on_k = tl.sum(tl.where(smask, (t - u) * (m - z_t), 0.0), 0)
-        loss = tl.log(s) + on_k + u * (C * m - tl.sum(tl.where(cmask, z, 0.0), 0))
+        loss = tl.log(s) + on_k + u * tl.sum(tl.where(cmask, m - z, 0.0), 0)  # terms >= 0: no inf - inf
         tl.store(LOSS + v * B + b, tl.where(ok, loss, float("nan")))
         if HAS_GRAD:
             g = (e / s - u - t_dense) * gscale
@@ -165,7 +167,8 @@ def _check_args(logits, index, ids, vals, rest, bound, grad) -> None:
     tensors = (logits, index, ids, vals, rest, bound, grad)
     need(all(t.is_contiguous() and t.device == logits.device for t in tensors), "tensors must be contiguous, "
          "on one device")
-    need(logits.dim() == 3 and logits.dtype == torch.float32, "logits must be float32 [V, B, C]")
+    need(logits.dim() == 3 and logits.dtype == torch.float32 and logits.shape[0] >= 1,
+         "logits must be float32 [V, B, C], V >= 1")
     v, b, c = logits.shape
     need(index.dtype == torch.int64 and index.numel() == b, "index must be int64 [B]")
     need(ids.dtype == torch.int64 and ids.dim() == 2 and 1 <= ids.shape[1] < c, "ids must be int64 [N, k], 1 <= k < C")
