@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 import dps_fast
 from dps_fast import prior
+from _ranks import spawn_ranks
 
 N, C = 12, 5
 KINDS = ("local", "host", "replicated", "sharded")
@@ -261,10 +262,9 @@ def test_one_rank_with_a_bad_state_dict_fails_the_load_on_every_rank(tmp_path):
     """Two ranks of a sharded bank (each loads its own shard's state dict): rank 1's holds a
     NaN. Both ranks raise the same problem (naming rank 1) and neither writes, so the shards
     stay one consistent bank. (Replicated banks share this code: DistributedBank.load_state.)"""
-    import torch.multiprocessing as mp
     from _bank_state_workers import worker_one_bad_rank
 
-    mp.spawn(worker_one_bad_rank, args=(2, str(tmp_path), str(tmp_path), "sharded", 1), nprocs=2, join=True)
+    spawn_ranks(worker_one_bad_rank, 2, 2, str(tmp_path), str(tmp_path), "sharded", 1)
     got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     for g in got:
         assert "bank must be finite and > 0" in g["outcome"] and "(rank 1)" in g["outcome"], g["outcome"]

@@ -8,10 +8,10 @@ import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import dps_fast
 import _bank_contract as K
+from _ranks import spawn_ranks
 
 EXPECTED = {"out_of_range": "IndexError", "duplicate": "ValueError", "cross_rank_duplicate": "ValueError",
             "classes": "ValueError", "index_length": "ValueError", "index_dtype": "TypeError",
@@ -22,7 +22,7 @@ def results_for(kind, world):
     if world == 1:
         return [K.run_contract(kind, 0, 1)]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(K.contract_worker, args=(world, tmp, kind, tmp), nprocs=world, join=True)
+        spawn_ranks(K.contract_worker, world, world, tmp, kind, tmp)
         return [torch.load(os.path.join(tmp, f"contract-{r}.pt"), weights_only=False) for r in range(world)]
 
 

@@ -5,17 +5,17 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dps_fast
 from dps_fast import distributed as D
+from _ranks import spawn_ranks
 from _dist_workers import (_single_process, _worker_errors, _worker_load, _worker_padding, _worker_save,
                            _worker_train)
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("mode", ["replicated", "sharded"])
 def test_matches_single_process_after_three_epochs(mode, world):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker_train, args=(world, tmp, mode, tmp), nprocs=world, join=True)
+        spawn_ranks(_worker_train, world, world, tmp, mode, tmp)
         got = torch.load(os.path.join(tmp, f"{mode}-{world}.pt"), weights_only=True)
     bank, losses, w = _single_process(world)
     torch.testing.assert_close(got["bank"], bank, rtol=1e-5, atol=1e-5)
@@ -27,7 +27,7 @@ def test_matches_single_process_after_three_epochs(mode, world):
                                              ("sharded", torch.bfloat16)])
 def test_padding_duplicates_are_updated_once(mode, bank_dtype):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker_padding, args=(3, tmp, mode, tmp, bank_dtype), nprocs=3, join=True)
+        spawn_ranks(_worker_padding, 3, 3, tmp, mode, tmp, bank_dtype)
         bank = torch.load(os.path.join(tmp, "pad.pt"), weights_only=True)
     # gamma = 1, zero logits: each update adds 1/3 to every class, i.e. +1 to the row mass
     prior_mass = 2.0 + 2 * 1.0
@@ -39,8 +39,8 @@ def test_checkpoint_at_two_ranks_resumes_at_three():
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "s1"))
         os.makedirs(os.path.join(tmp, "s2"))
-        mp.spawn(_worker_save, args=(2, os.path.join(tmp, "s1"), "sharded", tmp), nprocs=2, join=True)
-        mp.spawn(_worker_load, args=(3, os.path.join(tmp, "s2"), "sharded", tmp), nprocs=3, join=True)
+        spawn_ranks(_worker_save, 2, 2, os.path.join(tmp, "s1"), "sharded", tmp)
+        spawn_ranks(_worker_load, 3, 3, os.path.join(tmp, "s2"), "sharded", tmp)
         saved = torch.load(os.path.join(tmp, "saved_full.pt"), weights_only=True)
         loaded = torch.load(os.path.join(tmp, "loaded_full.pt"), weights_only=True)
         assert torch.equal(saved, loaded)
@@ -50,7 +50,7 @@ def test_checkpoint_at_two_ranks_resumes_at_three():
 @pytest.mark.parametrize("mode", ["replicated", "sharded"])
 def test_bad_index_on_one_rank_raises_on_all_without_hanging(mode):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker_errors, args=(2, tmp, mode, tmp), nprocs=2, join=True)
+        spawn_ranks(_worker_errors, 2, 2, tmp, mode, tmp)
         for r in range(2):
             res = torch.load(os.path.join(tmp, f"err{r}.pt"), weights_only=False)
             assert res["o"].startswith("IndexError") and "index 25 is out of range" in res["o"], res

@@ -4,12 +4,12 @@ import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import dps_fast
 from dps_fast import label_issues as L
 from dps_fast.banks.collective import LocalCollective
 from dps_fast.metrics import auroc
+from _ranks import spawn_ranks
 
 PRIOR = {"c": 100.0, "eps": 0.01, "gamma": 0.95}
 
@@ -220,7 +220,7 @@ def test_sharded_source_matches_one_process_without_a_full_gather(kind, world):
     from _label_workers import N_ROWS, SELECTIONS, bank_and_labels, worker_find
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker_find, args=(world, tmp, kind), nprocs=world, join=True)
+        spawn_ranks(worker_find, world, world, tmp, kind)
         got = [torch.load(os.path.join(tmp, f"r{r}.pt"), weights_only=False) for r in range(world)]
     alpha, labels = bank_and_labels()
     for sel, kw in SELECTIONS.items():

@@ -12,11 +12,11 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dps_fast import distributed as D
 from dps_fast.banks import shard_files as SF
 from _shard_workers import C, N, worker_saves
+from _ranks import spawn_ranks
 
 MODES = ["sharded", "replicated"]
 
@@ -26,7 +26,7 @@ def saves():
     """Folders a, b, n15, c5 saved at two ranks, their full banks, and the two-rank load outcome."""
     tmp = tempfile.mkdtemp()
     os.makedirs(os.path.join(tmp, "store"))
-    mp.spawn(worker_saves, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True)
+    spawn_ranks(worker_saves, 2, 2, os.path.join(tmp, "store"), tmp)
     out = {"dir": tmp, "fulls": torch.load(os.path.join(tmp, "fulls.pt"), weights_only=True),
            "agree": [torch.load(os.path.join(tmp, f"agree{r}.pt"), weights_only=True) for r in range(2)]}
     yield out

@@ -7,10 +7,10 @@ import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import dps_fast
 from _helpers import one_rank_gloo
+from _ranks import spawn_ranks
 
 N, C = 20, 5
 
@@ -173,7 +173,7 @@ def test_two_ranks_adapt_together_on_the_global_batch_and_resume_mid_pass(mode):
     from _tau_auto_workers import worker_two_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker_two_ranks, args=(2, tmp, mode, tmp), nprocs=2, join=True)
+        spawn_ranks(worker_two_ranks, 2, 2, tmp, mode, tmp)
         got = [torch.load(os.path.join(tmp, f"taus{r}.pt"), weights_only=True) for r in range(2)]
     assert got[0]["taus"] == got[1]["taus"]
     first_change = next(i for i, t in enumerate(got[0]["taus"]) if t != 1.0)

@@ -8,6 +8,7 @@ import torch
 
 import dps_fast
 from dps_fast import topk as T
+from _ranks import spawn_ranks
 
 N, C, K = 40, 30, 4
 
@@ -290,12 +291,11 @@ def test_two_replicas_stay_identical_and_equal_one_process():
     import os
     import tempfile
 
-    import torch.multiprocessing as mp
 
     from _topk_workers import C as C2, K as K2, N as N2, global_steps, worker_replicated
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker_replicated, args=(2, tmp, tmp), nprocs=2, join=True)
+        spawn_ranks(worker_replicated, 2, 2, tmp, tmp)
         got = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
     one = dps_fast.DPSLoss(torch.arange(N2) % C2, C2, top_k=K2, c=5.0, eps=0.05, gamma=0.9, reduction="sum")
     losses = [one(z, idx).detach() for z, idx in global_steps()]
@@ -316,12 +316,11 @@ def test_a_sharded_bank_equals_one_process():
     import os
     import tempfile
 
-    import torch.multiprocessing as mp
 
     from _topk_workers import C as C2, K as K2, N as N2, global_steps, worker_sharded
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker_sharded, args=(2, tmp, tmp), nprocs=2, join=True)
+        spawn_ranks(worker_sharded, 2, 2, tmp, tmp)
         got = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
     one = dps_fast.DPSLoss(torch.arange(N2) % C2, C2, top_k=K2, c=5.0, eps=0.05, gamma=0.9, reduction="sum")
     losses = []
@@ -353,7 +352,6 @@ def test_save_bank_and_load_bank_re_shard_and_verify(mode, tmp_path):
     import glob
     import json
 
-    import torch.multiprocessing as mp
 
     from _helpers import one_rank_gloo
     from _topk_workers import C as C2, K as K2, N as N2, global_steps, worker_save
@@ -361,7 +359,7 @@ def test_save_bank_and_load_bank_re_shard_and_verify(mode, tmp_path):
 
     store = tmp_path / "store"
     store.mkdir()
-    mp.spawn(worker_save, args=(2, str(store), str(tmp_path), mode), nprocs=2, join=True)
+    spawn_ranks(worker_save, 2, 2, str(store), str(tmp_path), mode)
     assert all(torch.load(tmp_path / f"{mode}{r}.pt", weights_only=True)["same"] for r in range(2))
     one = dps_fast.DPSLoss(torch.arange(N2) % C2, C2, top_k=K2, c=5.0, eps=0.05, gamma=0.9, tau_e=1.0)
     for z, idx in global_steps():
