@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _dispatch, _validate
-from .ops._common import attach_grad, backend_for_autodiff, needs_grad, reduce
+from .ops._common import GradCache, attach_grad, backend_for_autodiff, grad_buffer, needs_grad, reduce
 from .prior import prior_eps
 
 
@@ -260,12 +260,13 @@ def fused_backend(logits: torch.Tensor, bank: TopKRows, backend) -> str | None:
 
 
 def fused_step(logits, index, bank: TopKRows, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean",
-               update=True, backend: str = "cpu"):
+               update=True, backend: str = "cpu", grad_cache: GradCache | None = None):
     """:func:`reference_step` on a fused kernel, ``backend`` "cpu", "triton" or "cuda" (the
-    same arguments and results; the bank's ids int64). Used where :func:`fused_backend` says so."""
+    same arguments and results; the bank's ids int64). Used where :func:`fused_backend` says so.
+    The gradient goes into ``grad_cache``'s buffer where one is given (the bank's)."""
     z3 = (logits if logits.dim() == 3 else logits.unsqueeze(0)).detach().float().contiguous()
     need = needs_grad(logits)
-    grad = torch.empty_like(z3) if need else z3.new_empty((0,))
+    grad = grad_buffer(z3, need, False, grad_cache)
     bound = bank.bound if bank.bound is not None else bank.vals.new_empty((0,))
     loss = _dispatch.op(backend, "topk_step")(z3, index.to(torch.int64).contiguous(), bank.ids, bank.vals, bank.rest,
                                               bound, grad, float(gamma), float(tau_e), target == "posterior",

@@ -48,6 +48,35 @@ def test_steps_equal_the_reference_step(views, reduction):
     assert torch.equal(crit.store.rest, ref.rest)
 
 
+@pytest.mark.parametrize("top_k, bank", [(K, "local"), (K, "host"), (None, "host")])
+def test_the_gradient_buffer_is_reused_only_when_nothing_holds_it(top_k, bank):
+    """The fused CPU step writes its gradient into the bank's GradCache buffer (ops/_common.py;
+    every top-k bank, and the dense banks but the local one, whose C++ fast path allocates):
+    after a backward through a layer the next step reuses that storage; while a graph, a
+    .grad or another loss of the same step holds it, a step gets a new buffer, and every
+    gradient equals that of a twin loss whose steps each finish before the next."""
+    gen = torch.Generator().manual_seed(3)
+    fused = dps_fast.DPSLoss(labels(), C, top_k=top_k, gamma=0.9, bank=bank)
+    layer = torch.nn.Linear(5, C)
+    pointers = []
+    for _ in range(3):  # logits from a layer: the graph releases the buffer at backward
+        fused(layer(torch.randn(8, 5, generator=gen)), torch.randperm(N, generator=gen)[:8]).backward()
+        pointers.append(fused.store.grad_cache._buf.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2]
+    z = [(torch.randn(8, C, generator=gen) * 3).requires_grad_() for _ in range(3)]
+    ids = [torch.randperm(N, generator=gen)[:8] for _ in range(3)]
+    (fused(z[0], ids[0]) + fused(z[1], ids[1])).backward()  # two losses alive at once
+    fused(z[2], ids[2]).backward()  # z[0].grad and z[1].grad still hold their buffers
+    assert len({zi.grad.data_ptr() for zi in z}) == 3
+    twin, gen = dps_fast.DPSLoss(labels(), C, top_k=top_k, gamma=0.9, bank=bank), torch.Generator().manual_seed(3)
+    for _ in range(3):  # the same first three steps
+        twin(layer(torch.randn(8, 5, generator=gen)), torch.randperm(N, generator=gen)[:8])
+    for zi, ii in zip(z, ids):
+        zt = zi.detach().clone().requires_grad_()
+        twin(zt, ii).backward()
+        assert torch.equal(zi.grad, zt.grad)
+
+
 def test_the_host_kind_equals_the_local_bank():
     """HostDPSLoss(top_k=k): the rows stay on the host and travel to the step as (ids, values,
     rest, bound); losses, gradients, rows and state equal the local bank's bit for bit, with

@@ -23,7 +23,7 @@ import torch
 
 from .. import _dispatch
 from .. import _validate
-from ..ops._common import in_backward_recompute
+from ..ops._common import GradCache, in_backward_recompute
 from ..ops.dps_cross_entropy import run as run_step
 
 
@@ -68,8 +68,11 @@ class Bank:
 
     kind = "base"
 
+    grad_cache: GradCache | None = None  # per instance (below); None: a bank pickled before it existed
+
     def __init__(self, num_samples: int, num_classes: int):
         self.num_samples, self.num_classes = int(num_samples), int(num_classes)
+        self.grad_cache = GradCache()  # the fused step's gradient buffer, reused (ops/_common.py)
 
     # ------------------------------------------------------------------ the one step
     def step(self, logits, index, valid, update: bool, cfg: StepConfig, extra_check=None):
@@ -80,7 +83,7 @@ class Bank:
         # begin() has validated everything; under activation checkpointing the step itself
         # turns a recomputed forward into a read (docs/method.md §9)
         loss = run_step(plan.logits, rows_index, rows, cfg.gamma, cfg.tau_e, cfg.target == "posterior",
-                        cfg.reduction, plan.update, plan.backend, cfg.backend)
+                        cfg.reduction, plan.update, plan.backend, cfg.backend, grad_cache=self.grad_cache)
         if plan.update and not in_backward_recompute():
             self.commit(plan, rows)
         return loss, (rows if plan.gathered else None)

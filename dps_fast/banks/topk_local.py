@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from .. import topk as T
-from ..ops._common import in_backward_recompute
+from ..ops._common import GradCache, in_backward_recompute
 from . import state as bank_state
 from .base import Bank, StepPlan, valid_sum
 
@@ -42,10 +42,12 @@ def row_tv_bound(bound: torch.Tensor, vals: torch.Tensor, rest: torch.Tensor) ->
     return (bound / (2 * (vals.float().sum(1) + rest))).double().clamp(max=1.0)
 
 
-def run_step(plan: StepPlan, rows: T.TopKRows, cfg, skip: torch.Tensor | None = None):
+def run_step(plan: StepPlan, rows: T.TopKRows, cfg, skip: torch.Tensor | None = None,
+             grad_cache: GradCache | None = None):
     """The top-k step on the batch's gathered ``rows`` (in place when ``plan.update``): a fused
     kernel (CPU, Triton) where one applies, else the reference. Every top-k bank kind steps through here.
-    Rows where ``skip`` is set keep their state and get a NaN loss (docs/method.md §9)."""
+    Rows where ``skip`` is set keep their state and get a NaN loss (docs/method.md §9); a fused
+    kernel writes the gradient into ``grad_cache``'s buffer (the bank's)."""
     local = torch.arange(rows.ids.shape[0], device=rows.ids.device)
     if skip is not None:
         local = torch.where(skip.to(local.device), -1, local)
@@ -53,7 +55,7 @@ def run_step(plan: StepPlan, rows: T.TopKRows, cfg, skip: torch.Tensor | None = 
     args = (plan.logits, local, rows, cfg.gamma, cfg.tau_e, cfg.target, cfg.reduction)
     if fused is None:
         return T.reference_step(*args, update=plan.update)
-    return T.fused_step(*args, update=plan.update, backend=fused)
+    return T.fused_step(*args, update=plan.update, backend=fused, grad_cache=grad_cache)
 
 
 class LocalTopKBank(Bank):
@@ -160,7 +162,7 @@ class LocalTopKBank(Bank):
         at, dev = plan.index.to(self.device), plan.device
         rows = T.TopKRows(self.ids[at].to(dev, torch.int64), self.vals[at].to(dev, self.rest.dtype),
                           self.rest[at].to(dev), self.num_classes, self.bound[at].to(dev))  # the step in float32
-        return run_step(plan, rows, cfg, skip=outside), rows
+        return run_step(plan, rows, cfg, skip=outside, grad_cache=self.grad_cache), rows
 
     # ------------------------------------------------------------------ read-outs
     def error(self) -> dict:

@@ -46,7 +46,7 @@ class ShardedTopKBank(TopKSaves, DistributedBank):
         if update:
             self.local.refuse_recompute()
         rows = self._fetch(plan)
-        loss = run_step(plan, rows, cfg)
+        loss = run_step(plan, rows, cfg, grad_cache=self.local.grad_cache)
         if plan.update:
             for at, got in returned_rows(self.comm, plan, pack(rows).to(self.device), self.world, self.rank,
                                          self.device):

@@ -153,9 +153,10 @@ def dps_cross_entropy(logits, index, alpha, gamma=0.95, tau_e=1.0, target="poste
     return run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend, inplace_grad)
 
 
-def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend=None, inplace_grad=False):
+def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, backend=None, inplace_grad=False,
+        grad_cache=None):
     """The step on checked arguments (``index`` int64; ``name`` the resolved backend): the
-    banks call this after their own checks (dps_fast/banks/base.py)."""
+    banks call this after their own checks (dps_fast/banks/base.py), with their GradCache."""
     red = _validate.REDUCTIONS[reduction]
     if logits.shape[-2] == 0:
         return empty_loss(logits, red)
@@ -179,7 +180,7 @@ def run(logits, index, alpha, gamma, tau_e, posterior, reduction, update, name, 
                          update)
     need = needs_grad(logits)
     z = logits.detach()
-    grad = grad_buffer(z, need, inplace_grad)
+    grad = grad_buffer(z, need, inplace_grad, grad_cache)
     loss = _dispatch.op(name, OP)(z, index, alpha, grad, gamma, tau_e, posterior, update, red)
     if need and inplace_grad:
         torch.autograd.graph.increment_version(logits)  # its storage now holds the gradient
