@@ -48,13 +48,16 @@ def test_steps_equal_the_reference_step(views, reduction):
     assert torch.equal(crit.store.rest, ref.rest)
 
 
-@pytest.mark.parametrize("top_k, bank", [(K, "local"), (K, "host"), (None, "host")])
-def test_the_gradient_buffer_is_reused_only_when_nothing_holds_it(top_k, bank):
+@pytest.mark.parametrize("top_k, bank", [(K, "local"), (K, "host"), (None, "host"), (None, "local")])
+def test_the_gradient_buffer_is_reused_only_when_nothing_holds_it(top_k, bank, monkeypatch):
     """The fused CPU step writes its gradient into the bank's GradCache buffer (ops/_common.py;
-    every top-k bank, and the dense banks but the local one, whose C++ fast path allocates):
+    every bank kind; the dense local bank above GradCache.FRESH_BYTES, here lowered to 0):
     after a backward through a layer the next step reuses that storage; while a graph, a
     .grad or another loss of the same step holds it, a step gets a new buffer, and every
     gradient equals that of a twin loss whose steps each finish before the next."""
+    from dps_fast.ops._common import GradCache
+
+    monkeypatch.setattr(GradCache, "FRESH_BYTES", 0)
     gen = torch.Generator().manual_seed(3)
     fused = dps_fast.DPSLoss(labels(), C, top_k=top_k, gamma=0.9, bank=bank)
     layer = torch.nn.Linear(5, C)

@@ -93,26 +93,33 @@ class GradCache:
     (89 MB) that cost 20 ms a step, as much as the top-k kernel itself (22 ms; 2-core VM,
     2026-12-07). The buffer is reused only when nothing else holds its storage (the previous
     step's autograd graph, a ``.grad`` that took it, a view of it): each step hands out a new
-    view, so every holder counts on the storage. GPU tensors (a caching allocator already) and
-    torch without ``_storage_Use_Count`` get a new buffer every step."""
+    view, so every holder counts on the storage. Buffers under FRESH_BYTES, GPU tensors (a
+    caching allocator already) and torch without ``_storage_Use_Count`` get a new one every step."""
+
+    # glibc serves any allocation above its largest mmap threshold (32 MiB on 64-bit) with fresh
+    # pages; below it freed memory is reused and a new buffer costs nothing extra
+    FRESH_BYTES = 32 << 20
 
     def __init__(self):
         self._buf: torch.Tensor | None = None
 
+    @classmethod
+    def pays_off(cls, x: torch.Tensor) -> bool:
+        """True where reusing a buffer like x saves fresh pages: eager, on the CPU, at least
+        FRESH_BYTES (below, a new buffer was as fast: [256, 1000] and [1024, 1000], 2026-12-07)."""
+        return (not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and x.numel() * x.element_size() >= cls.FRESH_BYTES
+                and hasattr(torch._C, "_storage_Use_Count") and not under_functorch(x))
+
     def empty_like(self, x: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous buffer of x's shape, dtype and device."""
-        if not self._reusable(x):
+        if not self.pays_off(x):
             return torch.empty_like(x, memory_format=torch.contiguous_format)
         buf = self._buf
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype or buf.device != x.device or \
                 not self._only_ours(buf):
             buf = self._buf = torch.empty_like(x, memory_format=torch.contiguous_format)
         return buf.view(x.shape)
-
-    @staticmethod
-    def _reusable(x: torch.Tensor) -> bool:
-        return (not torch.compiler.is_compiling() and x.device.type == "cpu"
-                and hasattr(torch._C, "_storage_Use_Count") and not under_functorch(x))
 
     @staticmethod
     def _only_ours(buf: torch.Tensor) -> bool:
