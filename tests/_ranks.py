@@ -2,7 +2,6 @@
 import os
 import sys
 
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -16,10 +15,7 @@ def spawn_ranks(worker, nprocs, *args):
 
 
 def _run_then_leave(rank, worker, args):
-    worker(rank, *args)  # an exception propagates: mp.spawn reports it with its traceback
-    if dist.is_initialized():  # a worker that kept its group: quiesce, then tear it down
-        dist.barrier()
-        dist.destroy_process_group()
+    worker(rank, *args)  # tears its group down itself; an exception propagates to mp.spawn
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -4,12 +4,12 @@ CPU kernel: new ids, values, rest and bound, loss and gradient by the tolerance 
 float64 reference, over C, k, views, tau_e, targets, reductions, update, non-finite rows, ids
 outside the bank and untouched rows; K' equal to the references' on tie-heavy inputs, step after
 step. It has never run on a GPU (see tests/_cuda_emu.py for what emulation cannot show)."""
-import pytest
-import torch
+import functools
 
-from dps_fast import _validate
+import pytest
+
+from dps_fast import _dispatch
 from dps_fast import topk as T
-from dps_fast.ops._common import attach_grad
 from _topk_cases import SETTINGS, check_ids_outside_are_skipped, check_tie_heavy, check_wide_row, compare_step
 
 E = pytest.importorskip("_cuda_emu")
@@ -17,15 +17,15 @@ if E.unavailable():
     pytest.skip(f"CUDA emulator: {E.unavailable()}", allow_module_level=True)
 
 
-def emu_step(logits, index, bank, gamma=0.95, tau_e=1.0, target="posterior", reduction="mean", update=True):
-    """dps_fast/topk.py::fused_step with the emulated CUDA kernel in place of the op."""
-    z3 = (logits if logits.dim() == 3 else logits.unsqueeze(0)).detach().float().contiguous()
-    grad = torch.empty_like(z3) if logits.requires_grad else z3.new_empty((0,))
-    loss = E.topk_step(z3, index.to(torch.int64).contiguous(), bank.ids, bank.vals, bank.rest, bank.bound, grad,
-                       gamma, tau_e, target == "posterior", update, _validate.REDUCTIONS[reduction])
-    if reduction == "none" and logits.dim() == 2:
-        loss = loss[0]
-    return attach_grad(loss, logits, grad.view(logits.shape)) if logits.requires_grad else loss
+@pytest.fixture(autouse=True)
+def emulated_cuda_op(monkeypatch):
+    """dps_fast/topk.py::fused_step(backend="cuda") calls the emulated kernel in place of the op."""
+    found = _dispatch.op
+    monkeypatch.setattr(_dispatch, "op", lambda name, op: E.topk_step if (name, op) == ("cuda", "topk_step")
+                        else found(name, op))
+
+
+emu_step = functools.partial(T.fused_step, backend="cuda")
 
 
 CASES = [(2, 1, 1), (5, 2, 3), (7, 6, 2), (33, 20, 1), (100, 8, 3), (1000, 32, 3), (3000, 64, 1), (600, 256, 1)]

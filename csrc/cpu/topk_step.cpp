@@ -110,10 +110,10 @@ float evidence(const TopkArgs& a, int64_t b, const ViewStats* st, float* buf, fl
   return 1.0f;
 }
 
-// The row's state after the update (K' by the tie rule, b' on K', rest'), and the bound's delta.
+// The row's state after the update: K' by the tie rule with b' on K', and rest'.
 struct NewRow {
   std::vector<Cand> top;  // k entries, in order
-  float rest = 0.f, delta = 0.f;
+  float rest = 0.f;
 };
 
 // Ordering for the std algorithms: a lambda, so that they inline it (a function pointer kept
@@ -344,8 +344,8 @@ at::Tensor topk_step_cpu(const at::Tensor& z, const at::Tensor& index, at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(dps_fast, m) {
   // The top-k bank's step (docs/method.md §12): the reference is dps_fast/topk.py::reference_step;
-  // the CUDA kernel is csrc/cuda/topk_step.cu, the Triton one dps_fast/kernels/topk_step.py. Eager only (no fake kernel: the compiled path takes the
-  // reference).
+  // the CUDA kernel is csrc/cuda/topk_step.cu, the Triton one dps_fast/kernels/topk_step.py.
+  // Eager only (no fake kernel: the compiled path takes the reference).
   m.def("topk_step(Tensor logits, Tensor index, Tensor(a!) ids, Tensor(b!) vals, Tensor(c!) rest, "
         "Tensor(d!) bound, Tensor(e!) grad, float gamma, float tau_e, bool posterior, bool update, "
         "int reduction) -> Tensor");

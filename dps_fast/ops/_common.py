@@ -115,15 +115,18 @@ class GradCache:
         """An uninitialised contiguous buffer of x's shape, dtype and device."""
         if not self.pays_off(x):
             return torch.empty_like(x, memory_format=torch.contiguous_format)
-        buf = self._buf
-        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype or buf.device != x.device or \
-                not self._only_ours(buf):
+        buf = self._buf  # on the CPU, as x (pays_off)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype or not self._only_ours(buf):
             buf = self._buf = torch.empty_like(x, memory_format=torch.contiguous_format)
         return buf.view(x.shape)
 
-    @staticmethod
-    def _only_ours(buf: torch.Tensor) -> bool:
-        return _storage_refs(buf) == _storage_refs(torch.empty(1))  # as many as a tensor no one else holds
+    _SOLE_REFS: int | None = None  # the storage references of a tensor no one else holds
+
+    @classmethod
+    def _only_ours(cls, buf: torch.Tensor) -> bool:
+        if cls._SOLE_REFS is None:
+            cls._SOLE_REFS = _storage_refs(torch.empty(1))
+        return _storage_refs(buf) == cls._SOLE_REFS
 
     def __deepcopy__(self, memo):  # a copied or pickled loss gets its own (empty) cache
         return GradCache()
