@@ -42,8 +42,13 @@ def ref_dps(z, idx, alpha, red, g, target="posterior", gamma=0.9, tau_e=1.0):
 
 # C picks the threads per row (8 / 32 / 256); V picks the register views (1, 2, 4, 8); V > 8 takes
 # the many-views kernel
+# and the resident kernel (V <= 2, C <= 4096) at each (threads a row, columns a thread):
+# (8, 4) C 1 and 10, (8, 16) C 50, (32, 4) C 100, (32, 16) C 300, (256, 4) C 700, (256, 16) C 3000
+# and 4096, the widest; C 4097 is streamed
+RESIDENT_EDGES = [(50, 13, 2), (300, 9, 1), (700, 4, 2), (4096, 3, 1), (4097, 3, 1)]
 DPS_CASES = [(c, b, v, zdt, adt) for c, b, v in [(1, 7, 1), (10, 37, 2), (100, 37, 1), (1000, 9, 3), (3000, 5, 2),
                                                  (100, 11, 5), (10, 37, 9), (1000, 5, 12), (3000, 3, 17)]
+             + RESIDENT_EDGES
              for zdt, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                               (torch.float16, torch.float32)]]
 
@@ -69,6 +74,32 @@ def test_emulated_cuda_dps_matches_reference(c, b, v, zdt, adt):
         untouched = torch.ones(n, dtype=torch.bool)
         untouched[idx] = False
         assert torch.equal(ak[untouched], alpha[untouched])
+
+
+@pytest.mark.parametrize("c,v", [(10, 1), (300, 2), (3000, 1), (5000, 2)])
+def test_emulated_cuda_refused_rows_write_nothing(c, v):
+    """A row with a NaN or an inf logit, or an id outside the bank (no validation), gets NaN loss
+    and gradient and leaves its bank row as it was; the other rows match the reference."""
+    gen = torch.Generator().manual_seed(c + v)
+    n, b = 12, 5
+    alpha = torch.rand(n, c, generator=gen) + 0.1
+    z = torch.randn(v, b, c, generator=gen) * 2
+    z[v - 1, 0, c // 2] = float("nan")
+    z[0, 1, c - 1] = float("inf")
+    idx = torch.tensor([3, 7, n + 4, 0, 9])
+    g = _upstream((v, b), "none", gen)
+    lk, gk, ak = emu_dps(z, idx, alpha, "none", g, tau_e=2.0)
+    assert torch.isnan(lk[:, :3]).all() and torch.isfinite(lk[:, 3:]).all()
+    assert torch.isnan(gk[:, :3]).all() and torch.isfinite(gk[:, 3:]).all()
+    changed = torch.zeros(n, dtype=torch.bool)
+    changed[[0, 9]] = True
+    assert torch.equal(ak[~changed], alpha[~changed])
+    keep = torch.tensor([3, 4])
+    le, ge, ae = ref_dps(z[:, keep], idx[keep], alpha, "none", g[:, keep], tau_e=2.0)
+    lx, gx, ax = ref_dps(z[:, keep].double(), idx[keep], alpha.double(), "none", g[:, keep].double(), tau_e=2.0)
+    rule_check(lk[:, keep], le, lx, torch.float32, "loss")
+    rule_check(gk[:, keep], ge, gx, torch.float32, "grad")
+    rule_check(ak, ae, ax, torch.float32, "bank")
 
 
 def test_emulated_cuda_many_views_update_the_bank_once():

@@ -2,7 +2,11 @@
 //
 // A group of TPR threads owns one sample row (TPR = 8 / 32 / 256 by C); a block of
 // 256 threads packs 256 / TPR rows, so small C is not launch-bound and large C is
-// spread over a whole block. Three passes over the columns, float32 arithmetic:
+// spread over a whole block. Two kernels, float32 arithmetic:
+// - resident (C <= 16 TPR, up to 2 views: C <= 4096): each thread keeps its columns of every
+//   view's logits and their exponentials in registers; the logits and the bank row are read
+//   once, the softmax is reused for the gradient, per-row reciprocals replace the divides;
+// - streaming (larger C or more views), three passes over the columns:
 //   1. per view, online max and softmax normalisers (and a per-element finiteness check);
 //   2. the target's row sum S from the bank row alone (gamma * sum_j a_j + 1 for the updated
 //      row: the evidence sums to 1), no logits read;
@@ -239,6 +243,103 @@ __device__ __forceinline__ void finish_reduction(const Row& r, const CeArgs& p, 
   }
 }
 
+// ---- resident rows: one read of the logits and the bank row
+// Each thread's EPT columns j = lane + k * TPR of every view sit in registers (x: the logits, e:
+// exp(x - m)); every loop over k is unrolled, so they are indexed by constants.
+template <typename TZ, int TPR, int EPT, int VMAX>
+struct ResidentRow {
+  float x[VMAX][EPT], e[VMAX][EPT];
+  float m[VMAX], s[VMAX], se[VMAX];
+
+  // the logits, once; per view the max, sum exp(x - m) and its tempered twin; false when a
+  // logit is not finite. All threads call it.
+  template <typename Row>
+  __device__ __forceinline__ bool load(const Row& r, const CeArgs& p, float* smem) {
+    float n_bad = 0.f;
+    DPS_FOR_VIEWS(v) {
+      const TZ* zr = r.zrow(p, v);
+      float mt = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < EPT; ++k) {
+        const int64_t j = r.lane + k * TPR;
+        const bool here = r.in_batch && j < p.C;
+        x[v][k] = here ? to_f32(zr[j]) : -INFINITY;
+        n_bad += (here && !isfinite(x[v][k])) ? 1.f : 0.f;
+        mt = fmaxf(mt, x[v][k]);
+      }
+      const float mv = group_max<TPR>(mt, smem);
+      m[v] = isfinite(mv) ? mv : 0.f;  // a refused row's arithmetic stays quiet
+    }
+    DPS_FOR_VIEWS(v) {
+      float st = 0.f, set = 0.f;
+#pragma unroll
+      for (int k = 0; k < EPT; ++k) {
+        e[v][k] = __expf(x[v][k] - m[v]);
+        st += e[v][k];
+        if (p.temper) set += __expf((x[v][k] - m[v]) * p.inv_tau_e);
+      }
+      s[v] = group_sum<TPR>(st, smem);
+      se[v] = p.temper ? group_sum<TPR>(set, smem) : s[v];
+    }
+    return group_sum<TPR>(n_bad, smem) == 0.f;
+  }
+
+  // column k's evidence: the mean over views of softmax(x / tau_e); inv_se[v] = 1 / (V se[v])
+  __device__ __forceinline__ float evidence(const CeArgs& p, int k, const float (&inv_se)[VMAX]) const {
+    float ev = 0.f;
+    DPS_FOR_VIEWS(v) ev += (p.temper ? __expf((x[v][k] - m[v]) * p.inv_tau_e) : e[v][k]) * inv_se[v];
+    return ev;
+  }
+};
+
+template <typename TZ, typename TA, int TPR, int EPT, int VMAX>
+__global__ void __launch_bounds__(kThreads) ce_kernel_resident(CeArgs p) {
+  __shared__ CeShared sh;
+  RowCtx<TZ, TA, TPR> r(p);
+  ResidentRow<TZ, TPR, EPT, VMAX> z;
+  r.ok = z.load(r, p, sh.smem) && r.ok;
+
+  // the bank row, once: updated, stored, and summed for S (the updated row's own sum)
+  float inv_se[VMAX];
+  DPS_FOR_VIEWS(v) inv_se[v] = 1.f / (static_cast<float>(p.V) * z.se[v]);
+  TA* ar = r.bank_row(p);
+  float a[EPT], a_sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < EPT; ++k) {
+    const int64_t j = r.lane + k * TPR;
+    const bool here = r.ok && j < p.C;
+    a[k] = here ? to_f32(ar[j]) : 0.f;
+    if (p.posterior || p.update) {
+      const float an = p.gamma * a[k] + z.evidence(p, k, inv_se);
+      if (p.update && here) ar[j] = from_f32<TA>(an);
+      if (p.posterior) a[k] = here ? an : 0.f;
+    }
+    a_sum += a[k];
+  }
+  const float ks = target_scale(p, group_sum<TPR>(a_sum, sh.smem));
+
+  float dot[VMAX], inv_s[VMAX];
+  DPS_FOR_VIEWS(v) {
+    dot[v] = 0.f;
+    inv_s[v] = mass_of(p, ks) / z.s[v];
+  }
+#pragma unroll
+  for (int k = 0; k < EPT; ++k) {
+    const int64_t j = r.lane + k * TPR;
+    if (!r.in_batch || j >= p.C) continue;
+    const float t = r.ok ? a[k] * inv_of(p, ks) : 0.f;
+    DPS_FOR_VIEWS(v) {
+      dot[v] += t * (0.5f * z.m[v] - 0.5f * z.x[v][k]);  // the half gap (see view_column)
+      if (p.has_grad)
+        r.g[(v * p.B + r.row) * p.C + j] = from_f32<TZ>(r.ok ? (z.e[v][k] * inv_s[v] - t) * p.gscale : NAN);
+    }
+  }
+  float row_total = 0.f;
+  DPS_FOR_VIEWS(v) view_loss<TPR>(r, p, v, z.s[v], ks, dot[v], row_total, sh.smem);
+  if (p.reduce != 0) finish_reduction<TPR>(r, p, row_total, sh);
+}
+
+// ---- streaming rows: three passes
 // Up to VMAX (1, 2, 4 or kMaxViews) views: the per-view statistics stay in registers.
 template <typename TZ, typename TA, int TPR, int VMAX>
 __global__ void __launch_bounds__(kThreads) ce_kernel(CeArgs p) {
@@ -334,7 +435,28 @@ __global__ void __launch_bounds__(kThreads) ce_kernel_many_views(CeArgs p) {
   if (p.reduce != 0) finish_reduction<TPR>(r, p, row_total, sh);
 }
 
-int tpr_for(int64_t C) { return C <= 64 ? 8 : (C <= 2048 ? 32 : kThreads); }
+// Columns a thread keeps in registers on the resident path: 4, or 16 (x, e over 2 views and a:
+// 80 floats; ptxas -v, sm_90: see docs/performance.md). TPR grows with C so that C <= 16 TPR.
+constexpr int kResidentEpt = 16;
+int tpr_for(int64_t C) { return C <= 64 ? 8 : (C <= 512 ? 32 : kThreads); }
+bool resident(const CeArgs& p) { return p.V <= 2 && p.C <= static_cast<int64_t>(tpr_for(p.C)) * kResidentEpt; }
+
+template <typename TZ, typename TA, int TPR>
+void launch_resident_tpr(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
+  const bool few = p.C <= 4 * TPR;
+  if (p.V == 1 && few) ce_kernel_resident<TZ, TA, TPR, 4, 1><<<blocks, kThreads, 0, stream>>>(p);
+  else if (p.V == 1) ce_kernel_resident<TZ, TA, TPR, kResidentEpt, 1><<<blocks, kThreads, 0, stream>>>(p);
+  else if (few) ce_kernel_resident<TZ, TA, TPR, 4, 2><<<blocks, kThreads, 0, stream>>>(p);
+  else ce_kernel_resident<TZ, TA, TPR, kResidentEpt, 2><<<blocks, kThreads, 0, stream>>>(p);
+}
+
+template <typename TZ, typename TA>
+void launch_resident(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
+  const int tpr = tpr_for(p.C);
+  if (tpr == 8) launch_resident_tpr<TZ, TA, 8>(p, blocks, stream);
+  else if (tpr == 32) launch_resident_tpr<TZ, TA, 32>(p, blocks, stream);
+  else launch_resident_tpr<TZ, TA, kThreads>(p, blocks, stream);
+}
 
 template <typename TZ, typename TA, int VMAX>
 void launch_views(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
@@ -358,7 +480,8 @@ cudaError_t launch_typed(const CeArgs& p, cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
   // VMAX sized to V: two views (the usual augmented pair) on the 8-view instantiation carried
   // 8-entry statistics arrays and their guards for nothing.
-  if (p.V == 1) launch_views<TZ, TA, 1>(p, blocks, stream);
+  if (resident(p)) launch_resident<TZ, TA>(p, blocks, stream);
+  else if (p.V == 1) launch_views<TZ, TA, 1>(p, blocks, stream);
   else if (p.V == 2) launch_views<TZ, TA, 2>(p, blocks, stream);
   else if (p.V <= 4) launch_views<TZ, TA, 4>(p, blocks, stream);
   else if (p.V <= kMaxViews) launch_views<TZ, TA, kMaxViews>(p, blocks, stream);

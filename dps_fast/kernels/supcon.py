@@ -126,14 +126,15 @@ def _blocks(m: int, d: int):
 
 def _fwd_blocks(m: int, d: int):
     """Logsumexp tiles: the kernel streams D in chunks, so its tiles do not depend on D. Compiled
-    for sm_90 with the runtime's alignment specialisation (triton 3.8, 2026-12-07), at d = 128 /
-    1025 / 2100: 16 x 32 x 4 warps (used while the kernel also summed the label weights) spilled
-    8 bytes at d = 1025 and 2100, 32 x 64 x 8 too; 32 x 32 x 4 spilled none (80-128 registers,
-    4-6 programs per SM), nor did 16 x 16 x 4 (7-9 per SM, but half the reuse of each tile)."""
+    for sm_90 with the runtime's alignment specialisation at d = 128 / 256 / 1025
+    (`tools/triton_aot_check.py`, 2026-12-08): 32 x 32 x 4 warps spilled 16 bytes at d = 1025 on
+    triton 3.6 (none on 3.8), 16 x 32 x 4 spilled 8 on 3.8; 32 x 16 x 4 spills on neither (66-96
+    registers, 5-7 programs per SM), nor does 16 x 16 x 4 (7-9 per SM, but half the reuse of
+    each tile)."""
     bm, bn, bd, warps = _blocks(m, d)
     if _INTERPRET:
         return bm, bn, bd, warps
-    return 32, 32, bd, 4
+    return 32, 16, bd, 4
 
 
 def supcon_lse(f, inv_tau):
