@@ -131,11 +131,32 @@ def compile_case(case):
                            options=dict(num_warps=cfg["num_warps"]))
     except Exception as e:  # noqa: BLE001 - reported, and the check fails
         return dict(case=case["name"], ok=False, known=case.get("known"), error=f"{type(e).__name__}: {str(e)[-2000:]}")
-    stats = _ptxas_stats(k.asm["ptx"])
+    stats = dict(_ptxas_stats(k.asm["ptx"]), **sass_memory_ops(k.asm["cubin"]))
     ok = bool(k.asm.get("cubin")) and stats["spill_store_bytes"] in (0, None) and k.metadata.shared <= SMEM_LIMIT
     return dict(case=case["name"], ok=ok, known=case.get("known"), kernel=fn.__name__, config=cfg, shared_bytes=k.metadata.shared,
                 cubin_bytes=len(k.asm["cubin"]), compile_s=round(time.time() - t0, 1),
                 programs_per_sm=programs_per_sm(stats["registers"], cfg["num_warps"], k.metadata.shared), **stats)
+
+
+def sass_memory_ops(cubin: bytes):
+    """Global loads and stores in the kernel's SASS (``cuobjdump -sass``, shipped with triton):
+    static instruction counts, and how many move 128 bits (``LDG.E.128`` / ``STG.E.128``): the
+    compiled code's own evidence of one read per element and of vectorised accesses."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    tool = os.path.join(os.path.dirname(get_ptxas(ARCH).path), "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.cubin")
+        with open(p, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([tool, "-sass", p], capture_output=True, text=True).stdout
+    ops = re.findall(r"\b(LDG|STG)\.E(\.\w+)*", sass)
+    widths = [re.findall(r"\b(LDG|STG)(\.E[.\w]*)", line) for line in sass.splitlines()]
+    flat = [op + suffix for w in widths for op, suffix in w]
+    return dict(ldg=sum(o.startswith("LDG") for o in flat), ldg_128=sum(o.startswith("LDG") and ".128" in o for o in flat),
+                stg=sum(o.startswith("STG") for o in flat), stg_128=sum(o.startswith("STG") and ".128" in o for o in flat)) \
+        if ops or flat else dict(ldg=0, ldg_128=0, stg=0, stg_128=0)
 
 
 def programs_per_sm(registers, warps, shared):
@@ -173,7 +194,8 @@ def main():
     for r in results:
         if r["ok"]:
             print(f"  ok   {r['case']:<42} {r['kernel']:<20} regs {r['registers']:>3}  spill {r['spill_store_bytes']}B"
-                  f"  smem {r['shared_bytes']:>6}B  {r['programs_per_sm']}/SM  {r['config']}")
+                  f"  smem {r['shared_bytes']:>6}B  {r['programs_per_sm']}/SM  LDG {r.get('ldg')} ({r.get('ldg_128')} x128)"
+                  f" STG {r.get('stg')} ({r.get('stg_128')} x128)  {r['config']}")
         else:
             why = r.get("error") or f"spills {r.get('spill_store_bytes')} B, shared memory {r.get('shared_bytes')} B," \
                 f" regs {r.get('registers')}"
