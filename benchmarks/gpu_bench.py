@@ -39,6 +39,9 @@ KERNEL_CASES = [
     ("dps", 65536, 100, 2, F32, F32), ("dps", 65536, 10, 2, F32, F32), ("dps", 65536, 100, 1, BF16, BF16),
     ("dps", 65536, 10, 1, BF16, BF16), ("dps", 65536, 1000, 2, BF16, BF16), ("dps", 8192, 32000, 1, BF16, BF16),
     ("soft", 65536, 100, 1, F32, F32),
+    # the plans' edges (dps_fast/kernels/dps_cross_entropy.py): the widest resident row in both
+    # backends, and few rows of large C (Triton's split over a 2-D grid)
+    ("dps", 65536, 4096, 1, F32, F32), ("dps", 256, 32000, 1, F32, F32),
 ]
 # (B, C, logits and bank dtype): the issue's step targets first
 STEP_CASES = [(65536, 1000, F32), (256, 100, F32), (8192, 32000, BF16), (65536, 100, F32)]
