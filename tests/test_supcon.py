@@ -115,3 +115,35 @@ def test_supcon_labels_are_compared_not_indexed(case):
         want = run("reference", f.double(), labels=labels.to(device))
         rule_check(got[0], run("reference", f, labels=labels.to(device))[0], want[0], torch.float32, "loss")
         rule_check(got[1], run("reference", f, labels=labels.to(device))[1], want[1], torch.float32, "grad")
+
+
+def _tf32(x):
+    """float32 rounded to TF32 (10 mantissa bits), to nearest even, as the tensor cores' inputs."""
+    bits = x.view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+def _tf32x3_matmul(a, b):
+    """Triton's input_precision="tf32x3" product (dps_fast/kernels/supcon.py::DOT_PRECISION):
+    each operand split into a TF32 head and a TF32 tail, three TF32 products summed in float32."""
+    a_hi, b_hi = _tf32(a), _tf32(b)
+    a_lo, b_lo = _tf32(a - a_hi), _tf32(b - b_hi)
+    return a_hi @ b_lo + a_lo @ b_hi + a_hi @ b_hi
+
+
+@pytest.mark.parametrize("m,d", [(256, 128), (128, 1025), (64, 2100)])
+def test_the_triton_kernels_tf32x3_products_meet_the_tolerance_rule(m, d):
+    """The GPU kernels' S = F F^T / tau on the tensor cores at float32 accuracy: the tf32x3
+    arithmetic (modelled here: Triton's interpreter computes every tl.dot in float32 whatever
+    its precision) against float64, within the float32 product's own error plus the rule's
+    tolerance, for unit-norm rows (what supcon_loss normalises to) and raw ones."""
+    gen = torch.Generator().manual_seed(m + d)
+    for f in (torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1),
+              torch.randn(m, d, generator=gen) * 3):
+        exact = f.double() @ f.double().T
+        rule_check(_tf32x3_matmul(f, f.T), f @ f.T, exact, torch.float32, f"tf32x3 S at d = {d}",
+                   scale=float((f.double().abs() @ f.double().abs().T).max()))
+        # and TF32 alone (one product) would not
+        err_tf32 = float((_tf32(f) @ _tf32(f).T - exact).abs().max())
+        assert err_tf32 > 10 * float((f @ f.T - exact).abs().max())

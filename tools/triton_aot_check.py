@@ -141,7 +141,8 @@ def compile_case(case):
 def sass_memory_ops(cubin: bytes):
     """Global loads and stores in the kernel's SASS (``cuobjdump -sass``, shipped with triton):
     static instruction counts, and how many move 128 bits (``LDG.E.128`` / ``STG.E.128``): the
-    compiled code's own evidence of one read per element and of vectorised accesses."""
+    compiled code's own evidence of one read per element and of vectorised accesses; and the tensor-core
+    instructions (HMMA / HGMMA)."""
     from triton.backends.nvidia.compiler import get_ptxas
     tool = os.path.join(os.path.dirname(get_ptxas(ARCH).path), "cuobjdump")
     if not os.path.exists(tool):
@@ -151,12 +152,11 @@ def sass_memory_ops(cubin: bytes):
         with open(p, "wb") as f:
             f.write(cubin)
         sass = subprocess.run([tool, "-sass", p], capture_output=True, text=True).stdout
-    ops = re.findall(r"\b(LDG|STG)\.E(\.\w+)*", sass)
     widths = [re.findall(r"\b(LDG|STG)(\.E[.\w]*)", line) for line in sass.splitlines()]
     flat = [op + suffix for w in widths for op, suffix in w]
     return dict(ldg=sum(o.startswith("LDG") for o in flat), ldg_128=sum(o.startswith("LDG") and ".128" in o for o in flat),
-                stg=sum(o.startswith("STG") for o in flat), stg_128=sum(o.startswith("STG") and ".128" in o for o in flat)) \
-        if ops or flat else dict(ldg=0, ldg_128=0, stg=0, stg_128=0)
+                stg=sum(o.startswith("STG") for o in flat), stg_128=sum(o.startswith("STG") and ".128" in o for o in flat),
+                tensor_core_ops=len(re.findall(r"\b(HMMA|HGMMA)\b", sass)))
 
 
 def programs_per_sm(registers, warps, shared):
@@ -195,7 +195,7 @@ def main():
         if r["ok"]:
             print(f"  ok   {r['case']:<42} {r['kernel']:<20} regs {r['registers']:>3}  spill {r['spill_store_bytes']}B"
                   f"  smem {r['shared_bytes']:>6}B  {r['programs_per_sm']}/SM  LDG {r.get('ldg')} ({r.get('ldg_128')} x128)"
-                  f" STG {r.get('stg')} ({r.get('stg_128')} x128)  {r['config']}")
+                  f" STG {r.get('stg')} ({r.get('stg_128')} x128) MMA {r.get('tensor_core_ops')}  {r['config']}")
         else:
             why = r.get("error") or f"spills {r.get('spill_store_bytes')} B, shared memory {r.get('shared_bytes')} B," \
                 f" regs {r.get('registers')}"

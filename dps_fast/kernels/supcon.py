@@ -18,6 +18,12 @@ import triton.language as tl
 from ._rounding import to_dtype
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tensor cores at float32 accuracy: "tf32x3" splits each float32 operand into a TF32 head and
+# tail and adds three TF32 products (head*head + head*tail + tail*head), about 2^-21 relative
+# error a product against "ieee"'s 2^-24, but on the tensor cores (HMMA in the sm_90 SASS,
+# `tools/triton_aot_check.py`) instead of FP32 FMAs: the review of issue 25 predicted the FMA
+# kernels no faster than eager cuBLAS at M = 8192. Not yet timed on a GPU.
+DOT_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -34,7 +40,7 @@ def _s_tile(F, ri, mi, rj, mj, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
     dk = tl.arange(0, DCHUNK)
     s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, DCHUNK):
-        s += tl.dot(_rows(F, ri, mi, d0 + dk, D), tl.trans(_rows(F, rj, mj, d0 + dk, D)), input_precision="ieee")
+        s += tl.dot(_rows(F, ri, mi, d0 + dk, D), tl.trans(_rows(F, rj, mj, d0 + dk, D)), input_precision=DOT_PRECISION)
     return s
 
 
@@ -61,18 +67,16 @@ def _supcon_lse_kernel(F, LSE, M, D, inv_tau, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def _supcon_bwd_kernel(F, LSE, COEF, DF, M, D, inv_tau, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, DCHUNK: tl.constexpr, SLICED: tl.constexpr):
+                       BLOCK_D: tl.constexpr, DCHUNK: tl.constexpr):
     """The softmax part of dF for rows [BLOCK_M] and features [BLOCK_D] (program (i, k): slice k
-    of the feature width, as the CUDA kernel's DSLICE). SLICED (D > BLOCK_D): each slice
-    recomputes the S tile over the whole width in DCHUNK steps; else f_i is held and S is one
-    product."""
+    of the feature width, as the CUDA kernel's DSLICE). Each tile of S is formed over the whole
+    width in DCHUNK steps: holding f_i [BLOCK_M, BLOCK_D] across the loop instead spilled at
+    d = 128 and 256 with tf32x3 products (255 registers, sm_90, triton 3.6 and 3.8)."""
     pid = tl.program_id(0)
     ri = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mi = ri < M
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = (dd < D)[None, :]
-    if not SLICED:
-        fi = _rows(F, ri, mi, dd, D)
     lse_i = tl.load(LSE + ri, mask=mi, other=0.0)
     c_i = tl.load(COEF + ri, mask=mi, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -82,14 +86,11 @@ def _supcon_bwd_kernel(F, LSE, COEF, DF, M, D, inv_tau, BLOCK_M: tl.constexpr, B
         fj = _rows(F, rj, mj, dd, D)
         lse_j = tl.load(LSE + rj, mask=mj, other=0.0)
         c_j = tl.load(COEF + rj, mask=mj, other=0.0)
-        if SLICED:
-            s = _s_tile(F, ri, mi, rj, mj, D, BLOCK_M, BLOCK_N, DCHUNK) * inv_tau
-        else:
-            s = tl.dot(fi, tl.trans(fj), input_precision="ieee") * inv_tau
+        s = _s_tile(F, ri, mi, rj, mj, D, BLOCK_M, BLOCK_N, DCHUNK) * inv_tau
         valid = mi[:, None] & mj[None, :] & (ri[:, None] != rj[None, :])
         g = tl.where(valid, c_i[:, None] * tl.exp(s - lse_i[:, None]) + c_j[None, :] * tl.exp(s - lse_j[None, :]),
                      0.0)
-        acc += tl.dot(g, fj, input_precision="ieee")
+        acc += tl.dot(g, fj, input_precision=DOT_PRECISION)
     tl.store(DF + ri[:, None] * D + dd[None, :], to_dtype(acc * inv_tau, DF.dtype.element_ty), mask=mi[:, None] & dmask)
 
 
@@ -113,24 +114,20 @@ def _blocks(m: int, d: int):
     if _INTERPRET:  # few, large programs
         bm = max(16, min(triton.next_power_of_2(m), 256))
         return bm, bm, bd, 4
-    # the backward keeps f_i and dF_i ([BLOCK_M, BLOCK_D] each) in registers across the loop
-    if bd <= 128:
-        return 32, 64, bd, 8
-    # BLOCK_D = 256, one slice or several. Compiled for sm_90 with the runtime's alignment
-    # specialisation, when the kernel still formed the label weights in its loop, 16 x 32 x 8
-    # warps spilled 4-12 bytes, and of 12 tilings only 16 x 16 x 8 warps spilled at none of
-    # d = 200, 256, 1024, 1025, 2048, 2100: 80-126 registers, 2-3 programs per SM. (BLOCK_D = 128
-    # also passed but doubles the slices, each recomputing the S tile.)
-    return 16, 16, bd, 8
+    # Compiled for sm_90 with the runtime's alignment specialisation and tf32x3 products
+    # (tools/triton_aot_check.py, triton 3.8 and 3.6, 2026-12-08), d = 128 / 256 / 1024 / 1025 /
+    # 2100: 16 x 32 x 8 warps spilled at none (126-172 registers, 1-2 programs per SM); 32 x 32
+    # x 8 reached 223-253 registers, 32 x 32 x 4 spilled up to 896 bytes.
+    return 16, 32, bd, 8
 
 
 def _fwd_blocks(m: int, d: int):
     """Logsumexp tiles: the kernel streams D in chunks, so its tiles do not depend on D. Compiled
     for sm_90 with the runtime's alignment specialisation at d = 128 / 256 / 1025
-    (`tools/triton_aot_check.py`, 2026-12-08): 32 x 32 x 4 warps spilled 16 bytes at d = 1025 on
-    triton 3.6 (none on 3.8), 16 x 32 x 4 spilled 8 on 3.8; 32 x 16 x 4 spills on neither (66-96
-    registers, 5-7 programs per SM), nor does 16 x 16 x 4 (7-9 per SM, but half the reuse of
-    each tile)."""
+    (`tools/triton_aot_check.py`, 2026-12-08), with ieee products: 32 x 32 x 4 warps spilled 16
+    bytes at d = 1025 on triton 3.6 (none on 3.8), 16 x 32 x 4 spilled 8 on 3.8; 32 x 16 x 4
+    spilled on neither. With tf32x3 products, 32 x 16 x 4: 96-143 registers, 3-5 programs per
+    SM, no spills on either."""
     bm, bn, bd, warps = _blocks(m, d)
     if _INTERPRET:
         return bm, bn, bd, warps
@@ -155,7 +152,7 @@ def supcon_grad(f, lse, coef, inv_tau):
     bm, bn, bd, warps = _blocks(m, d)
     grid = (triton.cdiv(m, bm), triton.cdiv(d, bd))
     _supcon_bwd_kernel[grid](f, lse, coef, df, m, d, float(inv_tau), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                             DCHUNK=_dchunk(bd), SLICED=d > bd, num_warps=warps)
+                             DCHUNK=_dchunk(bd), num_warps=warps)
     return df
 
 
@@ -177,7 +174,5 @@ def aot_signature(case):
     if not fwd:
         types.update(COEF="*fp32", DF="*fp32")
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DCHUNK=_dchunk(bd))
-    if not fwd:
-        const["SLICED"] = case["d"] > bd
     fn = _supcon_lse_kernel if fwd else _supcon_bwd_kernel
     return fn, types, const, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
