@@ -173,8 +173,9 @@ def memcheck_workload(dev):
 
 
 def racecheck_workload(dev):
-    """The kernels that share memory between threads. The CUDA DPS / soft-CE kernel reduces
-    through shared memory when TPR = 256 (C > 2048) and in every mean / sum finish; the SupCon
+    """The kernels that share memory between threads. The CUDA DPS / soft-CE kernels reduce
+    through shared memory at 256 threads a row (resident: C > 512 with V <= 2; streaming:
+    C > 2048) and in every mean / sum finish; the SupCon
     kernels stage 16 x 128 feature tiles (D = 24: one chunk, D = 200: two) and the G tile; the
     Triton kernels (tl.dot, reductions) run the same workload. Small shapes: racecheck tracks
     every shared-memory access."""

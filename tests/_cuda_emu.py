@@ -58,7 +58,7 @@ def library():
         os.replace(so + ".tmp", so)
     _lib = ctypes.CDLL(so)
     _lib.emu_ce_num_blocks.restype = ctypes.c_int64
-    _lib.emu_ce_num_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    _lib.emu_ce_num_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     return _lib
 
 
@@ -80,7 +80,7 @@ def _run_ce(logits, index, a, grad, gamma, tau_e, posterior, update, reduction, 
     has_grad = grad.numel() > 0
     idx = index.to(torch.int64).contiguous() if index is not None else None
     loss = torch.empty(z.shape[:-1] if reduction == 0 else (), dtype=torch.float32)
-    part = torch.empty(max(1, lib.emu_ce_num_blocks(b, c)), dtype=torch.float32)
+    part = torch.empty(max(1, lib.emu_ce_num_blocks(b, c, v)), dtype=torch.float32)
     ticket = torch.zeros(1, dtype=torch.int32)
     stats = torch.empty(3, v, b) if v > lib.emu_ce_register_views() else None
     scale = 1.0 / (v * b) if reduction == 1 else 1.0

@@ -40,12 +40,11 @@ def ref_dps(z, idx, alpha, red, g, target="posterior", gamma=0.9, tau_e=1.0):
     return loss.detach(), x.grad, a
 
 
-# C picks the threads per row (8 / 32 / 256); V picks the register views (1, 2, 4, 8); V > 8 takes
-# the many-views kernel
-# and the resident kernel (V <= 2, C <= 4096) at each (threads a row, columns a thread):
+# V <= 2 and C <= 4096 take the resident kernel, at each (threads a row, columns a thread):
 # (8, 4) C 1 and 10, (8, 16) C 50, (32, 4) C 100, (32, 16) C 300, (256, 4) C 700, (256, 16) C 3000
-# and 4096, the widest; C 4097 is streamed
-RESIDENT_EDGES = [(50, 13, 2), (300, 9, 1), (700, 4, 2), (4096, 3, 1), (4097, 3, 1)]
+# and 4096, the widest; C 4097 is streamed. Else the streaming kernel: C picks the threads per
+# row (8 / 32 / 256), V the register views (4, 8); V > 8 takes the many-views kernel.
+RESIDENT_EDGES = [(50, 13, 2), (300, 9, 1), (700, 4, 2), (4096, 3, 1), (4097, 3, 1), (10, 20, 3), (300, 9, 3)]
 DPS_CASES = [(c, b, v, zdt, adt) for c, b, v in [(1, 7, 1), (10, 37, 2), (100, 37, 1), (1000, 9, 3), (3000, 5, 2),
                                                  (100, 11, 5), (10, 37, 9), (1000, 5, 12), (3000, 3, 17)]
              + RESIDENT_EDGES
@@ -102,6 +101,30 @@ def test_emulated_cuda_refused_rows_write_nothing(c, v):
     rule_check(ak, ae, ax, torch.float32, "bank")
 
 
+@pytest.mark.parametrize("c,v", [(100, 1), (300, 2), (4096, 1)])
+def test_emulated_cuda_resident_rows_move_the_same_values_wide_or_not(c, v):
+    """The resident kernel moves a group of four columns in one access only where the row is
+    aligned (C a multiple of 4, every pointer on 4 elements); logits, bank and gradient one
+    element off that alignment take the element-wise path: the same values, bit for bit."""
+    gen = torch.Generator().manual_seed(c * v)
+    n, b = 9, 6
+    z = torch.randn(v, b, c, generator=gen) * 2
+    alpha = torch.rand(n, c, generator=gen) + 0.1
+    idx = torch.tensor([4, 0, 7, 2, 8, 5])
+
+    def offset(t):  # the same values, one element into a fresh buffer: 4 bytes off 16-byte alignment
+        buf = torch.empty(t.numel() + 1)
+        buf[1:] = t.reshape(-1)
+        return buf[1:].view(t.shape)
+    for red in ("none", "mean"):
+        outs = []
+        for place in (lambda t: t.clone(), offset):
+            a, grad = place(alpha), place(torch.empty_like(z))
+            outs.append((E.dps_ce_fwd(place(z), idx, a, grad, 0.9, 2.0, True, True, RED[red]), grad, a))
+        for x, y, what in zip(outs[0], outs[1], ("loss", "gradient", "bank")):
+            assert torch.equal(x, y), f"{what} ({red})"
+
+
 def test_emulated_cuda_many_views_update_the_bank_once():
     """V = 17: the bank row is stored in the last chunk of views only, from the row as it was."""
     gen = torch.Generator().manual_seed(3)
@@ -112,7 +135,7 @@ def test_emulated_cuda_many_views_update_the_bank_once():
     torch.testing.assert_close(a, want)
 
 
-@pytest.mark.parametrize("c", [1, 10, 1000, 3000])
+@pytest.mark.parametrize("c", [1, 10, 1000, 3000, 5000])  # 5000: the streaming kernel
 def test_emulated_cuda_soft_ce_rows_of_any_mass(c):
     gen = torch.Generator().manual_seed(c)
     b = 8
@@ -138,25 +161,26 @@ def test_emulated_cuda_soft_ce_rows_of_any_mass(c):
 
 
 def test_emulated_cuda_huge_finite_logits_are_finite():
-    """The logits of tests/test_edge_policies.py's huge-logit test, against the fp64 reference."""
+    """The logits of tests/test_edge_policies.py's huge-logit test, against the fp64 reference:
+    two views (the resident kernel) and the same with view 0 again (V = 3: the streaming one)."""
     from test_edge_policies import _huge_logits, _row_scale
 
-    z = _huge_logits()
-    c = z.shape[-1]
-    alpha = dps_fast.init_prior(torch.tensor([0, 0, c - 1, 0, 0, 0, 0, 3, 4]), c, c=4.0, eps=0.5)
-    idx = torch.arange(7)
-    g = torch.ones(2, 7)
-    lk, gk, ak = emu_dps(z, idx, alpha, "none", g)
-    le, ge, ae = ref_dps(z, idx, alpha, "none", g)
-    lx, gx, ax = ref_dps(z.double(), idx, alpha.double(), "none", g.double())
-    for b in range(7):
-        rule_check(lk[:, b], le[:, b], lx[:, b], torch.float32, f"loss row {b}", scale=_row_scale(z[:, b]))
-        rule_check(gk[:, b], ge[:, b], gx[:, b], torch.float32, f"grad row {b}")
-    rule_check(ak, ae, ax, torch.float32, "bank")
-    finite = torch.tensor([True, True, True, True, False, True, False])
-    assert torch.equal(torch.isnan(lk).any(0), ~finite)
-    assert (ak[:7][finite] != alpha[:7][finite]).any(1).all()
-    assert torch.equal(ak[:7][~finite], alpha[:7][~finite])
+    for z in (_huge_logits(), torch.cat([_huge_logits(), _huge_logits()[:1]])):
+        c, v = z.shape[-1], z.shape[0]
+        alpha = dps_fast.init_prior(torch.tensor([0, 0, c - 1, 0, 0, 0, 0, 3, 4]), c, c=4.0, eps=0.5)
+        idx = torch.arange(7)
+        g = torch.ones(v, 7)
+        lk, gk, ak = emu_dps(z, idx, alpha, "none", g)
+        le, ge, ae = ref_dps(z, idx, alpha, "none", g)
+        lx, gx, ax = ref_dps(z.double(), idx, alpha.double(), "none", g.double())
+        for b in range(7):
+            rule_check(lk[:, b], le[:, b], lx[:, b], torch.float32, f"loss row {b}", scale=_row_scale(z[:, b]))
+            rule_check(gk[:, b], ge[:, b], gx[:, b], torch.float32, f"grad row {b}")
+        rule_check(ak, ae, ax, torch.float32, "bank")
+        finite = torch.tensor([True, True, True, True, False, True, False])
+        assert torch.equal(torch.isnan(lk).any(0), ~finite)
+        assert (ak[:7][finite] != alpha[:7][finite]).any(1).all()
+        assert torch.equal(ak[:7][~finite], alpha[:7][~finite])
 
 
 @pytest.mark.parametrize("d", [3, 1024, 1500, 2100])

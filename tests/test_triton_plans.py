@@ -1,8 +1,8 @@
 """Each launch plan of the Triton DPS / soft-CE kernels (dps_fast/kernels/dps_cross_entropy.py:
 resident, loop, split; docs/performance.md, "GPU kernels: bytes by design") against the
 reference by the tolerance rule, with the plan forced: the launcher picks a plan by shape, and
-on this machine's interpreter the loop and split plans would otherwise be reached only at C
-beyond 8,192. Odd C, several views (VP > V), tau_e != 1, both targets, every reduction, a
+under the interpreter it takes the loop only beyond 8,192 columns over the views and the split
+never. Odd C, several views (VP > V), tau_e != 1, both targets, every reduction, a
 non-unit upstream gradient, 16-bit logits and bank, non-finite rows, ids outside the bank, a
 partial last chunk and row block, and untouched bank rows."""
 import pytest

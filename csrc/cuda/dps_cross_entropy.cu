@@ -4,7 +4,8 @@
 // 256 threads packs 256 / TPR rows, so small C is not launch-bound and large C is
 // spread over a whole block. Two kernels, float32 arithmetic:
 // - resident (C <= 16 TPR, up to 2 views: C <= 4096): each thread keeps its columns of every
-//   view's logits and their exponentials in registers; the logits and the bank row are read
+//   view's logits and their exponentials in registers, four consecutive ones a group (one
+//   128-bit access at fp32 where the launch is aligned); the logits and the bank row are read
 //   once, the softmax is reused for the gradient, per-row reciprocals replace the divides;
 // - streaming (larger C or more views), three passes over the columns:
 //   1. per view, online max and softmax normalisers (and a per-element finiteness check);
@@ -244,28 +245,76 @@ __device__ __forceinline__ void finish_reduction(const Row& r, const CeArgs& p, 
 }
 
 // ---- resident rows: one read of the logits and the bank row
-// Each thread's EPT columns j = lane + k * TPR of every view sit in registers (x: the logits, e:
-// exp(x - m)); every loop over k is unrolled, so they are indexed by constants.
+// Each thread owns EPT columns of the row, in groups of four consecutive ones: group g starts at
+// column 4 (lane + g TPR), so a warp's access covers 32 x 4 consecutive elements. Where the row
+// allows it (C a multiple of 4, every pointer aligned to 4 elements: `wide`), a group moves as
+// one access (128 bits at fp32, 64 at 16 bits); else, and in the row's last partial group,
+// element by element. Every loop over the columns is unrolled, so the registers holding them
+// (x: the logits, e: exp(x - m)) are indexed by constants.
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
+template <typename T>
+__device__ __forceinline__ bool quad_aligned(const void* ptr) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % sizeof(Quad<T>) == 0;
+}
+
+// Four elements of `row` from column j0 as float (`fill` past C).
+template <typename T>
+__device__ __forceinline__ void load4(const T* row, int64_t j0, int64_t C, bool wide, float fill, float* out) {
+  if (wide && j0 + 4 <= C) {
+    const Quad<T> q = *reinterpret_cast<const Quad<T>*>(row + j0);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = to_f32(q.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = j0 + i < C ? to_f32(row[j0 + i]) : fill;
+  }
+}
+
+// Stores four floats to `row` from column j0 (none past C).
+template <typename T>
+__device__ __forceinline__ void store4(T* row, int64_t j0, int64_t C, bool wide, const float* x) {
+  if (wide && j0 + 4 <= C) {
+    Quad<T> q;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q.v[i] = from_f32<T>(x[i]);
+    *reinterpret_cast<Quad<T>*>(row + j0) = q;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (j0 + i < C) row[j0 + i] = from_f32<T>(x[i]);
+  }
+}
+
 template <typename TZ, int TPR, int EPT, int VMAX>
 struct ResidentRow {
+  static constexpr int kGroups = EPT / 4;
   float x[VMAX][EPT], e[VMAX][EPT];
   float m[VMAX], s[VMAX], se[VMAX];
+
+  // the first column of this thread's group g
+  static __device__ __forceinline__ int64_t col(int lane, int g) { return 4 * (lane + static_cast<int64_t>(g) * TPR); }
 
   // the logits, once; per view the max, sum exp(x - m) and its tempered twin; false when a
   // logit is not finite. All threads call it.
   template <typename Row>
-  __device__ __forceinline__ bool load(const Row& r, const CeArgs& p, float* smem) {
+  __device__ __forceinline__ bool load(const Row& r, const CeArgs& p, bool wide, float* smem) {
     float n_bad = 0.f;
     DPS_FOR_VIEWS(v) {
       const TZ* zr = r.zrow(p, v);
       float mt = -INFINITY;
 #pragma unroll
-      for (int k = 0; k < EPT; ++k) {
-        const int64_t j = r.lane + k * TPR;
-        const bool here = r.in_batch && j < p.C;
-        x[v][k] = here ? to_f32(zr[j]) : -INFINITY;
-        n_bad += (here && !isfinite(x[v][k])) ? 1.f : 0.f;
-        mt = fmaxf(mt, x[v][k]);
+      for (int g = 0; g < kGroups; ++g) {
+        const int64_t j0 = col(r.lane, g);
+        load4(zr, j0, r.in_batch ? p.C : 0, wide, -INFINITY, &x[v][4 * g]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          n_bad += (r.in_batch && j0 + i < p.C && !isfinite(x[v][4 * g + i])) ? 1.f : 0.f;
+          mt = fmaxf(mt, x[v][4 * g + i]);
+        }
       }
       const float mv = group_max<TPR>(mt, smem);
       m[v] = isfinite(mv) ? mv : 0.f;  // a refused row's arithmetic stays quiet
@@ -292,29 +341,43 @@ struct ResidentRow {
   }
 };
 
+// Whether every row of this launch may move in 4-wide accesses (see ResidentRow).
+template <typename TZ, typename TA>
+__device__ __forceinline__ bool rows_are_wide(const CeArgs& p) {
+  return p.C % 4 == 0 && p.stride_a % 4 == 0 && quad_aligned<TZ>(p.z) && quad_aligned<TZ>(p.g) &&
+         quad_aligned<TA>(p.a);
+}
+
 template <typename TZ, typename TA, int TPR, int EPT, int VMAX>
 __global__ void __launch_bounds__(kThreads) ce_kernel_resident(CeArgs p) {
   __shared__ CeShared sh;
   RowCtx<TZ, TA, TPR> r(p);
-  ResidentRow<TZ, TPR, EPT, VMAX> z;
-  r.ok = z.load(r, p, sh.smem) && r.ok;
+  using Z = ResidentRow<TZ, TPR, EPT, VMAX>;
+  Z z;
+  const bool wide = rows_are_wide<TZ, TA>(p);
+  r.ok = z.load(r, p, wide, sh.smem) && r.ok;
 
   // the bank row, once: updated, stored, and summed for S (the updated row's own sum)
   float inv_se[VMAX];
   DPS_FOR_VIEWS(v) inv_se[v] = 1.f / (static_cast<float>(p.V) * z.se[v]);
   TA* ar = r.bank_row(p);
+  const int64_t c_ok = r.ok ? p.C : 0;  // a refused row reads and writes no bank column
   float a[EPT], a_sum = 0.f;
 #pragma unroll
-  for (int k = 0; k < EPT; ++k) {
-    const int64_t j = r.lane + k * TPR;
-    const bool here = r.ok && j < p.C;
-    a[k] = here ? to_f32(ar[j]) : 0.f;
+  for (int g = 0; g < Z::kGroups; ++g) {
+    const int64_t j0 = Z::col(r.lane, g);
+    load4(ar, j0, c_ok, wide, 0.f, &a[4 * g]);
     if (p.posterior || p.update) {
-      const float an = p.gamma * a[k] + z.evidence(p, k, inv_se);
-      if (p.update && here) ar[j] = from_f32<TA>(an);
-      if (p.posterior) a[k] = here ? an : 0.f;
+      float an[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) an[i] = j0 + i < c_ok ? p.gamma * a[4 * g + i] + z.evidence(p, 4 * g + i, inv_se) : 0.f;
+      if (p.update) store4(ar, j0, c_ok, wide, an);
+      if (p.posterior)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[4 * g + i] = an[i];
     }
-    a_sum += a[k];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a_sum += a[4 * g + i];
   }
   const float ks = target_scale(p, group_sum<TPR>(a_sum, sh.smem));
 
@@ -323,15 +386,22 @@ __global__ void __launch_bounds__(kThreads) ce_kernel_resident(CeArgs p) {
     dot[v] = 0.f;
     inv_s[v] = mass_of(p, ks) / z.s[v];
   }
+  const int64_t c_row = r.in_batch ? p.C : 0;
 #pragma unroll
-  for (int k = 0; k < EPT; ++k) {
-    const int64_t j = r.lane + k * TPR;
-    if (!r.in_batch || j >= p.C) continue;
-    const float t = r.ok ? a[k] * inv_of(p, ks) : 0.f;
+  for (int g = 0; g < Z::kGroups; ++g) {
+    const int64_t j0 = Z::col(r.lane, g);
+    float t[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) t[i] = r.ok && j0 + i < c_row ? a[4 * g + i] * inv_of(p, ks) : 0.f;
     DPS_FOR_VIEWS(v) {
-      dot[v] += t * (0.5f * z.m[v] - 0.5f * z.x[v][k]);  // the half gap (see view_column)
-      if (p.has_grad)
-        r.g[(v * p.B + r.row) * p.C + j] = from_f32<TZ>(r.ok ? (z.e[v][k] * inv_s[v] - t) * p.gscale : NAN);
+      float gv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int k = 4 * g + i;
+        if (j0 + i < c_row) dot[v] += t[i] * (0.5f * z.m[v] - 0.5f * z.x[v][k]);  // the half gap (view_column)
+        gv[i] = r.ok ? (z.e[v][k] * inv_s[v] - t[i]) * p.gscale : NAN;
+      }
+      if (p.has_grad) store4(r.g + (v * p.B + (r.in_batch ? r.row : 0)) * p.C, j0, c_row, wide, gv);
     }
   }
   float row_total = 0.f;
@@ -436,10 +506,16 @@ __global__ void __launch_bounds__(kThreads) ce_kernel_many_views(CeArgs p) {
 }
 
 // Columns a thread keeps in registers on the resident path: 4, or 16 (x, e over 2 views and a:
-// 80 floats; ptxas -v, sm_90: see docs/performance.md). TPR grows with C so that C <= 16 TPR.
+// 80 floats; ptxas -v, sm_90: 39-127 registers, no spills, 2026-12-08). TPR grows with C so
+// that C <= 16 TPR.
 constexpr int kResidentEpt = 16;
-int tpr_for(int64_t C) { return C <= 64 ? 8 : (C <= 512 ? 32 : kThreads); }
-bool resident(const CeArgs& p) { return p.V <= 2 && p.C <= static_cast<int64_t>(tpr_for(p.C)) * kResidentEpt; }
+int resident_tpr(int64_t C) { return C <= 64 ? 8 : (C <= 512 ? 32 : kThreads); }
+bool resident(const CeArgs& p) { return p.V <= 2 && p.C <= static_cast<int64_t>(resident_tpr(p.C)) * kResidentEpt; }
+// Threads a row: the resident kernel's, else the streaming kernels' (as before the resident one).
+int tpr_for(const CeArgs& p) {
+  if (resident(p)) return resident_tpr(p.C);
+  return p.C <= 64 ? 8 : (p.C <= 2048 ? 32 : kThreads);
+}
 
 template <typename TZ, typename TA, int TPR>
 void launch_resident_tpr(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
@@ -452,7 +528,7 @@ void launch_resident_tpr(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
 
 template <typename TZ, typename TA>
 void launch_resident(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
-  const int tpr = tpr_for(p.C);
+  const int tpr = tpr_for(p);
   if (tpr == 8) launch_resident_tpr<TZ, TA, 8>(p, blocks, stream);
   else if (tpr == 32) launch_resident_tpr<TZ, TA, 32>(p, blocks, stream);
   else launch_resident_tpr<TZ, TA, kThreads>(p, blocks, stream);
@@ -460,7 +536,7 @@ void launch_resident(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
 
 template <typename TZ, typename TA, int VMAX>
 void launch_views(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
-  const int tpr = tpr_for(p.C);
+  const int tpr = tpr_for(p);
   if (tpr == 8) ce_kernel<TZ, TA, 8, VMAX><<<blocks, kThreads, 0, stream>>>(p);
   else if (tpr == 32) ce_kernel<TZ, TA, 32, VMAX><<<blocks, kThreads, 0, stream>>>(p);
   else ce_kernel<TZ, TA, kThreads, VMAX><<<blocks, kThreads, 0, stream>>>(p);
@@ -468,7 +544,7 @@ void launch_views(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
 
 template <typename TZ, typename TA>
 void launch_many_views(const CeArgs& p, int64_t blocks, cudaStream_t stream) {
-  const int tpr = tpr_for(p.C);
+  const int tpr = tpr_for(p);
   if (tpr == 8) ce_kernel_many_views<TZ, TA, 8><<<blocks, kThreads, 0, stream>>>(p);
   else if (tpr == 32) ce_kernel_many_views<TZ, TA, 32><<<blocks, kThreads, 0, stream>>>(p);
   else ce_kernel_many_views<TZ, TA, kThreads><<<blocks, kThreads, 0, stream>>>(p);
@@ -502,7 +578,7 @@ cudaError_t launch_bank(const CeArgs& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t ce_num_blocks(const CeArgs& p) {
-  const int64_t rows_per_block = kThreads / tpr_for(p.C);
+  const int64_t rows_per_block = kThreads / tpr_for(p);
   return (p.B + rows_per_block - 1) / rows_per_block;
 }
 

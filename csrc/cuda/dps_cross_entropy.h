@@ -34,7 +34,7 @@ struct CeArgs {
   int reduce;            // 0 none, 1 mean, 2 sum
 };
 
-// Returns the number of blocks to allocate `part` for.
+// Returns the number of blocks to allocate `part` for (from B, C and V: the kernel's threads a row).
 int64_t ce_num_blocks(const CeArgs& p);
 cudaError_t launch_ce(const CeArgs& p, cudaStream_t stream);
 

@@ -17,12 +17,13 @@ place of the bank, no update and no discount). ``_plan`` picks one of three ways
 - **split** (larger C, fewer than ``MIN_PROGRAMS`` rows): the columns are cut into chunks over a
   2-D grid: a stats kernel writes each chunk's (max, normalisers, bank sum, finiteness), an apply
   kernel combines them and writes its chunk's update and gradient, a third adds the loss. Three
-  launches, no host synchronisation, the same bytes as the loop plus B * chunks * (3 V + 2)
-  floats.
+  launches, no host synchronisation, the same bytes as the loop plus, per row and chunk, a record
+  of 3 VP + 2 floats (read by each of the row's chunks) and VP floats of dot products.
 
 Common to all: pass 1 counts the non-finite logits element by element (a running sum of the
 logits would overflow for finite |z| near the float32 maximum, docs/method.md §9); the target's
-row sum needs no pass of its own (the evidence sums to 1: S = gamma * sum a + 1); the target is
+row sum S needs no pass of its own (resident: the updated row's sum, in registers; loop and split:
+the evidence sums to 1, so S = gamma * sum a + 1 from pass 1); the target is
 ``a / S`` and ``mass = 1`` when normalising (the DPS step, always), else the target is ``a``
 itself and ``mass = S`` (PyTorch's soft-target cross-entropy for rows that do not sum to 1,
 docs/method.md §3); the loss is ``mass * logsumexp - <target, z>`` in the overflow-safe half-gap
@@ -157,6 +158,7 @@ def _dps_ce_resident_kernel(
     POSTERIOR: tl.constexpr, UPDATE: tl.constexpr, TEMPER: tl.constexpr, HAS_GRAD: tl.constexpr,
     REDUCE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """The resident plan: ROWS whole rows, every view, as one tile; each input element read once."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     rmask = rows < B
     ids, ok = _row_ids(IDX, rows, rmask, N, HAS_IDX)
@@ -498,8 +500,10 @@ def _launch(z, idx, a, grad, gamma, tau_e, posterior, update, reduction, normali
         _dps_ce_kernel[(nprog,)](
             *ptrs, g, loss, part, _ticket(dev), b, c, a.shape[0], a.stride(0), float(gamma), 1.0 / float(tau_e),
             gscale, out_scale, BLOCK_C=plan.block_c, **flags, **out, num_warps=plan.warps)
-    else:
+    elif plan.kind == "split":
         _launch_split(ptrs, g, loss, part, b, c, a, gamma, tau_e, gscale, out_scale, plan, flags, out)
+    else:
+        raise ValueError(f"dps_fast: unknown launch plan {plan.kind!r}")
     return loss
 
 

@@ -23,7 +23,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # error a product against "ieee"'s 2^-24, but on the tensor cores (HMMA in the sm_90 SASS,
 # `tools/triton_aot_check.py`) instead of FP32 FMAs: the review of issue 25 predicted the FMA
 # kernels no faster than eager cuBLAS at M = 8192. Not yet timed on a GPU.
-DOT_PRECISION = tl.constexpr("tf32x3")
+# (ROCm's Triton has no tf32x3: "ieee" there.)
+DOT_PRECISION = tl.constexpr("ieee" if torch.version.hip else "tf32x3")
 
 
 @triton.jit

@@ -9,10 +9,11 @@ using namespace dps_fast::cuda;
 
 extern "C" {
 
-int64_t emu_ce_num_blocks(int64_t B, int64_t C) {
+int64_t emu_ce_num_blocks(int64_t B, int64_t C, int V) {
   CeArgs p{};
   p.B = B;
   p.C = C;
+  p.V = V;
   return ce_num_blocks(p);
 }
 
