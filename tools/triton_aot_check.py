@@ -152,10 +152,11 @@ def sass_memory_ops(cubin: bytes):
         with open(p, "wb") as f:
             f.write(cubin)
         sass = subprocess.run([tool, "-sass", p], capture_output=True, text=True).stdout
-    widths = [re.findall(r"\b(LDG|STG)(\.E[.\w]*)", line) for line in sass.splitlines()]
-    flat = [op + suffix for w in widths for op, suffix in w]
-    return dict(ldg=sum(o.startswith("LDG") for o in flat), ldg_128=sum(o.startswith("LDG") and ".128" in o for o in flat),
-                stg=sum(o.startswith("STG") for o in flat), stg_128=sum(o.startswith("STG") and ".128" in o for o in flat),
+    ops = [op + suffix for op, suffix in re.findall(r"\b(LDG|STG)(\.E[.\w]*)", sass)]
+
+    def count(kind, wide=False):
+        return sum(o.startswith(kind) and (not wide or ".128" in o) for o in ops)
+    return dict(ldg=count("LDG"), ldg_128=count("LDG", True), stg=count("STG"), stg_128=count("STG", True),
                 tensor_core_ops=len(re.findall(r"\b(HMMA|HGMMA)\b", sass)))
 
 

@@ -187,6 +187,10 @@ struct RowCtx {
   __device__ __forceinline__ const TZ* zrow(const CeArgs& p, int v) const {
     return z + (v * p.B + (in_batch ? row : 0)) * p.C;
   }
+  // view v's gradient row (as zrow)
+  __device__ __forceinline__ TZ* grad_row(const CeArgs& p, int v) const {
+    return g + (v * p.B + (in_batch ? row : 0)) * p.C;
+  }
   __device__ __forceinline__ TA* bank_row(const CeArgs& p) const { return a + (ok ? id : 0) * p.stride_a; }
 };
 
@@ -401,7 +405,7 @@ __global__ void __launch_bounds__(kThreads) ce_kernel_resident(CeArgs p) {
         if (j0 + i < c_row) dot[v] += t[i] * (0.5f * z.m[v] - 0.5f * z.x[v][k]);  // the half gap (view_column)
         gv[i] = r.ok ? (z.e[v][k] * inv_s[v] - t[i]) * p.gscale : NAN;
       }
-      if (p.has_grad) store4(r.g + (v * p.B + (r.in_batch ? r.row : 0)) * p.C, j0, c_row, wide, gv);
+      if (p.has_grad) store4(r.grad_row(p, v), j0, c_row, wide, gv);
     }
   }
   float row_total = 0.f;

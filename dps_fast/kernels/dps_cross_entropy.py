@@ -466,6 +466,15 @@ def _ticket(device: torch.device) -> torch.Tensor:
     return t
 
 
+# The constexprs (of _flags) that the split plan's stats and loss launches take.
+_STATS_FLAGS = ("V", "VP", "ROWS", "TEMPER", "HAS_IDX")
+_LOSS_FLAGS = ("V", "VP", "ROWS", "POSTERIOR", "NORMALIZE", "HAS_IDX")
+
+
+def _subset(flags, names):
+    return {k: flags[k] for k in names}
+
+
 def _flags(v, plan, posterior, update, tau_e, has_grad, normalize, has_idx):
     """The constexprs every plan's kernels share."""
     return dict(V=v, VP=triton.next_power_of_2(v), ROWS=plan.rows, POSTERIOR=bool(posterior), UPDATE=bool(update),
@@ -513,16 +522,14 @@ def _launch_split(ptrs, g, loss, part, b, c, a, gamma, tau_e, gscale, out_scale,
     ws = torch.empty((b, nch, 3 * vp + 2), dtype=torch.float32, device=dev)
     dots = torch.empty((b, nch, vp), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(b, plan.rows), nch)
-    f = {k: flags[k] for k in ("V", "VP", "ROWS", "TEMPER", "HAS_IDX")}
     _split_stats_kernel[grid](*ptrs, ws, b, c, a.shape[0], a.stride(0), 1.0 / float(tau_e), plan.chunk, nch,
-                              BLOCK_C=plan.block_c, **f, num_warps=plan.warps)
+                              BLOCK_C=plan.block_c, **_subset(flags, _STATS_FLAGS), num_warps=plan.warps)
     nchp = triton.next_power_of_2(nch)
     _split_apply_kernel[grid](*ptrs, g, ws, dots, b, c, a.shape[0], a.stride(0), float(gamma), 1.0 / float(tau_e),
                               gscale, plan.chunk, nch, NCHP=nchp, BLOCK_C=plan.block_c, **flags,
                               num_warps=plan.warps)
-    f = {k: flags[k] for k in ("V", "VP", "ROWS", "POSTERIOR", "NORMALIZE", "HAS_IDX")}
     _split_loss_kernel[(grid[0],)](ptrs[1], ws, dots, loss, part, _ticket(dev), b, a.shape[0], float(gamma), out_scale,
-                                   nch, NCHP=nchp, **f, **out, num_warps=4)
+                                   nch, NCHP=nchp, **_subset(flags, _LOSS_FLAGS), **out, num_warps=4)
 
 
 def dps_ce_fwd(logits, index, alpha, grad, gamma, tau_e, posterior, update, reduction):
@@ -595,10 +602,8 @@ def aot_signature(case):
     launch = case.get("launch") or "apply"
     cfg.update(plan=f"split/{launch}", CHUNK=plan.chunk, NCH=plan.chunks)
     if launch == "stats":
-        f = {k: flags[k] for k in ("V", "VP", "ROWS", "TEMPER", "HAS_IDX")}
-        return _split_stats_kernel, types, dict(BLOCK_C=plan.block_c, **f), cfg
+        return _split_stats_kernel, types, dict(BLOCK_C=plan.block_c, **_subset(flags, _STATS_FLAGS)), cfg
     if launch == "apply":
         return _split_apply_kernel, types, dict(NCHP=nchp, BLOCK_C=plan.block_c, **flags), cfg
-    f = {k: flags[k] for k in ("V", "VP", "ROWS", "POSTERIOR", "NORMALIZE", "HAS_IDX")}
     cfg["num_warps"] = 4
-    return _split_loss_kernel, types, dict(NCHP=nchp, **f, **out), cfg
+    return _split_loss_kernel, types, dict(NCHP=nchp, **_subset(flags, _LOSS_FLAGS), **out), cfg
