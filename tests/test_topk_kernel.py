@@ -8,8 +8,9 @@ import torch
 
 import dps_fast
 from dps_fast import topk as T
-from _helpers import HAS_CPU
-from _topk_cases import SETTINGS, bank_state, check_ids_outside_are_skipped, check_tie_heavy, check_wide_row, compare_step
+from _helpers import HAS_CPU, rule_check
+from _topk_cases import (SETTINGS, bank_state, check_ids_outside_are_skipped, check_tie_heavy, check_wide_row, clone,
+                         compare_step, run)
 
 pytestmark = pytest.mark.skipif(not HAS_CPU, reason="the C++ ops are not built")
 
@@ -83,3 +84,67 @@ def test_tie_heavy_inputs_keep_the_same_classes_in_the_same_order(c, k):
 def test_rows_wider_than_int16_ids(c):
     """C = 32,768 and 40,000 (int32 ids in a bank of more than 32,767 classes)."""
     check_wide_row(T.fused_step, c)
+
+
+# C with more blocks of 64 classes than nJ + k: J's candidates come from the blocks whose maximum
+# reaches the floor (csrc/cpu/topk_step.cpp::LogitPool), one view; several views take the scan.
+LARGE = [(5000, 16, 1), (12000, 40, 1), (5000, 16, 2)]
+
+
+@pytest.mark.parametrize("c,k,views", LARGE, ids=[f"C{c}-k{k}-V{v}" for c, k, v in LARGE])
+@pytest.mark.parametrize("target,reduction,update,tau_e", SETTINGS)
+def test_large_rows_match_the_reference(c, k, views, target, reduction, update, tau_e):
+    compare_step(T.fused_step, c, k, views, target, reduction, update, tau_e)
+
+
+def test_tie_heavy_large_rows():
+    """Equal logits in every block: the pool gives up (ties) and the scan keeps the reference's K'."""
+    check_tie_heavy(T.fused_step, 5000, 16)
+
+
+@pytest.mark.parametrize("tau_e", [1.0, 0.5])
+def test_evidence_that_underflows_keeps_the_tie_rule(tau_e):
+    """Five classes at 0, the rest near -200: their evidence is 0 in float32, so J's other members
+    are the smallest ids among them, not the largest logits; logits near 1e4 apart (a range the
+    margin does not cover) likewise. The kernel keeps the reference's K' and values."""
+    c, k = 5000, 16
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(1, 3, c, generator=gen) - 200.0
+    z[0, :, [7, 900, 2500, 3100, 4999]] = 0.0
+    z[0, 2] = torch.randn(c, generator=gen) * 0.01
+    z[0, 2, 17] = 1e4
+    # K: the label and the largest ids, below the uniform level, so that J's members win their slots
+    ids = torch.cat([torch.tensor([[1], [2], [3]]), torch.arange(c - 1, c - k, -1).expand(3, k - 1)], 1)
+    vals = torch.cat([torch.full((3, 1), 5.0), torch.full((3, k - 1), 1e-4)], 1)
+    rows = lambda: T.TopKRows(ids.clone(), vals.clone(), torch.full((3,), 1e-3 * (c - k)), c,  # noqa: E731
+                              torch.zeros(3))
+    fused, ref = rows(), rows()
+    for _ in range(2):
+        T.fused_step(z, torch.arange(3), fused, gamma=0.9, tau_e=tau_e)
+        T.reference_step(z, torch.arange(3), ref, gamma=0.9, tau_e=tau_e)
+        assert torch.equal(fused.ids, ref.ids)
+        torch.testing.assert_close(fused.vals, ref.vals)
+        torch.testing.assert_close(fused.rest, ref.rest)
+    assert fused.ids[0, 6:].tolist() == [0, 2, 3, 4, 5, 6, 8, 9, 10, 11]  # zero evidence: the smallest ids
+
+
+def test_a_step_past_the_last_level_cache_streams_the_same_gradient():
+    """Logits and gradient over 32 MiB: the gradient goes out with streaming stores, rows aligned
+    by a head of ordinary stores (C odd: every row starts at another offset); the loss, gradient
+    and rows as the reference's, by the tolerance rule."""
+    b, c, k = 520, 8201, 8
+    gen = torch.Generator().manual_seed(3)
+    bank = T.topk_prior(torch.randint(0, c, (b,), generator=gen), c, k, c=5.0, eps=1e-3)
+    bank.ids = bank.ids.to(torch.int64)
+    z = torch.randn(1, b, c, generator=gen) * 3
+    assert z.numel() * 8 > 32 * 2 ** 20
+    idx = torch.randperm(b, generator=gen)
+    g = torch.tensor(0.7)
+    fused, ref, exact = clone(bank), clone(bank), clone(bank, torch.float64)
+    lk, gk = run(T.fused_step, z, idx, fused, g)
+    le, ge = run(T.reference_step, z, idx, ref, g)
+    lx, gx = run(T.reference_step, z.double(), idx, exact, g.double())
+    rule_check(lk, le, lx, torch.float32, "loss")
+    rule_check(gk, ge, gx, torch.float32, "grad")
+    assert torch.equal(fused.ids, ref.ids)
+    rule_check(fused.bound, ref.bound, exact.bound, torch.float32, "bound")

@@ -6,7 +6,12 @@
 // this kernel follows it step by step, in float32 (the reference's own dtype for float32 input).
 //
 // Rows are independent: at::parallel_for over rows, with per-thread scratch of C floats (p) and
-// C ints (the position of each class in K, -1 outside), reset after each row.
+// C ints (the position of each class in K, -1 outside), reset after each row. A row of one view
+// takes three passes over C: max, min, sum and block maxima of the logits; the exponentials (the
+// next row's logits fetched into L2 meanwhile); the gradient (streamed out for large steps), with
+// the bound's excess term. J comes from the few blocks whose maximum can hold it (LogitPool).
+// Measured at [1024, 21,841], 2 threads (2026-12-08, fwd+bwd of DPSLoss, medians of 40 rounds
+// interleaved with the dense step): k = 32 19.6 -> 14.1 ms, k = 8 15.2 -> 10.8 ms; dense 15.4 ms.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -52,12 +57,105 @@ struct ViewStats {
   double zsum;
 };
 
+// The candidates of J for one view: every class outside K whose logit is at least `floor`, a
+// margin (logit_margin) below the nJ-th largest logit outside K, read only from the blocks whose
+// maximum reaches it (gather). The evidence is a monotone function of the logit up to rounding
+// and exp's few-ulp error, which the margin covers (check_margin), so the nJ largest p outside K
+// are among these classes and J is chosen from them by the exact keys of the evidence (pool_j),
+// without a pass over p. Where the margin cannot be trusted (ties, a huge range, evidence below
+// 1e-30, several views) J comes from that pass (outside_top). Kernel at [1024, 21,841], k = 32,
+// 2 threads (2026-12-08, perf): the pass over p and its compactions were a quarter of the time.
+struct LogitPool {
+  std::vector<uint64_t> keys;  // ordered_key(logit, id)
+  std::vector<float> block_max;  // max_min_sum's block maxima
+  int64_t n = 0, nJ = 0;
+  float floor = -std::numeric_limits<float>::infinity();
+  bool ok = true;  // false: ties or the range defeat the margin; J then comes from the full scan
+  void reset(int64_t want) {
+    nJ = want, n = 0, ok = true, floor = -std::numeric_limits<float>::infinity();
+    if (static_cast<int64_t>(keys.size()) < cap()) keys.resize(cap());
+  }
+  int64_t cap() const { return 8 * nJ + 16; }
+  void check_margin(float range, float tau_e);
+  void compact();
+  void gather(const float* x, int64_t C, const float* bm, const int* pos, int64_t k);
+};
+
+// A float's bits as an unsigned integer that orders as the floats do (any sign), above the
+// complement of the class id (a tie goes to the smaller id).
+inline uint64_t ordered_key(float x, int64_t j) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - static_cast<uint32_t>(j));
+}
+inline float ordered_value(uint64_t key) {
+  uint32_t bits = static_cast<uint32_t>(key >> 32);
+  bits = (bits & 0x80000000u) ? (bits & 0x7fffffffu) : ~bits;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// The margin below the nJ-th largest logit T: 1e-3 max(1, |T|). T - margin grows with T, so the
+// floor only rises.
+inline float logit_margin(float t) { return 1e-3f * std::max(1.0f, std::fabs(t)); }
+
+// The margin must exceed what rounding can do to the order: the exponent's argument (z - m) / tau_e
+// is off by at most 2^-23 (m - min z) / tau_e, exp's result by a few ulp (1.1e-6 covers 9 ulp),
+// so classes more than 4.8e-7 (m - min z) + 4.4e-6 tau_e apart (twice that) keep their order.
+void LogitPool::check_margin(float range, float tau_e) {
+  if (ok && n >= nJ && nJ > 0) {
+    compact();
+    ok = ok && logit_margin(ordered_value(keys[nJ - 1])) >= 4.8e-7f * range + 4.4e-6f * tau_e;
+  }
+}
+
+// Keeps the nJ largest logits and every other one within the margin of the nJ-th; raises the floor.
+void LogitPool::compact() {
+  uint64_t* k = keys.data();
+  std::nth_element(k, k + (nJ - 1), k + n, std::greater<uint64_t>());
+  const float t = ordered_value(k[nJ - 1]);
+  floor = t - logit_margin(t);
+  int64_t kept = nJ;
+  for (int64_t i = nJ; i < n; ++i)
+    if (ordered_value(k[i]) >= floor) k[kept++] = k[i];
+  n = kept;
+  if (n > cap() / 2) ok = false, floor = std::numeric_limits<float>::infinity();  // ties: give up
+}
+
+// The largest lane of v.
+inline float hmax(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#else
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v);
+#endif
+}
+
+// Classes per block of the logits pass's block maxima (LogitPool::gather).
+constexpr int64_t kBlock = 8 * kW;
+
 // max, min and sum of x in one pass (a NaN may or may not reach max and min: the exp pass after
-// it catches NaNs).
-void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum) {
+// it catches NaNs), and where bm is given the max of each block of kBlock classes in
+// bm[0, ceil(n / kBlock)).
+void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum, float* bm = nullptr) {
   const float inf = std::numeric_limits<float>::infinity();
   Vec m0(-inf), n0(inf), s0(0.f), s1(0.f);
   int64_t j = 0;
+  for (; j + kBlock <= n; j += kBlock) {
+    Vec block(-inf);
+    for (int64_t i = j; i < j + kBlock; i += 2 * kW) {
+      const Vec a = Vec::loadu(x + i), b = Vec::loadu(x + i + kW);
+      block = max_nonan(block, max_nonan(a, b)), n0 = min_nonan(n0, min_nonan(a, b));
+      s0 = s0 + a, s1 = s1 + b;
+    }
+    m0 = max_nonan(m0, block);
+    if (bm) bm[j / kBlock] = hmax(block);
+  }
+  const int64_t tail = j;
   for (; j + 2 * kW <= n; j += 2 * kW) {
     const Vec a = Vec::loadu(x + j), b = Vec::loadu(x + j + kW);
     m0 = max_nonan(m0, max_nonan(a, b)), n0 = min_nonan(n0, min_nonan(a, b));
@@ -69,16 +167,87 @@ void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum) {
   mn = at::vec::vec_reduce_all<float>(vmin, n0);
   sum = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, s0 + s1);
   for (; j < n; ++j) mx = std::max(mx, x[j]), mn = std::min(mn, x[j]), sum += x[j];
+  if (bm && tail < n) bm[tail / kBlock] = *std::max_element(x + tail, x + n);
 }
 
-bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* ex, float* tmp, ViewStats& st) {
+// A t with at least `need` of the nb (finite) values bm[i] >= t, as large as 12 bisections of
+// their range find: branch-free vector counts, where a selection of the (need)-th largest
+// (std::nth_element) mispredicted its way to a tenth of the kernel's time at [1024, 21,841]
+// (perf, 2026-12-08).
+float block_floor(const float* bm, int64_t nb, int64_t need) {
+  float lo = *std::min_element(bm, bm + nb), hi = *std::max_element(bm, bm + nb);
+  for (int it = 0; it < 12 && lo < hi; ++it) {
+    const float mid = lo + 0.5f * (hi - lo);
+    const Vec vm(mid);
+    Vec count(0.f);
+    int64_t i = 0;
+    for (; i + kW <= nb; i += kW) count = count + Vec::blendv(Vec(0.f), Vec(1.f), Vec::loadu(bm + i) >= vm);
+    float total = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, count);
+    for (; i < nb; ++i) total += bm[i] >= mid ? 1.f : 0.f;
+    if (total >= static_cast<float>(need)) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Gathers the pool from the logits x and their block maxima bm: the (nJ + k)-th largest block
+// maximum is a floor for the nJ-th largest logit outside K (nJ + k blocks hold a logit at least
+// that large, and at most k of those are in K), so only blocks whose maximum reaches the floor
+// are read. At [1024, 21,841], k = 32 about 70 of 342 blocks (random logits).
+void LogitPool::gather(const float* x, int64_t C, const float* bm, const int* pos, int64_t k) {
+  const int64_t nb = (C + kBlock - 1) / kBlock;
+  if (nb >= nJ + k) {
+    const float t = block_floor(bm, nb, nJ + k);
+    floor = t - logit_margin(t);
+  }
+  const auto take = [&](int64_t j) {
+    if (x[j] < floor || pos[j] >= 0) return;  // the floor may have risen within the vector
+    keys[n++] = ordered_key(x[j], j);
+    if (n == cap()) compact();
+  };
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    if (!(bm[blk] >= floor)) continue;
+    const int64_t j1 = std::min(C, (blk + 1) * kBlock);
+    int64_t j = blk * kBlock;
+    for (; j + kW <= j1; j += kW) {
+      int above = ~(Vec::loadu(x + j) >= Vec(floor)).zero_mask() & ((1 << kW) - 1);  // zero_mask: lanes that are 0
+      while (above) {
+        const int lane = __builtin_ctz(above);
+        above &= above - 1;
+        take(j + lane);
+      }
+    }
+    for (; j < j1; ++j) take(j);
+  }
+}
+
+// exp_row_from_max(x, out, n, mx, 1) (the same values and sum) that also starts fetching the next
+// row's logits `next` (n floats, or nullptr) into L2, a line every other vector: spread over the
+// compute-bound pass, the fetch overlaps it, and the next row's first pass reads L2, not DRAM.
+float exp_row_prefetching(const float* x, float* out, int64_t n, float mx, const float* next) {
+  const Vec neg(-mx);
+  return accurate_sum(n, [=](int64_t j, int64_t k) {
+    if (next && j % 16 == 0) prefetch_line(reinterpret_cast<const char*>(next + j));
+    const Vec e = exp_nonpos(ldf(x + j, k) + neg);
+    stf(e, out + j, k);
+    return e;
+  });
+}
+
+bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* ex, float* tmp, ViewStats& st,
+                const float* next, LogitPool* pool = nullptr, const int* pos = nullptr, int64_t k = 0) {
   float mn = 0.f, zs = 0.f;
-  max_min_sum(z, C, st.m, mn, zs);
+  if (pool) pool->block_max.resize((C + kBlock - 1) / kBlock);
+  max_min_sum(z, C, st.m, mn, zs, pool ? pool->block_max.data() : nullptr);
   if (!std::isfinite(st.m) || !std::isfinite(mn)) return false;
-  st.s = exp_row_from_max(z, ex, C, st.m, 1.0f);  // a NaN logit makes s NaN
+  st.s = exp_row_prefetching(z, ex, C, st.m, next);  // a NaN logit makes s NaN
   if (!std::isfinite(st.s)) return false;
   st.se = temper ? exp_row_from_max(z, tmp, C, st.m, inv_tau_e) : st.s;
   st.zsum = std::isfinite(zs) ? zs : sum_double(z, C);  // finite logits near FLT_MAX overflow a float sum
+  if (pool) {
+    pool->gather(z, C, pool->block_max.data(), pos, k);
+    pool->check_margin(st.m - mn, 1.0f / inv_tau_e);
+  }
   return true;
 }
 
@@ -180,12 +349,56 @@ void outside_top(const float* p, float scale, const int* pos, int64_t C, int64_t
   for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, key_value(buf[i]), scale), key_id(buf[i])});
 }
 
+// J from the logit pool (LogitPool): the pool's classes by the exact keys of their evidence, the
+// nJ best kept, as outside_top does. False where the pool cannot be trusted (see LogitPool), or
+// where an evidence value among them is below 1e-30, where exp's relative error bound fails.
+bool pool_j(const float* p, float scale, const LogitPool& pl, int64_t nJ, float base, std::vector<uint64_t>& buf,
+            std::vector<Cand>& out) {
+  if (!pl.ok || pl.n < nJ) return false;
+  if (static_cast<int64_t>(buf.size()) < pl.n) buf.resize(pl.n);
+  for (int64_t i = 0; i < pl.n; ++i) {
+    const int64_t j = key_id(pl.keys[i]);
+    if (!(p[j] * scale >= 1e-30f)) return false;
+    buf[i] = pool_key(p[j], j);
+  }
+  keep_best(buf.data(), pl.n, nJ);
+  std::sort(buf.begin(), buf.begin() + nJ, std::greater<uint64_t>());
+  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, key_value(buf[i]), scale), key_id(buf[i])});
+  return true;
+}
+
+// A class of K' whose gradient entry loses d = (t_i - u) * gscale.
+struct Fix {
+  int64_t j;
+  float d;
+};
+
+// The bound's excess term in the making: sum_j max(0, base + p_j - level) over all classes,
+// summed in the output pass of the first view (view_outputs), which reads p anyway.
+struct Excess {
+  bool want = false;
+  float base = 0.f, level = 0.f;
+  double sum = 0.0;
+};
+
+// sum_j max(0, base + scale * p[j] - level) over all classes (the output pass sums it where a
+// gradient is written: grad_row).
+double excess_over(const float* p, float scale, int64_t C, float base, float level) {
+  const Vec shift(base - level), vs(scale), zero(0.f);
+  return accurate_sum(C, [&](int64_t j, int64_t cnt) {
+    return keep_lanes(at::vec::maximum(ldf(p + j, cnt) * vs + shift, zero), cnt);
+  });
+}
+
 // Per-thread scratch: p, one view's exponentials, and each class's position in K / in K' (-1).
 struct Scratch {
   std::vector<float> p, tmp;  // the evidence is p_scale * p (see evidence)
   std::vector<int> pos, in_new;
   std::vector<Cand> cand, order;  // per-row work lists, kept to avoid allocations
   std::vector<uint64_t> pool;
+  std::vector<Fix> fix;
+  LogitPool logits;  // J's candidates from the logits pass (one view)
+  bool use_pool = false;
   float p_scale = 1.f;
   double p_total = 0.0;  // sum_j of the evidence
   explicit Scratch(int64_t C) : p(C), tmp(C), pos(C, -1), in_new(C, -1) {}
@@ -198,11 +411,11 @@ void update_row(const TopkArgs& a, const int64_t* K, const float* val, float res
   const float level = rest / static_cast<float>(C - k);
   std::vector<Cand>& cand = sc.cand;
   cand.clear();
-  for (int64_t i = 0; i < k; ++i) {  // ordered by their keys; their values are gamma * val + p
-    sc.pos[K[i]] = static_cast<int>(i);
+  for (int64_t i = 0; i < k; ++i)  // ordered by their keys; their values are gamma * val + p (pos set by step_row)
     cand.push_back({cand_value(a.gamma * slot_key(val[i], level), sc.p[K[i]], sc.p_scale), K[i]});
+  if (!sc.use_pool || !pool_j(sc.p.data(), sc.p_scale, sc.logits, nJ, a.gamma * level, sc.pool, cand)) {
+    outside_top(sc.p.data(), sc.p_scale, sc.pos.data(), C, nJ, a.gamma * level, sc.pool, cand);
   }
-  outside_top(sc.p.data(), sc.p_scale, sc.pos.data(), C, nJ, a.gamma * level, sc.pool, cand);
   std::vector<Cand>& order = sc.order;
   order.assign(cand.begin(), cand.end());
   std::sort(order.begin(), order.end(), kBefore);  // 2k items: faster than partial_sort (above)
@@ -224,22 +437,14 @@ void update_row(const TopkArgs& a, const int64_t* K, const float* val, float res
                                 (p_out - admitted_p) + dropped);
 }
 
-// sum_j max(0, base + scale * p[j] - level) over all classes.
-double excess_over(const float* p, float scale, int64_t C, float base, float level) {
-  const Vec shift(base - level), vs(scale), zero(0.f);
-  return accurate_sum(C, [&](int64_t j, int64_t cnt) {
-    return keep_lanes(at::vec::maximum(ldf(p + j, cnt) * vs + shift, zero), cnt);
-  });
-}
-
 // The bound's delta (dps_fast/topk.py::step_bound): twice the evidence outside K' plus twice
-// the excess over the new level of the implied dense update outside K'. One vector pass as if
-// every class were outside K and K', then the 2k classes of K and K' corrected.
+// the excess over the new level of the implied dense update outside K'. `excess` is the sum as if
+// every class were outside K and K' (Excess); the 2k classes of K and K' are corrected here.
 float bound_delta(const TopkArgs& a, const int64_t* K, const float* val, float rest, const NewRow& nr,
-                  const Scratch& sc) {
+                  const Scratch& sc, double excess) {
   const float level = rest / static_cast<float>(a.C - a.k), new_level = nr.rest / static_cast<float>(a.C - a.k);
   const float base = a.gamma * level;
-  double outside = sc.p_total, excess = excess_over(sc.p.data(), sc.p_scale, a.C, base, new_level);
+  double outside = sc.p_total;
   const auto term = [&](float implied) { return static_cast<double>(std::max(0.f, implied - new_level)); };
   for (int64_t i = 0; i < a.k; ++i) {  // classes of K: their implied value is gamma * val + p
     const float pj = sc.ev(K[i]);
@@ -253,26 +458,79 @@ float bound_delta(const TopkArgs& a, const int64_t* K, const float* val, float r
   return static_cast<float>(2.0 * (outside + excess));
 }
 
-// Loss and gradient of view v of row b against the target (t on tK, u elsewhere).
+// Streaming (non-temporal) stores for the gradient once the logits and the gradient exceed a
+// last-level cache (32 MiB, as csrc/cpu/dps_cross_entropy.cpp::stream_grad): ordinary stores
+// would first read every gradient line from DRAM. Rows are aligned by a short head (any C).
+bool stream_grad(const TopkArgs& a) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return a.grad && a.V * a.B * a.C * 8 > (int64_t{32} << 20);
+#else
+  return false;
+#endif
+}
+
+// The gradient row g = (soft / s - u) * gscale, less the fixes (sorted by class), in one pass
+// (fixing it afterwards would read streamed lines back from DRAM); NT: streaming stores past the
+// head that aligns g. Returns sum_j max(0, base + scale * p_j - level) where ex.want, else 0.
+template <bool NT>
+double grad_row(float* g, const float* soft, float inv_s, float u, float gscale, const std::vector<Fix>& fix,
+                int64_t C, const float* p, float scale, const Excess& ex) {
+  const Vec vs(inv_s), vu(u), vg(gscale), vps(scale), shift(ex.base - ex.level), zero(0.f);
+  size_t fi = 0;
+  const auto row = [&](int64_t j, int64_t cnt, auto stream) {
+    Vec gv = (ldf(soft + j, cnt) * vs - vu) * vg;
+    if (fi < fix.size() && fix[fi].j < j + cnt) {  // rare: at most k of C / 8 vectors
+      alignas(32) float tmp[kW];
+      gv.store(tmp);
+      for (; fi < fix.size() && fix[fi].j < j + cnt; ++fi) tmp[fix[fi].j - j] -= fix[fi].d;
+      gv = Vec::loadu(tmp);
+    }
+    store_as<decltype(stream)::value>(gv, g + j, cnt);
+    return ex.want ? keep_lanes(at::vec::maximum(ldf(p + j, cnt) * vps + shift, zero), cnt) : zero;
+  };
+  // streamed: whole 64-byte lines only (a line half streamed, half stored is written twice)
+  const int64_t head = NT ? std::min<int64_t>(C, ((64 - reinterpret_cast<uintptr_t>(g) % 64) % 64) / 4) : 0;
+  const int64_t body = NT ? (C - head) / 16 * 16 : C;
+  const auto plain = [&](int64_t j0, int64_t j1) {  // [j0, j1) with ordinary stores
+    Vec acc(0.f);
+    for (int64_t j = j0; j < j1; j += kW) acc = acc + row(j, std::min(kW, j1 - j), std::false_type{});
+    return static_cast<double>(at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc));
+  };
+  double excess = plain(0, head);  // in order: the fixes are consumed by class
+  excess += accurate_sum(body, [&](int64_t j, int64_t cnt) { return row(head + j, cnt, std::bool_constant<NT>{}); });
+  excess += plain(head + body, C);
+  return excess;
+}
+
+// Loss and gradient of view v of row b against the target (t on tK, u elsewhere); the first view's
+// output pass also sums the bound's excess term into ex.sum.
 void view_outputs(const TopkArgs& a, int64_t v, int64_t b, const ViewStats& st, const int64_t* tK, const float* t,
-                  float u, Scratch& sc) {
+                  float u, Scratch& sc, Excess& ex) {
   const float* z = a.z + (v * a.B + b) * a.C;
   double on_k = 0.0;
   for (int64_t i = 0; i < a.k; ++i) on_k += static_cast<double>(t[i] - u) * (st.m - z[tK[i]]);
   const double loss = std::log(static_cast<double>(st.s)) + on_k +
                       static_cast<double>(u) * (static_cast<double>(a.C) * st.m - st.zsum);
   a.loss[v * a.B + b] = static_cast<float>(loss);
-  if (!a.grad) return;
-  float* g = a.grad + (v * a.B + b) * a.C;
-  // softmax(z) = exp(z - m) / s: the evidence's exponentials for one untempered view, else recomputed
-  const float* soft = a.V == 1 && !a.temper ? sc.p.data() : g;
-  if (soft == g) exp_row_from_max(z, g, a.C, st.m, 1.0f);
-  const Vec vs(1.0f / st.s), vu(u), vg(a.gscale);
-  for (int64_t j = 0; j < a.C; j += kW) {
-    const int64_t cnt = std::min(kW, a.C - j);
-    stf((ldf(soft + j, cnt) * vs - vu) * vg, g + j, cnt);
+  if (!a.grad) {
+    if (v == 0 && ex.want) ex.sum = excess_over(sc.p.data(), sc.p_scale, a.C, ex.base, ex.level);
+    return;
   }
-  for (int64_t i = 0; i < a.k; ++i) g[tK[i]] -= (t[i] - u) * a.gscale;
+  // softmax(z) = exp(z - m) / s: the evidence's exponentials for one untempered view, else
+  // recomputed into tmp (free once the evidence is formed)
+  const bool raw = a.V == 1 && !a.temper;
+  if (!raw) exp_row_from_max(z, sc.tmp.data(), a.C, st.m, 1.0f);
+  std::vector<Fix>& fix = sc.fix;
+  fix.clear();
+  for (int64_t i = 0; i < a.k; ++i) fix.push_back({tK[i], (t[i] - u) * a.gscale});
+  std::sort(fix.begin(), fix.end(), [](const Fix& x, const Fix& y) { return x.j < y.j; });
+  Excess want = v == 0 ? ex : Excess{};
+  float* g = a.grad + (v * a.B + b) * a.C;
+  const float* soft = raw ? sc.p.data() : sc.tmp.data();
+  const double sum = stream_grad(a)
+                         ? grad_row<true>(g, soft, 1.0f / st.s, u, a.gscale, fix, a.C, sc.p.data(), sc.p_scale, want)
+                         : grad_row<false>(g, soft, 1.0f / st.s, u, a.gscale, fix, a.C, sc.p.data(), sc.p_scale, want);
+  if (v == 0) ex.sum = sum;
 }
 
 void nan_row(const TopkArgs& a, int64_t b) {
@@ -284,35 +542,47 @@ void nan_row(const TopkArgs& a, int64_t b) {
 
 // The target of the row: the state after the update (posterior) or before it (prior).
 void targets_and_outputs(const TopkArgs& a, int64_t b, const ViewStats* st, const int64_t* tK, const float* tv,
-                         float trest, Scratch& sc) {
+                         float trest, Scratch& sc, Excess& ex) {
   double mass = trest;
   for (int64_t i = 0; i < a.k; ++i) mass += tv[i];
   std::vector<float> t(a.k);
   for (int64_t i = 0; i < a.k; ++i) t[i] = static_cast<float>(tv[i] / mass);
   const float u = static_cast<float>(trest / (static_cast<double>(a.C - a.k) * mass));
-  for (int64_t v = 0; v < a.V; ++v) view_outputs(a, v, b, st[v], tK, t.data(), u, sc);
+  for (int64_t v = 0; v < a.V; ++v) view_outputs(a, v, b, st[v], tK, t.data(), u, sc, ex);
 }
 
-void step_row(const TopkArgs& a, int64_t b, Scratch& sc) {
+// Row b of the step; `next`: view 0 of the thread's next row's logits (fetched ahead), or nullptr.
+void step_row(const TopkArgs& a, int64_t b, Scratch& sc, const float* next) {
   const int64_t id = a.idx[b];
+  if (id < 0 || id >= a.N) return nan_row(a, b);
+  int64_t* K = a.ids + id * a.k;
+  float* val = a.vals + id * a.k;
+  for (int64_t i = 0; i < a.k; ++i) sc.pos[K[i]] = static_cast<int>(i);
   std::vector<ViewStats> st(a.V);
-  bool good = id >= 0 && id < a.N;
+  sc.use_pool = a.V == 1;  // the mean of several views' softmax is no monotone function of one logit
+  sc.logits.reset(std::min(a.k, a.C - a.k));
+  bool good = true;
   for (int64_t v = 0; good && v < a.V; ++v)
-    good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.p.data(), sc.tmp.data(), st[v]);
-  if (!good) return nan_row(a, b);
+    good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.p.data(), sc.tmp.data(), st[v],
+                      next == nullptr ? nullptr : next + v * a.B * a.C, sc.use_pool ? &sc.logits : nullptr, sc.pos.data(), a.k);
+  if (!good) {
+    for (int64_t i = 0; i < a.k; ++i) sc.pos[K[i]] = -1;
+    return nan_row(a, b);
+  }
   sc.p_scale = evidence(a, b, st.data(), sc.p.data(), sc.tmp.data());
   const bool raw = a.V == 1 && !a.temper;  // sc.p holds the exponentials, not p
   sc.p_total = raw ? static_cast<double>(st[0].s) * sc.p_scale : row_sum(sc.p.data(), a.C);
-  int64_t* K = a.ids + id * a.k;
-  float* val = a.vals + id * a.k;
   NewRow nr;
   update_row(a, K, val, a.rest[id], sc, nr);
   std::vector<int64_t> newK(a.k);
   std::vector<float> newb(a.k);
   for (int64_t i = 0; i < a.k; ++i) newK[i] = nr.top[i].id, newb[i] = nr.top[i].b;
-  if (a.posterior) targets_and_outputs(a, b, st.data(), newK.data(), newb.data(), nr.rest, sc);
-  else targets_and_outputs(a, b, st.data(), K, val, a.rest[id], sc);
-  if (a.update && a.bound) a.bound[id] = a.gamma * a.bound[id] + bound_delta(a, K, val, a.rest[id], nr, sc);
+  Excess ex;  // the bound's excess term, summed in the output pass (bound_delta)
+  if (a.update && a.bound) ex = Excess{true, a.gamma * (a.rest[id] / static_cast<float>(a.C - a.k)),
+                                       nr.rest / static_cast<float>(a.C - a.k)};
+  if (a.posterior) targets_and_outputs(a, b, st.data(), newK.data(), newb.data(), nr.rest, sc, ex);
+  else targets_and_outputs(a, b, st.data(), K, val, a.rest[id], sc, ex);
+  if (a.update && a.bound) a.bound[id] = a.gamma * a.bound[id] + bound_delta(a, K, val, a.rest[id], nr, sc, ex.sum);
   for (int64_t i = 0; i < a.k; ++i) sc.pos[K[i]] = -1, sc.in_new[newK[i]] = -1;
   if (!a.update) return;
   std::copy(newK.begin(), newK.end(), K);
@@ -333,7 +603,8 @@ at::Tensor topk_step_cpu(const at::Tensor& z, const at::Tensor& index, at::Tenso
                                reduction);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     Scratch sc(C);
-    for (int64_t b = b0; b < b1; ++b) step_row(a, b, sc);
+    for (int64_t b = b0; b < b1; ++b) step_row(a, b, sc, b + 1 < b1 ? a.z + (b + 1) * C : nullptr);
+    if (stream_grad(a)) stream_fence();
   });
   return finish_topk_step(per_row, update, ids, vals, rest, bound, reduction);
 }
