@@ -6,7 +6,7 @@
 // this kernel follows it step by step, in float32 (the reference's own dtype for float32 input).
 //
 // Rows are independent: at::parallel_for over rows, with per-thread scratch of C floats (p) and
-// C ints (the position of each class in K, -1 outside), reset after each row. A row of one view
+// C bits (the classes of K), reset after each row. A row of one view
 // takes three passes over C: max, min, sum and block maxima of the logits; the exponentials (the
 // next row's logits fetched into L2 meanwhile); the gradient (streamed out for large steps), with
 // the bound's excess term. J comes from the few blocks whose maximum can hold it (LogitPool).
@@ -38,6 +38,7 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 struct Cand {
   float b;
   int64_t id;
+  int64_t slot;  // its position in K, or -1 for a class of J
 };
 inline bool before(const Cand& x, const Cand& y) { return x.b > y.b || (x.b == y.b && x.id < y.id); }
 
@@ -56,6 +57,13 @@ struct ViewStats {
   float m, s, se;
   double zsum;
 };
+
+// Membership of class j in a bitmap of C bits (the classes of K).
+inline bool member(const uint64_t* bits, int64_t j) { return (bits[j >> 6] >> (j & 63)) & 1u; }
+inline void mark(uint64_t* bits, int64_t j, bool on) {
+  if (on) bits[j >> 6] |= uint64_t{1} << (j & 63);
+  else bits[j >> 6] &= ~(uint64_t{1} << (j & 63));
+}
 
 // The candidates of J for one view: every class outside K whose logit is at least `floor`, a
 // margin (logit_margin) below the nJ-th largest logit outside K, read only from the blocks whose
@@ -78,7 +86,7 @@ struct LogitPool {
   int64_t cap() const { return 8 * nJ + 16; }
   void check_margin(float range, float tau_e);
   void compact();
-  void gather(const float* x, int64_t C, const float* bm, const int* pos, int64_t k);
+  void gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k);
 };
 
 // A float's bits as an unsigned integer that orders as the floats do (any sign), above the
@@ -194,14 +202,14 @@ float block_floor(const float* bm, int64_t nb, int64_t need) {
 // maximum is a floor for the nJ-th largest logit outside K (nJ + k blocks hold a logit at least
 // that large, and at most k of those are in K), so only blocks whose maximum reaches the floor
 // are read. At [1024, 21,841], k = 32 about 70 of 342 blocks (random logits).
-void LogitPool::gather(const float* x, int64_t C, const float* bm, const int* pos, int64_t k) {
+void LogitPool::gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k) {
   const int64_t nb = (C + kBlock - 1) / kBlock;
   if (nb >= nJ + k) {
     const float t = block_floor(bm, nb, nJ + k);
     floor = t - logit_margin(t);
   }
   const auto take = [&](int64_t j) {
-    if (x[j] < floor || pos[j] >= 0) return;  // the floor may have risen within the vector
+    if (x[j] < floor || member(in_k, j)) return;  // the floor may have risen within the vector
     keys[n++] = ordered_key(x[j], j);
     if (n == cap()) compact();
   };
@@ -235,7 +243,7 @@ float exp_row_prefetching(const float* x, float* out, int64_t n, float mx, const
 }
 
 bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* ex, float* tmp, ViewStats& st,
-                const float* next, LogitPool* pool = nullptr, const int* pos = nullptr, int64_t k = 0) {
+                const float* next, LogitPool* pool = nullptr, const uint64_t* in_k = nullptr, int64_t k = 0) {
   float mn = 0.f, zs = 0.f;
   if (pool) pool->block_max.resize((C + kBlock - 1) / kBlock);
   max_min_sum(z, C, st.m, mn, zs, pool ? pool->block_max.data() : nullptr);
@@ -245,7 +253,7 @@ bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* 
   st.se = temper ? exp_row_from_max(z, tmp, C, st.m, inv_tau_e) : st.s;
   st.zsum = std::isfinite(zs) ? zs : sum_double(z, C);  // finite logits near FLT_MAX overflow a float sum
   if (pool) {
-    pool->gather(z, C, pool->block_max.data(), pos, k);
+    pool->gather(z, C, pool->block_max.data(), in_k, k);
     pool->check_margin(st.m - mn, 1.0f / inv_tau_e);
   }
   return true;
@@ -282,6 +290,7 @@ float evidence(const TopkArgs& a, int64_t b, const ViewStats* st, float* buf, fl
 // The row's state after the update: K' by the tie rule with b' on K', and rest'.
 struct NewRow {
   std::vector<Cand> top;  // k entries, in order
+  std::vector<uint8_t> kept;  // per slot of K: whether its class stays in K'
   float rest = 0.f;
 };
 
@@ -311,7 +320,7 @@ inline float keep_best(uint64_t* buf, int64_t n, int64_t nJ) {
   return key_value(buf[nJ - 1]);
 }
 
-// J: the nJ largest p outside K (pos[j] >= 0 marks K), by the tie rule, as candidates
+// J: the nJ largest p outside K (marked in in_k), by the tie rule, as candidates
 // gamma * level + scale * p_j (a positive scale keeps the order). Classes above a running
 // threshold are collected in `pool`; each time it holds 4 nJ + 8 of them, the best nJ are kept
 // and the threshold rises to the worst of those. The filter is strict and one vector compare
@@ -321,7 +330,7 @@ inline float keep_best(uint64_t* buf, int64_t n, int64_t nJ) {
 // compared by `before`, and a full sort of the 2k (below), 4.6 ms; with integer keys (pool_key)
 // instead of the pairs, runs alternated with the pairs: k = 8, 2.5-3.3 -> 1.6-2.5 ms; k = 32,
 // 5.1-6.1 -> 3.8-5.0 ms. At [1024, 21,841] the selection is a small part (22 -> 18 ms).
-void outside_top(const float* p, float scale, const int* pos, int64_t C, int64_t nJ, float base,
+void outside_top(const float* p, float scale, const uint64_t* in_k, int64_t C, int64_t nJ, float base,
                  std::vector<uint64_t>& pool, std::vector<Cand>& out) {
   const int64_t cap = 4 * nJ + 8;
   if (static_cast<int64_t>(pool.size()) < cap) pool.resize(cap);
@@ -329,7 +338,7 @@ void outside_top(const float* p, float scale, const int* pos, int64_t C, int64_t
   int64_t n = 0;
   float thr = -std::numeric_limits<float>::infinity();
   const auto take = [&](int64_t j) {
-    if (pos[j] >= 0) return;
+    if (member(in_k, j)) return;
     buf[n++] = pool_key(p[j], j);
     if (n == cap) thr = keep_best(buf, n, nJ), n = nJ;
   };
@@ -346,7 +355,7 @@ void outside_top(const float* p, float scale, const int* pos, int64_t C, int64_t
     if (p[j0] > thr) take(j0);
   keep_best(buf, n, nJ);
   std::sort(buf, buf + nJ, std::greater<uint64_t>());
-  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, key_value(buf[i]), scale), key_id(buf[i])});
+  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, key_value(buf[i]), scale), key_id(buf[i]), -1});
 }
 
 // J from the logit pool (LogitPool): the pool's classes by the exact keys of their evidence, the
@@ -363,7 +372,7 @@ bool pool_j(const float* p, float scale, const LogitPool& pl, int64_t nJ, float 
   }
   keep_best(buf.data(), pl.n, nJ);
   std::sort(buf.begin(), buf.begin() + nJ, std::greater<uint64_t>());
-  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, key_value(buf[i]), scale), key_id(buf[i])});
+  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, key_value(buf[i]), scale), key_id(buf[i]), -1});
   return true;
 }
 
@@ -393,7 +402,7 @@ double excess_over(const float* p, float scale, int64_t C, float base, float lev
 // Per-thread scratch: p, one view's exponentials, and each class's position in K / in K' (-1).
 struct Scratch {
   std::vector<float> p, tmp;  // the evidence is p_scale * p (see evidence)
-  std::vector<int> pos, in_new;
+  std::vector<uint64_t> in_k;  // a bit per class, set for K's (an int per class missed L2: perf)
   std::vector<Cand> cand, order;  // per-row work lists, kept to avoid allocations
   std::vector<uint64_t> pool;
   std::vector<Fix> fix;
@@ -401,7 +410,7 @@ struct Scratch {
   bool use_pool = false;
   float p_scale = 1.f;
   double p_total = 0.0;  // sum_j of the evidence
-  explicit Scratch(int64_t C) : p(C), tmp(C), pos(C, -1), in_new(C, -1) {}
+  explicit Scratch(int64_t C) : p(C), tmp(C), in_k((C + 63) / 64, 0) {}
   float ev(int64_t j) const { return p[j] * p_scale; }
 };
 
@@ -411,28 +420,30 @@ void update_row(const TopkArgs& a, const int64_t* K, const float* val, float res
   const float level = rest / static_cast<float>(C - k);
   std::vector<Cand>& cand = sc.cand;
   cand.clear();
-  for (int64_t i = 0; i < k; ++i)  // ordered by their keys; their values are gamma * val + p (pos set by step_row)
-    cand.push_back({cand_value(a.gamma * slot_key(val[i], level), sc.p[K[i]], sc.p_scale), K[i]});
-  if (!sc.use_pool || !pool_j(sc.p.data(), sc.p_scale, sc.logits, nJ, a.gamma * level, sc.pool, cand)) {
-    outside_top(sc.p.data(), sc.p_scale, sc.pos.data(), C, nJ, a.gamma * level, sc.pool, cand);
-  }
+  for (int64_t i = 0; i < k; ++i)  // ordered by their keys; their values are gamma * val + p
+    cand.push_back({cand_value(a.gamma * slot_key(val[i], level), sc.p[K[i]], sc.p_scale), K[i], i});
+  if (!sc.use_pool || !pool_j(sc.p.data(), sc.p_scale, sc.logits, nJ, a.gamma * level, sc.pool, cand))
+    outside_top(sc.p.data(), sc.p_scale, sc.in_k.data(), C, nJ, a.gamma * level, sc.pool, cand);
   std::vector<Cand>& order = sc.order;
   order.assign(cand.begin(), cand.end());
   std::sort(order.begin(), order.end(), kBefore);  // 2k items: faster than partial_sort (above)
-  double p_out = sc.p_total, dropped = 0.0, admitted_p = 0.0;  // p_out: the evidence outside K
-  for (int64_t i = 0; i < k; ++i) p_out -= sc.ev(K[i]);
-  int64_t n_adm = 0;
-  for (int64_t i = 0; i < k; ++i) sc.in_new[order[i].id] = static_cast<int>(i);
   const auto value = [&](const Cand& c) {  // a slot of K: its value; a class of J: its key is its value
-    return sc.pos[c.id] >= 0 ? cand_value(a.gamma * val[sc.pos[c.id]], sc.p[c.id], sc.p_scale) : c.b;
+    return c.slot >= 0 ? cand_value(a.gamma * val[c.slot], sc.p[c.id], sc.p_scale) : c.b;
   };
-  for (const Cand& c : cand) {
-    const bool in_k = sc.pos[c.id] >= 0, chosen = sc.in_new[c.id] >= 0;
-    if (in_k && !chosen) dropped += value(c);
-    if (!in_k && chosen) n_adm += 1, admitted_p += sc.ev(c.id);
-  }
+  double p_out = sc.p_total, dropped = 0.0, admitted_p = 0.0;  // p_out: the evidence outside K
+  int64_t n_adm = 0;
+  out.kept.assign(k, 0);
   out.top.clear();
-  for (int64_t i = 0; i < k; ++i) out.top.push_back({value(order[i]), order[i].id});
+  for (int64_t i = 0; i < k; ++i) {
+    const Cand& c = order[i];
+    if (c.slot >= 0) out.kept[c.slot] = 1;
+    else n_adm += 1, admitted_p += sc.ev(c.id);
+    out.top.push_back({value(c), c.id, c.slot});
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    p_out -= sc.ev(K[i]);
+    if (!out.kept[i]) dropped += value(cand[i]);
+  }
   out.rest = static_cast<float>(static_cast<double>(a.gamma * level) * static_cast<double>(C - k - n_adm) +
                                 (p_out - admitted_p) + dropped);
 }
@@ -448,12 +459,12 @@ float bound_delta(const TopkArgs& a, const int64_t* K, const float* val, float r
   const auto term = [&](float implied) { return static_cast<double>(std::max(0.f, implied - new_level)); };
   for (int64_t i = 0; i < a.k; ++i) {  // classes of K: their implied value is gamma * val + p
     const float pj = sc.ev(K[i]);
-    excess += (sc.in_new[K[i]] >= 0 ? 0.0 : term(a.gamma * val[i] + pj)) - term(base + pj);
+    excess += (nr.kept[i] ? 0.0 : term(a.gamma * val[i] + pj)) - term(base + pj);
   }
   for (const Cand& c : nr.top) {  // classes of K': no term at all
     const float pj = sc.ev(c.id);
     outside -= pj;
-    if (sc.pos[c.id] < 0) excess -= term(base + pj);
+    if (c.slot < 0) excess -= term(base + pj);
   }
   return static_cast<float>(2.0 * (outside + excess));
 }
@@ -557,16 +568,17 @@ void step_row(const TopkArgs& a, int64_t b, Scratch& sc, const float* next) {
   if (id < 0 || id >= a.N) return nan_row(a, b);
   int64_t* K = a.ids + id * a.k;
   float* val = a.vals + id * a.k;
-  for (int64_t i = 0; i < a.k; ++i) sc.pos[K[i]] = static_cast<int>(i);
+  for (int64_t i = 0; i < a.k; ++i) mark(sc.in_k.data(), K[i], true);
   std::vector<ViewStats> st(a.V);
   sc.use_pool = a.V == 1;  // the mean of several views' softmax is no monotone function of one logit
   sc.logits.reset(std::min(a.k, a.C - a.k));
   bool good = true;
   for (int64_t v = 0; good && v < a.V; ++v)
     good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.p.data(), sc.tmp.data(), st[v],
-                      next == nullptr ? nullptr : next + v * a.B * a.C, sc.use_pool ? &sc.logits : nullptr, sc.pos.data(), a.k);
+                      next == nullptr ? nullptr : next + v * a.B * a.C, sc.use_pool ? &sc.logits : nullptr, sc.in_k.data(),
+                      a.k);
   if (!good) {
-    for (int64_t i = 0; i < a.k; ++i) sc.pos[K[i]] = -1;
+    for (int64_t i = 0; i < a.k; ++i) mark(sc.in_k.data(), K[i], false);
     return nan_row(a, b);
   }
   sc.p_scale = evidence(a, b, st.data(), sc.p.data(), sc.tmp.data());
@@ -583,7 +595,7 @@ void step_row(const TopkArgs& a, int64_t b, Scratch& sc, const float* next) {
   if (a.posterior) targets_and_outputs(a, b, st.data(), newK.data(), newb.data(), nr.rest, sc, ex);
   else targets_and_outputs(a, b, st.data(), K, val, a.rest[id], sc, ex);
   if (a.update && a.bound) a.bound[id] = a.gamma * a.bound[id] + bound_delta(a, K, val, a.rest[id], nr, sc, ex.sum);
-  for (int64_t i = 0; i < a.k; ++i) sc.pos[K[i]] = -1, sc.in_new[newK[i]] = -1;
+  for (int64_t i = 0; i < a.k; ++i) mark(sc.in_k.data(), K[i], false);
   if (!a.update) return;
   std::copy(newK.begin(), newK.end(), K);
   std::copy(newb.begin(), newb.end(), val);
