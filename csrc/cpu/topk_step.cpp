@@ -570,7 +570,12 @@ void step_row(const TopkArgs& a, int64_t b, Scratch& sc, const float* next) {
   float* val = a.vals + id * a.k;
   for (int64_t i = 0; i < a.k; ++i) mark(sc.in_k.data(), K[i], true);
   std::vector<ViewStats> st(a.V);
-  sc.use_pool = a.V == 1;  // the mean of several views' softmax is no monotone function of one logit
+  // the mean of several views' softmax is no monotone function of one logit; without nJ + k
+  // blocks there is no floor, and the pool's compactions cost more than the scan (at C = 1,000,
+  // k = 64: 8.2 -> 11.4 ms); requiring 2 or 4 times as many blocks was slower at C = 10,000 and
+  // 21,841 (topk_bench, 2026-12-08)
+  const int64_t nJ = std::min(a.k, a.C - a.k);
+  sc.use_pool = a.V == 1 && (a.C + kBlock - 1) / kBlock >= nJ + a.k;
   sc.logits.reset(std::min(a.k, a.C - a.k));
   bool good = true;
   for (int64_t v = 0; good && v < a.V; ++v)
