@@ -410,7 +410,16 @@ struct Scratch {
   bool use_pool = false;
   float p_scale = 1.f;
   double p_total = 0.0;  // sum_j of the evidence
-  explicit Scratch(int64_t C) : p(C), tmp(C), in_k((C + 63) / 64, 0) {}
+  std::vector<ViewStats> st;  // per view
+  NewRow nr;                  // the row's update
+  std::vector<int64_t> new_ids;
+  std::vector<float> new_vals, t;  // t: the target on its k classes
+  // per-row vectors live here: allocated once, not 6 times a row (perf: vector growth was 4% of a
+  // step at [1024, 10,000], k = 64, 2026-12-08)
+  Scratch(int64_t C, int64_t V, int64_t k)
+      : p(C), tmp(C), in_k((C + 63) / 64, 0), st(V), new_ids(k), new_vals(k), t(k) {
+    nr.top.reserve(k), nr.kept.reserve(k), cand.reserve(2 * k), order.reserve(2 * k), fix.reserve(k);
+  }
   float ev(int64_t j) const { return p[j] * p_scale; }
 };
 
@@ -556,55 +565,59 @@ void targets_and_outputs(const TopkArgs& a, int64_t b, const ViewStats* st, cons
                          float trest, Scratch& sc, Excess& ex) {
   double mass = trest;
   for (int64_t i = 0; i < a.k; ++i) mass += tv[i];
-  std::vector<float> t(a.k);
+  std::vector<float>& t = sc.t;
   for (int64_t i = 0; i < a.k; ++i) t[i] = static_cast<float>(tv[i] / mass);
   const float u = static_cast<float>(trest / (static_cast<double>(a.C - a.k) * mass));
   for (int64_t v = 0; v < a.V; ++v) view_outputs(a, v, b, st[v], tK, t.data(), u, sc, ex);
 }
 
-// Row b of the step; `next`: view 0 of the thread's next row's logits (fetched ahead), or nullptr.
-void step_row(const TopkArgs& a, int64_t b, Scratch& sc, const float* next) {
-  const int64_t id = a.idx[b];
-  if (id < 0 || id >= a.N) return nan_row(a, b);
-  int64_t* K = a.ids + id * a.k;
-  float* val = a.vals + id * a.k;
-  for (int64_t i = 0; i < a.k; ++i) mark(sc.in_k.data(), K[i], true);
-  std::vector<ViewStats> st(a.V);
+// The statistics of every view of row b into sc.st, and the evidence p; false for a row with a
+// non-finite logit. `next`: view 0 of the thread's next row's logits (fetched ahead), or nullptr.
+bool row_stats(const TopkArgs& a, int64_t b, Scratch& sc, const float* next) {
   // the mean of several views' softmax is no monotone function of one logit; without nJ + k
   // blocks there is no floor, and the pool's compactions cost more than the scan (at C = 1,000,
   // k = 64: 8.2 -> 11.4 ms); requiring 2 or 4 times as many blocks was slower at C = 10,000 and
   // 21,841 (topk_bench, 2026-12-08)
   const int64_t nJ = std::min(a.k, a.C - a.k);
   sc.use_pool = a.V == 1 && (a.C + kBlock - 1) / kBlock >= nJ + a.k;
-  sc.logits.reset(std::min(a.k, a.C - a.k));
-  bool good = true;
-  for (int64_t v = 0; good && v < a.V; ++v)
-    good = view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.p.data(), sc.tmp.data(), st[v],
-                      next == nullptr ? nullptr : next + v * a.B * a.C, sc.use_pool ? &sc.logits : nullptr, sc.in_k.data(),
-                      a.k);
-  if (!good) {
-    for (int64_t i = 0; i < a.k; ++i) mark(sc.in_k.data(), K[i], false);
-    return nan_row(a, b);
+  sc.logits.reset(nJ);
+  for (int64_t v = 0; v < a.V; ++v) {
+    if (!view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.p.data(), sc.tmp.data(), sc.st[v],
+                    next == nullptr ? nullptr : next + v * a.B * a.C, sc.use_pool ? &sc.logits : nullptr,
+                    sc.in_k.data(), a.k))
+      return false;
   }
-  sc.p_scale = evidence(a, b, st.data(), sc.p.data(), sc.tmp.data());
+  sc.p_scale = evidence(a, b, sc.st.data(), sc.p.data(), sc.tmp.data());
   const bool raw = a.V == 1 && !a.temper;  // sc.p holds the exponentials, not p
-  sc.p_total = raw ? static_cast<double>(st[0].s) * sc.p_scale : row_sum(sc.p.data(), a.C);
-  NewRow nr;
-  update_row(a, K, val, a.rest[id], sc, nr);
-  std::vector<int64_t> newK(a.k);
-  std::vector<float> newb(a.k);
-  for (int64_t i = 0; i < a.k; ++i) newK[i] = nr.top[i].id, newb[i] = nr.top[i].b;
-  Excess ex;  // the bound's excess term, summed in the output pass (bound_delta)
-  if (a.update && a.bound) ex = Excess{true, a.gamma * (a.rest[id] / static_cast<float>(a.C - a.k)),
-                                       nr.rest / static_cast<float>(a.C - a.k)};
-  if (a.posterior) targets_and_outputs(a, b, st.data(), newK.data(), newb.data(), nr.rest, sc, ex);
-  else targets_and_outputs(a, b, st.data(), K, val, a.rest[id], sc, ex);
-  if (a.update && a.bound) a.bound[id] = a.gamma * a.bound[id] + bound_delta(a, K, val, a.rest[id], nr, sc, ex.sum);
+  sc.p_total = raw ? static_cast<double>(sc.st[0].s) * sc.p_scale : row_sum(sc.p.data(), a.C);
+  return true;
+}
+
+// Row b of the step (see row_stats for `next`).
+void step_row(const TopkArgs& a, int64_t b, Scratch& sc, const float* next) {
+  const int64_t id = a.idx[b];
+  if (id < 0 || id >= a.N) return nan_row(a, b);
+  int64_t* K = a.ids + id * a.k;
+  float* val = a.vals + id * a.k;
+  for (int64_t i = 0; i < a.k; ++i) mark(sc.in_k.data(), K[i], true);
+  const bool good = row_stats(a, b, sc, next);
+  if (good) {
+    NewRow& nr = sc.nr;
+    update_row(a, K, val, a.rest[id], sc, nr);
+    for (int64_t i = 0; i < a.k; ++i) sc.new_ids[i] = nr.top[i].id, sc.new_vals[i] = nr.top[i].b;
+    Excess ex;  // the bound's excess term, summed in the output pass (bound_delta)
+    if (a.update && a.bound) ex = Excess{true, a.gamma * (a.rest[id] / static_cast<float>(a.C - a.k)),
+                                         nr.rest / static_cast<float>(a.C - a.k)};
+    if (a.posterior) targets_and_outputs(a, b, sc.st.data(), sc.new_ids.data(), sc.new_vals.data(), nr.rest, sc, ex);
+    else targets_and_outputs(a, b, sc.st.data(), K, val, a.rest[id], sc, ex);
+    if (a.update && a.bound) a.bound[id] = a.gamma * a.bound[id] + bound_delta(a, K, val, a.rest[id], nr, sc, ex.sum);
+  }
   for (int64_t i = 0; i < a.k; ++i) mark(sc.in_k.data(), K[i], false);
+  if (!good) return nan_row(a, b);
   if (!a.update) return;
-  std::copy(newK.begin(), newK.end(), K);
-  std::copy(newb.begin(), newb.end(), val);
-  a.rest[id] = nr.rest;
+  std::copy(sc.new_ids.begin(), sc.new_ids.end(), K);
+  std::copy(sc.new_vals.begin(), sc.new_vals.end(), val);
+  a.rest[id] = sc.nr.rest;
 }
 
 // The step on float32 logits [V, B, C] and a top-k bank (ids int64, vals / rest / bound float32,
@@ -619,7 +632,7 @@ at::Tensor topk_step_cpu(const at::Tensor& z, const at::Tensor& index, at::Tenso
   const TopkArgs a = topk_args(z, index, ids, vals, rest, bound, grad, per_row, nullptr, gamma, tau_e, posterior, update,
                                reduction);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    Scratch sc(C);
+    Scratch sc(C, V, a.k);
     for (int64_t b = b0; b < b1; ++b) step_row(a, b, sc, b + 1 < b1 ? a.z + (b + 1) * C : nullptr);
     if (stream_grad(a)) stream_fence();
   });
