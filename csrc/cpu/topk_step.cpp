@@ -146,10 +146,19 @@ inline float hmax(const Vec& v) {
 // Classes per block of the logits pass's block maxima (LogitPool::gather).
 constexpr int64_t kBlock = 8 * kW;
 
+// The largest x[i], i < n, whose bit in `skip` is clear (-inf if none).
+inline float max_outside(const float* x, int64_t n, uint64_t skip) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i)
+    if (!((skip >> i) & 1u)) m = std::max(m, x[i]);
+  return m;
+}
+
 // max, min and sum of x in one pass (a NaN may or may not reach max and min: the exp pass after
-// it catches NaNs), and where bm is given the max of each block of kBlock classes in
-// bm[0, ceil(n / kBlock)).
-void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum, float* bm = nullptr) {
+// it catches NaNs), and where bm is given the max of each block of kBlock classes outside K in
+// bm[0, ceil(n / kBlock)) (block b is word b of the bitmap in_k; -inf for a block all in K).
+void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum, float* bm = nullptr,
+                 const uint64_t* in_k = nullptr) {
   const float inf = std::numeric_limits<float>::infinity();
   Vec m0(-inf), n0(inf), s0(0.f), s1(0.f);
   int64_t j = 0;
@@ -161,7 +170,7 @@ void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum, fl
       s0 = s0 + a, s1 = s1 + b;
     }
     m0 = max_nonan(m0, block);
-    if (bm) bm[j / kBlock] = hmax(block);
+    if (bm) bm[j / kBlock] = in_k[j / kBlock] ? max_outside(x + j, kBlock, in_k[j / kBlock]) : hmax(block);
   }
   const int64_t tail = j;
   for (; j + 2 * kW <= n; j += 2 * kW) {
@@ -175,15 +184,18 @@ void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum, fl
   mn = at::vec::vec_reduce_all<float>(vmin, n0);
   sum = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, s0 + s1);
   for (; j < n; ++j) mx = std::max(mx, x[j]), mn = std::min(mn, x[j]), sum += x[j];
-  if (bm && tail < n) bm[tail / kBlock] = *std::max_element(x + tail, x + n);
+  if (bm && tail < n) bm[tail / kBlock] = max_outside(x + tail, n - tail, in_k[tail / kBlock]);
 }
 
-// A t with at least `need` of the nb (finite) values bm[i] >= t, as large as 12 bisections of
+// A t with at least `need` of the nb values bm[i] >= t (-inf values ignored; at least `need`
+// others), as large as 12 bisections of
 // their range find: branch-free vector counts, where a selection of the (need)-th largest
 // (std::nth_element) mispredicted its way to a tenth of the kernel's time at [1024, 21,841]
 // (perf, 2026-12-08).
 float block_floor(const float* bm, int64_t nb, int64_t need) {
-  float lo = *std::min_element(bm, bm + nb), hi = *std::max_element(bm, bm + nb);
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (int64_t i = 0; i < nb; ++i)  // -inf: a block all in K
+    if (bm[i] > -std::numeric_limits<float>::infinity()) lo = std::min(lo, bm[i]), hi = std::max(hi, bm[i]);
   for (int it = 0; it < 12 && lo < hi; ++it) {
     const float mid = lo + 0.5f * (hi - lo);
     const Vec vm(mid);
@@ -198,34 +210,41 @@ float block_floor(const float* bm, int64_t nb, int64_t need) {
   return lo;
 }
 
-// Gathers the pool from the logits x and their block maxima bm: the (nJ + k)-th largest block
-// maximum is a floor for the nJ-th largest logit outside K (nJ + k blocks hold a logit at least
-// that large, and at most k of those are in K), so only blocks whose maximum reaches the floor
-// are read. At [1024, 21,841], k = 32 about 70 of 342 blocks (random logits).
+// Bit i set where x[i] >= t, for i < n <= 64 (NaN: not set).
+inline uint64_t at_or_above(const float* x, int64_t n, float t) {
+  const Vec vt(t);
+  uint64_t bits = 0;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW)
+    bits |= static_cast<uint64_t>(~(Vec::loadu(x + i) >= vt).zero_mask() & ((1 << kW) - 1)) << i;  // zero_mask: lanes 0
+  for (; i < n; ++i) bits |= static_cast<uint64_t>(x[i] >= t) << i;
+  return bits;
+}
+
+// Gathers the pool from the logits x and their block maxima outside K, bm: the nJ-th largest
+// block maximum is a floor for the nJ-th largest logit outside K (nJ blocks hold a class outside
+// K at least that large), so only blocks whose maximum reaches the floor are read. (Block maxima
+// over all classes would need the (nJ + k)-th, as K's classes may lead their blocks: at
+// [1024, 10,000], k = 64 that is 128 of 157 blocks, and most classes came into the pool.)
 void LogitPool::gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k) {
   const int64_t nb = (C + kBlock - 1) / kBlock;
-  if (nb >= nJ + k) {
-    const float t = block_floor(bm, nb, nJ + k);
+  if (nb >= nJ + k) {  // then at least nJ blocks hold a class outside K
+    const float t = block_floor(bm, nb, nJ);
     floor = t - logit_margin(t);
   }
   const auto take = [&](int64_t j) {
-    if (x[j] < floor || member(in_k, j)) return;  // the floor may have risen within the vector
+    if (x[j] < floor || member(in_k, j)) return;  // the floor may have risen within the block
     keys[n++] = ordered_key(x[j], j);
     if (n == cap()) compact();
   };
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    if (!(bm[blk] >= floor)) continue;
-    const int64_t j1 = std::min(C, (blk + 1) * kBlock);
-    int64_t j = blk * kBlock;
-    for (; j + kW <= j1; j += kW) {
-      int above = ~(Vec::loadu(x + j) >= Vec(floor)).zero_mask() & ((1 << kW) - 1);  // zero_mask: lanes that are 0
-      while (above) {
-        const int lane = __builtin_ctz(above);
-        above &= above - 1;
-        take(j + lane);
-      }
+  // the blocks and then the classes at or above the floor as bit masks, walked bit by bit: a
+  // branch per block and per vector mispredicted (gather was a fifth of view_stats: perf, 2026-12-08)
+  for (int64_t b0 = 0; b0 < nb; b0 += 64) {
+    for (uint64_t blocks = at_or_above(bm + b0, std::min<int64_t>(64, nb - b0), floor); blocks; blocks &= blocks - 1) {
+      const int64_t j0 = (b0 + __builtin_ctzll(blocks)) * kBlock;
+      for (uint64_t lanes = at_or_above(x + j0, std::min(kBlock, C - j0), floor); lanes; lanes &= lanes - 1)
+        take(j0 + __builtin_ctzll(lanes));
     }
-    for (; j < j1; ++j) take(j);
   }
 }
 
@@ -246,7 +265,7 @@ bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* 
                 const float* next, LogitPool* pool = nullptr, const uint64_t* in_k = nullptr, int64_t k = 0) {
   float mn = 0.f, zs = 0.f;
   if (pool) pool->block_max.resize((C + kBlock - 1) / kBlock);
-  max_min_sum(z, C, st.m, mn, zs, pool ? pool->block_max.data() : nullptr);
+  max_min_sum(z, C, st.m, mn, zs, pool ? pool->block_max.data() : nullptr, in_k);
   if (!std::isfinite(st.m) || !std::isfinite(mn)) return false;
   st.s = exp_row_prefetching(z, ex, C, st.m, next);  // a NaN logit makes s NaN
   if (!std::isfinite(st.s)) return false;
