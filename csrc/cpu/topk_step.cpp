@@ -508,9 +508,11 @@ bool stream_grad(const TopkArgs& a) {
 #endif
 }
 
-// The gradient row g = (soft / s - u) * gscale, less the fixes (sorted by class), in one pass
-// (fixing it afterwards would read streamed lines back from DRAM); NT: streaming stores past the
-// head that aligns g. Returns sum_j max(0, base + scale * p_j - level) where ex.want, else 0.
+// The gradient row g = (soft / s - u) * gscale, less the fixes. NT: in one pass, the fixes sorted
+// by class (fixing streamed lines afterwards would read them back from DRAM), streaming stores
+// past the head that aligns g; else the fixes afterwards, unsorted (sorting k of them per row cost
+// more than the pass at [1024, 1000], k = 64). Returns sum_j max(0, base + scale * p_j - level)
+// where ex.want, else 0.
 template <bool NT>
 double grad_row(float* g, const float* soft, float inv_s, float u, float gscale, const std::vector<Fix>& fix,
                 int64_t C, const float* p, float scale, const Excess& ex) {
@@ -518,7 +520,7 @@ double grad_row(float* g, const float* soft, float inv_s, float u, float gscale,
   size_t fi = 0;
   const auto row = [&](int64_t j, int64_t cnt, auto stream) {
     Vec gv = (ldf(soft + j, cnt) * vs - vu) * vg;
-    if (fi < fix.size() && fix[fi].j < j + cnt) {  // rare: at most k of C / 8 vectors
+    if (NT && fi < fix.size() && fix[fi].j < j + cnt) {  // rare: at most k of C / 8 vectors
       alignas(32) float tmp[kW];
       gv.store(tmp);
       for (; fi < fix.size() && fix[fi].j < j + cnt; ++fi) tmp[fix[fi].j - j] -= fix[fi].d;
@@ -538,6 +540,8 @@ double grad_row(float* g, const float* soft, float inv_s, float u, float gscale,
   double excess = plain(0, head);  // in order: the fixes are consumed by class
   excess += accurate_sum(body, [&](int64_t j, int64_t cnt) { return row(head + j, cnt, std::bool_constant<NT>{}); });
   excess += plain(head + body, C);
+  if (!NT)
+    for (const Fix& f : fix) g[f.j] -= f.d;
   return excess;
 }
 
@@ -562,11 +566,12 @@ void view_outputs(const TopkArgs& a, int64_t v, int64_t b, const ViewStats& st, 
   std::vector<Fix>& fix = sc.fix;
   fix.clear();
   for (int64_t i = 0; i < a.k; ++i) fix.push_back({tK[i], (t[i] - u) * a.gscale});
-  std::sort(fix.begin(), fix.end(), [](const Fix& x, const Fix& y) { return x.j < y.j; });
+  const bool stream = stream_grad(a);
+  if (stream) std::sort(fix.begin(), fix.end(), [](const Fix& x, const Fix& y) { return x.j < y.j; });
   Excess want = v == 0 ? ex : Excess{};
   float* g = a.grad + (v * a.B + b) * a.C;
   const float* soft = raw ? sc.p.data() : sc.tmp.data();
-  const double sum = stream_grad(a)
+  const double sum = stream
                          ? grad_row<true>(g, soft, 1.0f / st.s, u, a.gscale, fix, a.C, sc.p.data(), sc.p_scale, want)
                          : grad_row<false>(g, soft, 1.0f / st.s, u, a.gscale, fix, a.C, sc.p.data(), sc.p_scale, want);
   if (v == 0) ex.sum = sum;
