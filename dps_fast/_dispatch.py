@@ -35,12 +35,22 @@ class BackendUnavailableError(RuntimeError):
 _state: dict = {}  # the Triton and CUDA probes' answers, and the warnings already given
 
 
+# The fused ops with a CUDA kernel (csrc/cuda/*_glue.cpp's TORCH_LIBRARY_IMPL; scale_unless_one_
+# has a generic kernel besides): every one is checked, so that a build missing one reports it
+# here, not as a dispatcher error in the middle of a step.
+CUDA_OPS = ("dps_ce_fwd", "soft_ce_fwd", "supcon_lse", "supcon_grad", "topk_step")
+
+
 def _cuda_probe(device: torch.device) -> str | None:
     if "cuda" not in _state:
         why = _extension.load_error
-        if why is None and not torch._C._dispatch_has_kernel_for_dispatch_key("dps_fast::dps_ce_fwd", "CUDA"):
+        missing = [op for op in CUDA_OPS
+                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"dps_fast::{op}", "CUDA")]
+        if why is None and len(missing) == len(CUDA_OPS):
             why = "the C++ ops were built without CUDA kernels: " + (
                 _build.cuda_note() or "build against a CUDA torch with nvcc")
+        elif why is None and missing:
+            why = f"the C++ ops were built without the CUDA kernels of {', '.join(missing)}: rebuild them"
         _state["cuda"] = why
     return _state["cuda"]
 

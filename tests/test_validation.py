@@ -104,6 +104,21 @@ def test_backend_selection_errors(monkeypatch):
             dps_fast.dps_cross_entropy(z.double(), idx, alpha, backend="cpu")
 
 
+def test_the_cuda_probe_names_each_missing_kernel(monkeypatch):
+    """A build with some CUDA kernels but not all (a stale or partial build) is refused by name
+    before a step, not by the dispatcher in the middle of one; a build with none says so."""
+    from dps_fast import _dispatch
+
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for cuda_ops, expect in ((set(_dispatch.CUDA_OPS) - {"topk_step"}, "CUDA kernels of topk_step: rebuild"),
+                             (set(), "built without CUDA kernels")):
+        monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                            lambda op, key, ops=cuda_ops: op.split("::")[1] in ops if key == "CUDA" else has(op, key))
+        monkeypatch.setattr(_dispatch, "_state", {})
+        monkeypatch.setattr(_dispatch._extension, "load_error", None)
+        assert expect in _dispatch._cuda_probe(torch.device("cuda"))
+
+
 def test_auto_uses_reference_for_float64():
     alpha, z, idx = _setup("cpu")
     a64 = alpha.double()
