@@ -148,3 +148,28 @@ def test_a_step_past_the_last_level_cache_streams_the_same_gradient():
     rule_check(gk, ge, gx, torch.float32, "grad")
     assert torch.equal(fused.ids, ref.ids)
     rule_check(fused.bound, ref.bound, exact.bound, torch.float32, "bound")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_a_pool_compacted_while_gathering_keeps_the_reference_k(offset):
+    """The first 256 classes well above the rest: the block floor comes from the other blocks, the
+    pool fills within the first blocks and is compacted there, and stays in use (no ties). Logits
+    offset by 1000 change nothing (the margin follows the row's range, not the logits' size)."""
+    c, k = 5000, 16
+    gen = torch.Generator().manual_seed(21)
+    z = torch.randn(1, 4, c, generator=gen) + offset
+    z[0, :, :256] = 5.0 + offset + torch.rand(4, 256, generator=gen)
+    ids = torch.cat([torch.tensor([[300], [301], [302], [303]]), torch.arange(c - 1, c - k, -1).expand(4, k - 1)], 1)
+    vals = torch.cat([torch.full((4, 1), 5.0), torch.full((4, k - 1), 1e-4)], 1)
+    fused, ref, exact = (T.TopKRows(ids.clone(), vals.clone().to(dt), torch.full((4,), 1e-3 * (c - k), dtype=dt), c,
+                                    torch.zeros(4, dtype=dt)) for dt in (torch.float32, torch.float32, torch.float64))
+    g = torch.tensor(0.7)
+    for _ in range(2):
+        lk, gk = run(T.fused_step, z, torch.arange(4), fused, g)
+        le, ge = run(T.reference_step, z, torch.arange(4), ref, g)
+        lx, gx = run(T.reference_step, z.double(), torch.arange(4), exact, g.double())
+        assert torch.equal(fused.ids, ref.ids)
+        rule_check(lk, le, lx, torch.float32, "loss")
+        rule_check(gk, ge, gx, torch.float32, "grad")
+        rule_check(fused.vals, ref.vals, exact.vals, torch.float32, "values")
+    assert (fused.ids[:, 1:] < 256).all()  # J came from the first blocks

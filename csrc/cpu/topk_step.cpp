@@ -5,8 +5,8 @@
 // (t on K', u elsewhere) without a dense target. The oracle is dps_fast/topk.py::reference_step;
 // this kernel follows it step by step, in float32 (the reference's own dtype for float32 input).
 //
-// Rows are independent: at::parallel_for over rows, with per-thread scratch of C floats (p) and
-// C bits (the classes of K), reset after each row. A row of one view
+// Rows are independent: at::parallel_for over rows, with per-thread scratch of 2 C floats (the
+// evidence and one view's exponentials) and C bits (the classes of K), reset after each row. A row of one view
 // takes three passes over C: max, min, sum and block maxima of the logits; the exponentials (the
 // next row's logits fetched into L2 meanwhile); the gradient (streamed out for large steps), with
 // the bound's excess term. J comes from the few blocks whose maximum can hold it (LogitPool).
@@ -66,27 +66,30 @@ inline void mark(uint64_t* bits, int64_t j, bool on) {
 }
 
 // The candidates of J for one view: every class outside K whose logit is at least `floor`, a
-// margin (logit_margin) below the nJ-th largest logit outside K, read only from the blocks whose
+// margin below (a floor for) the nJ-th largest logit outside K, read only from the blocks whose
 // maximum reaches it (gather). The evidence is a monotone function of the logit up to rounding
-// and exp's few-ulp error, which the margin covers (check_margin), so the nJ largest p outside K
-// are among these classes and J is chosen from them by the exact keys of the evidence (pool_j),
-// without a pass over p. Where the margin cannot be trusted (ties, a huge range, evidence below
-// 1e-30, several views) J comes from that pass (outside_top). Kernel at [1024, 21,841], k = 32,
+// and exp's error, which the margin covers (gather), so the nJ largest p outside K are among
+// these classes and J is chosen from them by the exact keys of the evidence (pool_j), without a
+// pass over p. Where the pool cannot be trusted (ties that fill it, evidence below 1e-30) or is
+// not used (several views, fewer blocks than nJ + k) J comes from that pass (outside_top). Kernel at [1024, 21,841], k = 32,
 // 2 threads (2026-12-08, perf): the pass over p and its compactions were a quarter of the time.
 struct LogitPool {
   std::vector<uint64_t> keys;  // ordered_key(logit, id)
   std::vector<float> block_max;  // max_min_sum's block maxima
   int64_t n = 0, nJ = 0;
-  float floor = -std::numeric_limits<float>::infinity();
-  bool ok = true;  // false: ties or the range defeat the margin; J then comes from the full scan
+  float floor = -std::numeric_limits<float>::infinity(), margin = 0.f;
+  bool ok = true;  // false: ties filled the pool; J then comes from the full scan
   void reset(int64_t want) {
     nJ = want, n = 0, ok = true, floor = -std::numeric_limits<float>::infinity();
     if (static_cast<int64_t>(keys.size()) < cap()) keys.resize(cap());
   }
   int64_t cap() const { return 8 * nJ + 16; }
-  void check_margin(float range, float tau_e);
   void compact();
-  void gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k);
+  void gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k, float range,
+              float tau_e);
+  void finish() {  // the pool trimmed to the nJ largest and those within the margin of the nJ-th
+    if (ok && n > nJ) compact();
+  }
 };
 
 // A float's bits as an unsigned integer that orders as the floats do (any sign), above the
@@ -105,26 +108,20 @@ inline float ordered_value(uint64_t key) {
   return x;
 }
 
-// The margin below the nJ-th largest logit T: 1e-3 max(1, |T|). T - margin grows with T, so the
-// floor only rises.
-inline float logit_margin(float t) { return 1e-3f * std::max(1.0f, std::fabs(t)); }
+// The margin below the nJ-th largest logit T, per row: what rounding can do to the order of two
+// classes' evidence, twice. The exponent's argument fl(fl(z - m) / tau_e) is off by at most
+// 2^-23 (m - min z) / tau_e; exp_u20 (exp_nonpos) by at most 20 ulp, 2.4e-6 relative, and the
+// scaling by 1 / s by half an ulp; so classes more than 2.4e-7 (m - min z) + 5e-6 tau_e apart in
+// logit keep their order wherever the evidence is a normal float (pool_j checks >= 1e-30).
+inline float logit_margin(float range, float tau_e) { return 4.8e-7f * range + 1e-5f * tau_e; }
 
-// The margin must exceed what rounding can do to the order: the exponent's argument (z - m) / tau_e
-// is off by at most 2^-23 (m - min z) / tau_e, exp's result by a few ulp (1.1e-6 covers 9 ulp),
-// so classes more than 4.8e-7 (m - min z) + 4.4e-6 tau_e apart (twice that) keep their order.
-void LogitPool::check_margin(float range, float tau_e) {
-  if (ok && n >= nJ && nJ > 0) {
-    compact();
-    ok = ok && logit_margin(ordered_value(keys[nJ - 1])) >= 4.8e-7f * range + 4.4e-6f * tau_e;
-  }
-}
-
-// Keeps the nJ largest logits and every other one within the margin of the nJ-th; raises the floor.
+// Keeps the nJ largest logits and every other one within the margin of the nJ-th, and sets the
+// floor to the nJ-th less the margin: never lower than before (the nJ-th largest of more classes
+// is no smaller, and the margin is the row's).
 void LogitPool::compact() {
   uint64_t* k = keys.data();
   std::nth_element(k, k + (nJ - 1), k + n, std::greater<uint64_t>());
-  const float t = ordered_value(k[nJ - 1]);
-  floor = t - logit_margin(t);
+  floor = ordered_value(k[nJ - 1]) - margin;
   int64_t kept = nJ;
   for (int64_t i = nJ; i < n; ++i)
     if (ordered_value(k[i]) >= floor) k[kept++] = k[i];
@@ -143,8 +140,10 @@ inline float hmax(const Vec& v) {
 #endif
 }
 
-// Classes per block of the logits pass's block maxima (LogitPool::gather).
-constexpr int64_t kBlock = 8 * kW;
+// Classes per block of the logits pass's block maxima (LogitPool::gather): one word of the bitmap
+// of K's classes a block.
+constexpr int64_t kBlock = 64;
+static_assert(kBlock % kW == 0, "a block is whole vectors");
 
 // The largest x[i], i < n, whose bit in `skip` is clear (-inf if none).
 inline float max_outside(const float* x, int64_t n, uint64_t skip) {
@@ -187,11 +186,10 @@ void max_min_sum(const float* x, int64_t n, float& mx, float& mn, float& sum, fl
   if (bm && tail < n) bm[tail / kBlock] = max_outside(x + tail, n - tail, in_k[tail / kBlock]);
 }
 
-// A t with at least `need` of the nb values bm[i] >= t (-inf values ignored; at least `need`
-// others), as large as 12 bisections of
-// their range find: branch-free vector counts, where a selection of the (need)-th largest
-// (std::nth_element) mispredicted its way to a tenth of the kernel's time at [1024, 21,841]
-// (perf, 2026-12-08).
+// A t with at least `need` of the nb values bm[i] >= t, as large as 12 bisections of their range
+// find. Precondition: at least `need` values are finite (-inf marks a block all in K, ignored).
+// Branch-free vector counts: selecting the need-th largest with std::nth_element mispredicted
+// its way to a tenth of the kernel's time at [1024, 21,841] (perf, 2026-12-08).
 float block_floor(const float* bm, int64_t nb, int64_t need) {
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
   for (int64_t i = 0; i < nb; ++i)  // -inf: a block all in K
@@ -226,12 +224,11 @@ inline uint64_t at_or_above(const float* x, int64_t n, float t) {
 // K at least that large), so only blocks whose maximum reaches the floor are read. (Block maxima
 // over all classes would need the (nJ + k)-th, as K's classes may lead their blocks: at
 // [1024, 10,000], k = 64 that is 128 of 157 blocks, and most classes came into the pool.)
-void LogitPool::gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k) {
+void LogitPool::gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k, float range,
+                       float tau_e) {
   const int64_t nb = (C + kBlock - 1) / kBlock;
-  if (nb >= nJ + k) {  // then at least nJ blocks hold a class outside K
-    const float t = block_floor(bm, nb, nJ);
-    floor = t - logit_margin(t);
-  }
+  margin = logit_margin(range, tau_e);
+  if (nb >= nJ + k) floor = block_floor(bm, nb, nJ) - margin;  // then nJ blocks hold a class outside K
   const auto take = [&](int64_t j) {
     if (x[j] < floor || member(in_k, j)) return;  // the floor may have risen within the block
     keys[n++] = ordered_key(x[j], j);
@@ -272,8 +269,8 @@ bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* 
   st.se = temper ? exp_row_from_max(z, tmp, C, st.m, inv_tau_e) : st.s;
   st.zsum = std::isfinite(zs) ? zs : sum_double(z, C);  // finite logits near FLT_MAX overflow a float sum
   if (pool) {
-    pool->gather(z, C, pool->block_max.data(), in_k, k);
-    pool->check_margin(st.m - mn, 1.0f / inv_tau_e);
+    pool->gather(z, C, pool->block_max.data(), in_k, k, st.m - mn, 1.0f / inv_tau_e);
+    pool->finish();
   }
   return true;
 }
@@ -418,7 +415,7 @@ double excess_over(const float* p, float scale, int64_t C, float base, float lev
   });
 }
 
-// Per-thread scratch: p, one view's exponentials, and each class's position in K / in K' (-1).
+// Per-thread scratch: p, one view's exponentials, the bitmap of K's classes, and the row's work lists.
 struct Scratch {
   std::vector<float> p, tmp;  // the evidence is p_scale * p (see evidence)
   std::vector<uint64_t> in_k;  // a bit per class, set for K's (an int per class missed L2: perf)
