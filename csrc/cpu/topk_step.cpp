@@ -71,8 +71,9 @@ inline void mark(uint64_t* bits, int64_t j, bool on) {
 // and exp's error, which the margin covers (gather), so the nJ largest p outside K are among
 // these classes and J is chosen from them by the exact keys of the evidence (pool_j), without a
 // pass over p. Where the pool cannot be trusted (ties that fill it, evidence below 1e-30) or is
-// not used (several views, fewer blocks than nJ + k) J comes from that pass (outside_top). Kernel at [1024, 21,841], k = 32,
-// 2 threads (2026-12-08, perf): the pass over p and its compactions were a quarter of the time.
+// not used (several views, fewer blocks than nJ + k) J comes from that pass (outside_top).
+// Kernel at [1024, 21,841], k = 32, 2 threads (2026-12-08, perf): the pass over p and its
+// compactions were a quarter of the time.
 struct LogitPool {
   std::vector<uint64_t> keys;  // ordered_key(logit, id)
   std::vector<float> block_max;  // max_min_sum's block maxima
@@ -85,15 +86,16 @@ struct LogitPool {
   }
   int64_t cap() const { return 8 * nJ + 16; }
   void compact();
-  void gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k, float range,
-              float tau_e);
+  void gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, float range, float tau_e);
   void finish() {  // the pool trimmed to the nJ largest and those within the margin of the nJ-th
     if (ok && n > nJ) compact();
   }
 };
 
-// A float's bits as an unsigned integer that orders as the floats do (any sign), above the
-// complement of the class id (a tie goes to the smaller id).
+// A class of a selection as one integer: its value's bits, made to order as the floats do (any
+// sign; values are finite here: non-finite rows never get this far), above the complement of its
+// id (the smaller id wins a tie), so that the tie rule is one unsigned compare; key_id recovers
+// the id (C <= 2^31 - 1). For the logits (LogitPool) and the evidence (J).
 inline uint64_t ordered_key(float x, int64_t j) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
@@ -107,6 +109,7 @@ inline float ordered_value(uint64_t key) {
   std::memcpy(&x, &bits, sizeof x);
   return x;
 }
+inline int64_t key_id(uint64_t key) { return 0xffffffffu - static_cast<uint32_t>(key); }
 
 // The margin below the nJ-th largest logit T, per row: what rounding can do to the order of two
 // classes' evidence, twice. The exponent's argument fl(fl(z - m) / tau_e) is off by at most
@@ -144,6 +147,7 @@ inline float hmax(const Vec& v) {
 // of K's classes a block.
 constexpr int64_t kBlock = 64;
 static_assert(kBlock % kW == 0, "a block is whole vectors");
+inline int64_t num_blocks(int64_t C) { return (C + kBlock - 1) / kBlock; }
 
 // The largest x[i], i < n, whose bit in `skip` is clear (-inf if none).
 inline float max_outside(const float* x, int64_t n, uint64_t skip) {
@@ -224,11 +228,11 @@ inline uint64_t at_or_above(const float* x, int64_t n, float t) {
 // K at least that large), so only blocks whose maximum reaches the floor are read. (Block maxima
 // over all classes would need the (nJ + k)-th, as K's classes may lead their blocks: at
 // [1024, 10,000], k = 64 that is 128 of 157 blocks, and most classes came into the pool.)
-void LogitPool::gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, int64_t k, float range,
-                       float tau_e) {
-  const int64_t nb = (C + kBlock - 1) / kBlock;
+// Precondition: at least nJ + k blocks (row_stats), so that nJ of them hold a class outside K.
+void LogitPool::gather(const float* x, int64_t C, const float* bm, const uint64_t* in_k, float range, float tau_e) {
+  const int64_t nb = num_blocks(C);
   margin = logit_margin(range, tau_e);
-  if (nb >= nJ + k) floor = block_floor(bm, nb, nJ) - margin;  // then nJ blocks hold a class outside K
+  floor = block_floor(bm, nb, nJ) - margin;
   const auto take = [&](int64_t j) {
     if (x[j] < floor || member(in_k, j)) return;  // the floor may have risen within the block
     keys[n++] = ordered_key(x[j], j);
@@ -259,9 +263,9 @@ float exp_row_prefetching(const float* x, float* out, int64_t n, float mx, const
 }
 
 bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* ex, float* tmp, ViewStats& st,
-                const float* next, LogitPool* pool = nullptr, const uint64_t* in_k = nullptr, int64_t k = 0) {
+                const float* next, LogitPool* pool = nullptr, const uint64_t* in_k = nullptr) {
   float mn = 0.f, zs = 0.f;
-  if (pool) pool->block_max.resize((C + kBlock - 1) / kBlock);
+  if (pool) pool->block_max.resize(num_blocks(C));
   max_min_sum(z, C, st.m, mn, zs, pool ? pool->block_max.data() : nullptr, in_k);
   if (!std::isfinite(st.m) || !std::isfinite(mn)) return false;
   st.s = exp_row_prefetching(z, ex, C, st.m, next);  // a NaN logit makes s NaN
@@ -269,7 +273,7 @@ bool view_stats(const float* z, int64_t C, float inv_tau_e, bool temper, float* 
   st.se = temper ? exp_row_from_max(z, tmp, C, st.m, inv_tau_e) : st.s;
   st.zsum = std::isfinite(zs) ? zs : sum_double(z, C);  // finite logits near FLT_MAX overflow a float sum
   if (pool) {
-    pool->gather(z, C, pool->block_max.data(), in_k, k, st.m - mn, 1.0f / inv_tau_e);
+    pool->gather(z, C, pool->block_max.data(), in_k, st.m - mn, 1.0f / inv_tau_e);
     pool->finish();
   }
   return true;
@@ -314,26 +318,10 @@ struct NewRow {
 // std::__adjust_heap calling `before` through memory: perf, 2026-12-07).
 const auto kBefore = [](const Cand& x, const Cand& y) { return before(x, y); };
 
-// A class of the selection as one integer: the bits of its p >= +0 (finite here: non-finite rows
-// never get this far), which order as the values do, above the complement of its id (the
-// smaller id wins a tie), so that `before` is one unsigned compare. Ids fit: C <= 2^31 - 1.
-inline uint64_t pool_key(float p, int64_t j) {
-  uint32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  return (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - static_cast<uint32_t>(j));
-}
-inline float key_value(uint64_t key) {
-  const uint32_t bits = static_cast<uint32_t>(key >> 32);
-  float p;
-  std::memcpy(&p, &bits, sizeof p);
-  return p;
-}
-inline int64_t key_id(uint64_t key) { return 0xffffffffu - static_cast<uint32_t>(key); }
-
 // Moves the nJ best of buf[0, n) (by the tie rule) to its front; returns the worst one's p.
 inline float keep_best(uint64_t* buf, int64_t n, int64_t nJ) {
   std::nth_element(buf, buf + (nJ - 1), buf + n, std::greater<uint64_t>());
-  return key_value(buf[nJ - 1]);
+  return ordered_value(buf[nJ - 1]);
 }
 
 // J: the nJ largest p outside K (marked in in_k), by the tie rule, as candidates
@@ -343,7 +331,7 @@ inline float keep_best(uint64_t* buf, int64_t n, int64_t nJ) {
 // per 8 classes: a later class never wins a tie (its id is larger than every kept one's).
 // Kernel alone at [1024, 1000], k = 32, 2 threads (2026-12-07): a heap of nJ with `before` as a
 // function pointer and a partial_sort of the 2k candidates, 7.1 ms; this with (p, id) pairs
-// compared by `before`, and a full sort of the 2k (below), 4.6 ms; with integer keys (pool_key)
+// compared by `before`, and a full sort of the 2k (below), 4.6 ms; with integer keys (ordered_key)
 // instead of the pairs, runs alternated with the pairs: k = 8, 2.5-3.3 -> 1.6-2.5 ms; k = 32,
 // 5.1-6.1 -> 3.8-5.0 ms. At [1024, 21,841] the selection is a small part (22 -> 18 ms).
 void outside_top(const float* p, float scale, const uint64_t* in_k, int64_t C, int64_t nJ, float base,
@@ -355,7 +343,7 @@ void outside_top(const float* p, float scale, const uint64_t* in_k, int64_t C, i
   float thr = -std::numeric_limits<float>::infinity();
   const auto take = [&](int64_t j) {
     if (member(in_k, j)) return;
-    buf[n++] = pool_key(p[j], j);
+    buf[n++] = ordered_key(p[j], j);
     if (n == cap) thr = keep_best(buf, n, nJ), n = nJ;
   };
   int64_t j0 = 0;
@@ -371,7 +359,7 @@ void outside_top(const float* p, float scale, const uint64_t* in_k, int64_t C, i
     if (p[j0] > thr) take(j0);
   keep_best(buf, n, nJ);
   std::sort(buf, buf + nJ, std::greater<uint64_t>());
-  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, key_value(buf[i]), scale), key_id(buf[i]), -1});
+  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, ordered_value(buf[i]), scale), key_id(buf[i]), -1});
 }
 
 // J from the logit pool (LogitPool): the pool's classes by the exact keys of their evidence, the
@@ -384,11 +372,11 @@ bool pool_j(const float* p, float scale, const LogitPool& pl, int64_t nJ, float 
   for (int64_t i = 0; i < pl.n; ++i) {
     const int64_t j = key_id(pl.keys[i]);
     if (!(p[j] * scale >= 1e-30f)) return false;
-    buf[i] = pool_key(p[j], j);
+    buf[i] = ordered_key(p[j], j);
   }
   keep_best(buf.data(), pl.n, nJ);
   std::sort(buf.begin(), buf.begin() + nJ, std::greater<uint64_t>());
-  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, key_value(buf[i]), scale), key_id(buf[i]), -1});
+  for (int64_t i = 0; i < nJ; ++i) out.push_back({cand_value(base, ordered_value(buf[i]), scale), key_id(buf[i]), -1});
   return true;
 }
 
@@ -600,12 +588,12 @@ bool row_stats(const TopkArgs& a, int64_t b, Scratch& sc, const float* next) {
   // k = 64: 8.2 -> 11.4 ms); requiring 2 or 4 times as many blocks was slower at C = 10,000 and
   // 21,841 (topk_bench, 2026-12-08)
   const int64_t nJ = std::min(a.k, a.C - a.k);
-  sc.use_pool = a.V == 1 && (a.C + kBlock - 1) / kBlock >= nJ + a.k;
+  sc.use_pool = a.V == 1 && num_blocks(a.C) >= nJ + a.k;
   sc.logits.reset(nJ);
   for (int64_t v = 0; v < a.V; ++v) {
     if (!view_stats(a.z + (v * a.B + b) * a.C, a.C, a.inv_tau_e, a.temper, sc.p.data(), sc.tmp.data(), sc.st[v],
                     next == nullptr ? nullptr : next + v * a.B * a.C, sc.use_pool ? &sc.logits : nullptr,
-                    sc.in_k.data(), a.k))
+                    sc.in_k.data()))
       return false;
   }
   sc.p_scale = evidence(a, b, sc.st.data(), sc.p.data(), sc.tmp.data());
